@@ -1,0 +1,109 @@
+"""Stage `convert`: a Hugging Face Llama folder -> a megatron-core distributed checkpoint.
+
+    python -m recipes.convert --config conf/tiny.yaml run.dir=runs/x convert.hf_path=HF_DIR
+    torchrun --nproc-per-node 2 -m recipes.convert --config ... parallel.tp=2
+
+Each rank builds only its TP/PP shard of the model (no random init) and reads from the
+safetensors shards only the tensors that shard needs, one mapping rule at a time, so a process
+holds its 1/(TP*PP) of the model plus one HF tensor. The checkpoint (torch_dist) loads at any
+TP/PP later. Output: <run.dir>/convert/{checkpoint/, hf_config.json, tokenizer/, manifest.json}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from recipes.lib import checkpoint, config, mapping, runtime
+from recipes.lib.arch import Arch, read_hf_config
+from recipes.lib.stage import StageDir, fingerprint, read_manifest, sha256_file
+
+log = logging.getLogger("recipes.convert")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ConvertConfig:
+    hf_path: str
+    """Hugging Face model folder: config.json, *.safetensors (+ index), tokenizer files."""
+    output: str | None = None
+    """Output folder; default <run.dir>/convert."""
+    dtype: str = "bf16"
+    """Parameter dtype of the checkpoint: fp32 | bf16 (Llama ships bf16)."""
+    hash_weights: bool = True
+    """Record the sha256 of every safetensors shard in the manifest (reads the files once)."""
+
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"convert.dtype={self.dtype!r}; use fp32 or bf16")
+
+
+def validate(arch: Arch, tp: int, pp: int) -> None:
+    """Parallel layout errors, before any weights are read."""
+    for what, n in (("num_attention_heads", arch.num_attention_heads),
+                    ("num_query_groups (KV heads)", arch.num_query_groups)):
+        if n % tp:
+            raise ValueError(f"parallel.tp={tp} does not divide {what}={n}; choose a TP that "
+                             f"divides both heads ({arch.num_attention_heads}) and KV groups "
+                             f"({arch.num_query_groups})")
+    if arch.num_layers % pp:
+        raise ValueError(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
+
+
+def run(cfg: config.Config) -> dict:
+    c: ConvertConfig = cfg.convert
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    hf_path = Path(c.hf_path)
+    out = Path(c.output or Path(cfg.run.dir) / "convert")
+    # --- every check before any expensive work ---
+    hf_cfg = read_hf_config(hf_path)
+    arch = Arch.from_hf_config(hf_cfg, str(hf_path / "config.json"))
+    validate(arch, tp, pp)
+    reader = checkpoint.HFReader(hf_path, mapping.hf_names(arch))
+    stage = StageDir("convert", out, fingerprint(c, {"hf_config": hf_cfg, "tp": tp, "pp": pp}),
+                     cfg.run.force)
+    if stage.already_done():
+        log.info("%s is complete (same config): skipping; pass run.force=true to redo", out)
+        return read_manifest(out)
+
+    with runtime.distributed(tp, pp, cfg.run.seed):
+        log.info("convert %s -> %s at TP=%d PP=%d, %s\n%s", hf_path, out, tp, pp, c.dtype,
+                 config.to_yaml(cfg))
+        tmp = stage.begin()
+        from recipes.lib import model as M
+
+        m = M.build(arch, dtype=c.dtype, spec="local", init=False)
+        bar = (lambda it: tqdm(it, desc="convert", unit="tensor")) if runtime.is_rank0() \
+            else (lambda it: it)
+        M.load_hf(m, arch, reader.get, progress=bar)
+        checkpoint.save(m, tmp / "checkpoint")
+        del m
+        if runtime.is_rank0():
+            checkpoint.write_sidecars(tmp, hf_cfg, hf_path)
+            (tmp / "config.yaml").write_text(config.to_yaml(cfg))
+        sources = {p.name: sha256_file(p) for p in [hf_path / "config.json", *reader.files()]} \
+            if c.hash_weights and runtime.is_rank0() else {}
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        manifest = stage.commit({
+            "input": {"hf_path": str(hf_path.resolve()), "sha256": sources},
+            "arch": arch.to_dict(), "num_params": arch.num_params(),
+            "parallel": {"tp": tp, "pp": pp}, "dtype": c.dtype,
+            "metrics": {"peak_rss_mb_rank0": round(peak_mb, 1)},
+        })
+        log.info("wrote %s (%.3fB parameters, peak RSS %.0f MB on rank 0)", out,
+                 arch.num_params() / 1e9, peak_mb)
+        return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.parse_args(argv, "convert", __doc__)
+    runtime.setup_logging(cfg.run.log_level)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Stage `export`: any megatron checkpoint of ours (converted, pruned, distilled; any TP/PP)
+-> a Hugging Face folder that `AutoModelForCausalLM.from_pretrained(dir)` loads as is.
+
+    python -m recipes.export --config conf/tiny.yaml run.dir=runs/x export.input=runs/x/convert
+    torchrun --nproc-per-node 2 -m recipes.export --config ... parallel.pp=2
+
+The checkpoint is loaded at the configured TP/PP, gathered tensor by tensor to rank 0 and
+written as sharded safetensors with an index, `config.json` (actual dims, explicit head_dim),
+`generation_config.json` and the tokenizer. Then a logit-parity check: the megatron model and the
+exported HF model (both fp32) on fixed token sequences; past `parity_atol` the stage fails and
+nothing is published.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from recipes.lib import checkpoint, config, runtime
+from recipes.lib.stage import StageDir, fingerprint, read_manifest
+
+log = logging.getLogger("recipes.export")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(kw_only=True)
+class ExportConfig:
+    input: str
+    """A stage folder holding checkpoint/ and manifest.json (convert, prune, distill)."""
+    output: str | None = None
+    """Output HF folder; default <run.dir>/export."""
+    dtype: str = "bf16"
+    """dtype of the written safetensors: fp32 | bf16."""
+    shard_size_mb: int = 5000
+    """Largest safetensors shard."""
+    parity_atol: float = 1e-3
+    """Max |logit difference| (fp32) between megatron and the exported HF model."""
+    parity_sequences: int = 2
+    """Number of fixed random token sequences for the parity check (0 disables it)."""
+    parity_seq_length: int = 32
+    """Tokens per parity sequence."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"export.dtype={self.dtype!r}; use one of {list(DTYPES)}")
+        if self.shard_size_mb < 1:
+            raise ValueError("export.shard_size_mb must be >= 1")
+
+
+def write_hf(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> list[str]:
+    """Sharded safetensors + model.safetensors.index.json (HF's own naming)."""
+    shards, cur, size = [], {}, 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = t, size + nbytes
+    shards.append(cur)
+    weight_map, files = {}, []
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        files.append(fname)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return files
+
+
+def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(tokens).logits.float()
+
+
+def run(cfg: config.Config) -> dict:
+    c: ExportConfig = cfg.export
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    src = Path(c.input)
+    out = Path(c.output or Path(cfg.run.dir) / "export")
+    src_manifest = read_manifest(src)  # errors if the input stage never finished
+    arch = checkpoint.read_arch(src)
+    from recipes.convert import validate
+
+    validate(arch, tp, pp)
+    stage = StageDir("export", out, fingerprint(c, {"input": src_manifest["fingerprint"],
+                                                    "tp": tp, "pp": pp}), cfg.run.force)
+    if stage.already_done():
+        log.info("%s is complete (same config): skipping", out)
+        return read_manifest(out)
+
+    with runtime.distributed(tp, pp, cfg.run.seed):
+        tmp = stage.begin()
+        from recipes.lib import model as M
+
+        m = M.build(arch, dtype="fp32", spec="local", init=False)
+        checkpoint.load(m, src / "checkpoint")
+        tensors = M.gather_hf(m, arch, dtype=DTYPES[c.dtype])
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        tokens = torch.randint(0, arch.vocab_size, (c.parity_sequences, c.parity_seq_length),
+                               generator=g)
+        mc_logits = M.forward_logits(m, tokens, arch.vocab_size) if c.parity_sequences else None
+        del m
+        def publish() -> dict:
+            files = write_hf(tensors, tmp, c.shard_size_mb << 20)
+            metrics = {"num_params": sum(t.numel() for t in tensors.values()), "files": files}
+            tensors.clear()
+            base = json.loads((src / "hf_config.json").read_text())
+            name = str(DTYPES[c.dtype]).removeprefix("torch.")
+            hf_cfg = {**arch.to_hf_config(base), "dtype": name, "torch_dtype": name}
+            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+            for f in (src / "tokenizer").iterdir():
+                (tmp / f.name).write_bytes(f.read_bytes())
+            if not (tmp / "generation_config.json").exists():
+                (tmp / "generation_config.json").write_text(json.dumps(
+                    {k: base[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                     if base.get(k) is not None}, indent=2) + "\n")
+            (tmp / "config.yaml").write_text(config.to_yaml(cfg))
+            if mc_logits is not None:
+                diff = (hf_logits(tmp, tokens) - mc_logits).abs().max().item()
+                metrics["parity_max_abs_diff"] = diff
+                log.info("logit parity megatron vs exported HF: max |diff| = %.3g (atol %.g)",
+                         diff, c.parity_atol)
+                if not diff <= c.parity_atol:
+                    raise RuntimeError(
+                        f"export parity failed: max |logit diff| {diff:.4g} > export.parity_atol="
+                        f"{c.parity_atol}; the folder was not published (left in {tmp})")
+            return metrics
+
+        metrics = runtime.on_rank0(publish) or {}
+        manifest = stage.commit({"input": {"path": str(src.resolve()),
+                                           "manifest_fingerprint": src_manifest["fingerprint"]},
+                                 "arch": arch.to_dict(), "num_params": arch.num_params(),
+                                 "dtype": c.dtype, "parallel": {"tp": tp, "pp": pp},
+                                 "metrics": metrics})
+        return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.parse_args(argv, "export", __doc__)
+    runtime.setup_logging(cfg.run.log_level)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The architecture of a Llama-family checkpoint: read from an HF `config.json`, written into every
+manifest, and turned back into an HF config on export. No stage restates it by hand."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+# Megatron's llama3 RoPE scaling (rotary_pos_embedding.py `_apply_scaling`) hard-codes these; a
+# checkpoint asking for other values would be converted silently wrong, so it is refused.
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+SUPPORTED_MODEL_TYPES = ("llama",)
+VOCAB_DIVISOR = 128  # Megatron pads the vocab to a multiple of this, independent of TP
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Arch:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+    rope_theta: float
+    rope_scaling_factor: float | None  # llama3 rope scaling; None = plain RoPE
+    norm_eps: float
+    max_position_embeddings: int
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
+                             f"of num_query_groups={self.num_query_groups}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // VOCAB_DIVISOR) * VOCAB_DIVISOR
+
+    def num_params(self) -> int:
+        """Closed-form parameter count of the HF model (unpadded vocab)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        attn = h * d * (self.num_attention_heads + 2 * self.num_query_groups)  # q, k, v
+        attn += self.num_attention_heads * d * h  # o
+        layer = attn + 3 * h * f + 2 * h  # gate, up, down, two norms
+        emb = self.vocab_size * h
+        return self.num_layers * layer + emb * (1 if self.tie_embeddings else 2) + h
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Arch":
+        return cls(**d)
+
+    # ---- HF config.json <-> Arch -------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "Arch":
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type={mt!r} is not supported; this recipe converts "
+                             f"{SUPPORTED_MODEL_TYPES} checkpoints (LlamaForCausalLM)")
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise ValueError(f"{source}: {flag}=true is not supported (Llama has no biases)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act={cfg['hidden_act']!r}; Llama uses 'silu'")
+        heads = cfg["num_attention_heads"]
+        # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        factor = None
+        if rtype == "llama3":
+            for k, want in MEGATRON_LLAMA3_ROPE.items():
+                if float(rope.get(k, want)) != want:
+                    raise ValueError(f"{source}: rope {k}={rope[k]} differs from the {want} that "
+                                     "megatron-core's llama3 RoPE scaling hard-codes")
+            factor = float(rope["factor"])
+        elif rtype != "default":
+            raise ValueError(f"{source}: rope_type={rtype!r} unsupported (use default or llama3)")
+        return cls(
+            num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+            ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads,
+            num_query_groups=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"], tie_embeddings=bool(cfg.get("tie_word_embeddings")),
+            rope_theta=float(theta), rope_scaling_factor=factor,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: Path) -> "Arch":
+        return cls.from_hf_config(read_hf_config(path), str(Path(path) / "config.json"))
+
+    def to_hf_config(self, base: dict | None = None) -> dict:
+        """An HF LlamaConfig dict with this architecture; `base` (the teacher's config) supplies
+        token ids and other fields that architecture changes do not touch."""
+        cfg = {k: v for k, v in (base or {}).items()
+               if k not in ("rope_scaling", "rope_theta", "rope_parameters", "_name_or_path")}
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling_factor is not None:
+            rope = {**rope, "rope_type": "llama3", "factor": self.rope_scaling_factor,
+                    **MEGATRON_LLAMA3_ROPE}
+        cfg.update(
+            architectures=["LlamaForCausalLM"], model_type="llama",
+            num_hidden_layers=self.num_layers, hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_query_groups,
+            head_dim=self.head_dim,  # explicit always: width pruning makes hidden/heads != head_dim
+            vocab_size=self.vocab_size, tie_word_embeddings=self.tie_embeddings,
+            rms_norm_eps=self.norm_eps, max_position_embeddings=self.max_position_embeddings,
+            hidden_act="silu", attention_bias=False, mlp_bias=False,
+            rope_theta=self.rope_theta,
+            rope_scaling=None if self.rope_scaling_factor is None else
+            {k: v for k, v in rope.items() if k != "rope_theta"},
+        )
+        return cfg
+
+
+def read_hf_config(path: Path) -> dict:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: point the stage at a Hugging Face model folder "
+                                "(config.json + *.safetensors + tokenizer files)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); re-download the checkpoint") from e

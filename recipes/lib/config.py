@@ -1,0 +1,169 @@
+"""One YAML per recipe, one typed dataclass per section, dotted command-line overrides.
+
+    python -m recipes.<stage> --config conf/tiny.yaml run.dir=runs/x parallel.tp=2
+
+Precedence: dataclass defaults < YAML < command line. Sections chain through OmegaConf
+interpolation (`export.input: ${run.dir}/convert`). Every section of the file is validated, so a
+typo anywhere fails at the first stage, before any work, with the fix in the message.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import typing
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    dir: str
+    """Run directory; each stage writes <dir>/<stage>/."""
+    seed: int = 1234
+    """Seed for every random number generator."""
+    force: bool = False
+    """Redo a stage whose output already exists (otherwise it is skipped)."""
+    log_level: str = "INFO"
+    """Logging level on rank 0."""
+
+    def __post_init__(self):
+        if not self.dir:
+            raise ValueError("run.dir is empty; pass run.dir=runs/<name>")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (must divide heads and KV groups)."""
+    pp: int = 1
+    """Pipeline-parallel size (must divide the layer count)."""
+
+    def __post_init__(self):
+        for k in ("tp", "pp"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"parallel.{k}={getattr(self, k)} must be >= 1")
+
+
+# section -> "module:Class"; imported lazily so a stage does not import every other stage.
+SECTIONS = {
+    "run": "recipes.lib.config:RunConfig",
+    "parallel": "recipes.lib.config:ParallelConfig",
+    "convert": "recipes.convert:ConvertConfig",
+    "export": "recipes.export:ExportConfig",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Config(dict):
+    """{section: dataclass}; sections also read as attributes (`cfg.run.dir`)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise ConfigError(f"the config has no '{name}' section; add one to the YAML or pass "
+                              f"{name}.<key>=... on the command line") from None
+
+
+def _section_class(name: str) -> type:
+    mod, cls = SECTIONS[name].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def _coerce(cls: type, section: str, values: dict):
+    hints = typing.get_type_hints(cls)
+    _check_keys(cls, section, values)
+    out = {}
+    for k, v in values.items():
+        t = hints[k]
+        base = typing.get_origin(t) is typing.Union and [a for a in typing.get_args(t)
+                                                         if a is not type(None)]
+        t = base[0] if base else t
+        try:
+            if v is None or t in (typing.Any, object) or typing.get_origin(t) in (list, dict):
+                out[k] = v
+            elif t is bool and isinstance(v, str):
+                out[k] = {"true": True, "false": False}[v.lower()]
+            else:
+                out[k] = t(v)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{section}.{k}={v!r} is not a valid {getattr(t, '__name__', t)}"
+                              ) from e
+    try:
+        return cls(**out)
+    except TypeError as e:
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in out and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(f"missing required key(s) "
+                          f"{', '.join(f'{section}.{k}' for k in missing)}: set them in the YAML "
+                          f"or on the command line ({section}.{missing[0] if missing else '?'}=...)"
+                          ) from e
+    except ValueError as e:
+        raise ConfigError(f"[{section}] {e}") from e
+
+
+def load(config_file: str | None, overrides: list[str], stage: str | None = None) -> Config:
+    """Resolve the YAML + overrides. `run`, `parallel` and the `stage` section become typed
+    dataclasses (all values checked); every other section is checked for unknown keys only, so a
+    typo anywhere fails early while other stages' required keys may stay unset."""
+    base = OmegaConf.create({})
+    if config_file:
+        if not Path(config_file).is_file():
+            raise ConfigError(f"--config {config_file}: no such file (see conf/ for recipes)")
+        base = OmegaConf.load(config_file)
+    bad = [o for o in overrides if "=" not in o or "." not in o.split("=", 1)[0]]
+    if bad:
+        raise ConfigError(f"override(s) {bad} must look like section.key=value")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve the config: {e}") from e
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
+    if "run" not in raw:
+        raise ConfigError("no 'run' section: pass run.dir=runs/<name>")
+    out = Config()
+    for name in SECTIONS:
+        values = raw.get(name) or {}
+        if name in ("run", "parallel") or name == stage:
+            out[name] = _coerce(_section_class(name), name, values)
+        elif name in raw:
+            _check_keys(_section_class(name), name, values)
+            out[name] = values
+    return out
+
+
+def _check_keys(cls: type, section: str, values: dict) -> None:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                          f"valid keys of '{section}': {', '.join(sorted(fields))}")
+
+
+def parse_args(argv: list[str] | None, stage: str, description: str) -> Config:
+    p = argparse.ArgumentParser(prog=f"python -m recipes.{stage}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="recipe YAML (conf/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    a = p.parse_args(argv)
+    cfg = load(a.config, a.overrides, stage)
+    if stage not in cfg:
+        raise ConfigError(f"the config has no '{stage}' section; add one to the YAML or pass "
+                          f"{stage}.<key>=... on the command line")
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config of the running stage (typed sections only)."""
+    return OmegaConf.to_yaml({k: dataclasses.asdict(v) for k, v in cfg.items()
+                              if dataclasses.is_dataclass(v)})

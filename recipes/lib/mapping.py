@@ -1,0 +1,155 @@
+"""HF Llama <-> megatron-core GPTModel (local layer spec) weight mapping, as data.
+
+Each `Rule` names one megatron parameter, the HF tensors it is made of, and how it is laid out
+across tensor-parallel ranks. The two fusions megatron uses are written once each:
+- QKV: per query group g, rows [q heads of g ..., k_g, v_g] (each head `head_dim` rows);
+- GLU: linear_fc1 = [gate; up], and each TP rank holds [gate_r; up_r].
+Adding a family (Mistral, Qwen2 without biases, ...) means a new table, not new code paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from enum import Enum
+
+import torch
+
+from recipes.lib.arch import Arch
+
+
+class TP(Enum):
+    REPLICATED = "replicated"   # same on every TP rank (norms)
+    COLUMN = "column"           # split along dim 0 (output features)
+    ROW = "row"                 # split along dim 1 (input features)
+    VOCAB = "vocab"             # dim 0, after padding the vocab to Arch.padded_vocab_size
+    GLU = "glu"                 # dim 0 of each half of [gate; up]
+
+
+class Fuse(Enum):
+    NONE = "none"
+    QKV = "qkv"
+    GLU = "glu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    megatron: str
+    hf: tuple[str, ...]
+    tp: TP
+    fuse: Fuse = Fuse.NONE
+    untied_only: bool = False  # present only when input and output embeddings are separate
+
+
+L_MC, L_HF = "decoder.layers.{i}.", "model.layers.{i}."
+LLAMA_RULES = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), TP.VOCAB),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), TP.REPLICATED),
+    Rule("output_layer.weight", ("lm_head.weight",), TP.VOCAB, untied_only=True),
+    Rule(L_MC + "input_layernorm.weight", (L_HF + "input_layernorm.weight",), TP.REPLICATED),
+    Rule(L_MC + "self_attention.linear_qkv.weight",
+         tuple(L_HF + f"self_attn.{p}_proj.weight" for p in "qkv"), TP.COLUMN, Fuse.QKV),
+    Rule(L_MC + "self_attention.linear_proj.weight", (L_HF + "self_attn.o_proj.weight",), TP.ROW),
+    Rule(L_MC + "pre_mlp_layernorm.weight", (L_HF + "post_attention_layernorm.weight",),
+         TP.REPLICATED),
+    Rule(L_MC + "mlp.linear_fc1.weight",
+         (L_HF + "mlp.gate_proj.weight", L_HF + "mlp.up_proj.weight"), TP.GLU, Fuse.GLU),
+    Rule(L_MC + "mlp.linear_fc2.weight", (L_HF + "mlp.down_proj.weight",), TP.ROW),
+)
+
+
+def rules_for(arch: Arch) -> tuple[Rule, ...]:
+    return tuple(r for r in LLAMA_RULES if not (r.untied_only and arch.tie_embeddings))
+
+
+def expand(arch: Arch, layers: range | None = None):
+    """Yield (rule, megatron_name, hf_names) for every tensor; `layers` = global layer indices."""
+    layers = range(arch.num_layers) if layers is None else layers
+    for r in rules_for(arch):
+        if "{i}" in r.megatron:
+            for i in layers:
+                yield r, r.megatron.format(i=i), tuple(h.format(i=i) for h in r.hf)
+        else:
+            yield r, r.megatron, r.hf
+
+
+def hf_names(arch: Arch) -> set[str]:
+    return {h for _, _, hs in expand(arch) for h in hs}
+
+
+# ---- fusion: HF tensors <-> one global (unsharded) megatron tensor --------------------------
+def fuse(rule: Rule, tensors: list[torch.Tensor], arch: Arch) -> torch.Tensor:
+    if rule.fuse is Fuse.QKV:
+        q, k, v = tensors
+        g, d = arch.num_query_groups, arch.head_dim
+        per = arch.num_attention_heads // g
+        h_in = q.shape[-1]
+        return torch.cat([q.view(g, per * d, h_in), k.view(g, d, h_in), v.view(g, d, h_in)],
+                         dim=1).reshape(-1, h_in)
+    if rule.fuse is Fuse.GLU:
+        return torch.cat(tensors, dim=0)
+    (t,) = tensors
+    if rule.tp is TP.VOCAB and t.shape[0] != arch.padded_vocab_size:
+        t = torch.cat([t, t.new_zeros(arch.padded_vocab_size - t.shape[0], *t.shape[1:])])
+    return t
+
+
+def split(rule: Rule, t: torch.Tensor, arch: Arch) -> list[torch.Tensor]:
+    if rule.fuse is Fuse.QKV:
+        g, d = arch.num_query_groups, arch.head_dim
+        per = arch.num_attention_heads // g
+        x = t.view(g, (per + 2) * d, -1)
+        q, k, v = x[:, : per * d], x[:, per * d: (per + 1) * d], x[:, (per + 1) * d:]
+        return [y.reshape(-1, t.shape[-1]).contiguous() for y in (q, k, v)]
+    if rule.fuse is Fuse.GLU:
+        return [y.contiguous() for y in t.chunk(2, dim=0)]
+    if rule.tp is TP.VOCAB:
+        return [t[: arch.vocab_size].contiguous()]
+    return [t]
+
+
+# ---- tensor parallelism: one global tensor <-> the local shard of each rank ------------------
+def shard(rule: Rule, t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    if tp == 1 or rule.tp is TP.REPLICATED:
+        return t
+    if rule.tp is TP.GLU:
+        return torch.cat([h.chunk(tp, dim=0)[rank] for h in t.chunk(2, dim=0)], dim=0)
+    return t.chunk(tp, dim=1 if rule.tp is TP.ROW else 0)[rank]
+
+
+def unshard(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
+    if len(shards) == 1 or rule.tp is TP.REPLICATED:
+        return shards[0]
+    if rule.tp is TP.GLU:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=1 if rule.tp is TP.ROW else 0)
+
+
+def global_shape(rule: Rule, arch: Arch) -> tuple[int, ...]:
+    """Shape of the unsharded megatron tensor, from the architecture alone."""
+    h, d = arch.hidden_size, arch.head_dim
+    name = rule.megatron
+    if rule.tp is TP.VOCAB:
+        return (arch.padded_vocab_size, h)
+    if rule.fuse is Fuse.QKV:
+        return ((arch.num_attention_heads + 2 * arch.num_query_groups) * d, h)
+    if rule.fuse is Fuse.GLU:
+        return (2 * arch.ffn_hidden_size, h)
+    if name.endswith("linear_proj.weight"):
+        return (h, arch.num_attention_heads * d)
+    if name.endswith("linear_fc2.weight"):
+        return (h, arch.ffn_hidden_size)
+    return (h,)
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def split_layer_name(name: str) -> tuple[int | None, str]:
+    """'decoder.layers.3.mlp.linear_fc1.weight' -> (3, 'decoder.layers.{i}.mlp.linear_fc1.weight')"""
+    m = _LAYER.match(name)
+    return (int(m.group(1)), L_MC + m.group(2)) if m else (None, name)
+
+
+def rule_by_megatron(arch: Arch) -> dict[str, Rule]:
+    return {r.megatron: r for r in rules_for(arch)}

@@ -1,0 +1,215 @@
+"""megatron-core GPTModel for a Llama `Arch`, and the three things every stage does with it:
+fill it from HF tensors, gather it back to HF tensors, and run a forward pass through the
+pipeline. Works for any TP x PP the runtime initialised."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from recipes.lib import compat, mapping
+from recipes.lib.arch import Arch
+
+compat.apply()
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def layer_spec(kind: str = "auto"):
+    """'local' (pure megatron-core, CPU and GPU) or 'te' (Transformer Engine, GPU); 'auto' picks
+    TE when it is importable. Both load the same checkpoints (megatron maps the keys)."""
+    if kind == "auto":
+        kind = "te" if have_te() else "local"
+    if kind == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def transformer_config(arch: Arch, dtype: str = "fp32", **overrides) -> TransformerConfig:
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    td = DTYPES[dtype]
+    kw = dict(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size, num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=td, pipeline_dtype=td, bf16=dtype == "bf16", fp16=dtype == "fp16",
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = False,
+          parallel_output: bool = True, **config_overrides) -> GPTModel:
+    """This rank's pipeline stage of the model. `init=False` skips random init (about to load)."""
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if arch.num_layers % pp:
+        raise ValueError(f"num_layers={arch.num_layers} is not divisible by PP={pp}; "
+                         "choose a pipeline size that divides the layer count")
+    cfg = transformer_config(arch, dtype, perform_initialization=init, **config_overrides)
+    model = GPTModel(
+        config=cfg, transformer_layer_spec=layer_spec(spec),
+        vocab_size=arch.padded_vocab_size, max_sequence_length=arch.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=arch.tie_embeddings, parallel_output=parallel_output,
+        position_embedding_type="rope", rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+    )
+    if torch.cuda.is_available():
+        model.cuda()
+    return model
+
+
+def layer_offset(model: GPTModel) -> int:
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def local_params(model: GPTModel, arch: Arch):
+    """Yield (global megatron name, rule, param) for every parameter this rank holds."""
+    rules = mapping.rule_by_megatron(arch)
+    off = layer_offset(model)
+    for name, p in model.named_parameters():
+        layer, pattern = mapping.split_layer_name(name)
+        if pattern == "output_layer.weight" and arch.tie_embeddings:
+            pattern = "embedding.word_embeddings.weight"  # tied copy on the last PP stage
+        if pattern not in rules:
+            raise KeyError(f"megatron parameter {name} has no rule in recipes/lib/mapping.py")
+        gname = pattern.format(i=layer + off) if layer is not None else pattern
+        yield gname, rules[pattern], p
+
+
+@torch.no_grad()
+def load_hf(model: GPTModel, arch: Arch, get: Callable[[str], torch.Tensor],
+            progress: Callable[[Iterable], Iterable] = lambda x: x) -> None:
+    """Fill this rank's parameters from HF tensors; `get(name)` returns one HF tensor. Only the
+    tensors this rank needs are read, one rule at a time."""
+    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    hf_of = {m: hs for _, m, hs in mapping.expand(arch)}
+    for gname, rule, p in progress(list(local_params(model, arch))):
+        full = mapping.fuse(rule, [get(h) for h in hf_of[gname]], arch)
+        local = mapping.shard(rule, full, tp, r)
+        if local.shape != p.shape:
+            raise ValueError(f"{gname}: HF tensors give shape {tuple(local.shape)} on TP rank {r}"
+                             f", the model expects {tuple(p.shape)}; config.json and the weights "
+                             "disagree")
+        p.copy_(local)
+
+
+@torch.no_grad()
+def gather_hf(model: GPTModel, arch: Arch, dtype: torch.dtype | None = None) -> dict | None:
+    """The full HF state dict on global rank 0 (None elsewhere), gathered over TP and PP.
+    Tensors travel one at a time (no rank ever holds more than its shard plus one tensor, rank 0
+    excepted)."""
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp = ps.get_tensor_model_parallel_world_size()
+    out: dict[str, torch.Tensor] | None = {} if dist.get_rank() == 0 else None
+    mine = {}
+    for gname, rule, p in local_params(model, arch):
+        if gname in mine:  # the tied output copy on the last stage: already have the embedding
+            continue
+        t = p.detach()
+        if tp > 1 and rule.tp is not mapping.TP.REPLICATED:
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t.contiguous(), group=tp_group)
+            t = mapping.unshard(rule, parts)
+        mine[gname] = t
+    # pipeline: every stage's TP-rank-0 / DP-rank-0 sends its tensors to global rank 0
+    sends = mine if (ps.get_tensor_model_parallel_rank() == 0
+                     and ps.get_data_parallel_rank() == 0) else {}
+    names_per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(names_per_rank, sorted(sends))
+    by_rule = {m: (rule, hs) for rule, m, hs in mapping.expand(arch)}
+    for src, names in enumerate(names_per_rank):
+        for gname in names:
+            if src == dist.get_rank():
+                t = sends[gname]
+                if src != 0:
+                    dist.send(t.contiguous(), dst=0)
+            elif dist.get_rank() == 0:
+                rule, _ = by_rule[gname]
+                t = torch.empty(mapping.global_shape(rule, arch), dtype=_param_dtype(model))
+                dist.recv(t, src=src)
+            else:
+                continue
+            if out is not None and gname not in {k for k in out}:
+                rule, hs = by_rule[gname]
+                for h, v in zip(hs, mapping.split(rule, t, arch)):
+                    out[h] = v.to(dtype or v.dtype).cpu().clone()
+    return out
+
+
+def _param_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def forward_logits(model: GPTModel, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Logits [batch, seq, vocab] (fp32, padding cut) on global rank 0; None elsewhere. Runs
+    megatron's own pipeline schedule, one micro-batch per row of `tokens`."""
+    tokens = tokens.to(next(model.parameters()).device)
+    b, s = tokens.shape
+    pos = torch.arange(s, device=tokens.device).unsqueeze(0)
+    rows = iter(range(b))
+
+    def step(_data_iter, m):
+        i = next(rows)
+        out = m(tokens[i: i + 1], pos, attention_mask=None)
+
+        def collect(output, non_loss_data=True):
+            return output
+
+        return out, collect
+
+    model.eval()
+    with torch.no_grad():
+        outs = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=None, model=[model], num_microbatches=b,
+            seq_length=s, micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
+    result = None
+    if ps.is_pipeline_last_stage():
+        logits = torch.cat([o.float() for o in outs], dim=0)
+        if ps.get_tensor_model_parallel_world_size() > 1 and model.parallel_output:
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+            logits = gather_from_tensor_model_parallel_region(logits)
+        result = logits[..., :vocab_size].cpu()
+    # hand the logits from the last stage's first rank to global rank 0
+    src = _last_stage_rank0()
+    box = [result if dist.get_rank() == src else None]
+    if src != 0:
+        dist.broadcast_object_list(box, src=src)
+    return box[0] if dist.get_rank() == 0 else None
+
+
+def _last_stage_rank0() -> int:
+    """Global rank of TP-rank-0, DP-rank-0 on the last pipeline stage."""
+    flags = [None] * dist.get_world_size()
+    me = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+          and ps.get_data_parallel_rank() == 0)
+    dist.all_gather_object(flags, me)
+    return flags.index(True)

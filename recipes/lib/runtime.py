@@ -1,0 +1,128 @@
+"""Process groups, model parallelism, seeding and rank-0 logging.
+
+Works the same under `torchrun` (reads RANK/WORLD_SIZE/MASTER_ADDR from the environment) and as a
+plain single process (a world of one on a free local port). gloo on CPU, NCCL on GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from recipes.lib import compat
+
+log = logging.getLogger("recipes")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Rank 0 logs at `level`; other ranks only warnings and errors."""
+    logging.basicConfig(
+        level=getattr(logging, level) if is_rank0() else logging.WARNING,
+        format=f"%(asctime)s [rank{rank()}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def init(tp: int, pp: int, seed: int = 1234) -> None:
+    """Initialise torch.distributed and megatron's model-parallel groups (TP x PP x DP = world)."""
+    compat.apply()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:  # torchrun / srun set the rendezvous
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend=backend)
+        else:  # plain `python -m ...`: a world of one on a fresh local port
+            dist.init_process_group(backend=backend, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+    ws = dist.get_world_size()
+    if ws % (tp * pp):
+        raise ValueError(
+            f"world size {ws} is not divisible by TP*PP={tp}*{pp}; launch TP*PP*DP processes "
+            f"(e.g. torchrun --nproc-per-node {tp * pp})"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    seed_everything(seed)
+    # the inference tracker avoids CUDA RNG state (absent on CPU); on GPU use the real tracker
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def distributed(tp: int, pp: int, seed: int = 1234):
+    """`with distributed(tp, pp): ...` initialises and always tears down."""
+    init(tp, pp, seed)
+    try:
+        yield
+    finally:
+        shutdown()
+
+
+def on_rank0(fn):
+    """Run `fn()` on rank 0 only; if it raises, every rank raises (no rank hangs at a barrier
+    waiting for a rank that died). Returns fn's result on rank 0, None elsewhere."""
+    result, err = None, None
+    if is_rank0():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+            err = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None if err is None else f"{type(err).__name__}: {err}"]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and err is None:
+            raise RuntimeError(f"rank 0 failed: {box[0]}")
+    if err is not None:
+        raise err
+    return result

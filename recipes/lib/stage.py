@@ -1,0 +1,124 @@
+"""Stage output directories and manifests.
+
+A stage builds its output in `<out>.tmp/`, writes `manifest.json` there last, then renames the
+folder into place: `<out>/manifest.json` existing means the stage finished. A finished stage with
+the same fingerprint (resolved config + input manifest) is skipped; a different one is refused
+unless `run.force=true`; nothing already written is half-overwritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from recipes.lib import runtime
+
+PACKAGES = ("torch", "megatron-core", "nvidia-modelopt", "transformers", "safetensors")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def read_manifest(stage_dir: Path) -> dict:
+    f = Path(stage_dir) / "manifest.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{stage_dir} has no manifest.json: it is not a finished stage "
+                                "output; run the stage that produces it first")
+    return json.loads(f.read_text())
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def git_rev() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def fingerprint(section, extra: dict | None = None) -> str:
+    blob = json.dumps({"cfg": dataclasses.asdict(section), **(extra or {})}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class StageDir:
+    """`out` is the final directory; work happens in `tmp`; `commit()` writes the manifest and
+    moves it into place (rank 0; other ranks wait)."""
+
+    def __init__(self, stage: str, out: str | Path, fp: str, force: bool):
+        self.stage, self.out, self.fp, self.force = stage, Path(out), fp, force
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp")
+        self.started = time.time()
+
+    def already_done(self) -> bool:
+        """True if an identical run finished; raises if the folder holds something else."""
+        mf = self.out / "manifest.json"
+        if mf.is_file():
+            prev = json.loads(mf.read_text())
+            if prev.get("fingerprint") == self.fp and not self.force:
+                return True
+            if not self.force:
+                raise FileExistsError(
+                    f"{self.out} already holds a different {prev.get('stage')} run "
+                    f"(fingerprint {prev.get('fingerprint')} != {self.fp}); choose another "
+                    "run.dir or pass run.force=true to replace it")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise FileExistsError(f"{self.out} exists, is not empty and has no manifest.json; "
+                                  "move it away or choose another run.dir")
+        return False
+
+    def begin(self) -> Path:
+        if runtime.is_rank0():
+            shutil.rmtree(self.tmp, ignore_errors=True)  # leftover of a crashed run
+            (self.tmp / "logs").mkdir(parents=True)
+        runtime.barrier()
+        return self.tmp
+
+    def commit(self, manifest: dict) -> dict:
+        runtime.barrier()
+        full = {"stage": self.stage, "fingerprint": self.fp, **manifest,
+                "versions": versions(), "git_rev": git_rev(), "argv": sys.argv,
+                "started": _iso(self.started), "ended": _iso(time.time()),
+                "wall_s": round(time.time() - self.started, 3)}
+        if runtime.is_rank0():
+            atomic_write_text(self.tmp / "manifest.json", json.dumps(full, indent=2) + "\n")
+            old = self.out.with_name(f".{self.out.name}.old")
+            if self.out.exists():
+                os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        runtime.barrier()
+        return full
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
