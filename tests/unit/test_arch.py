@@ -1,0 +1,44 @@
+import pytest
+
+from recipes.lib.arch import Arch
+from tests.unit.test_mapping_8b import LLAMA31_8B
+
+
+def test_hf_config_round_trip_keeps_head_dim():
+    a = Arch.from_hf_config(LLAMA31_8B)
+    width = Arch(**{**a.to_dict(), "hidden_size": 3072, "ffn_hidden_size": 9216})
+    cfg = width.to_hf_config(LLAMA31_8B)
+    assert cfg["head_dim"] == 128 and 3072 // cfg["num_attention_heads"] != 128
+    assert Arch.from_hf_config(cfg) == width
+    assert cfg["bos_token_id"] == 128000  # carried over from the teacher config
+
+
+def test_paper_targets_parameter_counts():
+    a = Arch.from_hf_config(LLAMA31_8B)
+    width = Arch(**{**a.to_dict(), "hidden_size": 3072, "ffn_hidden_size": 9216})
+    depth = Arch(**{**a.to_dict(), "num_layers": 16})
+    assert round(width.num_params() / 1e9, 2) == 4.51
+    assert round(depth.num_params() / 1e9, 2) == 4.54
+
+
+def test_transformers5_rope_parameters_form():
+    cfg = {**LLAMA31_8B, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
+                                             "factor": 32.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192}}
+    del cfg["rope_scaling"]
+    a = Arch.from_hf_config(cfg)
+    assert a.rope_scaling_factor == 32.0 and a.rope_theta == 5e5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
+     "low_freq_factor=2.0 differs"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' unsupported"),
+])
+def test_unsupported_configs_are_refused(change, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Arch.from_hf_config({**LLAMA31_8B, **change})
