@@ -3,19 +3,20 @@
     python -m recipes.convert --config conf/tiny.yaml run.dir=runs/x convert.hf_path=HF_DIR
     torchrun --nproc-per-node 2 -m recipes.convert --config ... parallel.tp=2
 
-Each rank builds only its TP/PP shard of the model (no random init) and reads from the
-safetensors shards only the tensors that shard needs, one mapping rule at a time, so a process
-holds its 1/(TP*PP) of the model plus one HF tensor. The checkpoint (torch_dist) loads at any
-TP/PP later. Output: <run.dir>/convert/{checkpoint/, hf_config.json, tokenizer/, manifest.json}.
+Streaming: the model is built on the meta device (structure only); megatron's checkpoint writer
+asks for one chunk at a time and gets it from the safetensors shards right then (read without
+mmap, fused, sliced for this rank). A process never holds more than one fused megatron tensor, so
+an 8B converts on a machine with far less memory than the model. The checkpoint (torch_dist)
+loads at any TP/PP later. Output: <run.dir>/convert/{checkpoint/, hf_config.json, tokenizer/, manifest.json}.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from recipes.lib import checkpoint, config, mapping, runtime
@@ -53,6 +54,38 @@ def validate(arch: Arch, tp: int, pp: int) -> None:
         raise ValueError(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
 
 
+def materializer(meta_model, arch: Arch, reader: checkpoint.HFReader, dtype: torch.dtype,
+                 bar: tqdm):
+    """`materialize(sharded_key, global_offset, sizes)` for checkpoint.save_streaming: the chunk
+    of a megatron tensor, computed from the HF tensors it is made of (mapping.py)."""
+    rules = mapping.rule_by_megatron(arch)
+    by_key = {}  # sharded key (layer-less for layers) -> (rule, has a leading layer axis)
+    for name, sh in meta_model.sharded_state_dict().items():
+        if name.endswith("._extra_state"):
+            continue
+        layer, pattern = mapping.split_layer_name(name)
+        if pattern == "output_layer.weight" and arch.tie_embeddings:
+            pattern = "embedding.word_embeddings.weight"
+        by_key[sh.key] = (rules[pattern], layer is not None)
+    hf_of = {m: hs for _, m, hs in mapping.expand(arch)}
+    last = {"name": None, "tensor": None}  # gate and up halves of fc1 come in turn
+
+    def materialize(key: str, offset: tuple, sizes: tuple) -> torch.Tensor:
+        rule, layered = by_key[key]
+        name = rule.megatron.format(i=offset[0]) if layered else rule.megatron
+        rest = slice(1, None) if layered else slice(None)
+        if last["name"] != name:
+            last["tensor"] = None  # free before reading the next one
+            last["tensor"] = mapping.fuse(rule, [reader.get(h) for h in hf_of[name]],
+                                          arch).to(dtype)
+            last["name"] = name
+        chunk = last["tensor"][tuple(slice(o, o + n) for o, n in zip(offset[rest], sizes[rest]))]
+        bar.update()
+        return chunk.reshape(sizes).clone()
+
+    return materialize
+
+
 def run(cfg: config.Config) -> dict:
     c: ConvertConfig = cfg.convert
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
@@ -75,18 +108,18 @@ def run(cfg: config.Config) -> dict:
         tmp = stage.begin()
         from recipes.lib import model as M
 
-        m = M.build(arch, dtype=c.dtype, spec="local", init=False)
-        bar = (lambda it: tqdm(it, desc="convert", unit="tensor")) if runtime.is_rank0() \
-            else (lambda it: it)
-        M.load_hf(m, arch, reader.get, progress=bar)
-        checkpoint.save(m, tmp / "checkpoint")
-        del m
+        with torch.device("meta"):
+            m = M.build(arch, dtype=c.dtype, spec="local", init_model_with_meta_device=True)
+        bar = tqdm(desc="convert", unit="chunk", disable=not runtime.is_rank0())
+        checkpoint.save_streaming(m, tmp / "checkpoint",
+                                  materializer(m, arch, reader, M.DTYPES[c.dtype], bar))
+        bar.close()
         if runtime.is_rank0():
             checkpoint.write_sidecars(tmp, hf_cfg, hf_path)
             (tmp / "config.yaml").write_text(config.to_yaml(cfg))
         sources = {p.name: sha256_file(p) for p in [hf_path / "config.json", *reader.files()]} \
             if c.hash_weights and runtime.is_rank0() else {}
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = runtime.peak_rss_mb()
         manifest = stage.commit({
             "input": {"hf_path": str(hf_path.resolve()), "sha256": sources},
             "arch": arch.to_dict(), "num_params": arch.num_params(),

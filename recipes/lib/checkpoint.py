@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from recipes.lib import compat
 from recipes.lib.arch import Arch
@@ -22,8 +23,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: {**v, "start": 8 + n} for k, v in header.items()}
+
+
 class HFReader:
-    """Reads single tensors from an HF folder's safetensors shards, lazily. The index and the
+    """Reads single tensors from an HF folder's safetensors shards with plain file reads (no
+    mmap, so untouched weights never count towards this process's memory). The index and the
     presence of every shard and tensor are checked at construction, before any work."""
 
     def __init__(self, path: str | Path, needed: set[str]):
@@ -32,8 +47,8 @@ class HFReader:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.path / "model.safetensors").is_file():
-            with safe_open(self.path / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            weight_map = {k: "model.safetensors"
+                          for k in safetensors_header(self.path / "model.safetensors")}
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or "
                                     "model.safetensors.index.json; convert .bin checkpoints to "
@@ -48,16 +63,25 @@ class HFReader:
                            f" ({len(missing)} in all) are not in the checkpoint; config.json and "
                            "the weights disagree")
         self.weight_map = weight_map
-        self._open = {}
+        self._headers: dict[str, dict] = {}
 
     def files(self) -> list[Path]:
         return sorted({self.path / f for f in self.weight_map.values()})
 
     def get(self, name: str) -> torch.Tensor:
         fname = self.weight_map[name]
-        if fname not in self._open:
-            self._open[fname] = safe_open(self.path / fname, "pt")
-        return self._open[fname].get_tensor(name)
+        if fname not in self._headers:
+            self._headers[fname] = safetensors_header(self.path / fname)
+        h = self._headers[fname][name]
+        begin, end = h["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.path / fname, "rb") as f:
+            f.seek(h["start"] + begin)
+            f.readinto(buf)
+        dtype = SAFETENSORS_DTYPES[h["dtype"]]
+        if not buf:
+            return torch.empty(h["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(h["shape"])
 
 
 def _dist_ckpt():
@@ -72,6 +96,44 @@ def save(model, directory: Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _dist_ckpt().save(model.sharded_state_dict(), str(directory))
+
+
+def save_streaming(meta_model, directory: Path,
+                   materialize: Callable[[str, tuple, tuple], torch.Tensor]) -> None:
+    """Write a torch_dist checkpoint for `meta_model` (built on the meta device: structure only)
+    without ever holding the model: megatron supplies the sharded keys, shapes and metadata; each
+    chunk's data comes from `materialize(sharded_key, global_offset, chunk_sizes)` at the moment
+    torch's serial writer reaches it, one chunk at a time. Collective; loads like `save`."""
+    dc = _dist_ckpt()
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class StreamingPlanner(MCoreSavePlanner):
+        def resolve_data(self, item):
+            if item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(item)
+            return materialize(item.index.fqn, tuple(item.index.offset),
+                               tuple(item.tensor_data.chunk.sizes))
+
+    class StreamingStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            planner = StreamingPlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                       flatten_state_dict=False, flatten_sharded_tensors=False)
+            dcp.save(mcore_to_pyt_state_dict(sd, False), planner=planner,
+                     storage_writer=dcp.FileSystemWriter(checkpoint_dir, thread_count=1,
+                                                         sync_files=False))
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dc.save(meta_model.sharded_state_dict(), str(directory), sharded_strategy=StreamingStrategy())
 
 
 def load(model, directory: Path) -> None:

@@ -1,9 +1,7 @@
-"""megatron-core GPTModel for a Llama `Arch`, and the three things every stage does with it:
-fill it from HF tensors, gather it back to HF tensors, and run a forward pass through the
-pipeline. Works for any TP x PP the runtime initialised."""
+"""megatron-core GPTModel for a Llama `Arch`, and what stages do with it: name its parameters in
+mapping terms, gather it back to HF tensors, and run a forward pass through the pipeline. Works
+for any TP x PP the runtime initialised. (Filling it from HF is convert's streaming writer.)"""
 from __future__ import annotations
-
-from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -103,23 +101,6 @@ def local_params(model: GPTModel, arch: Arch):
             raise KeyError(f"megatron parameter {name} has no rule in recipes/lib/mapping.py")
         gname = pattern.format(i=layer + off) if layer is not None else pattern
         yield gname, rules[pattern], p
-
-
-@torch.no_grad()
-def load_hf(model: GPTModel, arch: Arch, get: Callable[[str], torch.Tensor],
-            progress: Callable[[Iterable], Iterable] = lambda x: x) -> None:
-    """Fill this rank's parameters from HF tensors; `get(name)` returns one HF tensor. Only the
-    tensors this rank needs are read, one rule at a time."""
-    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    hf_of = {m: hs for _, m, hs in mapping.expand(arch)}
-    for gname, rule, p in progress(list(local_params(model, arch))):
-        full = mapping.fuse(rule, [get(h) for h in hf_of[gname]], arch)
-        local = mapping.shard(rule, full, tp, r)
-        if local.shape != p.shape:
-            raise ValueError(f"{gname}: HF tensors give shape {tuple(local.shape)} on TP rank {r}"
-                             f", the model expects {tuple(p.shape)}; config.json and the weights "
-                             "disagree")
-        p.copy_(local)
 
 
 @torch.no_grad()

@@ -126,3 +126,18 @@ def on_rank0(fn):
     if err is not None:
         raise err
     return result
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB. Reads VmHWM (per address space); getrusage's
+    ru_maxrss is not used because Linux carries it across exec, so a child started by a big
+    parent would report the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
