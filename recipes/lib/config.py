@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import types
 import typing
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -51,7 +52,9 @@ class ParallelConfig:
 SECTIONS = {
     "run": "recipes.lib.config:RunConfig",
     "parallel": "recipes.lib.config:ParallelConfig",
+    "data": "recipes.data:DataConfig",
     "convert": "recipes.convert:ConvertConfig",
+    "prune": "recipes.prune:PruneConfig",
     "export": "recipes.export:ExportConfig",
 }
 
@@ -82,11 +85,14 @@ def _coerce(cls: type, section: str, values: dict):
     out = {}
     for k, v in values.items():
         t = hints[k]
-        base = typing.get_origin(t) is typing.Union and [a for a in typing.get_args(t)
-                                                         if a is not type(None)]
-        t = base[0] if base else t
+        if typing.get_origin(t) in (typing.Union, types.UnionType):  # Optional[X] / X | None
+            t = next(a for a in typing.get_args(t) if a is not type(None))
         try:
-            if v is None or t in (typing.Any, object) or typing.get_origin(t) in (list, dict):
+            if v is None or t in (typing.Any, object):
+                out[k] = v
+            elif t in (list, dict) or typing.get_origin(t) in (list, dict):
+                if not isinstance(v, typing.get_origin(t) or t):
+                    raise TypeError(f"expected a {t}")
                 out[k] = v
             elif t is bool and isinstance(v, str):
                 out[k] = {"true": True, "false": False}[v.lower()]
@@ -123,9 +129,9 @@ def load(config_file: str | None, overrides: list[str], stage: str | None = None
         raise ConfigError(f"override(s) {bad} must look like section.key=value")
     try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
-        raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot resolve the config: {e}") from e
+        raise ConfigError(f"cannot read the config: {e}") from e
+    raw = OmegaConf.to_container(merged, resolve=False)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
@@ -133,13 +139,24 @@ def load(config_file: str | None, overrides: list[str], stage: str | None = None
         raise ConfigError("no 'run' section: pass run.dir=runs/<name>")
     out = Config()
     for name in SECTIONS:
-        values = raw.get(name) or {}
         if name in ("run", "parallel") or name == stage:
-            out[name] = _coerce(_section_class(name), name, values)
-        elif name in raw:
-            _check_keys(_section_class(name), name, values)
-            out[name] = values
+            out[name] = _coerce(_section_class(name), name, _resolved(merged, name))
+        elif name in raw:  # other stages: keys only, values resolved when that stage runs
+            _check_keys(_section_class(name), name, raw[name] or {})
+            out[name] = raw[name]
     return out
+
+
+def _resolved(merged, name: str) -> dict:
+    if name not in merged or merged[name] is None:
+        return {}
+    try:
+        return OmegaConf.to_container(merged[name], resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{name}.{e.key} is required (the recipe leaves it '???'): pass "
+                          f"{name}.{e.key}=... on the command line") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve section '{name}': {e}") from e
 
 
 def _check_keys(cls: type, section: str, values: dict) -> None:

@@ -187,6 +187,48 @@ def forward_logits(model: GPTModel, tokens: torch.Tensor, vocab_size: int) -> to
     return box[0] if dist.get_rank() == 0 else None
 
 
+def forward_loss(model: GPTModel, windows: torch.Tensor, vocab_size: int,
+                 micro_batch_size: int = 1) -> tuple[float, int] | None:
+    """Summed next-token cross-entropy (fp32, padded vocab cut, as transformers computes it) and
+    the token count over `windows` [n, seq + 1], on global rank 0 (None elsewhere). Runs megatron's
+    pipeline schedule; logits never leave the last stage."""
+    dev = next(model.parameters()).device
+    n, s = windows.shape[0], windows.shape[1] - 1
+    if n % micro_batch_size:
+        raise ValueError(f"{n} windows are not a multiple of micro_batch_size {micro_batch_size}")
+    pos = torch.arange(s, device=dev).unsqueeze(0)
+    starts = iter(range(0, n, micro_batch_size))
+    tp = ps.get_tensor_model_parallel_world_size()
+
+    def step(_data_iter, m):
+        i = next(starts)
+        w = windows[i: i + micro_batch_size].to(dev)
+        out = m(w[:, :-1], pos, attention_mask=None)
+
+        def loss(output, non_loss_data=True):
+            if tp > 1 and m.parallel_output:
+                from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+                output = gather_from_tensor_model_parallel_region(output)
+            logits = output[..., :vocab_size].float()
+            return F.cross_entropy(logits.reshape(-1, vocab_size), w[:, 1:].reshape(-1),
+                                   reduction="sum").detach()
+
+        return out, loss
+
+    model.eval()
+    with torch.no_grad():
+        outs = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=None, model=[model],
+            num_microbatches=n // micro_batch_size, seq_length=s,
+            micro_batch_size=micro_batch_size, forward_only=True, collect_non_loss_data=True)
+    total = float(sum(o.item() for o in outs)) if ps.is_pipeline_last_stage() else None
+    src = _last_stage_rank0()
+    box = [total if dist.get_rank() == src else None]
+    if src != 0:
+        dist.broadcast_object_list(box, src=src)
+    return (box[0], n * s) if dist.get_rank() == 0 else None
+
+
 def _last_stage_rank0() -> int:
     """Global rank of TP-rank-0, DP-rank-0 on the last pipeline stage."""
     flags = [None] * dist.get_world_size()

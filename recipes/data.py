@@ -1,0 +1,198 @@
+"""Stage `data`: text files / JSONL -> megatron indexed datasets (train, valid, test).
+
+    python -m recipes.data --config conf/tiny.yaml run.dir=runs/x data.input=corpus/ \
+        data.tokenizer=HF_DIR
+
+A `.txt` file is one document; each line of a `.jsonl` file is one document (its
+`data.text_field`). A directory is searched recursively for both. Documents are tokenised with the
+teacher's HF tokenizer in `data.workers` processes, EOD (the tokenizer's eos) appended, and
+assigned to splits by a seeded permutation of document indices (deterministic, document-level).
+Output: <run.dir>/data/{train,valid,test}.{bin,idx} and a manifest with documents and tokens per
+split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from recipes.lib import compat, config, runtime
+from recipes.lib.arch import read_hf_config
+from recipes.lib.stage import StageDir, fingerprint, read_manifest, sha256_file
+
+log = logging.getLogger("recipes.data")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    input: str
+    """A .txt / .jsonl file or a directory of them."""
+    tokenizer: str
+    """HF folder with the teacher's tokenizer and config.json (its vocab_size is checked)."""
+    output: str | None = None
+    """Output folder; default <run.dir>/data."""
+    text_field: str = "text"
+    """JSONL field holding the document text."""
+    split: str = "98,1,1"
+    """train,valid,test proportions (documents)."""
+    workers: int = 2
+    """Tokeniser processes."""
+    min_chars: int = 1
+    """Documents shorter than this (after stripping) are skipped."""
+
+    def __post_init__(self):
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts) \
+                or sum(float(p) for p in parts) <= 0:
+            raise ValueError(f"data.split={self.split!r}; give three non-negative proportions "
+                             "train,valid,test such as 98,1,1")
+        if self.workers < 1:
+            raise ValueError("data.workers must be >= 1")
+
+    @property
+    def proportions(self) -> list[float]:
+        p = [float(x) for x in self.split.split(",")]
+        return [x / sum(p) for x in p]
+
+
+def find_files(path: Path) -> list[Path]:
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+    else:
+        raise FileNotFoundError(f"data.input={path} does not exist")
+    bad = [f for f in files if f.suffix not in (".txt", ".jsonl")]
+    if bad:
+        raise ValueError(f"{bad[0]}: unsupported file type; use .txt (one document per file) or "
+                         ".jsonl (one document per line)")
+    if not files:
+        raise ValueError(f"data.input={path} holds no .txt or .jsonl files")
+    return files
+
+
+def iter_documents(files: list[Path], text_field: str, min_chars: int):
+    for f in files:
+        try:
+            if f.suffix == ".txt":
+                text = f.read_text(encoding="utf-8")
+                if len(text.strip()) >= min_chars:
+                    yield text
+                continue
+            with open(f, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)[text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{f}:{n}: not a JSON object with a "
+                                         f"'{text_field}' field ({e}); fix the line or set "
+                                         "data.text_field") from e
+                    if len(str(text).strip()) >= min_chars:
+                        yield str(text)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f} is not UTF-8 text ({e}); convert it or leave it out") from e
+
+
+def split_assignment(n_docs: int, proportions: list[float], seed: int) -> np.ndarray:
+    """0/1/2 (train/valid/test) per document: a seeded permutation cut by the proportions;
+    a non-zero proportion always gets at least one document when there are enough."""
+    counts = [int(round(p * n_docs)) for p in proportions[1:]]
+    counts = [max(c, 1) if p > 0 and n_docs >= 3 else c for c, p in zip(counts, proportions[1:])]
+    order = np.random.default_rng(seed).permutation(n_docs)
+    out = np.zeros(n_docs, dtype=np.int8)
+    out[order[: counts[0]]] = 1
+    out[order[counts[0]: counts[0] + counts[1]]] = 2
+    return out
+
+
+_TOK = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOK
+    from transformers import AutoTokenizer
+
+    _TOK = AutoTokenizer.from_pretrained(tokenizer_path)
+
+
+def _encode(text: str) -> list[int]:
+    return _TOK(text, add_special_tokens=False)["input_ids"]
+
+
+def run(cfg: config.Config) -> dict:
+    c: DataConfig = cfg.data
+    out = Path(c.output or Path(cfg.run.dir) / "data")
+    files = find_files(Path(c.input))
+    vocab_size = read_hf_config(Path(c.tokenizer))["vocab_size"]
+    _init_worker(c.tokenizer)
+    tok = _TOK
+    eod = tok.eos_token_id
+    if eod is None or eod >= vocab_size or len(tok) > vocab_size + 256:
+        raise ValueError(f"tokenizer in {c.tokenizer} ({len(tok)} entries, eos={eod}) does not "
+                         f"match the teacher's vocab_size={vocab_size}; use the teacher's own "
+                         "tokenizer (data.tokenizer=<teacher HF folder>)")
+    inputs = {str(f): sha256_file(f) for f in files}
+    stage = StageDir("data", out, fingerprint(c, {"inputs": inputs, "seed": cfg.run.seed}),
+                     cfg.run.force)
+    if stage.already_done():
+        log.info("%s is complete (same inputs and config): skipping", out)
+        return read_manifest(out)
+    n_docs = sum(1 for _ in iter_documents(files, c.text_field, c.min_chars))
+    if n_docs == 0:
+        raise ValueError(f"data.input={c.input}: no documents of at least {c.min_chars} chars")
+    assign = split_assignment(n_docs, c.proportions, cfg.run.seed)
+    for i, name in enumerate(SPLITS):
+        if c.proportions[i] > 0 and not (assign == i).any():
+            raise ValueError(f"split '{name}' got no documents ({n_docs} documents, split "
+                             f"{c.split}); add documents or set data.split with {name}=0")
+
+    compat.apply()
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tmp = stage.begin()
+    dtype = np.uint16 if vocab_size < 65500 else np.int32
+    builders = {s: IndexedDatasetBuilder(str(tmp / f"{s}.bin"), dtype=dtype) for s in SPLITS}
+    docs, tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(c.workers, initializer=_init_worker, initargs=(c.tokenizer,)) as pool:
+        stream = pool.imap(_encode, iter_documents(files, c.text_field, c.min_chars),
+                           chunksize=16)
+        for i, ids in enumerate(tqdm(stream, total=n_docs, desc="tokenize", unit="doc")):
+            if ids and max(ids) >= vocab_size:
+                raise ValueError(f"document {i} has token id {max(ids)} >= vocab_size "
+                                 f"{vocab_size}: tokenizer and teacher do not match")
+            split = SPLITS[assign[i]]
+            ids.append(eod)
+            builders[split].add_document(torch.tensor(ids), [len(ids)])
+            docs[split] += 1
+            tokens[split] += len(ids)
+    for s, b in builders.items():
+        b.finalize(str(tmp / f"{s}.idx"))
+    (tmp / "config.yaml").write_text(config.to_yaml(cfg))
+    log.info("documents %s, tokens %s", docs, tokens)
+    return stage.commit({"input": {"files": inputs}, "tokenizer": str(Path(c.tokenizer).resolve()),
+                         "vocab_size": vocab_size, "eod": eod, "dtype": np.dtype(dtype).name,
+                         "documents": docs, "tokens": tokens,
+                         "metrics": {"documents": sum(docs.values()),
+                                     "tokens": sum(tokens.values())}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.parse_args(argv, "data", __doc__)
+    runtime.setup_logging(cfg.run.log_level)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
