@@ -194,6 +194,9 @@ def run(cfg: config.Config) -> dict:
     from recipes.convert import validate
 
     validate(teacher, tp, pp)
+    if student.num_layers % pp:
+        raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "
+                         f"parallel.pp={pp} stages; choose a PP that divides both layer counts")
     src_manifest = read_manifest(src)
     stage = StageDir("prune", out, fingerprint(c, {"input": src_manifest["fingerprint"],
                                                    "data": read_manifest(c.data)["fingerprint"],

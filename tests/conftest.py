@@ -36,3 +36,44 @@ def torchrun(module: str, *args: str, nproc: int = 2, timeout: int = 300):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
     return p
+
+
+def train_tiny(src, dst, corpus, steps=200, seed=0):
+    """Briefly train an HF tiny Llama on the synthetic corpus (plain PyTorch), save to dst."""
+    import json as _json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    text = "".join(_json.loads(line)["text"] for line in open(corpus / "docs.jsonl"))
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=g)
+        batch = torch.stack([ids[s: s + 65] for s in starts])
+        loss = model(batch[:, :-1], labels=batch[:, :-1]).loss  # labels shift inside
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def trained_run(hf_models, tmp_path_factory):
+    """A trained tiny teacher, its data stage and its converted checkpoint (fp32)."""
+    from recipes import convert, data
+    from tests.corpus import write_corpus
+
+    base = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(base / "corpus")
+    hf = train_tiny(hf_models["gqa"], base / "hf", corpus)
+    run = base / "run"
+    common = ["--config", TINY, f"run.dir={run}", f"convert.hf_path={hf}"]
+    data.main([*common, f"data.input={corpus}"])
+    convert.main(common)
+    return {"run": run, "hf": hf, "corpus": corpus}

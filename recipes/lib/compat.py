@@ -65,7 +65,7 @@ CUDA_HARDCODED_MODULES = {
 }
 
 
-# (module, class, method) whose body calls tensor.cuda()
+# (module, class or None for a module-level function, name) whose body calls tensor.cuda()
 CUDA_TENSOR_METHODS = [
     # LanguageModule.setup_embeddings_and_output_layer: `weight.data.cuda()` before the all-reduce
     # that ties input and output embeddings across pipeline stages (tied models at PP>1)
@@ -156,15 +156,17 @@ def tensor_cuda_is_identity():
         torch.Tensor.cuda = original
 
 
-def _wrap_cuda_calls(cls, method: str) -> None:
-    fn = getattr(cls, method)
+def _wrap_cuda_calls(owner, method: str) -> None:
+    """`owner` is a class or a module; callers that look the name up at call time (methods,
+    `module.function(...)`) get the wrapped version."""
+    fn = getattr(owner, method)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with tensor_cuda_is_identity():
             return fn(*args, **kwargs)
 
-    setattr(cls, method, wrapper)
+    setattr(owner, method, wrapper)
 
 
 def cuda_available() -> bool:
@@ -183,7 +185,8 @@ def apply() -> None:
             mod = importlib.import_module(mod_name)
             mod.torch = proxy
         for mod_name, cls_name, method in CUDA_TENSOR_METHODS:
-            _wrap_cuda_calls(getattr(importlib.import_module(mod_name), cls_name), method)
+            mod = importlib.import_module(mod_name)
+            _wrap_cuda_calls(getattr(mod, cls_name) if cls_name else mod, method)
     _APPLIED = True
 
 
@@ -198,7 +201,8 @@ def apply() -> None:
 #   - torch.nn.RMSNorm (the local spec's norm) as a dynamic norm, like ModelOpt's TE norm;
 #   - hidden-size importance from the outputs of the separate norms (the paper's definition; TE
 #     fuses the norm into the next linear, so ModelOpt reads it from there);
-#   - depth pruning's `.cuda()` and a 0-dim all_gather_into_tensor that gloo rejects.
+#   - depth pruning's `.cuda()` and a 0-dim all_gather_into_tensor that gloo rejects;
+#   - modelopt/torch/utils/distributed.py broadcast/allgather move their buffers with .cuda().
 # Drop this section when the pinned ModelOpt supports the local spec (or TE exists on CPU).
 _TE_CLASSES = ("TEColumnParallelGroupedLinear", "TEColumnParallelLinear", "TEDotProductAttention",
                "TELayerNormColumnParallelLinear", "TELinear", "TERowParallelGroupedLinear",
@@ -340,6 +344,11 @@ def _teach_local_spec() -> None:
             return drop(model, layers_to_drop=layers_to_drop)
 
     MM.drop_mcore_language_model_layers = drop_layers_cpu
+
+    from modelopt.torch.utils import distributed as modelopt_dist
+
+    for fn in ("broadcast", "allgather"):
+        _wrap_cuda_calls(modelopt_dist, fn)
 
 
 @contextlib.contextmanager
