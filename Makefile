@@ -17,7 +17,7 @@ else
 RUN := $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m
 endif
 
-.PHONY: help setup test convert export bench clean
+.PHONY: help setup test data convert prune export plan bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,8 +35,17 @@ $(VENV)/.installed: requirements.txt requirements-engine.txt requirements.lock p
 test: setup  ## run the CPU test suite (unit, stages, torchrun; gpu tests skip without CUDA)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+data: setup  ## text/JSONL -> indexed dataset: ARGS="run.dir=... data.input=... data.tokenizer=..."
+	$(RUN) recipes.data --config $(RECIPE) $(ARGS)
+
 convert: setup  ## HF folder -> megatron checkpoint: ARGS="run.dir=... convert.hf_path=..."
 	$(RUN) recipes.convert --config $(RECIPE) $(ARGS)
+
+prune: setup  ## Minitron pruning (TP=1, any PP): ARGS="run.dir=..." [NPROC=N ARGS+=parallel.pp=N]
+	$(RUN) recipes.prune --config $(RECIPE) $(ARGS)
+
+plan: setup  ## print architectures, parameter counts, memory and GPU-hours of a recipe (no weights)
+	$(PY) -m recipes.plan --config $(RECIPE) $(ARGS)
 
 export: setup  ## megatron checkpoint -> HF folder with logit parity: ARGS="run.dir=... export.input=..."
 	$(RUN) recipes.export --config $(RECIPE) $(ARGS)

@@ -56,6 +56,7 @@ SECTIONS = {
     "convert": "recipes.convert:ConvertConfig",
     "prune": "recipes.prune:PruneConfig",
     "export": "recipes.export:ExportConfig",
+    "plan": "recipes.plan:PlanConfig",
 }
 
 
@@ -115,10 +116,12 @@ def _coerce(cls: type, section: str, values: dict):
         raise ConfigError(f"[{section}] {e}") from e
 
 
-def load(config_file: str | None, overrides: list[str], stage: str | None = None) -> Config:
-    """Resolve the YAML + overrides. `run`, `parallel` and the `stage` section become typed
-    dataclasses (all values checked); every other section is checked for unknown keys only, so a
-    typo anywhere fails early while other stages' required keys may stay unset."""
+def load(config_file: str | None, overrides: list[str], stage: str | None = None,
+         also: tuple[str, ...] = ()) -> Config:
+    """Resolve the YAML + overrides. `run`, `parallel`, the `stage` section and the `also`
+    sections (present ones) become typed dataclasses (all values checked); every other section is
+    checked for unknown keys only, so a typo anywhere fails early while other stages' required
+    keys may stay unset."""
     base = OmegaConf.create({})
     if config_file:
         if not Path(config_file).is_file():
@@ -139,7 +142,7 @@ def load(config_file: str | None, overrides: list[str], stage: str | None = None
         raise ConfigError("no 'run' section: pass run.dir=runs/<name>")
     out = Config()
     for name in SECTIONS:
-        if name in ("run", "parallel") or name == stage:
+        if name in ("run", "parallel") or name == stage or (name in also and name in raw):
             out[name] = _coerce(_section_class(name), name, _resolved(merged, name))
         elif name in raw:  # other stages: keys only, values resolved when that stage runs
             _check_keys(_section_class(name), name, raw[name] or {})
@@ -167,13 +170,14 @@ def _check_keys(cls: type, section: str, values: dict) -> None:
                           f"valid keys of '{section}': {', '.join(sorted(fields))}")
 
 
-def parse_args(argv: list[str] | None, stage: str, description: str) -> Config:
+def parse_args(argv: list[str] | None, stage: str, description: str,
+               also: tuple[str, ...] = ()) -> Config:
     p = argparse.ArgumentParser(prog=f"python -m recipes.{stage}", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="recipe YAML (conf/*.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     a = p.parse_args(argv)
-    cfg = load(a.config, a.overrides, stage)
+    cfg = load(a.config, a.overrides, stage, also)
     if stage not in cfg:
         raise ConfigError(f"the config has no '{stage}' section; add one to the YAML or pass "
                           f"{stage}.<key>=... on the command line")

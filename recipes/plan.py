@@ -1,0 +1,167 @@
+"""`plan`: what a recipe will build and cost, before any weights are loaded.
+
+    python -m recipes.plan --config conf/llama31_8b_to_4b_width.yaml
+
+Prints the teacher and student architectures and parameter counts, the memory each stage needs
+per GPU at the configured parallelism, the distillation token budget and a GPU-hour estimate.
+Everything is arithmetic on the architecture (the teacher's config.json only). Targets that
+cannot be built fail here with the same errors `prune` would raise.
+
+Estimates, stated as such: weights bf16; fused (flash) attention, so stored activations are
+34*s*h bytes per layer at micro-batch 1 (Korthikanti et al. 2022 without the s^2 term), divided
+by TP; pruning is forward-only (one layer's activations live at a time, plus fp32 logits);
+distillation uses megatron's distributed optimizer (bf16 params + fp32 grads per model-parallel
+shard; fp32 master weights and Adam moments sharded over data-parallel ranks), a frozen bf16
+teacher with the same TP/PP, and fp32 student + teacher logits. GPU hours =
+(6 * student + 2 * teacher parameters) * tokens / (peak FLOP/s * MFU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from recipes.lib import config
+from recipes.lib.arch import Arch, read_hf_config
+
+GB = 1024**3
+
+
+@dataclasses.dataclass(kw_only=True)
+class PlanConfig:
+    teacher_config: str
+    """The teacher's config.json, or its HF folder (no weights needed)."""
+    distill_tokens: float = 94e9
+    """Distillation token budget (the paper: 94B)."""
+    seq_length: int = 8192
+    """Distillation sequence length (the paper: 8192)."""
+    global_batch_size: int = 1152
+    """Distillation sequences per step (the paper: 1152)."""
+    gpus: int = 256
+    """GPUs for distillation (the paper: 256 H100)."""
+    gpu_memory_gb: float = 80.0
+    """Memory per GPU, for the fits / does-not-fit column."""
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per GPU (H100 SXM: 989)."""
+    mfu: float = 0.40
+    """Assumed model FLOP utilisation."""
+
+    def __post_init__(self):
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"plan.mfu={self.mfu} must be in (0, 1]")
+
+
+def teacher_arch(path: str) -> Arch:
+    p = Path(path)
+    if p.is_dir():
+        return Arch.from_hf_dir(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"plan.teacher_config={path}: no such file or folder")
+    return Arch.from_hf_config(json.loads(p.read_text()), str(p))
+
+
+def layer_activations(a: Arch, seq: int) -> float:
+    return 34 * seq * a.hidden_size
+
+
+def prune_memory(t: Arch, seq: int, pp: int) -> float:
+    return 2 * t.num_params() / pp + layer_activations(t, seq) + 4 * seq * t.padded_vocab_size
+
+
+def distill_memory(t: Arch, s: Arch, seq: int, tp: int, pp: int, dp: int) -> float:
+    mp = tp * pp
+    return (2 * t.num_params() / mp + 6 * s.num_params() / mp + 12 * s.num_params() / (mp * dp)
+            + layer_activations(s, seq) * s.num_layers / pp / tp
+            + 2 * 4 * seq * s.padded_vocab_size / tp)
+
+
+def layouts(t: Arch, s: Arch, p: PlanConfig) -> list[dict]:
+    """TP x PP layouts valid for both models, with their distillation memory per GPU."""
+    out = []
+    for tp in (1, 2, 4, 8):
+        for pp in (1, 2, 4, 8):
+            if t.num_query_groups % tp or s.num_layers % pp or t.num_layers % pp \
+                    or p.gpus % (tp * pp):
+                continue
+            gb = distill_memory(t, s, p.seq_length, tp, pp, p.gpus // (tp * pp)) / GB
+            out.append({"tp": tp, "pp": pp, "dp": p.gpus // (tp * pp), "distill_gb": gb,
+                        "fits": gb <= p.gpu_memory_gb})
+    return out
+
+
+def estimate(cfg: config.Config) -> dict:
+    """All the numbers `plan` prints, as a dict. `cfg` has a typed `plan` and, if the recipe
+    prunes, a typed `prune` section."""
+    from recipes.convert import validate
+    from recipes.prune import target_arch
+
+    p: PlanConfig = cfg.plan
+    teacher = teacher_arch(p.teacher_config)
+    prune_cfg = cfg.get("prune")
+    student, drop = target_arch(teacher, prune_cfg) if prune_cfg else (teacher, None)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    validate(teacher, tp, pp)
+    validate(student, tp, pp)
+    nt, ns = teacher.num_params(), student.num_params()
+    dp = max(p.gpus // (tp * pp), 1)
+    steps = p.distill_tokens / (p.seq_length * p.global_batch_size)
+    flops = (6 * ns + 2 * nt) * p.distill_tokens
+    gpu_s = flops / (p.peak_tflops * 1e12 * p.mfu)
+    prune_seq = prune_cfg.seq_length if prune_cfg else 4096
+    mem = {
+        "convert (host RAM per process)": 2 * teacher.padded_vocab_size * teacher.hidden_size * 2,
+        f"prune (per GPU, TP=1 PP={pp})": prune_memory(teacher, prune_seq, pp),
+        f"distill (per GPU, TP={tp} PP={pp})": distill_memory(teacher, student, p.seq_length,
+                                                              tp, pp, dp),
+        "export (host RAM, rank 0)": 2 * ns,
+    }
+    return {
+        "teacher": {**teacher.to_dict(), "params": nt},
+        "student": {**student.to_dict(), "params": ns},
+        "drop_layers_1indexed": drop, "parallel": {"tp": tp, "pp": pp, "dp": dp},
+        "memory_gb": {k: v / GB for k, v in mem.items()},
+        "prune_pp_that_fit": [q for q in (1, 2, 4, 8) if teacher.num_layers % q == 0
+                              and prune_memory(teacher, prune_seq, q) / GB <= p.gpu_memory_gb],
+        "distill_layouts": layouts(teacher, student, p),
+        "distill": {"tokens": p.distill_tokens, "steps": steps, "flops": flops,
+                    "gpu_hours": gpu_s / 3600, "wall_hours": gpu_s / 3600 / p.gpus},
+    }
+
+
+def render(e: dict, p: PlanConfig) -> str:
+    t, s = e["teacher"], e["student"]
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "head_dim", "vocab_size")
+    lines = ["| | teacher | student |", "|---|---|---|"]
+    lines += [f"| {k} | {t[k]} | {s[k]} |" for k in keys]
+    lines.append(f"| parameters | {t['params'] / 1e9:.2f}B | {s['params'] / 1e9:.2f}B "
+                 f"({s['params'] / t['params']:.1%}) |")
+    if e["drop_layers_1indexed"]:
+        lines.append(f"\ndropped layers (1-indexed): {e['drop_layers_1indexed']}")
+    par = e["parallel"]
+    lines.append(f"\nmemory at TP={par['tp']} PP={par['pp']} DP={par['dp']} "
+                 f"(estimates; GPU has {p.gpu_memory_gb:.0f} GB):")
+    for k, v in e["memory_gb"].items():
+        fits = "" if "host" in k else ("  fits" if v <= p.gpu_memory_gb else "  DOES NOT FIT")
+        lines.append(f"  {k:34s} {v:8.1f} GB{fits}")
+    lines.append(f"  prune fits at PP in {e['prune_pp_that_fit']}")
+    fit = [f"TP{x['tp']}xPP{x['pp']} ({x['distill_gb']:.0f} GB)" for x in e["distill_layouts"]
+           if x["fits"]]
+    lines.append(f"  distill layouts that fit on {p.gpus} GPUs: {', '.join(fit) or 'none'}")
+    d = e["distill"]
+    lines.append(f"\ndistillation: {d['tokens'] / 1e9:.1f}B tokens = {d['steps']:,.0f} steps of "
+                 f"{p.global_batch_size} x {p.seq_length}; {d['flops']:.3g} FLOPs; "
+                 f"~{d['gpu_hours']:,.0f} GPU-hours at {p.mfu:.0%} MFU of "
+                 f"{p.peak_tflops:.0f} TFLOP/s = ~{d['wall_hours']:.1f} h on {p.gpus} GPUs")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.parse_args(argv, "plan", __doc__, also=("prune",))
+    print(render(estimate(cfg), cfg.plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

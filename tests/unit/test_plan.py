@@ -1,0 +1,40 @@
+"""`plan` on the paper's two recipes, without weights; impossible targets fail."""
+from pathlib import Path
+
+import pytest
+
+from recipes import plan
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.mark.parametrize("recipe, student", [("llama31_8b_to_4b_width", "4.51B"),
+                                             ("llama31_8b_to_4b_depth", "4.54B")])
+def test_paper_recipes(recipe, student, capsys):
+    assert plan.main(["--config", str(CONF / f"{recipe}.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"| parameters | 8.03B | {student} " in out
+    assert "9,961 steps of 1152 x 8192" in out  # 94B tokens, as in the paper
+
+
+def test_depth_recipe_drops_the_papers_block(capsys):
+    plan.main(["--config", str(CONF / "llama31_8b_to_4b_depth.yaml")])
+    assert "dropped layers (1-indexed): [16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, " \
+           "29, 30, 31]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["prune.hidden_size=5000"], "prune.hidden_size=5000 must be between 1 and the teacher's"),
+    (["prune.num_attention_heads=20"], "multiple of the 8 KV groups"),
+    (["prune.num_layers=40"], "prune.num_layers=40 must be between 1"),
+    (["parallel.tp=3"], "parallel.tp=3 does not divide num_attention_heads=32"),
+])
+def test_impossible_targets(extra, message):
+    with pytest.raises(ValueError, match=message):
+        plan.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), *extra])
+
+
+def test_depth_plan_refuses_dropping_too_many():
+    with pytest.raises(ValueError, match="drops every layer"):
+        plan.main(["--config", str(CONF / "llama31_8b_to_4b_depth.yaml"),
+                   f"prune.drop_layers=[{','.join(str(i) for i in range(1, 33))}]"])
