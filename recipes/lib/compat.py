@@ -13,6 +13,10 @@ untouched for everyone else.
 
 Mechanism 2: upstream methods that call `tensor.cuda()` run with `Tensor.cuda` returning the
 tensor itself, for the duration of that call only (`CUDA_TENSOR_METHODS`).
+
+Mechanism 3: upstream functions that assert `grad.type() == 'torch.cuda.FloatTensor'` run with
+CPU fp32 tensors reporting that type name, for the duration of that call only
+(`CUDA_TYPE_ASSERTING_FUNCTIONS`).
 """
 from __future__ import annotations
 
@@ -74,6 +78,14 @@ CUDA_TENSOR_METHODS = [
 ]
 
 
+# (module, function): bodies that assert a grad's type is torch.cuda.FloatTensor
+CUDA_TYPE_ASSERTING_FUNCTIONS = [
+    # clip_grad_by_total_norm_fp32, bound in clip_grads and imported by name into optimizer
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+]
+
+
 def _cpu_device(device):
     if device == "cuda" or (isinstance(device, str) and device.startswith("cuda")):
         return "cpu"
@@ -99,6 +111,23 @@ class _CpuCuda(types.SimpleNamespace):
     @staticmethod
     def empty_cache():
         return None
+
+    class _Stream:
+        """CPU work is synchronous: waiting on a stream or event is a no-op."""
+
+        def wait_event(self, *_a, **_k):
+            return None
+
+        def wait_stream(self, *_a, **_k):
+            return None
+
+    @staticmethod
+    def current_stream(*_a, **_k):
+        return _CpuCuda._Stream()
+
+    @staticmethod
+    def stream(*_a, **_k):
+        return contextlib.nullcontext()
 
 
 class _CpuTorch(types.ModuleType):
@@ -156,17 +185,39 @@ def tensor_cuda_is_identity():
         torch.Tensor.cuda = original
 
 
-def _wrap_cuda_calls(owner, method: str) -> None:
-    """`owner` is a class or a module; callers that look the name up at call time (methods,
-    `module.function(...)`) get the wrapped version."""
-    fn = getattr(owner, method)
+@contextlib.contextmanager
+def cpu_float_reports_cuda_type():
+    """Within the block, `t.type()` of a CPU fp32 tensor is 'torch.cuda.FloatTensor'."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu" \
+                and self.dtype == torch.float32:
+            return "torch.cuda.FloatTensor"
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _wrap(owner, name: str, context) -> None:
+    fn = getattr(owner, name)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with tensor_cuda_is_identity():
+        with context():
             return fn(*args, **kwargs)
 
-    setattr(owner, method, wrapper)
+    setattr(owner, name, wrapper)
+
+
+def _wrap_cuda_calls(owner, method: str) -> None:
+    """`owner` is a class or a module; callers that look the name up at call time (methods,
+    `module.function(...)`) get the wrapped version."""
+    _wrap(owner, method, tensor_cuda_is_identity)
 
 
 def cuda_available() -> bool:
@@ -187,6 +238,8 @@ def apply() -> None:
         for mod_name, cls_name, method in CUDA_TENSOR_METHODS:
             mod = importlib.import_module(mod_name)
             _wrap_cuda_calls(getattr(mod, cls_name) if cls_name else mod, method)
+        for mod_name, fn in CUDA_TYPE_ASSERTING_FUNCTIONS:
+            _wrap(importlib.import_module(mod_name), fn, cpu_float_reports_cuda_type)
     _APPLIED = True
 
 

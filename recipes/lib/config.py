@@ -54,7 +54,9 @@ SECTIONS = {
     "parallel": "recipes.lib.config:ParallelConfig",
     "data": "recipes.data:DataConfig",
     "convert": "recipes.convert:ConvertConfig",
+    "teacher_correction": "recipes.teacher_correction:TeacherCorrectionConfig",
     "prune": "recipes.prune:PruneConfig",
+    "distill": "recipes.distill:DistillConfig",
     "export": "recipes.export:ExportConfig",
     "plan": "recipes.plan:PlanConfig",
 }

@@ -96,10 +96,30 @@ class StageDir:
                                   "move it away or choose another run.dir")
         return False
 
-    def begin(self) -> Path:
-        if runtime.is_rank0():
-            shutil.rmtree(self.tmp, ignore_errors=True)  # leftover of a crashed run
-            (self.tmp / "logs").mkdir(parents=True)
+    def begin(self, resumable: dict | None = None) -> Path:
+        """Start work in `tmp`. Non-resumable stages start afresh (a leftover is a crashed run).
+        Training stages pass `resumable` (their config minus operational keys): an unfinished
+        run with the same values is continued, one with other values is refused with the
+        differences named (or wiped with run.force=true)."""
+        def prepare():
+            mark = self.tmp / "run.json"
+            keep = False
+            if resumable is not None and mark.is_file() and not self.force:
+                prev = json.loads(mark.read_text())
+                diff = {k: (prev.get(k), v) for k, v in resumable.items() if prev.get(k) != v}
+                if diff:
+                    raise ValueError(
+                        f"{self.tmp} holds an unfinished {self.stage} run with other settings "
+                        + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                        + "; restore them to resume, or pass run.force=true to start over")
+                keep = True
+            if not keep:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            (self.tmp / "logs").mkdir(parents=True, exist_ok=True)
+            if resumable is not None:
+                atomic_write_text(mark, json.dumps(resumable, indent=1, default=str))
+
+        runtime.on_rank0(prepare)
         runtime.barrier()
         return self.tmp
 

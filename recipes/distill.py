@@ -1,0 +1,185 @@
+"""Stage `distill`: knowledge distillation of the pruned student from the frozen teacher.
+
+    python -m recipes.distill --config conf/demo.yaml
+    torchrun --nproc-per-node 8 -m recipes.distill --config ... parallel.tp=2 parallel.pp=2
+
+megatron-core's training loop (recipes/lib/train.py) with ModelOpt's Megatron distillation: the
+student becomes an `mtd.DistillationModel` holding the teacher (same TP/PP); the loss is forward
+KL(teacher || student) on the logits with a temperature (the paper's setting: logits only, no
+cross-entropy), optionally plus intermediate-layer losses (cosine / MSE) and the student's LM
+loss (`skip_lm_loss=false`, weighted by ModelOpt's loss balancer). The student's LM loss is
+computed and logged in any case. A restart with the same command resumes.
+Output: <run.dir>/distill/{checkpoint/, logs/metrics.jsonl, logs/tensorboard/, manifest.json}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from recipes.lib import checkpoint, config, runtime, train
+from recipes.lib.stage import StageDir, fingerprint, read_manifest
+
+log = logging.getLogger("recipes.distill")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DistillConfig(train.TrainConfig):
+    teacher: str
+    """The teacher: a convert or teacher_correction stage folder."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of the logit KL."""
+    skip_lm_loss: bool = True
+    """Train on the KD loss only (the paper); false adds the student's cross-entropy."""
+    kd_loss_scale: float = 1.0
+    """Weight of the KD loss against the LM loss when skip_lm_loss=false (ModelOpt balancer)."""
+    intermediate_layer_pairs: list | None = None
+    """[[student_module, teacher_module, cosine|mse], ...], e.g.
+    [[decoder.final_layernorm, decoder.final_layernorm, cosine]]."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kd_temperature <= 0 or self.kd_loss_scale <= 0:
+            raise ValueError("kd_temperature and kd_loss_scale must be > 0")
+        for pair in self.intermediate_layer_pairs or []:
+            if len(pair) not in (2, 3) or (len(pair) == 3 and pair[2] not in ("cosine", "mse")):
+                raise ValueError(f"intermediate_layer_pairs entry {pair}: use "
+                                 "[student_module, teacher_module, cosine|mse]")
+
+
+def distillation_model(student, teacher, c: DistillConfig, vocab_size: int):
+    """Wrap the student as ModelOpt's DistillationModel (teacher inside, frozen)."""
+    import modelopt.torch.distill as mtd
+    from modelopt.torch.distill.plugins import megatron as mkd
+
+    from recipes.lib.kd import VocabLogitsKLLoss
+
+    dcfg = mkd.setup_distillation_config(mkd.DistillationConfig(
+        intermediate_layer_pairs=[tuple(p) for p in c.intermediate_layer_pairs or []],
+        skip_lm_loss=c.skip_lm_loss, kd_loss_scale=c.kd_loss_scale,
+        logit_kl_temperature=c.kd_temperature), student.config, teacher.config)
+    if dcfg.criterion:  # last stage: the logit loss over the real vocabulary
+        key = tuple(dcfg.logit_layers)
+        dcfg.criterion[key] = VocabLogitsKLLoss(student.config, vocab_size, c.kd_temperature)
+    model = mtd.convert(student, mode=[("kd_loss", {
+        "teacher_model": teacher, "criterion": dcfg.criterion,
+        "loss_balancer": dcfg.loss_balancer})])
+    mkd.adjust_distillation_model_for_mcore(model, dcfg)
+    return model
+
+
+def make_step_fn(model, vocab_size: int, skip_lm_loss: bool, intermediate: bool):
+    """forward_step_func for megatron's schedule. Labels are never passed to the model: the LM
+    loss is computed here on a masked copy of the logits (see recipes/lib/kd.py)."""
+    from recipes.lib.kd import lm_loss, reduce_sum
+
+    def make_step(training: bool):
+        def step(data_iter, m):
+            b = next(data_iter)
+            dev = next(m.parameters()).device
+            tokens, labels = b["tokens"].to(dev), b["labels"].to(dev)
+            mask = b["loss_mask"].to(dev).float()
+            logits = m(tokens, b["position_ids"].to(dev), attention_mask=None)
+
+            def loss_func(output):
+                n = mask.sum()
+                lm = lm_loss(output, labels, vocab_size)
+                lm_sum = (lm * mask).sum()
+                losses = model.compute_kd_loss(
+                    student_loss=lm_sum if not skip_lm_loss else lm_sum.detach(),
+                    loss_reduction_fn=reduce_sum(mask))
+                total = losses["kd_loss"]
+                report = {"loss": torch.stack([total.detach(), n]),
+                          "kd_loss": torch.stack([losses["logits_loss"].detach(), n]),
+                          "lm_loss": torch.stack([lm_sum.detach(), n])}
+                if intermediate:
+                    report["intermediate_loss"] = torch.stack(
+                        [losses["intermediate_loss"].detach().float(), n])
+                return total, n.int(), report
+
+            return logits, loss_func
+
+        return step
+
+    return make_step
+
+
+def run(cfg: config.Config) -> dict:
+    c: DistillConfig = cfg.distill
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    train.check_precision(c)
+    src, out = Path(c.input), Path(c.output or Path(cfg.run.dir) / "distill")
+    student_arch, teacher_arch = checkpoint.read_arch(src), checkpoint.read_arch(c.teacher)
+    if student_arch.vocab_size != teacher_arch.vocab_size:
+        raise ValueError(f"student vocab {student_arch.vocab_size} != teacher vocab "
+                         f"{teacher_arch.vocab_size}: distillation needs one tokenizer")
+    from recipes.convert import validate
+
+    validate(student_arch, tp, pp)
+    validate(teacher_arch, tp, pp)
+    train.check_data(c)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    train.check_layout(c, max(world // (tp * pp), 1))
+    inputs = {"input": read_manifest(src)["fingerprint"],
+              "teacher": read_manifest(c.teacher)["fingerprint"],
+              "data": [read_manifest(d)["fingerprint"] for d in c.data]}
+    stage = StageDir("distill", out, fingerprint(c, {**inputs, "tp": tp, "pp": pp}),
+                     cfg.run.force)
+    if stage.already_done():
+        log.info("%s is complete (same config): skipping", out)
+        return read_manifest(out)
+    resumable = {k: v for k, v in dataclasses.asdict(c).items() if k not in train.OPERATIONAL}
+    with runtime.distributed(tp, pp, cfg.run.seed):
+        work = stage.begin(resumable={**resumable, **inputs, "tp": tp, "pp": pp,
+                                      "seed": cfg.run.seed})
+        from recipes.lib import model as M
+
+        dtype = "fp32" if c.precision == "fp32" else "bf16"
+        extra = {"fp8": "hybrid", "fp8_recipe": "delayed"} if c.precision == "fp8" else {}
+        teacher = M.build(teacher_arch, dtype=dtype, spec=c.spec, init=False, **extra)
+        checkpoint.load(teacher, Path(c.teacher) / "checkpoint")
+        student = M.build(student_arch, dtype=dtype, spec=c.spec, init=False, **extra)
+        checkpoint.load(student, src / "checkpoint")
+        model = distillation_model(student, teacher, c, student_arch.vocab_size)
+        log.info("distill %s <- teacher %s: %d steps x %d x %d tokens, %s\n%s", src, c.teacher,
+                 c.train_iters, c.global_batch_size, c.seq_length, c.precision,
+                 config.to_yaml(cfg))
+        step_fn = make_step_fn(model, student_arch.vocab_size, c.skip_lm_loss,
+                               bool(c.intermediate_layer_pairs))
+        final = train.train(c, work, model, step_fn,
+                            {"stage": "distill"}, cfg.run.seed)
+        checkpoint.save(model, work / "checkpoint")  # the student (ModelOpt hides the teacher)
+
+        def finish():
+            import shutil
+
+            checkpoint.copy_sidecars(src, work)
+            if not c.keep_checkpoints:
+                shutil.rmtree(work / "checkpoints")
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            (work / "run.json").unlink()
+            (work / "config.yaml").write_text(config.to_yaml(cfg))
+
+        runtime.on_rank0(finish)
+        return stage.commit({
+            "input": {"path": str(src.resolve()), "teacher": str(Path(c.teacher).resolve()),
+                      "data": [str(Path(d).resolve()) for d in c.data], **inputs},
+            "arch": student_arch.to_dict(), "num_params": student_arch.num_params(),
+            "teacher": {"arch": teacher_arch.to_dict(), "num_params": teacher_arch.num_params()},
+            "dtype": dtype, "precision": c.precision, "parallel": {"tp": tp, "pp": pp},
+            "metrics": final})
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.parse_args(argv, "distill", __doc__)
+    runtime.setup_logging(cfg.run.log_level)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""The training loop shared by `distill` and `teacher_correction`, assembled from megatron-core:
+GPTDataset (BlendedMegatronDatasetBuilder, weighted blends), DistributedDataParallel,
+get_megatron_optimizer, OptimizerParamScheduler (warm-up + cosine to min_lr) and the pipeline
+schedules of get_forward_backward_func. A stage supplies the model and a `loss_func` factory.
+
+Data order: global step s consumes dataset samples [s*G, (s+1)*G) (G = global batch), split over
+data-parallel ranks in micro-batches, so the order depends only on (seed, step, G).
+Checkpoints: <work>/checkpoints/iter_NNNNNNN/ (model + optimizer as one torch_dist checkpoint,
+train_state.json with step, scheduler, RNG, global batch), built as `.iter_NNNNNNN.tmp` and
+renamed when complete; the last `keep_last` are kept. A restart with the same command resumes from
+the newest complete one; a half-written one is never read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from recipes.lib import compat, runtime
+
+log = logging.getLogger("recipes.train")
+PRECISIONS = ("fp32", "bf16", "fp8")
+# changing these between restarts does not change the numbers a run produces
+OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
+               "fault", "keep_checkpoints", "output"}
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    input: str
+    """The model to train: a convert / prune / teacher_correction stage folder."""
+    data: list
+    """Data stage folders; more than one is a blend."""
+    data_weights: list | None = None
+    """Blend weights, one per data folder (default: equal)."""
+    output: str | None = None
+    """Output folder; default <run.dir>/<stage>."""
+    seq_length: int = 8192
+    """Tokens per sequence (the paper: 8192)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 1152
+    """Sequences per optimizer step, all ranks together (the paper: 1152)."""
+    train_iters: int = 9960
+    """Optimizer steps (the paper: ~9,960 = 94B tokens)."""
+    lr: float = 1e-4
+    """Peak learning rate (the paper: 1e-4)."""
+    min_lr: float = 1e-5
+    """Final learning rate of the cosine decay (the paper: 1e-5)."""
+    warmup_iters: int = 40
+    """Linear warm-up steps (the paper: 40)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping (0: off)."""
+    precision: str = "bf16"
+    """fp32 | bf16 | fp8 (Transformer Engine, GPU only)."""
+    spec: str = "auto"
+    """Layer spec: auto (TE when present) | local | te."""
+    eval_interval: int = 100
+    """Validate every this many steps (and at the end)."""
+    eval_iters: int = 4
+    """Global batches of the valid split per validation (the same ones every time)."""
+    save_interval: int = 500
+    """Checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    keep_checkpoints: bool = False
+    """Keep the training checkpoints (optimizer state) after a successful run."""
+    log_interval: int = 1
+    """Steps between metrics.jsonl / TensorBoard rows."""
+    fault: str | None = None
+    """Fault injection for tests: 'kill_after:N' (SIGKILL after step N) or 'kill_in_save:N'."""
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; use one of {PRECISIONS}")
+        for k in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
+                  "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k}={getattr(self, k)} must be >= 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if self.data_weights is not None and len(self.data_weights) != len(self.data):
+            raise ValueError(f"data_weights has {len(self.data_weights)} entries for "
+                             f"{len(self.data)} data folders")
+
+
+def check_precision(c: TrainConfig) -> None:
+    """Before anything is loaded: fp8 needs Transformer Engine on a GPU."""
+    if c.precision == "fp8":
+        from recipes.lib.model import have_te
+
+        if not have_te():
+            raise ValueError("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
+                             "container, docker/); use precision=bf16 here")
+
+
+def check_layout(c: TrainConfig, dp: int) -> int:
+    """Micro-batches per step; errors when the global batch does not split evenly."""
+    if c.global_batch_size % (c.micro_batch_size * dp):
+        raise ValueError(f"global_batch_size={c.global_batch_size} is not divisible by "
+                         f"micro_batch_size*DP={c.micro_batch_size}*{dp}")
+    return c.global_batch_size // (c.micro_batch_size * dp)
+
+
+def check_data(c: TrainConfig) -> None:
+    from recipes.lib.stage import read_manifest
+
+    for d in c.data:
+        m = read_manifest(d)
+        for split in ("train", "valid"):
+            if m["tokens"][split] < c.seq_length + 1:
+                raise ValueError(f"{d}: the {split} split has {m['tokens'][split]} tokens, fewer "
+                                 f"than one sequence of {c.seq_length + 1}; add data or lower "
+                                 "seq_length")
+
+
+# ---- data ----------------------------------------------------------------------------------
+class _Tok:
+    """What GPTDataset needs of a tokenizer (the data stage already tokenised)."""
+
+    def __init__(self, eod: int, vocab_size: int):
+        self.eod, self.vocab_size, self.pad = eod, vocab_size, eod
+        # megatron hashes this into the dataset cache key
+        self.unique_identifiers = {"class": "pretokenized", "eod": eod, "vocab_size": vocab_size}
+
+
+def build_datasets(c: TrainConfig, seed: int, cache: Path):
+    compat.apply()
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from recipes.lib.stage import read_manifest
+
+    first = read_manifest(c.data[0])
+    weights = [float(w) for w in (c.data_weights or [1.0] * len(c.data))]
+    blend = lambda split: ([str(Path(d) / split) for d in c.data], weights)  # noqa: E731
+    cfg = GPTDatasetConfig(
+        random_seed=seed, sequence_length=c.seq_length,
+        blend_per_split=[blend("train"), blend("valid"), None],
+        tokenizer=_Tok(first["eod"], first["vocab_size"]), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        path_to_cache=str(cache), mmap_bin_files=True)
+    sizes = [c.train_iters * c.global_batch_size, c.eval_iters * c.global_batch_size, None]
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
+    return train, valid
+
+
+def micro_batches(ds, step: int, c: TrainConfig, n_micro: int) -> list[dict]:
+    """This data-parallel rank's micro-batches of global step `step`."""
+    from megatron.core import parallel_state as ps
+
+    r = ps.get_data_parallel_rank()
+    base = step * c.global_batch_size + r * n_micro * c.micro_batch_size
+    out = []
+    for m in range(n_micro):
+        items = [ds[base + m * c.micro_batch_size + i] for i in range(c.micro_batch_size)]
+        out.append({k: torch.stack([torch.as_tensor(x[k]) for x in items])
+                    for k in ("tokens", "labels", "loss_mask", "position_ids")})
+    return out
+
+
+# ---- optimizer ----------------------------------------------------------------------------
+def build_optimizer(model, c: TrainConfig):
+    """DDP wrapper, megatron optimizer (distributed on GPU with DP>1) and LR schedule."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel as DDP
+    from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    # gloo has no reduce-scatter: the distributed optimizer only where NCCL runs
+    distributed = torch.cuda.is_available() and ps.get_data_parallel_world_size() > 1
+    cfg = model.config
+    ddp = DDP(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed), model)
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
+        adam_beta1=0.9, adam_beta2=c.adam_beta2, clip_grad=c.clip_grad,
+        bf16=c.precision in ("bf16", "fp8"), params_dtype=cfg.params_dtype,
+        use_distributed_optimizer=distributed), [ddp])
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=c.lr, min_lr=c.min_lr, lr_warmup_steps=c.warmup_iters,
+        lr_decay_steps=c.train_iters, lr_decay_style="cosine", start_wd=c.weight_decay,
+        end_wd=c.weight_decay, wd_incr_steps=c.train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+    cfg.no_sync_func = ddp.no_sync
+    cfg.finalize_model_grads_func = finalize_model_grads
+    cfg.grad_scale_func = opt.scale_loss
+    return ddp, opt, sched
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("iter_*")
+                  if p.is_dir() and (p / "train_state.json").is_file())
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(s: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(s["tracker"])
+
+
+def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_last: int,
+                    fault: str | None) -> None:
+    from megatron.core import dist_checkpointing
+
+    final = root / f"iter_{step:07d}"
+    tmp = root / f".iter_{step:07d}.tmp"
+    if runtime.is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    model_sd = ddp.module.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)},
+                            str(tmp))
+    with open(tmp / f"rng_rank{dist.get_rank()}.pkl", "wb") as f:
+        pickle.dump(_rng_state(), f)
+    runtime.barrier()
+    if fault == f"kill_in_save:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if runtime.is_rank0():
+        state = {"step": step, "scheduler": sched.state_dict(), **meta}
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
+        os.replace(tmp, final)  # complete only now
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old)
+    runtime.barrier()
+
+
+def load_checkpoint(path: Path, ddp, opt, sched) -> dict:
+    from megatron.core import dist_checkpointing
+
+    model_sd = ddp.module.sharded_state_dict()
+    state = dist_checkpointing.load({"model": model_sd,
+                                     "optimizer": opt.sharded_state_dict(model_sd)}, str(path))
+    ddp.module.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    train_state = json.loads((path / "train_state.json").read_text())
+    sched.load_state_dict(train_state["scheduler"])
+    with open(path / f"rng_rank{dist.get_rank()}.pkl", "rb") as f:
+        _set_rng_state(pickle.load(f))
+    return train_state
+
+
+# ---- metrics ------------------------------------------------------------------------------
+class Metrics:
+    """metrics.jsonl + TensorBoard on rank 0. On resume, rows after the resumed step are dropped
+    so the files read as one run."""
+
+    def __init__(self, logs: Path, resume_step: int):
+        self.file = logs / "metrics.jsonl"
+        self.tb = None
+        if not runtime.is_rank0():
+            return
+        if self.file.exists():
+            keep = [ln for ln in self.file.read_text().splitlines()
+                    if ln and json.loads(ln)["step"] <= resume_step]
+            self.file.write_text("".join(ln + "\n" for ln in keep))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(logs / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, row: dict) -> None:
+        if not runtime.is_rank0():
+            return
+        with open(self.file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, row["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return runtime.peak_rss_mb()
+
+
+def reduce_report(reports: list[dict]) -> dict | None:
+    """Sum {name: [sum, count]} over micro-batches and DP ranks; {name: mean} on global rank 0."""
+    from megatron.core import parallel_state as ps
+
+    from recipes.lib.model import _last_stage_rank0
+
+    totals = None
+    if ps.is_pipeline_last_stage() and reports:
+        keys = sorted(reports[0])
+        t = torch.stack([torch.stack([r[k].float().cpu() for r in reports]).sum(0) for k in keys])
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        totals = {k: (t[i, 0] / t[i, 1]).item() for i, k in enumerate(keys)}
+    box = [totals]
+    src = _last_stage_rank0()
+    if src != 0:
+        dist.broadcast_object_list(box, src=src)
+    return box[0] if runtime.is_rank0() else None
+
+
+# ---- the loop -----------------------------------------------------------------------------
+def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, seed: int) -> dict:
+    """Train `model` (a megatron module, possibly a ModelOpt DistillationModel) for
+    c.train_iters steps, resuming from `work`/checkpoints. `make_step(batches, training)` returns
+    the forward_step_func for megatron's schedule. Returns final metrics."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dp = ps.get_data_parallel_world_size()
+    n_micro = check_layout(c, dp)
+    ddp, opt, sched = build_optimizer(model, c)
+    train_ds, valid_ds = build_datasets(c, seed, work / "cache")
+    ckpts = work / "checkpoints"
+    step, resumed = 0, complete_checkpoints(ckpts)
+    if resumed:
+        prev = json.loads((resumed[-1] / "train_state.json").read_text())
+        if prev["global_batch_size"] != c.global_batch_size:
+            raise ValueError(
+                f"{resumed[-1]} was trained with global_batch_size={prev['global_batch_size']}, "
+                f"this run asks for {c.global_batch_size}. The data order and LR schedule are "
+                "defined per step of one global batch, so resuming would skip or repeat data. "
+                f"Keep global_batch_size={prev['global_batch_size']}, or start a new run.dir "
+                "from an exported checkpoint")
+        step = load_checkpoint(resumed[-1], ddp, opt, sched)["step"]
+        log.info("resumed from %s (step %d)", resumed[-1], step)
+    metrics = Metrics(work / "logs", step)
+    fb = get_forward_backward_func()
+    tokens_per_step = c.global_batch_size * c.seq_length
+    kill_after = int(c.fault.split(":")[1]) if c.fault and c.fault.startswith("kill_after") \
+        else None
+
+    def run_step(batches, training: bool):
+        kw = {}
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            from modelopt.torch.distill.plugins.megatron import (
+                get_tensor_shapes_adjust_fn_for_distillation,
+            )
+            kw["adjust_tensor_shapes_fn"] = get_tensor_shapes_adjust_fn_for_distillation(
+                ddp, seq_length=c.seq_length, micro_batch_size=c.micro_batch_size,
+                decoder_seq_length=c.seq_length, forward_only=not training)
+        return fb(forward_step_func=make_step(training), data_iterator=iter(batches),
+                  model=[ddp], num_microbatches=len(batches), seq_length=c.seq_length,
+                  micro_batch_size=c.micro_batch_size, forward_only=not training, **kw)
+
+    def validate() -> dict:
+        ddp.eval()
+        with torch.no_grad():
+            reports = []
+            for i in range(c.eval_iters):
+                reports += run_step(micro_batches(valid_ds, i, c, n_micro), training=False)
+        ddp.train()
+        out = reduce_report(reports)
+        return {f"valid_{k}": v for k, v in (out or {}).items()}
+
+    final = {}
+    bar = tqdm(total=c.train_iters, initial=step, unit="step", disable=not runtime.is_rank0(),
+               desc=meta.get("stage", "train"))
+    if step == 0:
+        metrics.log({"step": 0, "tokens": 0, **validate()})
+    ddp.train()
+    while step < c.train_iters:
+        batches = micro_batches(train_ds, step, c, n_micro)
+        t0 = time.time()
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        lr = opt.param_groups[0]["lr"]  # the rate this step uses
+        reports = run_step(batches, training=True)
+        ok, grad_norm, _ = opt.step()
+        sched.step(increment=1)
+        step += 1
+        dt = time.time() - t0
+        rep = reduce_report(reports)
+        row = {"step": step, "tokens": step * tokens_per_step, **(rep or {}), "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "step_s": dt,
+               "memory_mb": peak_memory_mb(), "skipped": not ok}
+        if step % c.eval_interval == 0 or step == c.train_iters:
+            row.update(validate())
+        if step % c.log_interval == 0 or "valid_lm_loss" in row or step == c.train_iters:
+            metrics.log(row)
+        final = row
+        bar.update(1)
+        if runtime.is_rank0() and rep:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in rep.items()}
+                            | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+        if kill_after == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step % c.save_interval == 0 or step == c.train_iters:
+            save_checkpoint(ckpts, step, ddp, opt, sched,
+                            {"global_batch_size": c.global_batch_size, **meta}, c.keep_last,
+                            c.fault)
+    bar.close()
+    metrics.close()
+    return final
