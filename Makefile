@@ -52,6 +52,7 @@ export: setup  ## megatron checkpoint -> HF folder with logit parity: ARGS="run.
 
 bench: setup  ## benchmarks (ratios against a reference run in the same process)
 	$(PY) bench/convert.py
+	$(PY) bench/distill.py
 
 clean:  ## remove runs/ (keeps .venv and data/)
 	rm -rf runs

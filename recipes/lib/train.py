@@ -271,7 +271,8 @@ def load_checkpoint(path: Path, ddp, opt, sched) -> dict:
 
     model_sd = ddp.module.sharded_state_dict()
     state = dist_checkpointing.load({"model": model_sd,
-                                     "optimizer": opt.sharded_state_dict(model_sd)}, str(path))
+                                     "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)},
+                                    str(path))
     ddp.module.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["optimizer"])
     train_state = json.loads((path / "train_state.json").read_text())
@@ -378,7 +379,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             )
             kw["adjust_tensor_shapes_fn"] = get_tensor_shapes_adjust_fn_for_distillation(
                 ddp, seq_length=c.seq_length, micro_batch_size=c.micro_batch_size,
-                decoder_seq_length=c.seq_length, forward_only=not training)
+                decoder_seq_length=c.seq_length)
         return fb(forward_step_func=make_step(training), data_iterator=iter(batches),
                   model=[ddp], num_microbatches=len(batches), seq_length=c.seq_length,
                   micro_batch_size=c.micro_batch_size, forward_only=not training, **kw)
