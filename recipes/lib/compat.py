@@ -14,9 +14,9 @@ untouched for everyone else.
 Mechanism 2: upstream methods that call `tensor.cuda()` run with `Tensor.cuda` returning the
 tensor itself, for the duration of that call only (`CUDA_TENSOR_METHODS`).
 
-Mechanism 3: upstream functions that assert `grad.type() == 'torch.cuda.FloatTensor'` run with
-CPU fp32 tensors reporting that type name, for the duration of that call only
-(`CUDA_TYPE_ASSERTING_FUNCTIONS`).
+Mechanism 3: upstream code that dispatches on `tensor.type()` being 'torch.cuda.FloatTensor' /
+'torch.cuda.BFloat16Tensor' / 'torch.cuda.HalfTensor' runs with CPU float tensors reporting those
+names, for the duration of that call only (`CUDA_TYPE_CHECKING_CALLS`).
 """
 from __future__ import annotations
 
@@ -78,12 +78,18 @@ CUDA_TENSOR_METHODS = [
 ]
 
 
-# (module, function): bodies that assert a grad's type is torch.cuda.FloatTensor
-CUDA_TYPE_ASSERTING_FUNCTIONS = [
-    # clip_grad_by_total_norm_fp32, bound in clip_grads and imported by name into optimizer
-    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
-    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+# (module, class or None, name): bodies that check tensor.type() against CUDA type names
+CUDA_TYPE_CHECKING_CALLS = [
+    # clip_grad_by_total_norm_fp32 asserts fp32 CUDA grads; bound in clip_grads and imported by
+    # name into optimizer
+    ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", None, "clip_grad_by_total_norm_fp32"),
+    # the bf16 optimizer sorts its params into bf16 / fp32 groups by CUDA type name
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
 ]
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+                    torch.float16: "torch.cuda.HalfTensor"}
 
 
 def _cpu_device(device):
@@ -187,13 +193,13 @@ def tensor_cuda_is_identity():
 
 @contextlib.contextmanager
 def cpu_float_reports_cuda_type():
-    """Within the block, `t.type()` of a CPU fp32 tensor is 'torch.cuda.FloatTensor'."""
+    """Within the block, `t.type()` of a CPU float tensor is its CUDA type name."""
     original = torch.Tensor.type
 
     def type_(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs and self.device.type == "cpu" \
-                and self.dtype == torch.float32:
-            return "torch.cuda.FloatTensor"
+                and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
         return original(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = type_
@@ -238,8 +244,9 @@ def apply() -> None:
         for mod_name, cls_name, method in CUDA_TENSOR_METHODS:
             mod = importlib.import_module(mod_name)
             _wrap_cuda_calls(getattr(mod, cls_name) if cls_name else mod, method)
-        for mod_name, fn in CUDA_TYPE_ASSERTING_FUNCTIONS:
-            _wrap(importlib.import_module(mod_name), fn, cpu_float_reports_cuda_type)
+        for mod_name, cls_name, fn in CUDA_TYPE_CHECKING_CALLS:
+            mod = importlib.import_module(mod_name)
+            _wrap(getattr(mod, cls_name) if cls_name else mod, fn, cpu_float_reports_cuda_type)
     _APPLIED = True
 
 

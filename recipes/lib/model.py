@@ -79,6 +79,8 @@ def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = Fals
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
+    if dtype != "fp32":  # as megatron's Float16Module: every parameter, the local spec's
+        model.to(DTYPES[dtype])  # torch.nn.RMSNorm weights (created fp32) included
     if torch.cuda.is_available():
         model.cuda()
     return model

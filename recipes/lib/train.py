@@ -94,6 +94,9 @@ class TrainConfig:
                   "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k}={getattr(self, k)} must be >= 1")
+        if not 0 <= self.warmup_iters < self.train_iters:
+            raise ValueError(f"warmup_iters={self.warmup_iters} must be below "
+                             f"train_iters={self.train_iters}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
         if isinstance(self.data, str):
