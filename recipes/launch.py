@@ -1,0 +1,140 @@
+"""Submit a recipe's stages to Slurm as a chain of jobs, each in the NVIDIA container.
+
+    python -m recipes.launch --config conf/llama31_8b_to_4b_width.yaml [--dry-run] [overrides]
+    make all LAUNCH=slurm RECIPE=conf/llama31_8b_to_4b_width.yaml [DRY_RUN=1]
+
+Everything cluster-specific comes from the recipe's `cluster` section (or the environment through
+OmegaConf's ${oc.env:VAR,default}): account, partition, container image and mounts, nodes and the
+TP/PP layout per stage. Each stage becomes one batch script (scripts/slurm/stage.sbatch.in)
+running one task per GPU with `srun` + pyxis/enroot (`--container-image`); ranks rendezvous
+through MASTER_ADDR/MASTER_PORT from the job's first node, as torchrun would. Jobs chain with
+`--dependency=afterok`. Training stages are `--requeue`d and get SIGUSR1 `signal_grace_s` before
+their time limit, on which the job requeues itself; the rerun resumes from the newest complete
+checkpoint. `--dry-run` prints the scripts and sbatch lines and submits nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from recipes.lib import config
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "scripts" / "slurm" / "stage.sbatch.in"
+GPU_STAGES = ("convert", "teacher_correction", "prune", "distill", "export")
+RESUMABLE = ("teacher_correction", "distill")
+DEFAULT_LAYOUT = {"prune": {"tp": 1, "pp": 8}, "distill": {"tp": 8, "pp": 1},
+                  "teacher_correction": {"tp": 8, "pp": 1}}
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClusterConfig:
+    account: str = ""
+    """Slurm account (--account); empty: the user's default."""
+    partition: str = ""
+    """Slurm partition (--partition); empty: the default."""
+    container_image: str = "nvcr.io/nvidia/nemo:26.06"
+    """Image for pyxis (an enroot .sqsh of docker/Dockerfile's build, or a registry tag)."""
+    container_mounts: str = ""
+    """Comma-separated src:dst mounts (data, models, the run directory)."""
+    workdir: str = "/workspace/minitron-recipes"
+    """This repository inside the container."""
+    gpus_per_node: int = 8
+    """GPUs (= tasks) per node."""
+    stages: list = dataclasses.field(
+        default_factory=lambda: ["data", "convert", "prune", "distill", "export"])
+    """Stages to chain, in order."""
+    nodes: dict = dataclasses.field(default_factory=lambda: {"distill": 32})
+    """Nodes per stage (default 1)."""
+    layout: dict = dataclasses.field(default_factory=dict)
+    """TP/PP per stage, merged over DEFAULT_LAYOUT (prune must be TP=1)."""
+    time: dict = dataclasses.field(default_factory=lambda: {"distill": "04:00:00"})
+    """Time limit per stage (default 04:00:00)."""
+    signal_grace_s: int = 300
+    """Seconds before the time limit at which training stages requeue themselves."""
+    extra_sbatch: list = dataclasses.field(default_factory=list)
+    """Further #SBATCH lines, e.g. ["--qos=high"]."""
+
+    def __post_init__(self):
+        self.layout = {k: {"tp": 1, "pp": 1, **DEFAULT_LAYOUT.get(k, {}), **self.layout.get(k, {})}
+                       for k in {*DEFAULT_LAYOUT, *self.layout}}
+        if self.gpus_per_node < 1:
+            raise ValueError("cluster.gpus_per_node must be >= 1")
+        if self.layout.get("prune", {}).get("tp", 1) != 1:
+            raise ValueError("cluster.layout.prune.tp must be 1 (ModelOpt Minitron pruning)")
+
+
+def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
+           overrides: list[str]) -> str:
+    gpu = stage in GPU_STAGES
+    lay = c.layout.get(stage, {"tp": 1, "pp": 1})  # complete after __post_init__
+    mp = lay["tp"] * lay["pp"]
+    if stage in RESUMABLE:  # training: every GPU of every node, data parallel over TP*PP groups
+        nodes, tasks = int(c.nodes.get(stage, 1)), c.gpus_per_node
+        if (nodes * tasks) % mp:
+            raise ValueError(f"{stage}: {nodes} node(s) x {tasks} GPUs is not a multiple of "
+                             f"TP*PP={lay['tp']}*{lay['pp']}")
+    elif gpu:  # one model replica: TP*PP ranks
+        nodes = -(-mp // c.gpus_per_node)
+        tasks = min(mp, c.gpus_per_node)
+    else:
+        nodes, tasks = 1, 1
+    sbatch = [f"--job-name=minitron-{Path(recipe).stem}-{stage}", f"--nodes={nodes}",
+              f"--ntasks-per-node={tasks}", f"--time={c.time.get(stage, '04:00:00')}",
+              f"--output={run_dir}/slurm/{stage}-%j.out"]
+    if gpu:
+        sbatch += [f"--gpus-per-node={c.gpus_per_node}", "--exclusive"]
+    if c.account:
+        sbatch.append(f"--account={c.account}")
+    if c.partition:
+        sbatch.append(f"--partition={c.partition}")
+    if stage in RESUMABLE:
+        sbatch += ["--requeue", f"--signal=B:USR1@{c.signal_grace_s}"]
+    sbatch += list(c.extra_sbatch)
+    args = ["--config", recipe, *overrides]
+    if gpu:
+        args += [f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}"]
+    mounts = f" --container-mounts={c.container_mounts}" if c.container_mounts else ""
+    return TEMPLATE.read_text().format(
+        sbatch="\n".join(f"#SBATCH {x}" for x in sbatch), stage=stage,
+        requeue="true" if stage in RESUMABLE else "false",
+        image=c.container_image, mounts=mounts, workdir=c.workdir,
+        command=shlex.join(["python", "-m", f"recipes.{stage}", *args]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = config.load(a.config, a.overrides, stage="cluster")
+    c: ClusterConfig = cfg.cluster
+    run_dir = cfg.run.dir
+    prev = None
+    for stage in c.stages:
+        if stage not in config.SECTIONS:
+            raise ValueError(f"cluster.stages has unknown stage {stage!r}")
+        script = render(stage, c, a.config, run_dir, a.overrides)
+        dep = [f"--dependency=afterok:{prev}"] if prev else []
+        if a.dry_run:
+            print(f"### {stage}.sbatch\n{script}")
+            print("$ sbatch --parsable " + " ".join(dep + [f"{run_dir}/slurm/{stage}.sbatch"]))
+            prev = f"${{JOB_{stage.upper()}}}"
+            continue
+        path = Path(run_dir) / "slurm" / f"{stage}.sbatch"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+        prev = subprocess.run(["sbatch", "--parsable", *dep, str(path)], check=True,
+                              capture_output=True, text=True).stdout.strip().split(";")[0]
+        print(f"{stage}: job {prev}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

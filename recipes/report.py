@@ -1,0 +1,222 @@
+"""Stage `report`: one markdown page with plots for a run directory.
+
+    python -m recipes.report --config conf/demo.yaml
+
+Reads the manifests and logs the other stages left in <run.dir> (whichever exist): the
+architecture and parameter table teacher vs student, the evaluation table, training and
+validation curves, per-layer importance and the depth-candidate table, sample generations,
+export parity and wall time per stage. Output: <run.dir>/report/{report.md, *.png, manifest.json}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from recipes.lib import config, runtime  # noqa: E402
+from recipes.lib.stage import StageDir, fingerprint, read_manifest  # noqa: E402
+
+STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "export_pruned", "export",
+          "evaluate", "compare")
+ARCH_ROWS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+             "num_query_groups", "head_dim", "vocab_size")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReportConfig:
+    output: str | None = None
+    """Output folder; default <run.dir>/report."""
+    title: str = "Minitron compression report"
+    """Page title."""
+
+
+def _manifests(run: Path) -> dict:
+    return {s: read_manifest(run / s) for s in STAGES if (run / s / "manifest.json").is_file()}
+
+
+def _metrics(stage_dir: Path) -> list[dict]:
+    f = stage_dir / "logs" / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+
+
+def plot_training(rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "kd_loss", "KD loss: KL(teacher || student)"),
+                           (axes[1], "lm_loss", "student LM loss (cross-entropy)")):
+        tr = [(r["tokens"] / 1e3, r[key]) for r in rows if key in r]
+        va = [(r["tokens"] / 1e3, r[f"valid_{key}"]) for r in rows if f"valid_{key}" in r]
+        if tr:
+            ax.plot(*zip(*tr), label="train", lw=1.2)
+        if va:
+            ax.plot(*zip(*va), "o-", label="validation", ms=4)
+        ax.set(title=title, xlabel="training tokens (thousands)", ylabel="loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_importance(imp: dict, student: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    heads = [imp["heads"][k] for k in sorted(imp["heads"], key=int)]
+    if heads:
+        im = axes[0].imshow(list(zip(*heads)), aspect="auto", cmap="viridis")
+        fig.colorbar(im, ax=axes[0], label="L2 of mean |activation|")
+        axes[0].set(title="attention-head importance", xlabel="layer (0-indexed, HF numbering)",
+                    ylabel="query head")
+    q = [imp["neurons_quantiles"][k] for k in sorted(imp["neurons_quantiles"], key=int)]
+    if q:
+        layers = range(len(q))
+        axes[1].fill_between(layers, [x[1] for x in q], [x[3] for x in q], alpha=0.3,
+                             label="25-75 %")
+        axes[1].plot(layers, [x[2] for x in q], label="median")
+        axes[1].plot(layers, [x[4] for x in q], "--", lw=0.8, label="max")
+        axes[1].set(title="MLP neuron importance per layer", xlabel="layer (0-indexed)",
+                    ylabel="L2 of mean |activation|")
+        axes[1].legend()
+    if imp.get("channels"):
+        ch = sorted(imp["channels"], reverse=True)
+        axes[2].plot(range(1, len(ch) + 1), ch)
+        axes[2].axvline(student["hidden_size"], color="red", ls="--",
+                        label=f"kept: {student['hidden_size']}")
+        axes[2].set(title="embedding-channel importance (sorted)", xlabel="channel rank",
+                    ylabel="summed L2 over norms")
+        axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_depth(cands: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{c['drop_layers'][0]}-{c['drop_layers'][1]}" for c in cands]
+    losses = [c["loss"] for c in cands]
+    best = losses.index(min(losses))
+    ax.bar(labels, losses, color=["C2" if i == best else "C0" for i in range(len(labels))])
+    ax.set(title="teacher held-out loss with a contiguous block removed",
+           xlabel="dropped block (1-indexed layers)", ylabel="loss (nats / token)")
+    ax.tick_params(axis="x", rotation=90)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_evaluation(heldout: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(heldout)
+    ppl = [heldout[n]["perplexity"] for n in names]
+    bars = ax.bar(names, ppl, color=[f"C{i}" for i in range(len(names))])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set(title="held-out perplexity (test split, lower is better)", ylabel="perplexity",
+           yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(run: Path, out: Path, title: str) -> str:
+    m = _manifests(run)
+    lines = [f"# {title}", "", f"Run directory: `{run}`", ""]
+    if "prune" in m:
+        t, s = m["prune"]["teacher"], m["prune"]
+        lines += ["## Architecture", "", "| | teacher | student |", "|---|---|---|"]
+        lines += [f"| {k} | {t['arch'][k]} | {s['arch'][k]} |" for k in ARCH_ROWS]
+        lines += [f"| parameters | {t['num_params'] / 1e6:.1f}M | {s['num_params'] / 1e6:.1f}M "
+                  f"({s['num_params'] / t['num_params']:.1%}) |", ""]
+        depth = s.get("depth", {})
+        if depth.get("drop_layers_1indexed"):
+            lines += [f"Dropped layers ({depth['method']}): {depth['drop_layers_1indexed']} "
+                      f"(1-indexed) = HF `model.layers` {depth['hf_layers_dropped_0indexed']}", ""]
+    if "evaluate" in m:
+        res = json.loads((run / "evaluate" / "results.json").read_text())
+        lines += ["## Evaluation", "", f"Held-out test split, {m['evaluate']['windows']} windows "
+                  f"of {m['evaluate']['seq_length']} tokens, computed with transformers on the "
+                  "exported models.", "", "| model | parameters | loss (nats/token) | perplexity |",
+                  "|---|---|---|---|"]
+        for name, r in res["heldout"].items():
+            lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['loss']:.4f} | "
+                         f"{r['perplexity']:.2f} |")
+        plot_evaluation(res["heldout"], out / "evaluation.png")
+        lines += ["", "![held-out perplexity](evaluation.png)", ""]
+        if "lm_eval" in res:
+            lines += ["lm-evaluation-harness: " + (res["lm_eval"].get("skipped") or
+                                                   json.dumps(res["lm_eval"])), ""]
+        if res.get("generations"):
+            lines += ["## Sample generations (greedy)", ""]
+            for i, prompt in enumerate(res["prompts"]):
+                lines += [f"**Prompt:** {prompt}", ""]
+                lines += [f"- *{name}*: {gens[i].strip()!r}"
+                          for name, gens in res["generations"].items()]
+                lines.append("")
+    if "compare" in m:
+        comp = json.loads((run / "compare" / "results.json").read_text())["heldout"]
+        lines += ["## Why distillation: the same architecture and token budget, three ways", "",
+                  "| student | held-out loss (nats/token) | perplexity |", "|---|---|---|"]
+        lines += [f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in comp.items()]
+        lines.append("")
+    rows = _metrics(run / "distill")
+    if rows:
+        plot_training(rows, out / "training.png")
+        lines += ["## Distillation", "", "![training curves](training.png)", ""]
+        last = rows[-1]
+        lines += [f"{last['step']} steps, {last['tokens']:,} tokens; final train KD loss "
+                  f"{last.get('kd_loss', float('nan')):.4f}, validation KD loss "
+                  f"{last.get('valid_kd_loss', float('nan')):.4f}.", ""]
+    if (run / "prune" / "importance.json").is_file():
+        imp = json.loads((run / "prune" / "importance.json").read_text())
+        plot_importance(imp, m["prune"]["arch"], out / "importance.png")
+        lines += ["## Importance (calibration activations)", "", "![importance](importance.png)",
+                  ""]
+        cands = (imp.get("depth") or {}).get("candidates")
+        if cands:
+            plot_depth(cands, out / "depth_candidates.png")
+            lines += ["![depth candidates](depth_candidates.png)", "",
+                      "| dropped block (1-indexed) | teacher held-out loss |", "|---|---|"]
+            lines += [f"| {c['drop_layers'][0]}-{c['drop_layers'][1]} | {c['loss']:.4f} |"
+                      for c in cands]
+            lines.append("")
+    exports = {k: v for k, v in m.items() if k.startswith("export")}
+    if exports:
+        lines += ["## Export parity", "", "| export | max abs logit difference, megatron vs "
+                  "transformers (fp32) |", "|---|---|"]
+        lines += [f"| {k} | {v['metrics'].get('parity_max_abs_diff', float('nan')):.2e} |"
+                  for k, v in exports.items()]
+        lines.append("")
+    lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v.get('wall_s', float('nan')):.1f} |" for k, v in m.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: config.Config) -> dict:
+    c: ReportConfig = cfg.report
+    run_dir = Path(cfg.run.dir)
+    out = Path(c.output or run_dir / "report")
+    inputs = {k: v["fingerprint"] for k, v in _manifests(run_dir).items()}
+    stage = StageDir("report", out, fingerprint(c, inputs), cfg.run.force)
+    if stage.already_done():
+        return read_manifest(out)
+    tmp = stage.begin()
+    (tmp / "report.md").write_text(render(run_dir, tmp, c.title))
+    manifest = stage.commit({"input": inputs, "files": sorted(p.name for p in tmp.iterdir())})
+    print(f"report: {out / 'report.md'}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.parse_args(argv, "report", __doc__)
+    runtime.setup_logging(cfg.run.log_level)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""GPU-only checks (skipped without CUDA): TE spec vs local spec, bf16 and fp8 distillation."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from recipes.lib.model import have_te
+from tests.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.skipif(not have_te(), reason="needs Transformer Engine")
+def test_te_spec_matches_local_spec(hf_models, tmp_path):
+    from recipes import convert
+    from recipes.lib import checkpoint, runtime
+
+    convert.main(["--config", TINY, f"run.dir={tmp_path}", f"convert.hf_path={hf_models['gqa']}"])
+    arch = checkpoint.read_arch(tmp_path / "convert")
+    tokens = torch.randint(0, 90, (2, 32))
+    with runtime.distributed(1, 1):
+        from recipes.lib import model as M
+
+        out = {}
+        for spec in ("local", "te"):
+            m = M.build(arch, dtype="fp32", spec=spec, init=False)
+            checkpoint.load(m, tmp_path / "convert" / "checkpoint")
+            out[spec] = M.forward_logits(m, tokens, arch.vocab_size)
+    torch.testing.assert_close(out["te"], out["local"], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_distill_step(tmp_path, precision):
+    if precision == "fp8" and not have_te():
+        pytest.skip("fp8 needs Transformer Engine")
+    p = subprocess.run([sys.executable, "bench/gpu_distill.py", "--json", str(tmp_path / "o.json"),
+                        "--seq", "256", "--steps", "3"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = json.loads((tmp_path / "o.json").read_text())["runs"][precision]
+    assert all(x == x and x > 0 for x in run["kd_loss"])  # finite, positive

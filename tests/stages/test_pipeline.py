@@ -1,0 +1,39 @@
+"""The demo's pipeline end to end on a tiny trained model: data, convert, prune, distill, both
+exports, evaluate, report. The report and its plots exist and its tables hold numbers."""
+import json
+import re
+
+from recipes import convert, data, distill, evaluate, export, prune, report
+from tests.conftest import TINY
+
+
+def test_pipeline_to_report(hf_models, tmp_path):
+    from tests.conftest import train_tiny
+    from tests.corpus import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    hf = train_tiny(hf_models["gqa"], tmp_path / "hf", corpus, steps=120)
+    run = tmp_path / "run"
+    common = ["--config", TINY, f"run.dir={run}", f"convert.hf_path={hf}"]
+    data.main([*common, f"data.input={corpus}"])
+    convert.main(common)
+    prune.main([*common, "prune.num_layers=3"])  # width and contiguous depth
+    distill.main([*common, "distill.train_iters=12", "distill.save_interval=12"])
+    export.main([*common, f"export.input={run / 'prune'}", f"export.output={run / 'export_pruned'}"])
+    export.main(common)
+    evaluate.main(common)
+    report.main(common)
+
+    md = (run / "report" / "report.md").read_text()
+    for png in ("training.png", "importance.png", "depth_candidates.png", "evaluation.png"):
+        assert (run / "report" / png).stat().st_size > 10_000, png
+        assert f"]({png})" in md
+    res = json.loads((run / "evaluate" / "results.json").read_text())
+    for name in ("teacher", "pruned", "distilled"):
+        row = re.search(rf"^\| {name} \| [\d.]+M \| ([\d.]+) \| ([\d.]+) \|$", md, re.M)
+        assert row, name
+        assert float(row.group(1)) == round(res["heldout"][name]["loss"], 4)
+    assert res["heldout"]["distilled"]["loss"] < res["heldout"]["pruned"]["loss"]
+    assert re.search(r"^\| parameters \| [\d.]+M \| [\d.]+M \([\d.]+%\) \|$", md, re.M)
+    assert re.search(r"^\| distill \| [\d.]+ \|$", md, re.M)  # wall time
+    assert "*distilled*:" in md  # sample generations

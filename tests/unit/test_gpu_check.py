@@ -1,0 +1,30 @@
+"""The GPU check's CPU fallback and the GPU benchmark's code path, on CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
+    p = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "OUT": str(tmp_path), "PY": sys.executable})
+    assert p.returncode == 0
+    assert "no CUDA device here: skipped" in p.stdout
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == {"skipped": "no CUDA device"}
+
+
+def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
+    p = subprocess.run([sys.executable, "bench/gpu_distill.py", "--tiny", "--json",
+                        str(tmp_path / "o.json"), "--seq", "32", "--steps", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads((tmp_path / "o.json").read_text())
+    run = out["runs"]["fp32"]
+    assert out["student_params"] < out["teacher_params"]
+    assert run["tokens_per_s"] > 0 and len(run["kd_loss"]) == 2
