@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from recipes.lib import checkpoint, config, runtime, train
-from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.stage import read_manifest
 
 log = logging.getLogger("recipes.distill")
 
@@ -79,11 +78,9 @@ def make_step_fn(model, vocab_size: int, skip_lm_loss: bool, intermediate: bool)
 
     def make_step(training: bool):
         def step(data_iter, m):
-            b = next(data_iter)
-            dev = next(m.parameters()).device
-            tokens, labels = b["tokens"].to(dev), b["labels"].to(dev)
-            mask = b["loss_mask"].to(dev).float()
-            logits = m(tokens, b["position_ids"].to(dev), attention_mask=None)
+            b = train.on_device(next(data_iter), m)
+            labels, mask = b["labels"], b["loss_mask"]
+            logits = m(b["tokens"], b["position_ids"], attention_mask=None)
 
             def loss_func(output):
                 n = mask.sum()
@@ -121,28 +118,21 @@ def run(cfg: config.Config) -> dict:
 
     validate(student_arch, tp, pp)
     validate(teacher_arch, tp, pp)
-    train.check_data(c)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    train.check_layout(c, max(world // (tp * pp), 1))
     inputs = {"input": read_manifest(src)["fingerprint"],
               "teacher": read_manifest(c.teacher)["fingerprint"],
               "data": [read_manifest(d)["fingerprint"] for d in c.data]}
-    stage = StageDir("distill", out, fingerprint(c, {**inputs, "tp": tp, "pp": pp}),
-                     cfg.run.force)
+    stage, resumable = train.training_stage("distill", c, out, inputs, cfg)
     if stage.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
-    resumable = {k: v for k, v in dataclasses.asdict(c).items() if k not in train.OPERATIONAL}
     with runtime.distributed(tp, pp, cfg.run.seed):
-        work = stage.begin(resumable={**resumable, **inputs, "tp": tp, "pp": pp,
-                                      "seed": cfg.run.seed})
+        work = stage.begin(resumable=resumable)
         from recipes.lib import model as M
 
-        dtype = "fp32" if c.precision == "fp32" else "bf16"
-        extra = {"fp8": "hybrid", "fp8_recipe": "delayed"} if c.precision == "fp8" else {}
-        teacher = M.build(teacher_arch, dtype=dtype, spec=c.spec, init=False, **extra)
+        kw = train.build_kwargs(c)
+        teacher = M.build(teacher_arch, **kw)
         checkpoint.load(teacher, Path(c.teacher) / "checkpoint")
-        student = M.build(student_arch, dtype=dtype, spec=c.spec, init=False, **extra)
+        student = M.build(student_arch, **kw)
         checkpoint.load(student, src / "checkpoint")
         model = distillation_model(student, teacher, c, student_arch.vocab_size)
         log.info("distill %s <- teacher %s: %d steps x %d x %d tokens, %s\n%s", src, c.teacher,
@@ -154,23 +144,13 @@ def run(cfg: config.Config) -> dict:
                             {"stage": "distill"}, cfg.run.seed)
         checkpoint.save(model, work / "checkpoint")  # the student (ModelOpt hides the teacher)
 
-        def finish():
-            import shutil
-
-            checkpoint.copy_sidecars(src, work)
-            if not c.keep_checkpoints:
-                shutil.rmtree(work / "checkpoints")
-            shutil.rmtree(work / "cache", ignore_errors=True)
-            (work / "run.json").unlink()
-            (work / "config.yaml").write_text(config.to_yaml(cfg))
-
-        runtime.on_rank0(finish)
+        runtime.on_rank0(lambda: train.finish_stage(c, work, src, config.to_yaml(cfg)))
         return stage.commit({
             "input": {"path": str(src.resolve()), "teacher": str(Path(c.teacher).resolve()),
                       "data": [str(Path(d).resolve()) for d in c.data], **inputs},
             "arch": student_arch.to_dict(), "num_params": student_arch.num_params(),
             "teacher": {"arch": teacher_arch.to_dict(), "num_params": teacher_arch.num_params()},
-            "dtype": dtype, "precision": c.precision, "parallel": {"tp": tp, "pp": pp},
+            "dtype": kw["dtype"], "precision": c.precision, "parallel": {"tp": tp, "pp": pp},
             "metrics": final})
 
 

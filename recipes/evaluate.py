@@ -57,10 +57,6 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.include names {unknown}, not in evaluate.models "
                              f"({sorted(self.models)})")
         self.models = {n: self.models[n] for n in (self.include or self.models)}
-        for name, path in self.models.items():
-            if not (Path(path) / "config.json").is_file():
-                raise FileNotFoundError(f"evaluate.models.{name}={path} is not an HF model "
-                                        "folder (no config.json); run export first")
 
 
 @torch.no_grad()
@@ -118,6 +114,10 @@ def run(cfg: config.Config) -> dict:
 
     c: EvaluateConfig = cfg.evaluate
     out = Path(c.output or Path(cfg.run.dir) / "evaluate")
+    for name, path in c.models.items():
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"evaluate.models.{name}={path} is not an HF model folder "
+                                    "(no config.json); run export first")
     data_manifest = read_manifest(c.data)
     avail = tokens.available_windows(data_manifest["tokens"]["test"], c.seq_length)
     if avail < 1:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from recipes.lib import config
-from recipes.lib.arch import Arch, read_hf_config
+from recipes.lib.arch import Arch
 
 GB = 1024**3
 

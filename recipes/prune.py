@@ -270,7 +270,7 @@ def run(cfg: config.Config) -> dict:
         del model
         staging = tmp / "staging"
         runtime.on_rank0(lambda: _write_staging(hf, staging))
-        del hf
+        hf = None  # free the gathered tensors before the streaming save
         runtime.barrier()
         from recipes.convert import materializer
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from recipes.lib import checkpoint, config, runtime, train
-from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.stage import read_manifest
 
 log = logging.getLogger("recipes.teacher_correction")
 
@@ -39,10 +38,9 @@ def make_step_fn(vocab_size: int):
 
     def make_step(training: bool):
         def step(data_iter, m):
-            b = next(data_iter)
-            dev = next(m.parameters()).device
-            labels, mask = b["labels"].to(dev), b["loss_mask"].to(dev).float()
-            logits = m(b["tokens"].to(dev), b["position_ids"].to(dev), attention_mask=None)
+            b = train.on_device(next(data_iter), m)
+            labels, mask = b["labels"], b["loss_mask"]
+            logits = m(b["tokens"], b["position_ids"], attention_mask=None)
 
             def loss_func(output):
                 n = mask.sum()
@@ -65,45 +63,29 @@ def run(cfg: config.Config) -> dict:
     from recipes.convert import validate
 
     validate(arch, tp, pp)
-    train.check_data(c)
-    train.check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
     inputs = {"input": read_manifest(src)["fingerprint"],
               "data": [read_manifest(d)["fingerprint"] for d in c.data]}
-    stage = StageDir("teacher_correction", out, fingerprint(c, {**inputs, "tp": tp, "pp": pp}),
-                     cfg.run.force)
+    stage, resumable = train.training_stage("teacher_correction", c, out, inputs, cfg)
     if stage.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
-    resumable = {k: v for k, v in dataclasses.asdict(c).items() if k not in train.OPERATIONAL}
     with runtime.distributed(tp, pp, cfg.run.seed):
-        work = stage.begin(resumable={**resumable, **inputs, "tp": tp, "pp": pp,
-                                      "seed": cfg.run.seed})
+        work = stage.begin(resumable=resumable)
         from recipes.lib import model as M
 
-        dtype = "fp32" if c.precision == "fp32" else "bf16"
-        extra = {"fp8": "hybrid", "fp8_recipe": "delayed"} if c.precision == "fp8" else {}
-        model = M.build(arch, dtype=dtype, spec=c.spec, init=c.random_init, **extra)
+        kw = train.build_kwargs(c)
+        model = M.build(arch, **{**kw, "init": c.random_init})
         if not c.random_init:
             checkpoint.load(model, src / "checkpoint")
         final = train.train(c, work, model, make_step_fn(arch.vocab_size),
                             {"stage": "teacher_correction"}, cfg.run.seed)
         checkpoint.save(model, work / "checkpoint")
 
-        def finish():
-            import shutil
-
-            checkpoint.copy_sidecars(src, work)
-            if not c.keep_checkpoints:
-                shutil.rmtree(work / "checkpoints")
-            shutil.rmtree(work / "cache", ignore_errors=True)
-            (work / "run.json").unlink()
-            (work / "config.yaml").write_text(config.to_yaml(cfg))
-
-        runtime.on_rank0(finish)
+        runtime.on_rank0(lambda: train.finish_stage(c, work, src, config.to_yaml(cfg)))
         return stage.commit({
             "input": {"path": str(src.resolve()), "data": [str(Path(d).resolve())
                                                            for d in c.data], **inputs},
-            "arch": arch.to_dict(), "num_params": arch.num_params(), "dtype": dtype,
+            "arch": arch.to_dict(), "num_params": arch.num_params(), "dtype": kw["dtype"],
             "precision": c.precision, "parallel": {"tp": tp, "pp": pp}, "metrics": final})
 
 

@@ -116,6 +116,40 @@ def check_precision(c: TrainConfig) -> None:
                              "container, docker/); use precision=bf16 here")
 
 
+def training_stage(name: str, c: TrainConfig, out: Path, inputs: dict, cfg):
+    """Checks that need no model, then (StageDir, what must match to resume an unfinished run)."""
+    from recipes.lib.stage import StageDir, fingerprint
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    check_data(c)
+    check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
+    stage = StageDir(name, out, fingerprint(c, {**inputs, "tp": tp, "pp": pp}), cfg.run.force)
+    resumable = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in OPERATIONAL},
+                 **inputs, "tp": tp, "pp": pp, "seed": cfg.run.seed}
+    return stage, resumable
+
+
+def build_kwargs(c: TrainConfig) -> dict:
+    """M.build() arguments for the configured precision (fp8 = bf16 params + TE fp8 compute)."""
+    kw = {"dtype": "fp32" if c.precision == "fp32" else "bf16", "spec": c.spec, "init": False}
+    if c.precision == "fp8":
+        kw.update(fp8="hybrid", fp8_recipe="delayed")
+    return kw
+
+
+def finish_stage(c: TrainConfig, work: Path, src: Path, resolved_config: str) -> None:
+    """Rank 0, after the final checkpoint: sidecars from the input, training state removed
+    (unless keep_checkpoints), the resolved config written."""
+    from recipes.lib import checkpoint
+
+    checkpoint.copy_sidecars(src, work)
+    if not c.keep_checkpoints:
+        shutil.rmtree(work / "checkpoints")
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    (work / "run.json").unlink()
+    (work / "config.yaml").write_text(resolved_config)
+
+
 def check_layout(c: TrainConfig, dp: int) -> int:
     """Micro-batches per step; errors when the global batch does not split evenly."""
     if c.global_batch_size % (c.micro_batch_size * dp):
@@ -167,6 +201,14 @@ def build_datasets(c: TrainConfig, seed: int, cache: Path):
     sizes = [c.train_iters * c.global_batch_size, c.eval_iters * c.global_batch_size, None]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
     return train, valid
+
+
+def on_device(batch: dict, module) -> dict:
+    """A micro-batch's tensors on the module's device; loss_mask as float."""
+    dev = next(module.parameters()).device
+    out = {k: v.to(dev) for k, v in batch.items()}
+    out["loss_mask"] = out["loss_mask"].float()
+    return out
 
 
 def micro_batches(ds, step: int, c: TrainConfig, n_micro: int) -> list[dict]:

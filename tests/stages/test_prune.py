@@ -3,7 +3,6 @@ parameter counts, importance beats random, the paper's contiguous depth choice a
 force, PP=2 equals PP=1, and bad targets fail before any weights load."""
 import copy
 import json
-import shutil
 
 import pytest
 import torch

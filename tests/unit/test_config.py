@@ -17,7 +17,8 @@ def test_every_recipe_loads(yaml):
     raw = OmegaConf.load(yaml)
     placeholders = [f"{sec}.{f.name}=/x" for sec in raw if sec in config.SECTIONS
                     for f in dataclasses.fields(config._section_class(sec))
-                    if (f.default is dataclasses.MISSING and f.name not in raw[sec])
+                    if (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                        and f.name not in raw[sec])
                     or OmegaConf.is_missing(raw[sec], f.name)]
     stages = [s for s in raw if s not in ("run", "parallel")]
     assert stages, f"{yaml.name} configures no stage"
