@@ -94,6 +94,12 @@ def target_arch(t: Arch, c: PruneConfig) -> tuple[Arch, list[int] | None]:
         raise ValueError(f"prune.num_attention_heads={new['num_attention_heads']} must be a "
                          f"multiple of the {t.num_query_groups} KV groups (ModelOpt keeps every "
                          "group and trims heads within each)")
+    if new["hidden_size"] % new["num_attention_heads"]:
+        h, n = new["hidden_size"], new["num_attention_heads"]
+        raise ValueError(f"prune.hidden_size={h} is not a multiple of num_attention_heads={n}: "
+                         "transformers' LlamaConfig refuses such a model even with an explicit "
+                         f"head_dim, so it could not be exported; use {h // n * n} or "
+                         f"{(h // n + 1) * n}")
     drop = None
     layers = c.num_layers or t.num_layers
     if c.depth_method == "drop_layers":

@@ -152,6 +152,7 @@ def test_pp2_gives_the_same_pruned_weights(trained_run, tmp_path):
     (["parallel.tp=2"], "requires TP=1; prune with parallel.tp=1 parallel.pp=N"),
     (["prune.hidden_size=128"], "prune.hidden_size=128 must be between 1 and the teacher's 64"),
     (["prune.num_attention_heads=3"], "must be a multiple of the 2 KV groups"),
+    (["prune.hidden_size=47"], "47 is not a multiple of num_attention_heads=2: transformers"),
     (["prune.num_layers=9"], "prune.num_layers=9 must be between 1 and the teacher's 4"),
     (["prune.depth_method=drop_layers", "prune.drop_layers=[0,2]"],
      "prune.drop_layers has \\[0\\] outside 1..4 \\(the list is 1-indexed"),
