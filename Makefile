@@ -27,7 +27,7 @@ endif
 
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
-DEMO := $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
+DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
 .PHONY: help setup test all docker-build gpu-check demo demo-compare assets data convert teacher_correction prune distill export evaluate \
 	report plan bench clean

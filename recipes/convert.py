@@ -108,8 +108,7 @@ def run(cfg: config.Config) -> dict:
         tmp = stage.begin()
         from recipes.lib import model as M
 
-        with torch.device("meta"):
-            m = M.build(arch, dtype=c.dtype, spec="local", init_model_with_meta_device=True)
+        m = M.build(arch, dtype=c.dtype, spec="local", meta=True)
         bar = tqdm(desc="convert", unit="chunk", disable=not runtime.is_rank0())
         checkpoint.save_streaming(m, tmp / "checkpoint",
                                   materializer(m, arch, reader, M.DTYPES[c.dtype], bar))

@@ -281,8 +281,7 @@ def run(cfg: config.Config) -> dict:
         from recipes.convert import materializer
 
         reader = checkpoint.HFReader(staging, mapping.hf_names(student))
-        with torch.device("meta"):
-            meta = M.build(student, dtype=c.dtype, spec="local", init_model_with_meta_device=True)
+        meta = M.build(student, dtype=c.dtype, spec="local", meta=True)
         bar = tqdm(desc="save", unit="chunk", disable=not runtime.is_rank0())
         checkpoint.save_streaming(meta, tmp / "checkpoint",
                                   materializer(meta, student, reader, M.DTYPES[c.dtype], bar))

@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from recipes.lib import config, runtime  # noqa: E402
 from recipes.lib.stage import StageDir, fingerprint, read_manifest  # noqa: E402
@@ -89,8 +90,11 @@ def plot_importance(imp: dict, student: dict, path: Path) -> None:
         axes[2].set(title="embedding-channel importance (sorted)", xlabel="channel rank",
                     ylabel="summed L2 over norms")
         axes[2].legend()
-    for ax in axes:
+    for ax in axes[1:]:
         ax.grid(alpha=0.3)
+    for ax in axes:  # layers, heads and ranks are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -396,6 +396,8 @@ def _teach_local_spec() -> None:
 
     MM._register_hidden_size_importance = hidden_size_importance
 
+    if cuda_available():  # a GPU without TE: the CUDA collectives below work as they are
+        return
     drop = MM.drop_mcore_language_model_layers
 
     @functools.wraps(drop)

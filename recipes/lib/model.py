@@ -3,6 +3,8 @@ mapping terms, gather it back to HF tensors, and run a forward pass through the 
 for any TP x PP the runtime initialised. (Filling it from HF is convert's streaming writer.)"""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -63,14 +65,28 @@ def transformer_config(arch: Arch, dtype: str = "fp32", **overrides) -> Transfor
 
 
 def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = False,
-          parallel_output: bool = True, **config_overrides) -> GPTModel:
-    """This rank's pipeline stage of the model. `init=False` skips random init (about to load)."""
+          parallel_output: bool = True, meta: bool = False, **config_overrides) -> GPTModel:
+    """This rank's pipeline stage of the model. `init=False` skips random init (about to load);
+    `meta=True` builds structure only, on the meta device (no memory, CPU or GPU machine)."""
     pp = ps.get_pipeline_model_parallel_world_size()
     if arch.num_layers % pp:
         raise ValueError(f"num_layers={arch.num_layers} is not divisible by PP={pp}; "
                          "choose a pipeline size that divides the layer count")
+    if meta:  # megatron passes an explicit CUDA device unless it initialises on the CPU
+        config_overrides.update(use_cpu_initialization=True, init_model_with_meta_device=True)
+        init = False
     cfg = transformer_config(arch, dtype, perform_initialization=init, **config_overrides)
-    model = GPTModel(
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = _gpt(arch, cfg, spec, parallel_output)
+    if dtype != "fp32":  # as megatron's Float16Module: every parameter, the local spec's
+        model.to(DTYPES[dtype])  # torch.nn.RMSNorm weights (created fp32) included
+    if torch.cuda.is_available() and not meta:
+        model.cuda()
+    return model
+
+
+def _gpt(arch: Arch, cfg: TransformerConfig, spec: str, parallel_output: bool) -> GPTModel:
+    return GPTModel(
         config=cfg, transformer_layer_spec=layer_spec(spec),
         vocab_size=arch.padded_vocab_size, max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
@@ -79,11 +95,6 @@ def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = Fals
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
-    if dtype != "fp32":  # as megatron's Float16Module: every parameter, the local spec's
-        model.to(DTYPES[dtype])  # torch.nn.RMSNorm weights (created fp32) included
-    if torch.cuda.is_available():
-        model.cuda()
-    return model
 
 
 def layer_offset(model: GPTModel) -> int:
@@ -137,7 +148,8 @@ def gather_hf(model: GPTModel, arch: Arch, dtype: torch.dtype | None = None) -> 
                     dist.send(t.contiguous(), dst=0)
             elif dist.get_rank() == 0:
                 rule, _ = by_rule[gname]
-                t = torch.empty(mapping.global_shape(rule, arch), dtype=_param_dtype(model))
+                t = torch.empty(mapping.global_shape(rule, arch), dtype=_param_dtype(model),
+                                device=next(model.parameters()).device)  # NCCL: on the GPU
                 dist.recv(t, src=src)
             else:
                 continue

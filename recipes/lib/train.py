@@ -375,8 +375,8 @@ def reduce_report(reports: list[dict]) -> dict | None:
     totals = None
     if ps.is_pipeline_last_stage() and reports:
         keys = sorted(reports[0])
-        t = torch.stack([torch.stack([r[k].float().cpu() for r in reports]).sum(0) for k in keys])
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        t = torch.stack([torch.stack([r[k].float() for r in reports]).sum(0) for k in keys])
+        dist.all_reduce(t, group=ps.get_data_parallel_group())  # on the GPU under NCCL
         totals = {k: (t[i, 0] / t[i, 1]).item() for i, k in enumerate(keys)}
     box = [totals]
     src = _last_stage_rank0()

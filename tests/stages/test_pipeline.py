@@ -20,7 +20,7 @@ def test_pipeline_to_report(hf_models, tmp_path):
     prune.main([*common, "prune.num_layers=3"])  # width and contiguous depth
     distill.main([*common, "distill.train_iters=12", "distill.save_interval=12"])
     export.main([*common, f"export.input={run / 'prune'}", f"export.output={run / 'export_pruned'}"])
-    export.main(common)
+    export.main([*common, f"export.input={run / 'distill'}"])
     evaluate.main(common)
     report.main(common)
 
@@ -33,7 +33,9 @@ def test_pipeline_to_report(hf_models, tmp_path):
         row = re.search(rf"^\| {name} \| [\d.]+M \| ([\d.]+) \| ([\d.]+) \|$", md, re.M)
         assert row, name
         assert float(row.group(1)) == round(res["heldout"][name]["loss"], 4)
-    assert res["heldout"]["distilled"]["loss"] < res["heldout"]["pruned"]["loss"]
+    h = res["heldout"]
+    assert h["distilled"]["params"] == h["pruned"]["params"] < h["teacher"]["params"]
+    assert h["distilled"]["loss"] < h["pruned"]["loss"]
     assert re.search(r"^\| parameters \| [\d.]+M \| [\d.]+M \([\d.]+%\) \|$", md, re.M)
     assert re.search(r"^\| distill \| [\d.]+ \|$", md, re.M)  # wall time
     assert "*distilled*:" in md  # sample generations

@@ -39,8 +39,7 @@ def test_hf_to_megatron_on_meta(arch):
     with runtime.distributed(1, 1):
         from recipes.lib import model as M
 
-        with torch.device("meta"):
-            mc = M.build(arch, init=False)
+        mc = M.build(arch, meta=True)
         mc_params = {g: p for g, _, p in M.local_params(mc, arch)}
         assert sum(p.numel() for p in mc_params.values()) == arch.num_params()
 
