@@ -80,7 +80,7 @@ def plot_importance(imp: dict, student: dict, path: Path) -> None:
         axes[1].plot(layers, [x[2] for x in q], label="median")
         axes[1].plot(layers, [x[4] for x in q], "--", lw=0.8, label="max")
         axes[1].set(title="MLP neuron importance per layer", xlabel="layer (0-indexed)",
-                    ylabel="L2 of mean |activation|")
+                    ylabel="L2 of mean |activation| (log)", yscale="log")
         axes[1].legend()
     if imp.get("channels"):
         ch = sorted(imp["channels"], reverse=True)
@@ -120,8 +120,8 @@ def plot_evaluation(heldout: dict, path: Path) -> None:
     ppl = [heldout[n]["perplexity"] for n in names]
     bars = ax.bar(names, ppl, color=[f"C{i}" for i in range(len(names))])
     ax.bar_label(bars, fmt="%.1f")
-    ax.set(title="held-out perplexity (test split, lower is better)", ylabel="perplexity",
-           yscale="log")
+    ax.set(title="held-out perplexity (test split, lower is better)", ylabel="perplexity (log)",
+           yscale="log", ylim=(min(ppl) / 1.5, max(ppl) * 2))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
