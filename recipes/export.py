@@ -38,8 +38,10 @@ class ExportConfig:
     """dtype of the written safetensors: fp32 | bf16."""
     shard_size_mb: int = 5000
     """Largest safetensors shard."""
-    parity_atol: float = 1e-3
-    """Max |logit difference| (fp32) between megatron and the exported HF model."""
+    parity_atol: float = 1e-2
+    """Max |logit difference| (fp32) between megatron and the exported HF model. fp32 noise of a
+    deep model alone reaches 1e-3 (a 30-layer SmolLM2 student: transformers fp32 vs fp64 differ by
+    1.6e-3); a mapping error moves logits by O(1). Tests use 1e-4 on tiny models."""
     parity_sequences: int = 2
     """Number of fixed random token sequences for the parity check (0 disables it)."""
     parity_seq_length: int = 32
@@ -129,6 +131,7 @@ def run(cfg: config.Config) -> dict:
             if mc_logits is not None:
                 diff = (hf_logits(tmp, tokens) - mc_logits).abs().max().item()
                 metrics["parity_max_abs_diff"] = diff
+                metrics["parity_max_abs_logit"] = mc_logits.abs().max().item()
                 log.info("logit parity megatron vs exported HF: max |diff| = %.3g (atol %.g)",
                          diff, c.parity_atol)
                 if not diff <= c.parity_atol:
