@@ -164,7 +164,10 @@ def render(run: Path, out: Path, title: str) -> str:
     if "compare" in m:
         comp = json.loads((run / "compare" / "results.json").read_text())["heldout"]
         lines += ["## Why distillation: the same architecture and token budget, three ways", "",
-                  "| student | held-out loss (nats/token) | perplexity |", "|---|---|---|"]
+                  "The pruned student trained by KD from the teacher (distilled), by plain "
+                  "cross-entropy on the same data (ce_trained), and the same architecture from "
+                  "random initialisation (from_scratch): same steps, batches and learning rate.",
+                  "", "| student | held-out loss (nats/token) | perplexity |", "|---|---|---|"]
         lines += [f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in comp.items()]
         lines.append("")
     rows = _metrics(run / "distill")
