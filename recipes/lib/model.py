@@ -4,6 +4,7 @@ for any TP x PP the runtime initialised. (Filling it from HF is convert's stream
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -245,7 +246,14 @@ def forward_loss(model: GPTModel, windows: torch.Tensor, vocab_size: int,
 
 def _last_stage_rank0() -> int:
     """Global rank of TP-rank-0, DP-rank-0 on the last pipeline stage."""
-    flags = [None] * dist.get_world_size()
+    return _last_stage_rank0_of(dist.get_world_size(), ps.get_tensor_model_parallel_world_size(),
+                                ps.get_pipeline_model_parallel_world_size())
+
+
+@functools.cache
+def _last_stage_rank0_of(world: int, tp: int, pp: int) -> int:
+    """Found once per layout (every rank asks at the same point), not on every step."""
+    flags = [None] * world
     me = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
           and ps.get_data_parallel_rank() == 0)
     dist.all_gather_object(flags, me)
