@@ -154,7 +154,7 @@ def gather_hf(model: GPTModel, arch: Arch, dtype: torch.dtype | None = None) -> 
                 dist.recv(t, src=src)
             else:
                 continue
-            if out is not None and gname not in {k for k in out}:
+            if out is not None:
                 rule, hs = by_rule[gname]
                 for h, v in zip(hs, mapping.split(rule, t, arch)):
                     out[h] = v.to(dtype or v.dtype).cpu().clone()
@@ -194,12 +194,7 @@ def forward_logits(model: GPTModel, tokens: torch.Tensor, vocab_size: int) -> to
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
             logits = gather_from_tensor_model_parallel_region(logits)
         result = logits[..., :vocab_size].cpu()
-    # hand the logits from the last stage's first rank to global rank 0
-    src = _last_stage_rank0()
-    box = [result if dist.get_rank() == src else None]
-    if src != 0:
-        dist.broadcast_object_list(box, src=src)
-    return box[0] if dist.get_rank() == 0 else None
+    return last_stage_to_rank0(result)
 
 
 def forward_loss(model: GPTModel, windows: torch.Tensor, vocab_size: int,
@@ -237,11 +232,18 @@ def forward_loss(model: GPTModel, windows: torch.Tensor, vocab_size: int,
             num_microbatches=n // micro_batch_size, seq_length=s,
             micro_batch_size=micro_batch_size, forward_only=True, collect_non_loss_data=True)
     total = float(sum(o.item() for o in outs)) if ps.is_pipeline_last_stage() else None
+    total = last_stage_to_rank0(total)
+    return (total, n * s) if dist.get_rank() == 0 else None
+
+
+def last_stage_to_rank0(value):
+    """`value` as the last pipeline stage's TP-rank-0 / DP-rank-0 holds it, on global rank 0
+    (None elsewhere). Collective: every rank calls it."""
     src = _last_stage_rank0()
-    box = [total if dist.get_rank() == src else None]
+    box = [value if dist.get_rank() == src else None]
     if src != 0:
         dist.broadcast_object_list(box, src=src)
-    return (box[0], n * s) if dist.get_rank() == 0 else None
+    return box[0] if dist.get_rank() == 0 else None
 
 
 def _last_stage_rank0() -> int:

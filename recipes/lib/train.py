@@ -370,7 +370,7 @@ def reduce_report(reports: list[dict]) -> dict | None:
     """Sum {name: [sum, count]} over micro-batches and DP ranks; {name: mean} on global rank 0."""
     from megatron.core import parallel_state as ps
 
-    from recipes.lib.model import _last_stage_rank0
+    from recipes.lib.model import last_stage_to_rank0
 
     totals = None
     if ps.is_pipeline_last_stage() and reports:
@@ -378,11 +378,7 @@ def reduce_report(reports: list[dict]) -> dict | None:
         t = torch.stack([torch.stack([r[k].float() for r in reports]).sum(0) for k in keys])
         dist.all_reduce(t, group=ps.get_data_parallel_group())  # on the GPU under NCCL
         totals = {k: (t[i, 0] / t[i, 1]).item() for i, k in enumerate(keys)}
-    box = [totals]
-    src = _last_stage_rank0()
-    if src != 0:
-        dist.broadcast_object_list(box, src=src)
-    return box[0] if runtime.is_rank0() else None
+    return last_stage_to_rank0(totals)
 
 
 # ---- the loop -----------------------------------------------------------------------------
