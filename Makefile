@@ -13,16 +13,19 @@ PYTEST_ARGS ?=
 
 LAUNCH ?= local
 IMAGE ?= minitron-recipes:latest
-DATA_DIR ?= $(CURDIR)/data
+MOUNTS ?= $(CURDIR)/data
 STAGES ?= data convert prune distill export
 
+# torchrun forwards SIGUSR1 too and waits up to 10 min for the ranks to save and stop (exit 75)
+TORCHRUN_ENV := PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600
 ifeq ($(LAUNCH),docker)
 RUN := docker run --rm --gpus all --ipc=host --ulimit memlock=-1 -v $(CURDIR):/workspace/minitron-recipes \
-	-v $(DATA_DIR):$(DATA_DIR) -w /workspace/minitron-recipes $(IMAGE) torchrun --nproc-per-node $(NPROC) -m
+	$(foreach m,$(MOUNTS),-v $(m):$(m)) $(foreach e,$(TORCHRUN_ENV),-e $(e)) -w /workspace/minitron-recipes \
+	$(IMAGE) torchrun --nproc-per-node $(NPROC) -m
 else ifeq ($(NPROC),1)
 RUN := $(PY) -m
 else
-RUN := $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m
+RUN := $(TORCHRUN_ENV) $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m
 endif
 
 DEMO_DIR ?= runs/demo

@@ -8,9 +8,11 @@ OmegaConf's ${oc.env:VAR,default}): account, partition, container image and moun
 TP/PP layout per stage. Each stage becomes one batch script (scripts/slurm/stage.sbatch.in)
 running one task per GPU with `srun` + pyxis/enroot (`--container-image`); ranks rendezvous
 through MASTER_ADDR/MASTER_PORT from the job's first node, as torchrun would. Jobs chain with
-`--dependency=afterok`. Training stages are `--requeue`d and get SIGUSR1 `signal_grace_s` before
-their time limit, on which the job requeues itself; the rerun resumes from the newest complete
-checkpoint. `--dry-run` prints the scripts and sbatch lines and submits nothing.
+`--dependency=afterok`. Training stages are `--requeue`d and their tasks get SIGUSR1
+`signal_grace_s` before the time limit: training saves a checkpoint at the end of the current step
+and exits 75, on which the batch script requeues the job; the rerun resumes from that checkpoint
+(a preempting SIGTERM does the same). `--dry-run` prints the scripts and sbatch lines and submits
+nothing.
 """
 from __future__ import annotations
 
@@ -55,13 +57,17 @@ class ClusterConfig:
     time: dict = dataclasses.field(default_factory=lambda: {"distill": "04:00:00"})
     """Time limit per stage (default 04:00:00)."""
     signal_grace_s: int = 300
-    """Seconds before the time limit at which training stages requeue themselves."""
+    """Seconds before the time limit at which training saves and requeues; must exceed one step
+    plus one checkpoint save."""
     extra_sbatch: list = dataclasses.field(default_factory=list)
     """Further #SBATCH lines, e.g. ["--qos=high"]."""
 
     def __post_init__(self):
         self.layout = {k: {"tp": 1, "pp": 1, **DEFAULT_LAYOUT.get(k, {}), **self.layout.get(k, {})}
                        for k in {*DEFAULT_LAYOUT, *self.layout}}
+        if self.signal_grace_s < 60:
+            raise ValueError(f"cluster.signal_grace_s={self.signal_grace_s}: leave at least 60 s "
+                             "(one training step plus one checkpoint save) before the time limit")
         if self.gpus_per_node < 1:
             raise ValueError("cluster.gpus_per_node must be >= 1")
         if self.layout.get("prune", {}).get("tp", 1) != 1:
@@ -93,7 +99,8 @@ def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
     if c.partition:
         sbatch.append(f"--partition={c.partition}")
     if stage in RESUMABLE:
-        sbatch += ["--requeue", f"--signal=B:USR1@{c.signal_grace_s}"]
+        # the signal goes to the tasks (not B: the batch shell); append across requeues
+        sbatch += ["--requeue", f"--signal=USR1@{c.signal_grace_s}", "--open-mode=append"]
     sbatch += list(c.extra_sbatch)
     args = ["--config", recipe, *overrides]
     if gpu:

@@ -92,7 +92,11 @@ def run(cfg: config.Config) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse_args(argv, "teacher_correction", __doc__)
     runtime.setup_logging(cfg.run.log_level)
-    run(cfg)
+    try:
+        run(cfg)
+    except train.Preempted as e:  # a checkpoint at this step is saved; the scheduler requeues
+        log.warning("stopped: %s", e)
+        return train.EXIT_PREEMPTED
     return 0
 
 

@@ -9,6 +9,10 @@ Checkpoints: <work>/checkpoints/iter_NNNNNNN/ (model + optimizer as one torch_di
 train_state.json with step, scheduler, RNG, global batch), built as `.iter_NNNNNNN.tmp` and
 renamed when complete; the last `keep_last` are kept. A restart with the same command resumes from
 the newest complete one; a half-written one is never read.
+Preemption: SIGUSR1 (Slurm sends it `--signal` seconds before the time limit) or SIGTERM
+(preemption, `scancel`) makes every rank finish its step, save a checkpoint at that step and raise
+`Preempted`; the stage's entry point exits with EXIT_PREEMPTED (75) and a rerun resumes there, so a
+preemption costs one step and one save, not `save_interval` steps.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ log = logging.getLogger("recipes.train")
 PRECISIONS = ("fp32", "bf16", "fp8")
 # changing these between restarts does not change the numbers a run produces
 OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
-               "fault", "keep_checkpoints", "output"}
+               "fault", "keep_checkpoints", "output", "preempt_signals"}
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -84,8 +89,12 @@ class TrainConfig:
     """Keep the training checkpoints (optimizer state) after a successful run."""
     log_interval: int = 1
     """Steps between metrics.jsonl / TensorBoard rows."""
+    preempt_signals: list = dataclasses.field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    """Signals on which training saves at the end of the current step and exits with code 75
+    (empty: the default actions)."""
     fault: str | None = None
-    """Fault injection for tests: 'kill_after:N' (SIGKILL after step N) or 'kill_in_save:N'."""
+    """Fault injection for tests: 'kill_after:N' (SIGKILL after step N), 'kill_in_save:N', or
+    'signal_after:N' (the last rank alone sends itself SIGUSR1 after step N)."""
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -101,6 +110,11 @@ class TrainConfig:
             raise ValueError(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
         if isinstance(self.data, str):
             self.data = [self.data]
+        bad = [x for x in self.preempt_signals if x in ("SIGKILL", "SIGSTOP")
+               or not isinstance(getattr(signal, str(x), None), signal.Signals)]
+        if bad:
+            raise ValueError(f"preempt_signals: {bad} are not signals a process can catch; use "
+                             "names like SIGUSR1, SIGTERM")
         if self.data_weights is not None and len(self.data_weights) != len(self.data):
             raise ValueError(f"data_weights has {len(self.data_weights)} entries for "
                              f"{len(self.data)} data folders")
@@ -381,6 +395,44 @@ def reduce_report(reports: list[dict]) -> dict | None:
     return last_stage_to_rank0(totals)
 
 
+# ---- preemption ---------------------------------------------------------------------------
+class Preempted(Exception):
+    """Training saved a checkpoint and stopped on a signal; entry points exit EXIT_PREEMPTED."""
+
+
+class StopOnSignal:
+    """`with StopOnSignal(names) as stop:` turns those signals into a flag (the handler only sets
+    it; nothing runs inside a collective or a save). `stop.agreed()`, called by every rank at a
+    step boundary, is True when any rank was signalled, so all ranks stop at the same step.
+    The previous handlers come back on exit."""
+
+    def __init__(self, names: list):
+        self.signals = [getattr(signal, n) for n in names]
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for s in self.signals:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def agreed(self) -> bool:
+        """Collective over the world group (one int): did any rank receive a signal?"""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.received is not None
+        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([int(self.received is not None)], device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
 # ---- the loop -----------------------------------------------------------------------------
 def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, seed: int) -> dict:
     """Train `model` (a megatron module, possibly a ModelOpt DistillationModel) for
@@ -409,8 +461,8 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     metrics = Metrics(work / "logs", step)
     fb = get_forward_backward_func()
     tokens_per_step = c.global_batch_size * c.seq_length
-    kill_after = int(c.fault.split(":")[1]) if c.fault and c.fault.startswith("kill_after") \
-        else None
+    fault_kind, fault_step = (c.fault.split(":")[0], int(c.fault.split(":")[1])) if c.fault \
+        else (None, None)
 
     def run_step(batches, training: bool):
         kw = {}
@@ -438,39 +490,50 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     final = {}
     bar = tqdm(total=c.train_iters, initial=step, unit="step", disable=not runtime.is_rank0(),
                desc=meta.get("stage", "train"))
-    if step == 0:
-        metrics.log({"step": 0, "tokens": 0, **validate()})
-    ddp.train()
-    while step < c.train_iters:
-        batches = micro_batches(train_ds, step, c, n_micro)
-        t0 = time.time()
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        lr = opt.param_groups[0]["lr"]  # the rate this step uses
-        reports = run_step(batches, training=True)
-        ok, grad_norm, _ = opt.step()
-        sched.step(increment=1)
-        step += 1
-        dt = time.time() - t0
-        rep = reduce_report(reports)
-        row = {"step": step, "tokens": step * tokens_per_step, **(rep or {}), "lr": lr,
-               "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "step_s": dt,
-               "memory_mb": peak_memory_mb(), "skipped": not ok}
-        if step % c.eval_interval == 0 or step == c.train_iters:
-            row.update(validate())
-        if step % c.log_interval == 0 or "valid_lm_loss" in row or step == c.train_iters:
-            metrics.log(row)
-        final = row
-        bar.update(1)
-        if runtime.is_rank0() and rep:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in rep.items()}
-                            | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-        if kill_after == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if step % c.save_interval == 0 or step == c.train_iters:
-            save_checkpoint(ckpts, step, ddp, opt, sched,
-                            {"global_batch_size": c.global_batch_size, **meta}, c.keep_last,
-                            c.fault)
-    bar.close()
-    metrics.close()
+    with StopOnSignal(c.preempt_signals) as stop:
+        try:
+            if step == 0:
+                metrics.log({"step": 0, "tokens": 0, **validate()})
+            ddp.train()
+            while step < c.train_iters:
+                batches = micro_batches(train_ds, step, c, n_micro)
+                t0 = time.time()
+                ddp.zero_grad_buffer()
+                opt.zero_grad()
+                lr = opt.param_groups[0]["lr"]  # the rate this step uses
+                reports = run_step(batches, training=True)
+                ok, grad_norm, _ = opt.step()
+                sched.step(increment=1)
+                step += 1
+                dt = time.time() - t0
+                rep = reduce_report(reports)
+                row = {"step": step, "tokens": step * tokens_per_step, **(rep or {}), "lr": lr,
+                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                       "step_s": dt, "memory_mb": peak_memory_mb(), "skipped": not ok}
+                if step % c.eval_interval == 0 or step == c.train_iters:
+                    row.update(validate())
+                if step % c.log_interval == 0 or "valid_lm_loss" in row or step == c.train_iters:
+                    metrics.log(row)
+                final = row
+                bar.update(1)
+                if runtime.is_rank0() and rep:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in rep.items()}
+                                    | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+                if fault_step == step and fault_kind == "kill_after":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fault_step == step and fault_kind == "signal_after" \
+                        and dist.get_rank() == dist.get_world_size() - 1:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                stopping = stop.agreed() and step < c.train_iters
+                if stopping or step % c.save_interval == 0 or step == c.train_iters:
+                    save_checkpoint(ckpts, step, ddp, opt, sched,
+                                    {"global_batch_size": c.global_batch_size, **meta},
+                                    c.keep_last, c.fault)
+                if stopping:
+                    raise Preempted(
+                        f"{stop.received or 'a signal on another rank'}: saved step {step} of "
+                        f"{c.train_iters} to {ckpts}; rerun the same command to resume")
+        finally:
+            bar.close()
+            metrics.close()
     return final

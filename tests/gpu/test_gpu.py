@@ -41,3 +41,18 @@ def test_distill_step(tmp_path, precision):
     assert p.returncode == 0, p.stderr[-3000:]
     run = json.loads((tmp_path / "o.json").read_text())["runs"][precision]
     assert all(x == x and x > 0 for x in run["kd_loss"])  # finite, positive
+
+
+def test_signal_save_and_resume_on_gpu(trained_run, tmp_path):
+    """On CUDA the RNG state includes megatron's CUDA tracker and the optimizer state lives on
+    the GPU: save on SIGUSR1 at step 6, resume, and match an uninterrupted run (tiny, fp32)."""
+    from recipes import distill, prune
+    from tests.stages.test_distill import args, assert_same_history, metrics, run_subprocess
+
+    prune.main(["--config", TINY, f"run.dir={trained_run['run']}",
+                f"convert.hf_path={trained_run['hf']}"])
+    distill.main(args(trained_run, tmp_path / "straight"))
+    run_subprocess(args(trained_run, tmp_path / "d", "distill.fault=signal_after:6"), rc=75)
+    stderr = run_subprocess(args(trained_run, tmp_path / "d"))
+    assert "iter_0000006 (step 6)" in stderr
+    assert_same_history(metrics(tmp_path / "straight"), metrics(tmp_path / "d"))

@@ -1,5 +1,6 @@
 """Distillation on megatron-core + ModelOpt, tiny models on CPU: it learns, it resumes exactly
-after SIGKILL, it never reads a half-written checkpoint, its KD loss is the forward KL, and TP=2 /
+after SIGKILL, it saves and stops on SIGUSR1/SIGTERM (all ranks at one step) and resumes exactly
+from there, it never reads a half-written checkpoint, its KD loss is the forward KL, and TP=2 /
 PP=2 give the TP=1 numbers."""
 import json
 import os
@@ -7,13 +8,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import distill, export, prune
-from recipes.lib import tokens
+from recipes.lib import tokens, train
 from tests.conftest import ROOT, TINY, torchrun
 
 
@@ -38,25 +40,34 @@ def losses(rows, key="kd_loss"):
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-def run_subprocess(argv, expect_kill=False):
-    """Run the stage in its own process group, as a scheduler does, and kill the whole group
-    afterwards: a SIGKILLed megatron leaves its checkpoint writer's multiprocessing manager
-    behind (a scheduler's kill takes the group)."""
-    with open(os.devnull, "w") as null, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, "-m", "recipes.distill", *argv], cwd=ROOT,
-                             stdout=null, stderr=err, start_new_session=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+def start(argv):
+    """The stage in its own process group, as a scheduler runs it."""
+    err = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen([sys.executable, "-m", "recipes.distill", *argv], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return p, err
+
+
+def finish(p, err, rc):
+    """Wait for it, then kill the whole group: a SIGKILLed megatron leaves its checkpoint
+    writer's multiprocessing manager behind (a scheduler's kill takes the group)."""
+    try:
+        got = p.wait(timeout=600)
+    finally:
         try:
-            rc = p.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        err.seek(0)
-        stderr = err.read()
-    assert rc == (-9 if expect_kill else 0), stderr[-5000:]
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    err.seek(0)
+    stderr = err.read()
+    err.close()
+    assert got == rc, stderr[-5000:]
     return stderr
+
+
+def run_subprocess(argv, rc=0):
+    return finish(*start(argv), rc)
 
 
 def hf_test_loss(folder, run):
@@ -89,16 +100,15 @@ def test_distillation_learns_and_beats_the_pruned_student(pruned, tmp_path):
     assert after < before
 
 
-def test_resume_after_sigkill_gives_identical_losses(pruned, tmp_path):
-    distill.main(args(pruned, tmp_path / "straight"))  # 8 steps, checkpoints at 4 and 8
-    straight = metrics(tmp_path / "straight")
-    run_subprocess(args(pruned, tmp_path / "killed", "distill.fault=kill_after:6"),
-                   expect_kill=True)
-    work = tmp_path / ".killed.tmp"
-    assert [p.name for p in (work / "checkpoints").glob("iter_*")] == ["iter_0000004"]
-    stderr = run_subprocess(args(pruned, tmp_path / "killed"))
-    assert "resumed from" in stderr and "iter_0000004" in stderr
-    resumed = metrics(tmp_path / "killed")
+@pytest.fixture(scope="module")
+def straight(pruned, tmp_path_factory):
+    """8 uninterrupted steps (checkpoints at 4 and 8): the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("straight") / "d"
+    distill.main(args(pruned, out))
+    return metrics(out)
+
+
+def assert_same_history(straight, resumed):
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]  # one clean history
     for key in ("kd_loss", "lm_loss", "valid_kd_loss"):
         a, b = losses(straight, key), losses(resumed, key)
@@ -107,9 +117,62 @@ def test_resume_after_sigkill_gives_identical_losses(pruned, tmp_path):
             assert b[s] == pytest.approx(a[s], abs=1e-6), (key, s)
 
 
+def test_resume_after_sigkill_gives_identical_losses(pruned, straight, tmp_path):
+    run_subprocess(args(pruned, tmp_path / "killed", "distill.fault=kill_after:6"), rc=-9)
+    work = tmp_path / ".killed.tmp"
+    assert [p.name for p in (work / "checkpoints").glob("iter_*")] == ["iter_0000004"]
+    stderr = run_subprocess(args(pruned, tmp_path / "killed"))
+    assert "resumed from" in stderr and "iter_0000004" in stderr
+    assert_same_history(straight, metrics(tmp_path / "killed"))
+
+
+def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, tmp_path):
+    """SIGUSR1 after step 6 (save_interval 4): a checkpoint at 6, exit 75, resume from 6."""
+    stderr = run_subprocess(args(pruned, tmp_path / "d", "distill.fault=signal_after:6"),
+                            rc=train.EXIT_PREEMPTED)
+    assert "SIGUSR1: saved step 6 of 8" in stderr
+    ckpts = tmp_path / ".d.tmp" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000004", "iter_0000006"]
+    stderr = run_subprocess(args(pruned, tmp_path / "d"))
+    assert "iter_0000006 (step 6)" in stderr
+    assert_same_history(straight, metrics(tmp_path / "d"))
+
+
+def test_sigterm_from_outside_saves_the_step_it_stops_at(pruned, tmp_path):
+    """A real SIGTERM (what a preempting scheduler sends) at an arbitrary moment."""
+    p, err = start(args(pruned, tmp_path / "d", "distill.train_iters=400",
+                        "distill.save_interval=1000", "distill.eval_interval=1000"))
+    rows = tmp_path / ".d.tmp" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (rows.exists() and len(rows.read_text().splitlines()) >= 3):
+        assert p.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stderr = finish(p, err, train.EXIT_PREEMPTED)
+    last = metrics(tmp_path / ".d.tmp")[-1]["step"]
+    assert 2 <= last < 400
+    assert f"SIGTERM: saved step {last} of 400" in stderr
+    ckpts = list((tmp_path / ".d.tmp" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == [f"iter_{last:07d}"]
+    assert (ckpts[0] / "train_state.json").is_file()
+
+
+def test_signal_on_one_rank_stops_all_ranks_at_one_step(pruned, tmp_path):
+    """DP=2: only the last rank is signalled after step 3; both save step 3 and stop (no rank
+    hangs in the next step's collectives); torchrun's rerun resumes there and finishes."""
+    a = args(pruned, tmp_path / "d", "distill.save_interval=100")
+    p = torchrun("recipes.distill", *a, "distill.fault=signal_after:3", ok=False)
+    assert p.returncode != 0 and "saved step 3 of 8" in p.stderr
+    ck = tmp_path / ".d.tmp" / "checkpoints" / "iter_0000003"
+    assert {f.name for f in ck.glob("rng_rank*.pkl")} == {"rng_rank0.pkl", "rng_rank1.pkl"}
+    p = torchrun("recipes.distill", *a)
+    assert "iter_0000003 (step 3)" in p.stderr
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["metrics"]["step"] == 8
+
+
 def test_half_written_checkpoint_is_never_resumed(pruned, tmp_path):
     run_subprocess(args(pruned, tmp_path / "d", "distill.fault=kill_in_save:8"),
-                   expect_kill=True)
+                   rc=-9)
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert (ckpts / ".iter_0000008.tmp").is_dir()  # the crash left it half-written
     stderr = run_subprocess(args(pruned, tmp_path / "d"))
@@ -118,7 +181,7 @@ def test_half_written_checkpoint_is_never_resumed(pruned, tmp_path):
 
 
 def test_changed_global_batch_is_refused_with_the_reason(pruned, tmp_path):
-    run_subprocess(args(pruned, tmp_path / "d", "distill.fault=kill_after:5"), expect_kill=True)
+    run_subprocess(args(pruned, tmp_path / "d", "distill.fault=kill_after:5"), rc=-9)
     with pytest.raises(Exception, match="global_batch_size: 4 -> 8.*restore them to resume"):
         distill.main(args(pruned, tmp_path / "d", "distill.global_batch_size=8"))
 
@@ -182,3 +245,44 @@ def test_fp8_without_transformer_engine_fails_first(pruned, tmp_path):
     with pytest.raises(ValueError, match="precision=fp8 needs Transformer Engine"):
         distill.main(args(pruned, tmp_path / "d", "distill.precision=fp8"))
     assert not (tmp_path / ".d.tmp").exists()
+
+
+def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
+    """The rendered distill batch script, run by bash with stand-ins for srun (one task, no
+    container) and scontrol: the real stage saves on the signal and exits 75, the script asks
+    for a requeue and exits 0; the 'requeued' run resumes and finishes without a requeue."""
+    from recipes import launch
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                               'export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0\n'
+                               'exec "$@"\n')
+    (bin_ / "scontrol").write_text('#!/bin/bash\necho "$*" >> "$SCONTROL_LOG"\n'
+                                   '[ "$1" = show ] && echo 127.0.0.1\nexit 0\n')
+    (bin_ / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    for f in ("srun", "scontrol", "python"):
+        (bin_ / f).chmod(0o755)
+    out = tmp_path / "d"
+    script = tmp_path / "distill.sbatch"
+    script.write_text(launch.render("distill", launch.ClusterConfig(
+        gpus_per_node=1, nodes={"distill": 1}, layout={"distill": {"tp": 1}}), TINY, str(tmp_path),
+                                    args(pruned, out)[2:]))
+    log = tmp_path / "scontrol.log"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SCONTROL_LOG": str(log),
+           "SLURM_JOB_ID": str(os.getpid() % 20000), "SLURM_JOB_NODELIST": "node1",
+           "OMP_NUM_THREADS": "1"}
+
+    def sbatch(*extra):
+        text = script.read_text().replace("parallel.tp=1", " ".join([*extra, "parallel.tp=1"]))
+        return subprocess.run(["bash", "-c", text], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    p = sbatch("distill.fault=signal_after:5")
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "saved step 5 of 8" in p.stderr and "requeue" in p.stdout
+    assert log.read_text().splitlines()[-1] == f"requeue {env['SLURM_JOB_ID']}"
+    p = sbatch()
+    assert p.returncode == 0 and "iter_0000005 (step 5)" in p.stderr, p.stderr[-4000:]
+    assert "requeue" not in log.read_text().splitlines()[-1]
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["step"] == 8

@@ -30,14 +30,15 @@ def test_chain_resources_container_and_requeue(recipe, capsys):
     d = scripts["distill"]
     assert "#SBATCH --nodes=32" in d and "#SBATCH --gpus-per-node=8" in d
     assert "#SBATCH --ntasks-per-node=8" in d and "#SBATCH --account=proj" in d
-    assert "#SBATCH --requeue" in d and "#SBATCH --signal=B:USR1@300" in d
-    assert "scontrol requeue" in d and "if true; then" in d
+    assert "#SBATCH --requeue" in d and "#SBATCH --open-mode=append" in d
+    assert "#SBATCH --signal=USR1@300" in d  # to the tasks: training saves, exits 75
+    assert "scontrol requeue" in d and 'if true && [ "$rc" -eq 75 ]; then' in d
     assert "--container-image=nvcr.io/nvidia/nemo:26.06" in d
     assert "--container-mounts=/lustre:/lustre" in d
     assert "parallel.tp=8 parallel.pp=1" in d and "python -m recipes.distill" in d
     p = scripts["prune"]
     assert "parallel.tp=1 parallel.pp=8" in p and "#SBATCH --ntasks-per-node=8" in p
-    assert "--requeue" not in p and "if false; then" in p
+    assert "--requeue" not in p and "--signal" not in p and "if false && " in p
     assert "#SBATCH --ntasks-per-node=1" in scripts["data"]
     assert "--gpus-per-node" not in scripts["data"]
     for s in scripts.values():
@@ -48,6 +49,8 @@ def test_chain_resources_container_and_requeue(recipe, capsys):
 def test_layout_errors(capsys):
     with pytest.raises(ValueError, match="cluster.layout.prune.tp must be 1"):
         dry_run("llama31_8b_to_4b_width.yaml", "cluster.layout.prune.tp=2", capsys=capsys)
+    with pytest.raises(ValueError, match="signal_grace_s=30: leave at least 60 s"):
+        dry_run("llama31_8b_to_4b_width.yaml", "cluster.signal_grace_s=30", capsys=capsys)
     with pytest.raises(ValueError, match="is not a multiple of TP\\*PP=8\\*2"):
         dry_run("llama31_8b_to_4b_width.yaml", "cluster.layout.distill.pp=2",
                 "cluster.nodes.distill=1", "cluster.gpus_per_node=4", capsys=capsys)
