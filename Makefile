@@ -36,7 +36,7 @@ DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_
 	report plan bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-19s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed  ## create .venv: Python 3.11, torch 2.13.0, megatron-core 0.19.2, ModelOpt 0.47.0
 
@@ -100,7 +100,7 @@ teacher_correction: setup  ## optional: fine-tune the teacher on the distillatio
 prune: setup  ## Minitron pruning (TP=1, any PP): ARGS="run.dir=..." [NPROC=N ARGS+=parallel.pp=N]
 	$(RUN) recipes.prune --config $(RECIPE) $(ARGS)
 
-distill: setup  ## knowledge distillation (resumes when rerun): [NPROC=N ARGS="parallel.tp=.. parallel.pp=.."]
+distill: setup  ## knowledge distillation (resumes when rerun; SIGUSR1/SIGTERM save and stop): [NPROC=N ARGS="parallel.tp=.. parallel.pp=.."]
 	$(RUN) recipes.distill --config $(RECIPE) $(ARGS)
 
 evaluate: setup  ## held-out loss / perplexity (+ generations, lm-eval where available) of HF folders

@@ -1,4 +1,5 @@
-"""docker/Dockerfile: a pinned NVIDIA base, the project's pinned requirements, torch untouched.
+"""docker/Dockerfile: a pinned NVIDIA base, the project's pinned requirements, torch untouched;
+`make <stage> LAUNCH=docker` and `make help`.
 (No Docker engine or NVIDIA registry here; `make docker-build` builds it where they exist.)"""
 import re
 from pathlib import Path
@@ -39,3 +40,14 @@ def test_make_stage_launch_docker_mounts_repo_and_data():
     assert cmd.endswith("minitron-recipes:latest torchrun --nproc-per-node 8 -m recipes.distill "
                         "--config conf/llama31_8b_to_4b_width.yaml parallel.tp=8 "
                         "run.dir=/lustre/runs/w")
+
+
+def test_make_help_lists_every_stage_and_the_chain():
+    import subprocess
+
+    out = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    listed = {ln.split()[0] for ln in out.splitlines() if ln.strip()}
+    stages = {"data", "convert", "teacher_correction", "prune", "distill", "export", "evaluate",
+              "report", "plan"}
+    assert stages | {"all", "demo", "test", "docker-build", "gpu-check"} <= listed, listed
