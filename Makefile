@@ -48,14 +48,14 @@ $(VENV)/.installed: requirements.txt requirements-engine.txt requirements.lock p
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-all: setup  ## the chain $(STAGES): LAUNCH=local|docker runs it here, LAUNCH=slurm submits it (DRY_RUN=1 prints)
+all: setup  ## the stages in STAGES (data convert prune distill export): LAUNCH=local|docker runs it here, LAUNCH=slurm submits it (DRY_RUN=1 prints)
 ifeq ($(LAUNCH),slurm)
 	$(PY) -m recipes.launch --config $(RECIPE) $(if $(DRY_RUN),--dry-run) $(ARGS)
 else
 	set -e; for s in $(STAGES); do $(RUN) recipes.$$s --config $(RECIPE) $(ARGS); done
 endif
 
-docker-build:  ## build docker/Dockerfile as $(IMAGE)
+docker-build:  ## build docker/Dockerfile as IMAGE (minitron-recipes:latest)
 	docker build -f docker/Dockerfile -t $(IMAGE) .
 
 gpu-check: setup  ## scripts/gpu_check.sh: GPU tests + 8B/4.5B distillation throughput (skips without CUDA)
