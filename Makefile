@@ -32,7 +32,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
-.PHONY: help setup test all docker-build gpu-check demo demo-compare assets data convert teacher_correction prune distill export evaluate \
+.PHONY: help setup test all docker-build gpu-check gpu-wheels demo demo-compare assets data convert teacher_correction prune distill export evaluate \
 	report plan bench clean
 
 help:  ## list the targets
@@ -60,6 +60,9 @@ docker-build:  ## build docker/Dockerfile as IMAGE (minitron-recipes:latest)
 
 gpu-check: setup  ## scripts/gpu_check.sh: GPU tests + 8B/4.5B distillation throughput (skips without CUDA)
 	bash scripts/gpu_check.sh
+
+gpu-wheels: setup  ## the pinned wheels a CUDA-torch machine without network needs for gpu-check, into .whl/
+	bash scripts/gpu_wheels.sh .whl
 
 demo: setup assets  ## the whole recipe on SmolLM2-135M + Jane Austen on this CPU (~20 min), then the report
 	$(call DEMO,data)
