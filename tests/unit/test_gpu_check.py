@@ -28,3 +28,16 @@ def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
     run = out["runs"]["fp32"]
     assert out["student_params"] < out["teacher_params"]
     assert run["tokens_per_s"] > 0 and len(run["kd_loss"]) == 2
+
+
+def test_gpu_wheels_are_all_pinned():
+    """scripts/gpu_wheels.sh downloads pinned versions only: each name it needs is in the lock."""
+    import re
+
+    text = (ROOT / "scripts" / "gpu_wheels.sh").read_text()
+    need = re.search(r'NEED="([^"]+)"', text).group(1).split()
+    lock = (ROOT / "requirements.lock").read_text() + (ROOT / "requirements-engine.txt").read_text()
+    norm = lambda n: re.sub(r"[-_.]+", "-", n.lower())  # noqa: E731
+    pinned = {norm(ln.split("==")[0]) for ln in lock.splitlines() if "==" in ln}
+    assert {"megatron-core", "nvidia-modelopt", "transformers"} <= {norm(n) for n in need}
+    assert {norm(n) for n in need} <= pinned
