@@ -39,12 +39,17 @@ class ClusterConfig:
     """Slurm account (--account); empty: the user's default."""
     partition: str = ""
     """Slurm partition (--partition); empty: the default."""
-    container_image: str = "nvcr.io/nvidia/nemo:26.06"
-    """Image for pyxis (an enroot .sqsh of docker/Dockerfile's build, or a registry tag)."""
+    container_image: str = "./minitron-recipes+latest.sqsh"
+    """Image for pyxis: docker/Dockerfile's build (`make docker-build`, then `enroot import
+    dockerd://minitron-recipes:latest` in this directory), or a registry tag of it. Not the bare
+    NeMo image: it lacks this project's pinned megatron-core / ModelOpt."""
     container_mounts: str = ""
-    """Comma-separated src:dst mounts (data, models, the run directory)."""
+    """Comma-separated src:dst mounts (data, models, absolute run directories)."""
     workdir: str = "/workspace/minitron-recipes"
     """This repository inside the container."""
+    mount_repo: bool = True
+    """Mount this checkout at `workdir`: the code and conf/ that rendered the scripts run, and a
+    relative run.dir lands on the shared filesystem, not in the container."""
     gpus_per_node: int = 8
     """GPUs (= tasks) per node."""
     stages: list = dataclasses.field(
@@ -105,7 +110,9 @@ def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
     args = ["--config", recipe, *overrides]
     if gpu:
         args += [f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}"]
-    mounts = f" --container-mounts={c.container_mounts}" if c.container_mounts else ""
+    mounts = ",".join(([f"{ROOT}:{c.workdir}"] if c.mount_repo else [])
+                      + [m for m in c.container_mounts.split(",") if m])
+    mounts = f" --container-mounts={mounts}" if mounts else ""
     return TEMPLATE.read_text().format(
         sbatch="\n".join(f"#SBATCH {x}" for x in sbatch), stage=stage,
         requeue="true" if stage in RESUMABLE else "false",
@@ -123,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(a.config, a.overrides, stage="cluster")
     c: ClusterConfig = cfg.cluster
     run_dir = cfg.run.dir
+    image = c.container_image
+    if not a.dry_run and image.startswith(("/", "./")) and not Path(image).is_file():
+        raise ValueError(f"cluster.container_image={image} does not exist: build it with `make "
+                         "docker-build && enroot import dockerd://minitron-recipes:latest`, or "
+                         "set cluster.container_image (MINITRON_IMAGE) to your image")
     prev = None
     for stage in c.stages:
         if stage not in config.SECTIONS:

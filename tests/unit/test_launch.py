@@ -33,8 +33,9 @@ def test_chain_resources_container_and_requeue(recipe, capsys):
     assert "#SBATCH --requeue" in d and "#SBATCH --open-mode=append" in d
     assert "#SBATCH --signal=USR1@300" in d  # to the tasks: training saves, exits 75
     assert "scontrol requeue" in d and 'if true && [ "$rc" -eq 75 ]; then' in d
-    assert "--container-image=nvcr.io/nvidia/nemo:26.06" in d
-    assert "--container-mounts=/lustre:/lustre" in d
+    assert "--container-image=./minitron-recipes+latest.sqsh" in d  # our build, not bare NeMo
+    # this checkout at the workdir (code, conf/, relative run dirs), then the user's mounts
+    assert f"--container-mounts={launch.ROOT}:/workspace/minitron-recipes,/lustre:/lustre" in d
     assert "parallel.tp=8 parallel.pp=1" in d and "python -m recipes.distill" in d
     p = scripts["prune"]
     assert "parallel.tp=1 parallel.pp=8" in p and "#SBATCH --ntasks-per-node=8" in p
@@ -54,3 +55,10 @@ def test_layout_errors(capsys):
     with pytest.raises(ValueError, match="is not a multiple of TP\\*PP=8\\*2"):
         dry_run("llama31_8b_to_4b_width.yaml", "cluster.layout.distill.pp=2",
                 "cluster.nodes.distill=1", "cluster.gpus_per_node=4", capsys=capsys)
+
+
+def test_missing_image_is_refused_before_anything_is_submitted(tmp_path):
+    with pytest.raises(ValueError, match="container_image=./nope.sqsh does not exist: build it"):
+        launch.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"),
+                     "cluster.container_image=./nope.sqsh", f"run.dir={tmp_path}"])
+    assert not (tmp_path / "slurm").exists()
