@@ -75,13 +75,17 @@ demo: setup assets  ## the whole recipe on SmolLM2-135M + Jane Austen on this CP
 	$(call DEMO,report)
 	@echo "report: $(DEMO_DIR)/report/report.md"
 
-demo-compare: setup  ## after make demo: pruned+CE and from-scratch students at the demo's budget (~15 min)
+demo-compare: setup  ## after make demo: pruned+CE, from scratch, and KD from a corrected teacher, same budget (~45 min)
 	$(call DEMO,teacher_correction) teacher_correction.output=$(DEMO_DIR)/ce_trained
 	$(call DEMO,teacher_correction) teacher_correction.output=$(DEMO_DIR)/from_scratch teacher_correction.random_init=true
+	$(call DEMO,teacher_correction) teacher_correction.input=$(DEMO_DIR)/convert teacher_correction.output=$(DEMO_DIR)/teacher_corrected
+	$(call DEMO,distill) distill.teacher=$(DEMO_DIR)/teacher_corrected distill.output=$(DEMO_DIR)/distill_tc
 	$(call DEMO,export) export.input=$(DEMO_DIR)/ce_trained export.output=$(DEMO_DIR)/export_ce_trained
 	$(call DEMO,export) export.input=$(DEMO_DIR)/from_scratch export.output=$(DEMO_DIR)/export_from_scratch
-	$(call DEMO,evaluate) evaluate.output=$(DEMO_DIR)/compare evaluate.prompts=null \
-		'evaluate.include=[distilled,ce_trained,from_scratch]'
+	$(call DEMO,export) export.input=$(DEMO_DIR)/teacher_corrected export.output=$(DEMO_DIR)/export_teacher_corrected
+	$(call DEMO,export) export.input=$(DEMO_DIR)/distill_tc export.output=$(DEMO_DIR)/export_tc
+	$(call DEMO,evaluate) evaluate.output=$(DEMO_DIR)/compare evaluate.prompts=null run.force=true \
+		'evaluate.include=[distilled,ce_trained,from_scratch,teacher_corrected,distilled_from_corrected]'
 	$(call DEMO,report) run.force=true
 	@echo "report: $(DEMO_DIR)/report/report.md"
 

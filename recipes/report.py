@@ -25,6 +25,13 @@ from recipes.lib.stage import StageDir, fingerprint, read_manifest  # noqa: E402
 
 STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "export_pruned", "export",
           "evaluate", "compare")
+COMPARED = {  # make demo-compare's models
+    "distilled": "pruned, then KD (forward KL) from the original teacher",
+    "ce_trained": "pruned, then plain cross-entropy on the distillation data",
+    "from_scratch": "random initialisation, then cross-entropy",
+    "teacher_corrected": "the teacher (not a student), fine-tuned on the distillation data first",
+    "distilled_from_corrected": "pruned, then KD from the corrected teacher (the paper's order)",
+}
 ARCH_ROWS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "num_query_groups", "head_dim", "vocab_size")
 
@@ -163,12 +170,12 @@ def render(run: Path, out: Path, title: str) -> str:
                 lines.append("")
     if "compare" in m:
         comp = json.loads((run / "compare" / "results.json").read_text())["heldout"]
-        lines += ["## Why distillation: the same architecture and token budget, three ways", "",
-                  "The pruned student trained by KD from the teacher (distilled), by plain "
-                  "cross-entropy on the same data (ce_trained), and the same architecture from "
-                  "random initialisation (from_scratch): same steps, batches and learning rate.",
-                  "", "| student | held-out loss (nats/token) | perplexity |", "|---|---|---|"]
-        lines += [f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in comp.items()]
+        lines += ["## Why distillation: the same architecture and token budget, several ways", "",
+                  "Each student has the pruned architecture and the same steps, batches and "
+                  "learning rate.", "", "| model | how it was trained | parameters | held-out "
+                  "loss (nats/token) | perplexity |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {COMPARED.get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
+                  f"| {v['perplexity']:.2f} |" for k, v in comp.items()]
         lines.append("")
     rows = _metrics(run / "distill")
     if rows:

@@ -64,9 +64,11 @@ def git_rev() -> str | None:
         return None
 
 
-def fingerprint(section, extra: dict | None = None) -> str:
-    blob = json.dumps({"cfg": dataclasses.asdict(section), **(extra or {})}, sort_keys=True,
-                      default=str)
+def fingerprint(section, extra: dict | None = None, ignore=()) -> str:
+    """Hash of a stage's config section (less the `ignore`d fields: those that cannot change
+    its result) and `extra` (input fingerprints, layout, seed)."""
+    cfg = {k: v for k, v in dataclasses.asdict(section).items() if k not in ignore}
+    blob = json.dumps({"cfg": cfg, **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -137,7 +137,10 @@ def training_stage(name: str, c: TrainConfig, out: Path, inputs: dict, cfg):
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     check_data(c)
     check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
-    stage = StageDir(name, out, fingerprint(c, {**inputs, "tp": tp, "pp": pp}), cfg.run.force)
+    # operational fields (save cadence, signals, logging) leave a finished stage finished
+    stage = StageDir(name, out, fingerprint(c, {**inputs, "tp": tp, "pp": pp,
+                                                "seed": cfg.run.seed}, ignore=OPERATIONAL),
+                     cfg.run.force)
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in OPERATIONAL},
                  **inputs, "tp": tp, "pp": pp, "seed": cfg.run.seed}
     return stage, resumable

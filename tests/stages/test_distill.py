@@ -105,7 +105,7 @@ def straight(pruned, tmp_path_factory):
     """8 uninterrupted steps (checkpoints at 4 and 8): the reference for the resume tests."""
     out = tmp_path_factory.mktemp("straight") / "d"
     distill.main(args(pruned, out))
-    return metrics(out)
+    return out
 
 
 def assert_same_history(straight, resumed):
@@ -123,7 +123,18 @@ def test_resume_after_sigkill_gives_identical_losses(pruned, straight, tmp_path)
     assert [p.name for p in (work / "checkpoints").glob("iter_*")] == ["iter_0000004"]
     stderr = run_subprocess(args(pruned, tmp_path / "killed"))
     assert "resumed from" in stderr and "iter_0000004" in stderr
-    assert_same_history(straight, metrics(tmp_path / "killed"))
+    assert_same_history(metrics(straight), metrics(tmp_path / "killed"))
+
+
+def test_finished_run_ignores_operational_changes_but_not_the_seed(pruned, straight):
+    """Save cadence, signals and logging cannot change a finished run's result: skipped. A new
+    seed can: refused (it would otherwise be silently skipped)."""
+    before = (straight / "manifest.json").read_text()
+    distill.main(args(pruned, straight, "distill.save_interval=2", "distill.log_interval=3",
+                      "distill.preempt_signals=[SIGTERM]"))
+    assert (straight / "manifest.json").read_text() == before
+    with pytest.raises(FileExistsError, match="already holds a different distill run"):
+        distill.main(args(pruned, straight, "run.seed=7"))
 
 
 def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, tmp_path):
@@ -135,7 +146,7 @@ def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, t
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000004", "iter_0000006"]
     stderr = run_subprocess(args(pruned, tmp_path / "d"))
     assert "iter_0000006 (step 6)" in stderr
-    assert_same_history(straight, metrics(tmp_path / "d"))
+    assert_same_history(metrics(straight), metrics(tmp_path / "d"))
 
 
 def test_sigterm_from_outside_saves_the_step_it_stops_at(pruned, tmp_path):
