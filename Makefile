@@ -75,7 +75,7 @@ demo: setup assets  ## the whole recipe on SmolLM2-135M + Jane Austen on this CP
 	$(call DEMO,report)
 	@echo "report: $(DEMO_DIR)/report/report.md"
 
-demo-compare: setup  ## after make demo: pruned+CE, from scratch, and KD from a corrected teacher, same budget (~45 min)
+demo-compare: setup  ## after make demo: pruned+CE, from scratch, and KD from a corrected teacher, same budget (~32 min)
 	$(call DEMO,teacher_correction) teacher_correction.output=$(DEMO_DIR)/ce_trained
 	$(call DEMO,teacher_correction) teacher_correction.output=$(DEMO_DIR)/from_scratch teacher_correction.random_init=true
 	$(call DEMO,teacher_correction) teacher_correction.input=$(DEMO_DIR)/convert teacher_correction.output=$(DEMO_DIR)/teacher_corrected
