@@ -157,12 +157,7 @@ def run(cfg: config.Config) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse_args(argv, "distill", __doc__)
     runtime.setup_logging(cfg.run.log_level)
-    try:
-        run(cfg)
-    except train.Preempted as e:  # a checkpoint at this step is saved; the scheduler requeues
-        log.warning("stopped: %s", e)
-        return train.EXIT_PREEMPTED
-    return 0
+    return train.exit_code(run, cfg)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ preemption costs one step and one save, not `save_interval` steps.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -400,7 +401,18 @@ def reduce_report(reports: list[dict]) -> dict | None:
 
 # ---- preemption ---------------------------------------------------------------------------
 class Preempted(Exception):
-    """Training saved a checkpoint and stopped on a signal; entry points exit EXIT_PREEMPTED."""
+    """Training saved a checkpoint and stopped on a signal (see `exit_code`)."""
+
+
+def exit_code(run: Callable, cfg) -> int:
+    """A training stage's entry point: `run(cfg)`; 0 when finished, EXIT_PREEMPTED when it saved
+    and stopped on a signal (a scheduler requeues; the rerun resumes)."""
+    try:
+        run(cfg)
+    except Preempted as e:
+        log.warning("stopped: %s", e)
+        return EXIT_PREEMPTED
+    return 0
 
 
 class StopOnSignal:
@@ -493,50 +505,46 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     final = {}
     bar = tqdm(total=c.train_iters, initial=step, unit="step", disable=not runtime.is_rank0(),
                desc=meta.get("stage", "train"))
-    with StopOnSignal(c.preempt_signals) as stop:
-        try:
-            if step == 0:
-                metrics.log({"step": 0, "tokens": 0, **validate()})
-            ddp.train()
-            while step < c.train_iters:
-                batches = micro_batches(train_ds, step, c, n_micro)
-                t0 = time.time()
-                ddp.zero_grad_buffer()
-                opt.zero_grad()
-                lr = opt.param_groups[0]["lr"]  # the rate this step uses
-                reports = run_step(batches, training=True)
-                ok, grad_norm, _ = opt.step()
-                sched.step(increment=1)
-                step += 1
-                dt = time.time() - t0
-                rep = reduce_report(reports)
-                row = {"step": step, "tokens": step * tokens_per_step, **(rep or {}), "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                       "step_s": dt, "memory_mb": peak_memory_mb(), "skipped": not ok}
-                if step % c.eval_interval == 0 or step == c.train_iters:
-                    row.update(validate())
-                if step % c.log_interval == 0 or "valid_lm_loss" in row or step == c.train_iters:
-                    metrics.log(row)
-                final = row
-                bar.update(1)
-                if runtime.is_rank0() and rep:
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in rep.items()}
-                                    | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-                if fault_step == step and fault_kind == "kill_after":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if fault_step == step and fault_kind == "signal_after" \
-                        and dist.get_rank() == dist.get_world_size() - 1:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                stopping = stop.agreed() and step < c.train_iters
-                if stopping or step % c.save_interval == 0 or step == c.train_iters:
-                    save_checkpoint(ckpts, step, ddp, opt, sched,
-                                    {"global_batch_size": c.global_batch_size, **meta},
-                                    c.keep_last, c.fault)
-                if stopping:
-                    raise Preempted(
-                        f"{stop.received or 'a signal on another rank'}: saved step {step} of "
-                        f"{c.train_iters} to {ckpts}; rerun the same command to resume")
-        finally:
-            bar.close()
-            metrics.close()
+    with StopOnSignal(c.preempt_signals) as stop, bar, contextlib.closing(metrics):
+        if step == 0:
+            metrics.log({"step": 0, "tokens": 0, **validate()})
+        ddp.train()
+        while step < c.train_iters:
+            batches = micro_batches(train_ds, step, c, n_micro)
+            t0 = time.time()
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            lr = opt.param_groups[0]["lr"]  # the rate this step uses
+            reports = run_step(batches, training=True)
+            ok, grad_norm, _ = opt.step()
+            sched.step(increment=1)
+            step += 1
+            dt = time.time() - t0
+            rep = reduce_report(reports)
+            row = {"step": step, "tokens": step * tokens_per_step, **(rep or {}), "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                   "step_s": dt, "memory_mb": peak_memory_mb(), "skipped": not ok}
+            if step % c.eval_interval == 0 or step == c.train_iters:
+                row.update(validate())
+            if step % c.log_interval == 0 or "valid_lm_loss" in row or step == c.train_iters:
+                metrics.log(row)
+            final = row
+            bar.update(1)
+            if runtime.is_rank0() and rep:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in rep.items()}
+                                | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+            if fault_step == step and fault_kind == "kill_after":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault_step == step and fault_kind == "signal_after" \
+                    and dist.get_rank() == dist.get_world_size() - 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            stopping = stop.agreed() and step < c.train_iters
+            if stopping or step % c.save_interval == 0 or step == c.train_iters:
+                save_checkpoint(ckpts, step, ddp, opt, sched,
+                                {"global_batch_size": c.global_batch_size, **meta},
+                                c.keep_last, c.fault)
+            if stopping:
+                raise Preempted(
+                    f"{stop.received or 'a signal on another rank'}: saved step {step} of "
+                    f"{c.train_iters} to {ckpts}; rerun the same command to resume")
     return final
