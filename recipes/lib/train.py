@@ -439,8 +439,9 @@ class StopOnSignal:
             signal.signal(s, h)
 
     def agreed(self) -> bool:
-        """Collective over the world group (one int): did any rank receive a signal?"""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        """Collective over the world group (one int): did any rank receive a signal? (No
+        collective when no signal is watched: preempt_signals is the same on every rank.)"""
+        if not self.signals or not dist.is_initialized() or dist.get_world_size() == 1:
             return self.received is not None
         dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
         t = torch.tensor([int(self.received is not None)], device=dev)
