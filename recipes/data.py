@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recipes.lib import compat, config, runtime
+from recipes.lib import compat, config, stage
 from recipes.lib.arch import read_hf_config
 from recipes.lib.stage import StageDir, fingerprint, read_manifest, sha256_file
 
@@ -142,9 +142,9 @@ def run(cfg: config.Config) -> dict:
                          f"match the teacher's vocab_size={vocab_size}; use the teacher's own "
                          "tokenizer (data.tokenizer=<teacher HF folder>)")
     inputs = {str(f): sha256_file(f) for f in files}
-    stage = StageDir("data", out, fingerprint(c, {"inputs": inputs, "seed": cfg.run.seed}),
+    sdir = StageDir("data", out, fingerprint(c, {"inputs": inputs, "seed": cfg.run.seed}),
                      cfg.run.force)
-    if stage.already_done():
+    if sdir.already_done():
         log.info("%s is complete (same inputs and config): skipping", out)
         return read_manifest(out)
     n_docs = sum(1 for _ in iter_documents(files, c.text_field, c.min_chars))
@@ -159,7 +159,7 @@ def run(cfg: config.Config) -> dict:
     compat.apply()
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    tmp = stage.begin()
+    tmp = sdir.begin()
     dtype = np.uint16 if vocab_size < 65500 else np.int32
     builders = {s: IndexedDatasetBuilder(str(tmp / f"{s}.bin"), dtype=dtype) for s in SPLITS}
     docs, tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
@@ -180,7 +180,7 @@ def run(cfg: config.Config) -> dict:
         b.finalize(str(tmp / f"{s}.idx"))
     (tmp / "config.yaml").write_text(config.to_yaml(cfg))
     log.info("documents %s, tokens %s", docs, tokens)
-    return stage.commit({"input": {"files": inputs}, "tokenizer": str(Path(c.tokenizer).resolve()),
+    return sdir.commit({"input": {"files": inputs}, "tokenizer": str(Path(c.tokenizer).resolve()),
                          "vocab_size": vocab_size, "eod": eod, "dtype": np.dtype(dtype).name,
                          "documents": docs, "tokens": tokens,
                          "metrics": {"documents": sum(docs.values()),
@@ -188,10 +188,7 @@ def run(cfg: config.Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_args(argv, "data", __doc__)
-    runtime.setup_logging(cfg.run.log_level)
-    run(cfg)
-    return 0
+    return stage.main(run, "data", __doc__, argv)
 
 
 if __name__ == "__main__":

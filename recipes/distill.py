@@ -14,16 +14,13 @@ Output: <run.dir>/distill/{checkpoint/, logs/metrics.jsonl, logs/tensorboard/, m
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
-from recipes.lib import checkpoint, config, runtime, train
-from recipes.lib.stage import read_manifest
+from recipes.lib import checkpoint, config, stage, train, train_stage
 
-log = logging.getLogger("recipes.distill")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -39,9 +36,19 @@ class DistillConfig(train.TrainConfig):
     intermediate_layer_pairs: list | None = None
     """[[student_module, teacher_module, cosine|mse], ...], e.g.
     [[decoder.final_layernorm, decoder.final_layernorm, cosine]]."""
+    teacher_precision: str | None = None
+    """Precision of the frozen teacher, whose logits are the target: default the student's,
+    except that precision=fp8 keeps the teacher in bf16 unless teacher_precision=fp8."""
 
     def __post_init__(self):
         super().__post_init__()
+        if self.teacher_precision is None:
+            self.teacher_precision = "bf16" if self.precision == "fp8" else self.precision
+        if self.teacher_precision not in train.PRECISIONS:
+            raise ValueError(f"teacher_precision={self.teacher_precision!r}; use one of "
+                             f"{train.PRECISIONS}")
+        if self.teacher_precision == "fp8" and self.spec == "local":
+            raise ValueError("teacher_precision=fp8 needs the TE spec; use spec=auto (or te)")
         if self.kd_temperature <= 0 or self.kd_loss_scale <= 0:
             raise ValueError("kd_temperature and kd_loss_scale must be > 0")
         for pair in self.intermediate_layer_pairs or []:
@@ -72,92 +79,58 @@ def distillation_model(student, teacher, c: DistillConfig, vocab_size: int):
 
 
 def make_step_fn(model, vocab_size: int, skip_lm_loss: bool, intermediate: bool):
-    """forward_step_func for megatron's schedule. Labels are never passed to the model: the LM
-    loss is computed here on a masked copy of the logits (see recipes/lib/kd.py)."""
+    """forward_step_func maker for megatron's schedule (train.forward_steps). Labels are never
+    passed to the model: the LM loss is computed here on a masked copy of the logits (see
+    recipes/lib/kd.py)."""
     from recipes.lib.kd import lm_loss, reduce_sum
 
-    def make_step(training: bool):
-        def step(data_iter, m):
-            b = train.on_device(next(data_iter), m)
-            labels, mask = b["labels"], b["loss_mask"]
-            logits = m(b["tokens"], b["position_ids"], attention_mask=None)
+    def loss_func(labels, mask, output):
+        n = mask.sum()
+        lm = lm_loss(output, labels, vocab_size)
+        lm_sum = (lm * mask).sum()
+        losses = model.compute_kd_loss(
+            student_loss=lm_sum if not skip_lm_loss else lm_sum.detach(),
+            loss_reduction_fn=reduce_sum(mask))
+        total = losses["kd_loss"]
+        report = {"loss": torch.stack([total.detach(), n]),
+                  "kd_loss": torch.stack([losses["logits_loss"].detach(), n]),
+                  "lm_loss": torch.stack([lm_sum.detach(), n])}
+        if intermediate:
+            report["intermediate_loss"] = torch.stack(
+                [losses["intermediate_loss"].detach().float(), n])
+        return total, n.int(), report
 
-            def loss_func(output):
-                n = mask.sum()
-                lm = lm_loss(output, labels, vocab_size)
-                lm_sum = (lm * mask).sum()
-                losses = model.compute_kd_loss(
-                    student_loss=lm_sum if not skip_lm_loss else lm_sum.detach(),
-                    loss_reduction_fn=reduce_sum(mask))
-                total = losses["kd_loss"]
-                report = {"loss": torch.stack([total.detach(), n]),
-                          "kd_loss": torch.stack([losses["logits_loss"].detach(), n]),
-                          "lm_loss": torch.stack([lm_sum.detach(), n])}
-                if intermediate:
-                    report["intermediate_loss"] = torch.stack(
-                        [losses["intermediate_loss"].detach().float(), n])
-                return total, n.int(), report
-
-            return logits, loss_func
-
-        return step
-
-    return make_step
+    return train.forward_steps(loss_func)
 
 
 def run(cfg: config.Config) -> dict:
     c: DistillConfig = cfg.distill
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    train.check_precision(c)
-    src, out = Path(c.input), Path(c.output or Path(cfg.run.dir) / "distill")
-    student_arch, teacher_arch = checkpoint.read_arch(src), checkpoint.read_arch(c.teacher)
+    models = {"input": c.input, "teacher": c.teacher}
+    archs = train_stage.read_models(models, cfg)
+    student_arch, teacher_arch = archs["input"], archs["teacher"]
     if student_arch.vocab_size != teacher_arch.vocab_size:
         raise ValueError(f"student vocab {student_arch.vocab_size} != teacher vocab "
                          f"{teacher_arch.vocab_size}: distillation needs one tokenizer")
-    from recipes.convert import validate
+    teacher_kw = train_stage.build_kwargs(c, c.teacher_precision)
 
-    validate(student_arch, tp, pp)
-    validate(teacher_arch, tp, pp)
-    inputs = {"input": read_manifest(src)["fingerprint"],
-              "teacher": read_manifest(c.teacher)["fingerprint"],
-              "data": [read_manifest(d)["fingerprint"] for d in c.data]}
-    stage, resumable = train.training_stage("distill", c, out, inputs, cfg)
-    if stage.already_done():
-        log.info("%s is complete (same config): skipping", out)
-        return read_manifest(out)
-    with runtime.distributed(tp, pp, cfg.run.seed):
-        work = stage.begin(resumable=resumable)
+    def build(archs):
         from recipes.lib import model as M
 
-        kw = train.build_kwargs(c)
-        teacher = M.build(teacher_arch, **kw)
+        teacher = M.build(teacher_arch, **teacher_kw)
         checkpoint.load(teacher, Path(c.teacher) / "checkpoint")
-        student = M.build(student_arch, **kw)
-        checkpoint.load(student, src / "checkpoint")
+        student = M.build(student_arch, **train_stage.build_kwargs(c))
+        checkpoint.load(student, Path(c.input) / "checkpoint")
         model = distillation_model(student, teacher, c, student_arch.vocab_size)
-        log.info("distill %s <- teacher %s: %d steps x %d x %d tokens, %s\n%s", src, c.teacher,
-                 c.train_iters, c.global_batch_size, c.seq_length, c.precision,
-                 config.to_yaml(cfg))
-        step_fn = make_step_fn(model, student_arch.vocab_size, c.skip_lm_loss,
-                               bool(c.intermediate_layer_pairs))
-        final = train.train(c, work, model, step_fn,
-                            {"stage": "distill"}, cfg.run.seed)
-        checkpoint.save(model, work / "checkpoint")  # the student (ModelOpt hides the teacher)
+        return model, make_step_fn(model, student_arch.vocab_size, c.skip_lm_loss,
+                                   bool(c.intermediate_layer_pairs))
 
-        runtime.on_rank0(lambda: train.finish_stage(c, work, src, config.to_yaml(cfg)))
-        return stage.commit({
-            "input": {"path": str(src.resolve()), "teacher": str(Path(c.teacher).resolve()),
-                      "data": [str(Path(d).resolve()) for d in c.data], **inputs},
-            "arch": student_arch.to_dict(), "num_params": student_arch.num_params(),
-            "teacher": {"arch": teacher_arch.to_dict(), "num_params": teacher_arch.num_params()},
-            "dtype": kw["dtype"], "precision": c.precision, "parallel": {"tp": tp, "pp": pp},
-            "metrics": final})
+    return train_stage.run("distill", cfg, c, models, archs, build, {
+        "teacher": {"arch": teacher_arch.to_dict(), "num_params": teacher_arch.num_params(),
+                    "precision": c.teacher_precision}})
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_args(argv, "distill", __doc__)
-    runtime.setup_logging(cfg.run.log_level)
-    return train.exit_code(run, cfg)
+    return stage.main(run, "distill", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import config, runtime, tokens
+from recipes.lib import config, stage, tokens
 from recipes.lib.stage import StageDir, fingerprint, read_manifest, sha256_file
 
 log = logging.getLogger("recipes.evaluate")
@@ -124,12 +124,12 @@ def run(cfg: config.Config) -> dict:
         raise ValueError(f"the test split of {c.data} has fewer than {c.seq_length + 1} tokens; "
                          "lower evaluate.seq_length")
     ids = {name: identity(Path(p)) for name, p in c.models.items()}
-    stage = StageDir("evaluate", out, fingerprint(c, {"models": ids,
+    sdir = StageDir("evaluate", out, fingerprint(c, {"models": ids,
                                                       "data": data_manifest["fingerprint"]}),
                      cfg.run.force)
-    if stage.already_done():
+    if sdir.already_done():
         return read_manifest(out)
-    tmp = stage.begin()
+    tmp = sdir.begin()
     windows = tokens.windows(c.data, "test", c.seq_length, min(avail, c.max_windows),
                              cfg.run.seed)
     results = {"heldout": {}, "generations": {}, "prompts": c.prompts or []}
@@ -149,7 +149,7 @@ def run(cfg: config.Config) -> dict:
             log.warning("lm-eval skipped: %s", results["lm_eval"]["skipped"])
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (tmp / "config.yaml").write_text(config.to_yaml(cfg))
-    return stage.commit({"input": {"models": {k: str(Path(v).resolve())
+    return sdir.commit({"input": {"models": {k: str(Path(v).resolve())
                                               for k, v in c.models.items()},
                                    "data": str(Path(c.data).resolve())},
                          "metrics": {k: v["loss"] for k, v in results["heldout"].items()},
@@ -157,10 +157,7 @@ def run(cfg: config.Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_args(argv, "evaluate", __doc__)
-    runtime.setup_logging(cfg.run.log_level)
-    run(cfg)
-    return 0
+    return stage.main(run, "evaluate", __doc__, argv)
 
 
 if __name__ == "__main__":

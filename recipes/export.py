@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from recipes.lib import checkpoint, config, runtime
+from recipes.lib import checkpoint, config, runtime, stage
+from recipes.lib.arch import validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.export")
@@ -46,35 +46,14 @@ class ExportConfig:
     """Number of fixed random token sequences for the parity check (0 disables it)."""
     parity_seq_length: int = 32
     """Tokens per parity sequence."""
+    spec: str = "auto"
+    """Layer spec of the megatron side of the parity check: auto | local | te."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"export.dtype={self.dtype!r}; use one of {list(DTYPES)}")
         if self.shard_size_mb < 1:
             raise ValueError("export.shard_size_mb must be >= 1")
-
-
-def write_hf(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> list[str]:
-    """Sharded safetensors + model.safetensors.index.json (HF's own naming)."""
-    shards, cur, size = [], {}, 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name], size = t, size + nbytes
-    shards.append(cur)
-    weight_map, files = {}, []
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-        files.append(fname)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    return files
 
 
 def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -92,20 +71,19 @@ def run(cfg: config.Config) -> dict:
     out = Path(c.output or Path(cfg.run.dir) / "export")
     src_manifest = read_manifest(src)  # errors if the input stage never finished
     arch = checkpoint.read_arch(src)
-    from recipes.convert import validate
-
-    validate(arch, tp, pp)
-    stage = StageDir("export", out, fingerprint(c, {"input": src_manifest["fingerprint"],
+    validate_layout(arch, tp, pp)
+    runtime.resolve_spec(c.spec)
+    sdir = StageDir("export", out, fingerprint(c, {"input": src_manifest["fingerprint"],
                                                     "tp": tp, "pp": pp}), cfg.run.force)
-    if stage.already_done():
+    if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
 
     with runtime.distributed(tp, pp, cfg.run.seed):
-        tmp = stage.begin()
+        tmp = sdir.begin()
         from recipes.lib import model as M
 
-        m = M.build(arch, dtype="fp32", spec="local", init=False)
+        m = M.build(arch, dtype="fp32", spec=c.spec, init=False)
         checkpoint.load(m, src / "checkpoint")
         tensors = M.gather_hf(m, arch, dtype=DTYPES[c.dtype])
         g = torch.Generator().manual_seed(cfg.run.seed)
@@ -114,7 +92,7 @@ def run(cfg: config.Config) -> dict:
         mc_logits = M.forward_logits(m, tokens, arch.vocab_size) if c.parity_sequences else None
         del m
         def publish() -> dict:
-            files = write_hf(tensors, tmp, c.shard_size_mb << 20)
+            files = checkpoint.write_hf(tensors, tmp, c.shard_size_mb << 20)
             metrics = {"num_params": sum(t.numel() for t in tensors.values()), "files": files}
             tensors.clear()
             base = json.loads((src / "hf_config.json").read_text())
@@ -141,7 +119,7 @@ def run(cfg: config.Config) -> dict:
             return metrics
 
         metrics = runtime.on_rank0(publish) or {}
-        manifest = stage.commit({"input": {"path": str(src.resolve()),
+        manifest = sdir.commit({"input": {"path": str(src.resolve()),
                                            "manifest_fingerprint": src_manifest["fingerprint"]},
                                  "arch": arch.to_dict(), "num_params": arch.num_params(),
                                  "dtype": c.dtype, "parallel": {"tp": tp, "pp": pp},
@@ -150,10 +128,7 @@ def run(cfg: config.Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_args(argv, "export", __doc__)
-    runtime.setup_logging(cfg.run.log_level)
-    run(cfg)
-    return 0
+    return stage.main(run, "export", __doc__, argv)
 
 
 if __name__ == "__main__":

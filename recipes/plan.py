@@ -22,8 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from recipes.lib import config
-from recipes.lib.arch import Arch
+from recipes.lib import config, stage
+from recipes.lib.arch import Arch, pruned_arch, validate_layout
 
 GB = 1024**3
 
@@ -93,16 +93,13 @@ def layouts(t: Arch, s: Arch, p: PlanConfig) -> list[dict]:
 def estimate(cfg: config.Config) -> dict:
     """All the numbers `plan` prints, as a dict. `cfg` has a typed `plan` and, if the recipe
     prunes, a typed `prune` section."""
-    from recipes.convert import validate
-    from recipes.prune import target_arch
-
     p: PlanConfig = cfg.plan
     teacher = teacher_arch(p.teacher_config)
     prune_cfg = cfg.get("prune")
-    student, drop = target_arch(teacher, prune_cfg) if prune_cfg else (teacher, None)
+    student, drop = pruned_arch(teacher, prune_cfg) if prune_cfg else (teacher, None)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    validate(teacher, tp, pp)
-    validate(student, tp, pp)
+    validate_layout(teacher, tp, pp)
+    validate_layout(student, tp, pp)
     nt, ns = teacher.num_params(), student.num_params()
     dp = max(p.gpus // (tp * pp), 1)
     steps = p.distill_tokens / (p.seq_length * p.global_batch_size)
@@ -157,10 +154,12 @@ def render(e: dict, p: PlanConfig) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_args(argv, "plan", __doc__, also=("prune",))
+def show(cfg: config.Config) -> None:
     print(render(estimate(cfg), cfg.plan))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.main(show, "plan", __doc__, argv, also=("prune",))
 
 
 if __name__ == "__main__":

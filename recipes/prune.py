@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import checkpoint, compat, config, mapping, runtime, tokens
-from recipes.lib.arch import Arch
+from recipes.lib import checkpoint, compat, config, mapping, runtime, stage, tokens
+from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, pruned_arch, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.prune")
-DEPTH_METHODS = ("drop_layers", "contiguous", "block_influence")
-WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -65,6 +63,9 @@ class PruneConfig:
     """Held-out (valid split) windows per contiguous-block candidate."""
     dtype: str = "bf16"
     """Compute and checkpoint dtype: fp32 | bf16."""
+    spec: str = "auto"
+    """Layer spec of the model the importance is measured on: auto (TE when present) | local |
+    te. ModelOpt prunes either (recipes/lib/compat.py teaches it the local spec)."""
 
     def __post_init__(self):
         if self.depth_method not in DEPTH_METHODS:
@@ -80,50 +81,6 @@ class PruneConfig:
         if self.calib_samples % self.micro_batch_size:
             raise ValueError(f"prune.calib_samples={self.calib_samples} is not a multiple of "
                              f"prune.micro_batch_size={self.micro_batch_size}")
-
-
-def target_arch(t: Arch, c: PruneConfig) -> tuple[Arch, list[int] | None]:
-    """The student architecture and the explicit 1-indexed drop list (if any); every error
-    a target can have is raised here, before any weights are loaded."""
-    new = {k: getattr(c, k) or getattr(t, k) for k in WIDTH_KEYS}
-    for k in WIDTH_KEYS:
-        if new[k] > getattr(t, k) or new[k] < 1:
-            raise ValueError(f"prune.{k}={new[k]} must be between 1 and the teacher's "
-                             f"{getattr(t, k)}")
-    if new["num_attention_heads"] % t.num_query_groups:
-        raise ValueError(f"prune.num_attention_heads={new['num_attention_heads']} must be a "
-                         f"multiple of the {t.num_query_groups} KV groups (ModelOpt keeps every "
-                         "group and trims heads within each)")
-    if new["hidden_size"] % new["num_attention_heads"]:
-        h, n = new["hidden_size"], new["num_attention_heads"]
-        raise ValueError(f"prune.hidden_size={h} is not a multiple of num_attention_heads={n}: "
-                         "transformers' LlamaConfig refuses such a model even with an explicit "
-                         f"head_dim, so it could not be exported; use {h // n * n} or "
-                         f"{(h // n + 1) * n}")
-    drop = None
-    layers = c.num_layers or t.num_layers
-    if c.depth_method == "drop_layers":
-        if not c.drop_layers:
-            raise ValueError("prune.depth_method=drop_layers needs prune.drop_layers=[...] "
-                             "(1-indexed, as in the paper)")
-        drop = [int(x) for x in c.drop_layers]
-        bad = [x for x in drop if not 1 <= x <= t.num_layers]
-        if bad:
-            raise ValueError(f"prune.drop_layers has {bad} outside 1..{t.num_layers} (the list is "
-                             f"1-indexed: HF model.layers.i is layer i+1)")
-        dups = sorted({x for x in drop if drop.count(x) > 1})
-        if dups:
-            raise ValueError(f"prune.drop_layers lists {dups} more than once")
-        if c.num_layers and c.num_layers != t.num_layers - len(drop):
-            raise ValueError(f"prune.num_layers={c.num_layers} but dropping {len(drop)} of "
-                             f"{t.num_layers} layers leaves {t.num_layers - len(drop)}")
-        layers = t.num_layers - len(drop)
-        if layers < 1:
-            raise ValueError("prune.drop_layers drops every layer")
-    elif not 1 <= layers <= t.num_layers:
-        raise ValueError(f"prune.num_layers={layers} must be between 1 and the teacher's "
-                         f"{t.num_layers}")
-    return Arch(**{**t.to_dict(), **new, "num_layers": layers}), drop
 
 
 def check_data(c: PruneConfig, data_manifest: dict, need_valid: bool) -> None:
@@ -193,21 +150,20 @@ def run(cfg: config.Config) -> dict:
                          "parallel.tp=1 parallel.pp=N, then distill at any TP/PP")
     src, out = Path(c.input), Path(c.output or Path(cfg.run.dir) / "prune")
     teacher = checkpoint.read_arch(src)
-    student, drop = target_arch(teacher, c)
+    student, drop = pruned_arch(teacher, c)
     n_drop = teacher.num_layers - student.num_layers
     data_manifest = read_manifest(c.data)
     check_data(c, data_manifest, need_valid=n_drop > 0 and c.depth_method == "contiguous")
-    from recipes.convert import validate
-
-    validate(teacher, tp, pp)
+    validate_layout(teacher, tp, pp)
+    runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine fails here
     if student.num_layers % pp:
         raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "
                          f"parallel.pp={pp} stages; choose a PP that divides both layer counts")
     src_manifest = read_manifest(src)
-    stage = StageDir("prune", out, fingerprint(c, {"input": src_manifest["fingerprint"],
+    sdir = StageDir("prune", out, fingerprint(c, {"input": src_manifest["fingerprint"],
                                                    "data": read_manifest(c.data)["fingerprint"],
                                                    "pp": pp, "seed": cfg.run.seed}), cfg.run.force)
-    if stage.already_done():
+    if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
     log.info("prune %s: %s -> %s (%.3fB -> %.3fB parameters)", src,
@@ -225,8 +181,8 @@ def run(cfg: config.Config) -> dict:
 
         from recipes.lib import model as M
 
-        tmp = stage.begin()
-        model = M.build(teacher, dtype=c.dtype, spec="local", init=False)
+        tmp = sdir.begin()
+        model = M.build(teacher, dtype=c.dtype, spec=c.spec, init=False)
         checkpoint.load(model, src / "checkpoint")
         calib = tokens.windows(c.data, "train", c.seq_length, c.calib_samples, cfg.run.seed)
         table = None
@@ -278,14 +234,8 @@ def run(cfg: config.Config) -> dict:
         runtime.on_rank0(lambda: _write_staging(hf, staging))
         hf = None  # free the gathered tensors before the streaming save
         runtime.barrier()
-        from recipes.convert import materializer
-
         reader = checkpoint.HFReader(staging, mapping.hf_names(student))
-        meta = M.build(student, dtype=c.dtype, spec="local", meta=True)
-        bar = tqdm(desc="save", unit="chunk", disable=not runtime.is_rank0())
-        checkpoint.save_streaming(meta, tmp / "checkpoint",
-                                  materializer(meta, student, reader, M.DTYPES[c.dtype], bar))
-        bar.close()
+        checkpoint.save_from_hf(student, reader, tmp / "checkpoint", c.dtype, "save")
         runtime.barrier()
 
         def finish():
@@ -303,7 +253,7 @@ def run(cfg: config.Config) -> dict:
             (tmp / "config.yaml").write_text(config.to_yaml(cfg))
 
         runtime.on_rank0(finish)
-        return stage.commit({
+        return sdir.commit({
             "input": {"path": str(src.resolve()), "manifest_fingerprint":
                       src_manifest["fingerprint"], "data": str(Path(c.data).resolve())},
             "arch": student.to_dict(), "num_params": student.num_params(),
@@ -316,17 +266,12 @@ def run(cfg: config.Config) -> dict:
 
 
 def _write_staging(hf: dict, folder: Path) -> None:
-    from recipes.export import write_hf
-
     folder.mkdir(parents=True)
-    write_hf(hf, folder, 2 << 30)
+    checkpoint.write_hf(hf, folder, 2 << 30)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_args(argv, "prune", __doc__)
-    runtime.setup_logging(cfg.run.log_level)
-    run(cfg)
-    return 0
+    return stage.main(run, "prune", __doc__, argv)
 
 
 if __name__ == "__main__":

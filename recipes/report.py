@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from recipes.lib import config, runtime  # noqa: E402
+from recipes.lib import config, stage  # noqa: E402
 from recipes.lib.stage import StageDir, fingerprint, read_manifest  # noqa: E402
 
 STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "export_pruned", "export",
@@ -215,21 +215,18 @@ def run(cfg: config.Config) -> dict:
     run_dir = Path(cfg.run.dir)
     out = Path(c.output or run_dir / "report")
     inputs = {k: v["fingerprint"] for k, v in _manifests(run_dir).items()}
-    stage = StageDir("report", out, fingerprint(c, inputs), cfg.run.force)
-    if stage.already_done():
+    sdir = StageDir("report", out, fingerprint(c, inputs), cfg.run.force)
+    if sdir.already_done():
         return read_manifest(out)
-    tmp = stage.begin()
+    tmp = sdir.begin()
     (tmp / "report.md").write_text(render(run_dir, tmp, c.title))
-    manifest = stage.commit({"input": inputs, "files": sorted(p.name for p in tmp.iterdir())})
+    manifest = sdir.commit({"input": inputs, "files": sorted(p.name for p in tmp.iterdir())})
     print(f"report: {out / 'report.md'}")
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_args(argv, "report", __doc__)
-    runtime.setup_logging(cfg.run.log_level)
-    run(cfg)
-    return 0
+    return stage.main(run, "report", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,13 @@ Output: <run.dir>/teacher_correction/{checkpoint/, logs/, manifest.json}.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
-from recipes.lib import checkpoint, config, runtime, train
-from recipes.lib.stage import read_manifest
+from recipes.lib import checkpoint, config, stage, train, train_stage
 
-log = logging.getLogger("recipes.teacher_correction")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -36,63 +33,33 @@ class TeacherCorrectionConfig(train.TrainConfig):
 def make_step_fn(vocab_size: int):
     from recipes.lib.kd import lm_loss
 
-    def make_step(training: bool):
-        def step(data_iter, m):
-            b = train.on_device(next(data_iter), m)
-            labels, mask = b["labels"], b["loss_mask"]
-            logits = m(b["tokens"], b["position_ids"], attention_mask=None)
+    def loss_func(labels, mask, output):
+        n = mask.sum()
+        total = (lm_loss(output, labels, vocab_size) * mask).sum()
+        return total, n.int(), {"lm_loss": torch.stack([total.detach(), n])}
 
-            def loss_func(output):
-                n = mask.sum()
-                total = (lm_loss(output, labels, vocab_size) * mask).sum()
-                return total, n.int(), {"lm_loss": torch.stack([total.detach(), n])}
-
-            return logits, loss_func
-
-        return step
-
-    return make_step
+    return train.forward_steps(loss_func)
 
 
 def run(cfg: config.Config) -> dict:
     c: TeacherCorrectionConfig = cfg.teacher_correction
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    train.check_precision(c)
-    src, out = Path(c.input), Path(c.output or Path(cfg.run.dir) / "teacher_correction")
-    arch = checkpoint.read_arch(src)
-    from recipes.convert import validate
+    models = {"input": c.input}
+    archs = train_stage.read_models(models, cfg)
 
-    validate(arch, tp, pp)
-    inputs = {"input": read_manifest(src)["fingerprint"],
-              "data": [read_manifest(d)["fingerprint"] for d in c.data]}
-    stage, resumable = train.training_stage("teacher_correction", c, out, inputs, cfg)
-    if stage.already_done():
-        log.info("%s is complete (same config): skipping", out)
-        return read_manifest(out)
-    with runtime.distributed(tp, pp, cfg.run.seed):
-        work = stage.begin(resumable=resumable)
+    def build(archs):
         from recipes.lib import model as M
 
-        kw = train.build_kwargs(c)
-        model = M.build(arch, **{**kw, "init": c.random_init})
+        arch = archs["input"]
+        model = M.build(arch, **{**train_stage.build_kwargs(c), "init": c.random_init})
         if not c.random_init:
-            checkpoint.load(model, src / "checkpoint")
-        final = train.train(c, work, model, make_step_fn(arch.vocab_size),
-                            {"stage": "teacher_correction"}, cfg.run.seed)
-        checkpoint.save(model, work / "checkpoint")
+            checkpoint.load(model, Path(c.input) / "checkpoint")
+        return model, make_step_fn(arch.vocab_size)
 
-        runtime.on_rank0(lambda: train.finish_stage(c, work, src, config.to_yaml(cfg)))
-        return stage.commit({
-            "input": {"path": str(src.resolve()), "data": [str(Path(d).resolve())
-                                                           for d in c.data], **inputs},
-            "arch": arch.to_dict(), "num_params": arch.num_params(), "dtype": kw["dtype"],
-            "precision": c.precision, "parallel": {"tp": tp, "pp": pp}, "metrics": final})
+    return train_stage.run("teacher_correction", cfg, c, models, archs, build, {})
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_args(argv, "teacher_correction", __doc__)
-    runtime.setup_logging(cfg.run.log_level)
-    return train.exit_code(run, cfg)
+    return stage.main(run, "teacher_correction", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,65 @@ def read_hf_config(path: Path) -> dict:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON ({e}); re-download the checkpoint") from e
+
+
+# ---- layouts and prune targets (used by every stage that builds a model, and by plan) --------
+WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads")
+DEPTH_METHODS = ("drop_layers", "contiguous", "block_influence")
+
+
+def validate_layout(arch: Arch, tp: int, pp: int) -> None:
+    """Parallel layout errors, before any weights are read."""
+    for what, n in (("num_attention_heads", arch.num_attention_heads),
+                    ("num_query_groups (KV heads)", arch.num_query_groups)):
+        if n % tp:
+            raise ValueError(f"parallel.tp={tp} does not divide {what}={n}; choose a TP that "
+                             f"divides both heads ({arch.num_attention_heads}) and KV groups "
+                             f"({arch.num_query_groups})")
+    if arch.num_layers % pp:
+        raise ValueError(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
+
+
+def pruned_arch(t: Arch, c) -> tuple[Arch, list[int] | None]:
+    """The student architecture for prune targets `c` (a `PruneConfig`: the WIDTH_KEYS,
+    num_layers, depth_method, drop_layers) and the explicit 1-indexed drop list (if any). Every
+    error a target can have is raised here, before any weights are loaded (prune and plan)."""
+    new = {k: getattr(c, k) or getattr(t, k) for k in WIDTH_KEYS}
+    for k in WIDTH_KEYS:
+        if new[k] > getattr(t, k) or new[k] < 1:
+            raise ValueError(f"prune.{k}={new[k]} must be between 1 and the teacher's "
+                             f"{getattr(t, k)}")
+    if new["num_attention_heads"] % t.num_query_groups:
+        raise ValueError(f"prune.num_attention_heads={new['num_attention_heads']} must be a "
+                         f"multiple of the {t.num_query_groups} KV groups (ModelOpt keeps every "
+                         "group and trims heads within each)")
+    if new["hidden_size"] % new["num_attention_heads"]:
+        h, n = new["hidden_size"], new["num_attention_heads"]
+        raise ValueError(f"prune.hidden_size={h} is not a multiple of num_attention_heads={n}: "
+                         "transformers' LlamaConfig refuses such a model even with an explicit "
+                         f"head_dim, so it could not be exported; use {h // n * n} or "
+                         f"{(h // n + 1) * n}")
+    drop = None
+    layers = c.num_layers or t.num_layers
+    if c.depth_method == "drop_layers":
+        if not c.drop_layers:
+            raise ValueError("prune.depth_method=drop_layers needs prune.drop_layers=[...] "
+                             "(1-indexed, as in the paper)")
+        drop = [int(x) for x in c.drop_layers]
+        bad = [x for x in drop if not 1 <= x <= t.num_layers]
+        if bad:
+            raise ValueError(f"prune.drop_layers has {bad} outside 1..{t.num_layers} (the list is "
+                             f"1-indexed: HF model.layers.i is layer i+1)")
+        dups = sorted({x for x in drop if drop.count(x) > 1})
+        if dups:
+            raise ValueError(f"prune.drop_layers lists {dups} more than once")
+        if c.num_layers and c.num_layers != t.num_layers - len(drop):
+            raise ValueError(f"prune.num_layers={c.num_layers} but dropping {len(drop)} of "
+                             f"{t.num_layers} layers leaves {t.num_layers - len(drop)}")
+        layers = t.num_layers - len(drop)
+        if layers < 1:
+            raise ValueError("prune.drop_layers drops every layer")
+    elif not 1 <= layers <= t.num_layers:
+        raise ValueError(f"prune.num_layers={layers} must be between 1 and the teacher's "
+                         f"{t.num_layers}")
+    return Arch(**{**t.to_dict(), **new, "num_layers": layers}), drop

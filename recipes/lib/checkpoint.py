@@ -5,6 +5,19 @@ between stages, and the sidecars every checkpoint folder of ours carries:
     <stage>/hf_config.json    the source HF config (token ids etc. for export)
     <stage>/tokenizer/        the source tokenizer files
     <stage>/manifest.json     with "arch": the architecture of the checkpoint
+
+Why convert streams with its own safetensors reader (`HFReader`, `save_from_hf`) instead of
+ModelOpt's `import_mcore_gpt_from_hf`: that importer fills a fully built megatron model, so the
+process holds every weight (plus the HF tensors it reads through mmap) before anything is written.
+Here the model is built on the meta device and megatron's checkpoint writer pulls one chunk at a
+time: peak RSS 0.40x a plain transformers load of the same 1.1B checkpoint (bench/convert.py),
+and an 8B converts on hosts with far less memory than the model. `safe_open(...).get_slice`
+would read the same bytes but through mmap, whose touched pages count towards the peak.
+
+Layer specs: checkpoints do not depend on the spec that wrote them. megatron's local spec maps
+its norm keys onto the TE spec's fused names (`linear_qkv.layer_norm_weight`, ...), so both
+write the same sharded keys; only TE's `_extra_state` (fp8 metadata) differs, and `load` allows
+exactly that difference and nothing else.
 """
 from __future__ import annotations
 
@@ -15,8 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
 
-from recipes.lib import compat
+from recipes.lib import compat, mapping, runtime
 from recipes.lib.arch import Arch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -136,15 +151,114 @@ def save_streaming(meta_model, directory: Path,
     dc.save(meta_model.sharded_state_dict(), str(directory), sharded_strategy=StreamingStrategy())
 
 
+# keys one layer spec has and the other lacks: TE modules' fp8 metadata (absent from local-spec
+# checkpoints, and unused by a local-spec model). Any other mismatch is an error.
+SPEC_ONLY_SUFFIX = "_extra_state"
+
+
+def _spec_only(key: str) -> bool:
+    return key.endswith(SPEC_ONLY_SUFFIX)
+
+
 def load(model, directory: Path) -> None:
-    """Load a torch_dist checkpoint into `model` at whatever TP/PP it was built; collective."""
+    """Load a torch_dist checkpoint into `model` at whatever TP/PP and layer spec it was built;
+    collective. Keys present on one side only are refused by name, except TE's `_extra_state`."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint "
                                 "(no metadata.json); point at <stage>/checkpoint of a finished "
                                 "stage")
-    state = _dist_ckpt().load(model.sharded_state_dict(), str(directory))
-    model.load_state_dict(state, strict=True)
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    # megatron's words: "unexpected" = the model asks, the checkpoint lacks; "missing" = the
+    # checkpoint has, the model does not ask
+    state, in_ckpt_only, in_model_only = _dist_ckpt().load(
+        model.sharded_state_dict(), str(directory), strict=StrictHandling.RETURN_ALL)
+    check_key_mismatch(directory, sorted(in_model_only), sorted(in_ckpt_only))
+    result = model.load_state_dict(state, strict=False)
+    check_key_mismatch(directory, result.missing_keys, result.unexpected_keys)
+
+
+def check_key_mismatch(directory, model_only: list[str], ckpt_only: list[str]) -> None:
+    bad_model = [k for k in model_only if not _spec_only(k)]
+    bad_ckpt = [k for k in ckpt_only if not _spec_only(k)]
+    if bad_model or bad_ckpt:
+        def show(keys):
+            return f"{keys[:4]}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+        raise KeyError(
+            f"{directory} does not match the model built from its manifest's architecture: "
+            + (f"the model needs {show(bad_model)} that the checkpoint lacks" if bad_model else "")
+            + ("; " if bad_model and bad_ckpt else "")
+            + (f"the checkpoint holds {show(bad_ckpt)} the model has no place for" if bad_ckpt
+               else "")
+            + ". Point the stage at the checkpoint's own stage folder (its manifest.json "
+              "describes it), or re-run the stage that wrote it")
+
+
+def materializer(meta_model, arch: Arch, reader: HFReader, dtype: torch.dtype, bar: tqdm):
+    """`materialize(sharded_key, global_offset, sizes)` for `save_streaming`: the chunk of a
+    megatron tensor, computed from the HF tensors it is made of (mapping.py)."""
+    rules = mapping.rule_by_megatron(arch)
+    by_key = {}  # sharded key (layer-less for layers) -> (rule, has a leading layer axis)
+    for name, sh in meta_model.sharded_state_dict().items():
+        if _spec_only(name):
+            continue
+        layer, pattern = mapping.split_layer_name(name)
+        pattern = mapping.TE_PARAM_ALIASES.get(pattern, pattern)
+        if pattern == "output_layer.weight" and arch.tie_embeddings:
+            pattern = "embedding.word_embeddings.weight"
+        by_key[sh.key] = (rules[pattern], layer is not None)
+    hf_of = {m: hs for _, m, hs in mapping.expand(arch)}
+    last = {"name": None, "tensor": None}  # gate and up halves of fc1 come in turn
+
+    def materialize(key: str, offset: tuple, sizes: tuple) -> torch.Tensor:
+        rule, layered = by_key[key]
+        name = rule.megatron.format(i=offset[0]) if layered else rule.megatron
+        rest = slice(1, None) if layered else slice(None)
+        if last["name"] != name:
+            last["tensor"] = None  # free before reading the next one
+            last["tensor"] = mapping.fuse(rule, [reader.get(h) for h in hf_of[name]],
+                                          arch).to(dtype)
+            last["name"] = name
+        chunk = last["tensor"][tuple(slice(o, o + n) for o, n in zip(offset[rest], sizes[rest]))]
+        bar.update()
+        return chunk.reshape(sizes).clone()
+
+    return materialize
+
+
+def save_from_hf(arch: Arch, reader: HFReader, directory: Path, dtype: str, desc: str) -> None:
+    """Write the HF tensors `reader` serves as a torch_dist checkpoint of `arch` at the runtime's
+    TP/PP, streaming (see the module docstring); collective. The structure comes from a
+    meta-device local-spec model: the keys it writes are the TE spec's too."""
+    from recipes.lib import model as M
+
+    meta = M.build(arch, dtype=dtype, spec="local", meta=True)
+    with tqdm(desc=desc, unit="chunk", disable=not runtime.is_rank0()) as bar:
+        save_streaming(meta, directory, materializer(meta, arch, reader, M.DTYPES[dtype], bar))
+
+
+def write_hf(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> list[str]:
+    """Sharded safetensors + model.safetensors.index.json (HF's own naming)."""
+    shards, cur, size = [], {}, 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = t, size + nbytes
+    shards.append(cur)
+    weight_map, files = {}, []
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        files.append(fname)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return files
 
 
 def write_sidecars(dst: Path, hf_config: dict, tokenizer_src: Path) -> None:

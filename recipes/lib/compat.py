@@ -311,12 +311,14 @@ def _teach_local_spec() -> None:
     from modelopt.torch.opt.dynamic import DynamicModule
     from modelopt.torch.prune.plugins import mcore_minitron as MM
 
-    @P.DMRegistry.register({torch.nn.RMSNorm: "torch.nn.RMSNorm"})
     class _DynamicTorchRMSNorm(_DynamicLayerNorm):
         def _setup(self, *, num_features):
             self._register_hparam("num_features", num_features)
             self._register_dynamic_attribute("weight", self._cut_to_active_features)
             self._register_dynamic_attribute("normalized_shape", self._get_normalized_shape)
+
+    if torch.nn.RMSNorm not in P.DMRegistry:  # a later ModelOpt may register it itself
+        P.DMRegistry.register({torch.nn.RMSNorm: "torch.nn.RMSNorm"})(_DynamicTorchRMSNorm)
 
     te_qkv, te_proj = P._DynamicTEQKVLayerNormColumnParallelLinear, P._DynamicTEProjRowParallelLinear
 
@@ -434,17 +436,20 @@ def _gloo_all_gather_into_tensor():
 
 
 def enable_modelopt() -> None:
-    """Make `mtp.prune(mode="mcore_minitron")` work here; idempotent. On a machine with
-    Transformer Engine nothing is changed."""
+    """Make `mtp.prune(mode="mcore_minitron")` work for both layer specs; idempotent. Without
+    Transformer Engine the plugin is imported with the TE stand-in; with TE it imports as is. In
+    both cases ModelOpt is taught the local spec (so `spec=local` prunes on a GPU machine too),
+    which leaves its own TE-spec handling untouched: each adapter defers to ModelOpt's code when
+    it meets a TE module."""
     global _MODELOPT_ENABLED
     if _MODELOPT_ENABLED:
         return
     apply()
     try:
         import transformer_engine  # noqa: F401
-
-        importlib.import_module("modelopt.torch.prune.plugins.mcore_minitron")
     except ImportError:
         _import_modelopt_plugins_without_te()
-        _teach_local_spec()
+    else:
+        importlib.import_module("modelopt.torch.prune.plugins.mcore_minitron")
+    _teach_local_spec()
     _MODELOPT_ENABLED = True

@@ -56,6 +56,13 @@ LLAMA_RULES = (
     Rule(L_MC + "mlp.linear_fc2.weight", (L_HF + "mlp.down_proj.weight",), TP.ROW),
 )
 
+# The TE layer spec fuses each norm into the linear after it: its parameter names (not its
+# checkpoint keys, which megatron keeps identical) differ from the local spec's rule names.
+TE_PARAM_ALIASES = {
+    L_MC + "self_attention.linear_qkv.layer_norm_weight": L_MC + "input_layernorm.weight",
+    L_MC + "mlp.linear_fc1.layer_norm_weight": L_MC + "pre_mlp_layernorm.weight",
+}
+
 
 def rules_for(arch: Arch) -> tuple[Rule, ...]:
     return tuple(r for r in LLAMA_RULES if not (r.untied_only and arch.tie_embeddings))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from recipes.lib import compat, mapping
+from recipes.lib import compat, mapping, runtime
 from recipes.lib.arch import Arch
 
 compat.apply()
@@ -23,20 +23,9 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def layer_spec(kind: str = "auto"):
-    """'local' (pure megatron-core, CPU and GPU) or 'te' (Transformer Engine, GPU); 'auto' picks
-    TE when it is importable. Both load the same checkpoints (megatron maps the keys)."""
-    if kind == "auto":
-        kind = "te" if have_te() else "local"
-    if kind == "te":
+    """The megatron layer spec `resolve_spec(kind)` names."""
+    if runtime.resolve_spec(kind) == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -109,6 +98,7 @@ def local_params(model: GPTModel, arch: Arch):
     off = layer_offset(model)
     for name, p in model.named_parameters():
         layer, pattern = mapping.split_layer_name(name)
+        pattern = mapping.TE_PARAM_ALIASES.get(pattern, pattern)
         if pattern == "output_layer.weight" and arch.tie_embeddings:
             pattern = "embedding.word_embeddings.weight"  # tied copy on the last PP stage
         if pattern not in rules:

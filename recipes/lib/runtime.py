@@ -141,3 +141,28 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+SPECS = ("auto", "local", "te")
+
+
+def resolve_spec(kind: str = "auto") -> str:
+    """The one place a layer spec is chosen, for every stage: 'local' (pure megatron-core, CPU
+    and GPU), 'te' (Transformer Engine, CUDA only) or 'auto' (TE where it is importable on a
+    CUDA machine, else local). Both load the same checkpoints (checkpoint.load)."""
+    if kind not in SPECS:
+        raise ValueError(f"spec={kind!r}; use one of {SPECS}")
+    if kind == "auto":
+        return "te" if have_te() else "local"
+    if kind == "te" and not have_te():
+        raise ValueError("spec=te needs Transformer Engine on a CUDA GPU (the NVIDIA container, "
+                         "docker/); use spec=auto or spec=local here")
+    return kind

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from recipes.lib import runtime
+from recipes.lib import config, runtime
 
 PACKAGES = ("torch", "megatron-core", "nvidia-modelopt", "transformers", "safetensors")
 
@@ -140,6 +141,27 @@ class StageDir:
             shutil.rmtree(old, ignore_errors=True)
         runtime.barrier()
         return full
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
+
+
+class Preempted(Exception):
+    """A training stage saved a checkpoint and stopped on a signal (exit EXIT_PREEMPTED)."""
+
+
+def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple = ()) -> int:
+    """Every stage's entry point: parse `--config` + overrides for `stage`, log on rank 0,
+    `run(cfg)`. Exit 0 when finished, EXIT_PREEMPTED when it saved and stopped on a signal (a
+    scheduler requeues; the rerun resumes)."""
+    cfg = config.parse_args(argv, stage, doc, also)
+    runtime.setup_logging(cfg.run.log_level)
+    try:
+        run(cfg)
+    except Preempted as e:
+        logging.getLogger(f"recipes.{stage}").warning("stopped: %s", e)
+        return EXIT_PREEMPTED
+    return 0
 
 
 def _iso(t: float) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -35,13 +36,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from recipes.lib import compat, runtime
+from recipes.lib.stage import Preempted
 
 log = logging.getLogger("recipes.train")
 PRECISIONS = ("fp32", "bf16", "fp8")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # changing these between restarts does not change the numbers a run produces
 OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
                "fault", "keep_checkpoints", "output", "preempt_signals"}
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -75,9 +77,16 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Gradient-norm clipping (0: off)."""
     precision: str = "bf16"
-    """fp32 | bf16 | fp8 (Transformer Engine, GPU only)."""
+    """fp32 | bf16 | fp8 (Transformer Engine, GPU only: bf16 parameters, fp8 matmuls)."""
     spec: str = "auto"
     """Layer spec: auto (TE when present) | local | te."""
+    fp8_recipe: str = "delayed"
+    """With precision=fp8: megatron's fp8 recipe, delayed | tensorwise (current scaling) |
+    mxfp8 | blockwise (the last two need Blackwell / Hopper-specific TE builds)."""
+    fp8_amax_history_len: int = 1024
+    """With fp8_recipe=delayed: amax history window (Megatron-LM / NeMo's 1024)."""
+    fp8_amax_compute_algo: str = "max"
+    """With fp8_recipe=delayed: max | most_recent over the history."""
     eval_interval: int = 100
     """Validate every this many steps (and at the end)."""
     eval_iters: int = 4
@@ -100,8 +109,20 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; use one of {PRECISIONS}")
+        if self.spec not in runtime.SPECS:
+            raise ValueError(f"spec={self.spec!r}; use one of {runtime.SPECS}")
+        if self.precision == "fp8" and self.spec == "local":
+            raise ValueError("precision=fp8 runs its matmuls in Transformer Engine, which the "
+                             "local spec does not use; use spec=auto (or te) with fp8, or "
+                             "precision=bf16 with spec=local")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"fp8_recipe={self.fp8_recipe!r}; use one of {FP8_RECIPES}")
+        if self.fp8_amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"fp8_amax_compute_algo={self.fp8_amax_compute_algo!r}; use max "
+                             "or most_recent")
         for k in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
-                  "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval"):
+                  "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval",
+                  "fp8_amax_history_len"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k}={getattr(self, k)} must be >= 1")
         if not 0 <= self.warmup_iters < self.train_iters:
@@ -116,56 +137,10 @@ class TrainConfig:
         if bad:
             raise ValueError(f"preempt_signals: {bad} are not signals a process can catch; use "
                              "names like SIGUSR1, SIGTERM")
+        Fault(self.fault)  # a malformed fault spec fails here, not at the step it names
         if self.data_weights is not None and len(self.data_weights) != len(self.data):
             raise ValueError(f"data_weights has {len(self.data_weights)} entries for "
                              f"{len(self.data)} data folders")
-
-
-def check_precision(c: TrainConfig) -> None:
-    """Before anything is loaded: fp8 needs Transformer Engine on a GPU."""
-    if c.precision == "fp8":
-        from recipes.lib.model import have_te
-
-        if not have_te():
-            raise ValueError("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
-                             "container, docker/); use precision=bf16 here")
-
-
-def training_stage(name: str, c: TrainConfig, out: Path, inputs: dict, cfg):
-    """Checks that need no model, then (StageDir, what must match to resume an unfinished run)."""
-    from recipes.lib.stage import StageDir, fingerprint
-
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    check_data(c)
-    check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
-    # operational fields (save cadence, signals, logging) leave a finished stage finished
-    stage = StageDir(name, out, fingerprint(c, {**inputs, "tp": tp, "pp": pp,
-                                                "seed": cfg.run.seed}, ignore=OPERATIONAL),
-                     cfg.run.force)
-    resumable = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in OPERATIONAL},
-                 **inputs, "tp": tp, "pp": pp, "seed": cfg.run.seed}
-    return stage, resumable
-
-
-def build_kwargs(c: TrainConfig) -> dict:
-    """M.build() arguments for the configured precision (fp8 = bf16 params + TE fp8 compute)."""
-    kw = {"dtype": "fp32" if c.precision == "fp32" else "bf16", "spec": c.spec, "init": False}
-    if c.precision == "fp8":
-        kw.update(fp8="hybrid", fp8_recipe="delayed")
-    return kw
-
-
-def finish_stage(c: TrainConfig, work: Path, src: Path, resolved_config: str) -> None:
-    """Rank 0, after the final checkpoint: sidecars from the input, training state removed
-    (unless keep_checkpoints), the resolved config written."""
-    from recipes.lib import checkpoint
-
-    checkpoint.copy_sidecars(src, work)
-    if not c.keep_checkpoints:
-        shutil.rmtree(work / "checkpoints")
-    shutil.rmtree(work / "cache", ignore_errors=True)
-    (work / "run.json").unlink()
-    (work / "config.yaml").write_text(resolved_config)
 
 
 def check_layout(c: TrainConfig, dp: int) -> int:
@@ -174,18 +149,6 @@ def check_layout(c: TrainConfig, dp: int) -> int:
         raise ValueError(f"global_batch_size={c.global_batch_size} is not divisible by "
                          f"micro_batch_size*DP={c.micro_batch_size}*{dp}")
     return c.global_batch_size // (c.micro_batch_size * dp)
-
-
-def check_data(c: TrainConfig) -> None:
-    from recipes.lib.stage import read_manifest
-
-    for d in c.data:
-        m = read_manifest(d)
-        for split in ("train", "valid"):
-            if m["tokens"][split] < c.seq_length + 1:
-                raise ValueError(f"{d}: the {split} split has {m['tokens'][split]} tokens, fewer "
-                                 f"than one sequence of {c.seq_length + 1}; add data or lower "
-                                 "seq_length")
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -227,6 +190,21 @@ def on_device(batch: dict, module) -> dict:
     out = {k: v.to(dev) for k, v in batch.items()}
     out["loss_mask"] = out["loss_mask"].float()
     return out
+
+
+def forward_steps(loss_func: Callable) -> Callable:
+    """`make_step(training)` -> megatron's forward_step_func: the model's forward on the batch's
+    tokens (labels never passed: the stage computes its losses) and, as the schedule's loss
+    function, `loss_func(labels, loss_mask, output)` -> (loss sum, token count, report)."""
+    def make_step(training: bool):
+        def step(data_iter, m):
+            b = on_device(next(data_iter), m)
+            logits = m(b["tokens"], b["position_ids"], attention_mask=None)
+            return logits, functools.partial(loss_func, b["labels"], b["loss_mask"])
+
+        return step
+
+    return make_step
 
 
 def micro_batches(ds, step: int, c: TrainConfig, n_micro: int) -> list[dict]:
@@ -303,7 +281,7 @@ def _set_rng_state(s: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_last: int,
-                    fault: str | None) -> None:
+                    fault: "Fault") -> None:
     from megatron.core import dist_checkpointing
 
     final = root / f"iter_{step:07d}"
@@ -318,8 +296,7 @@ def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_las
     with open(tmp / f"rng_rank{dist.get_rank()}.pkl", "wb") as f:
         pickle.dump(_rng_state(), f)
     runtime.barrier()
-    if fault == f"kill_in_save:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault.at("kill_in_save", step)
     if runtime.is_rank0():
         state = {"step": step, "scheduler": sched.state_dict(), **meta}
         (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
@@ -400,19 +377,30 @@ def reduce_report(reports: list[dict]) -> dict | None:
 
 
 # ---- preemption ---------------------------------------------------------------------------
-class Preempted(Exception):
-    """Training saved a checkpoint and stopped on a signal (see `exit_code`)."""
+class Fault:
+    """Fault injection for tests (`fault=KIND:STEP`), one call per place it can strike:
+    kill_after (SIGKILL after step STEP), kill_in_save (SIGKILL once the checkpoint of STEP is
+    written but before it is marked complete), signal_after (the last rank alone sends itself
+    SIGUSR1 after step STEP)."""
 
+    KINDS = ("kill_after", "kill_in_save", "signal_after")
 
-def exit_code(run: Callable, cfg) -> int:
-    """A training stage's entry point: `run(cfg)`; 0 when finished, EXIT_PREEMPTED when it saved
-    and stopped on a signal (a scheduler requeues; the rerun resumes)."""
-    try:
-        run(cfg)
-    except Preempted as e:
-        log.warning("stopped: %s", e)
-        return EXIT_PREEMPTED
-    return 0
+    def __init__(self, spec: str | None):
+        self.kind, self.step = None, None
+        if spec:
+            kind, _, step = spec.partition(":")
+            if kind not in self.KINDS or not step.isdigit():
+                raise ValueError(f"fault={spec!r}; use KIND:STEP with KIND one of {self.KINDS}")
+            self.kind, self.step = kind, int(step)
+
+    def at(self, kind: str, step: int) -> None:
+        if self.kind != kind or self.step != step:
+            return
+        if kind == "signal_after":
+            if dist.get_rank() == dist.get_world_size() - 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StopOnSignal:
@@ -477,8 +465,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     metrics = Metrics(work / "logs", step)
     fb = get_forward_backward_func()
     tokens_per_step = c.global_batch_size * c.seq_length
-    fault_kind, fault_step = (c.fault.split(":")[0], int(c.fault.split(":")[1])) if c.fault \
-        else (None, None)
+    fault = Fault(c.fault)
 
     def run_step(batches, training: bool):
         kw = {}
@@ -534,16 +521,13 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             if runtime.is_rank0() and rep:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in rep.items()}
                                 | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-            if fault_step == step and fault_kind == "kill_after":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault_step == step and fault_kind == "signal_after" \
-                    and dist.get_rank() == dist.get_world_size() - 1:
-                os.kill(os.getpid(), signal.SIGUSR1)
+            fault.at("kill_after", step)
+            fault.at("signal_after", step)
             stopping = stop.agreed() and step < c.train_iters
             if stopping or step % c.save_interval == 0 or step == c.train_iters:
                 save_checkpoint(ckpts, step, ddp, opt, sched,
                                 {"global_batch_size": c.global_batch_size, **meta},
-                                c.keep_last, c.fault)
+                                c.keep_last, fault)
             if stopping:
                 raise Preempted(
                     f"{stop.received or 'a signal on another rank'}: saved step {step} of "

@@ -1,0 +1,128 @@
+"""What the two training stages (`distill`, `teacher_correction`) share around the loop of
+recipes/lib/train.py: the checks that need no model, the stage folder and its resume marker, the
+precision-dependent build arguments, the final checkpoint and the order in which a finished run
+is committed. A stage supplies only its models and its loss.
+
+Finishing, in an order where a kill at any moment leaves a state that resumes or is committed:
+1. the final model checkpoint is written to `<work>/checkpoint` (atomically: checkpoint.save);
+2. sidecars and the resolved config are written beside it;
+3. the folder is committed (manifest written last, renamed into place: stage.StageDir.commit);
+4. only then is the training state removed from the committed folder (`cleanup`). A kill
+   between 3 and 4 leaves it behind; the next run of the same command finds the stage finished
+   and removes it then.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from recipes.lib import checkpoint, config, runtime, train
+from recipes.lib.arch import Arch, validate_layout
+from recipes.lib.stage import StageDir, fingerprint, read_manifest
+
+log = logging.getLogger("recipes.train")
+
+
+def check_precision(c: train.TrainConfig) -> None:
+    """Before anything is loaded: fp8 needs Transformer Engine on a GPU and the TE layer spec
+    (TrainConfig already refuses fp8 with spec=local)."""
+    if c.precision == "fp8" and runtime.resolve_spec(c.spec) != "te":
+        raise ValueError("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
+                         "container, docker/); use precision=bf16 here")
+
+
+def build_kwargs(c: train.TrainConfig, precision: str | None = None) -> dict:
+    """M.build() arguments for `precision` (default: the stage's): fp8 = bf16 parameters + TE
+    fp8 compute with the configured recipe."""
+    precision = precision or c.precision
+    kw = {"dtype": "fp32" if precision == "fp32" else "bf16", "spec": c.spec, "init": False}
+    if precision == "fp8":
+        kw.update(fp8_recipe_kwargs(c))
+    return kw
+
+
+def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
+    """megatron TransformerConfig fields of the fp8 recipe (recorded in the manifest as is)."""
+    return {"fp8": "hybrid", "fp8_recipe": c.fp8_recipe,
+            "fp8_amax_history_len": c.fp8_amax_history_len,
+            "fp8_amax_compute_algo": c.fp8_amax_compute_algo}
+
+
+def check_data(c: train.TrainConfig) -> None:
+    for d in c.data:
+        m = read_manifest(d)
+        for split in ("train", "valid"):
+            if m["tokens"][split] < c.seq_length + 1:
+                raise ValueError(f"{d}: the {split} split has {m['tokens'][split]} tokens, fewer "
+                                 f"than one sequence of {c.seq_length + 1}; add data or lower "
+                                 "seq_length")
+
+
+def read_models(models: dict[str, str], cfg: config.Config) -> dict[str, Arch]:
+    """{role: architecture} of the checkpoint stage folders a training stage reads, each checked
+    against the parallel layout."""
+    archs = {role: checkpoint.read_arch(path) for role, path in models.items()}
+    for a in archs.values():
+        validate_layout(a, cfg.parallel.tp, cfg.parallel.pp)
+    return archs
+
+
+def run(name: str, cfg: config.Config, c: train.TrainConfig, models: dict[str, str],
+        archs: dict[str, Arch], build: Callable[[dict[str, Arch]], tuple],
+        manifest: dict) -> dict:
+    """The whole training stage: `models` = {role: stage folder} with role "input" the model
+    trained; `build(archs)` (inside the process groups) returns (model, make_step) for
+    train.train; `manifest` adds the stage's own fields."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    check_precision(c)
+    check_data(c)
+    train.check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
+    out = Path(c.output or Path(cfg.run.dir) / name)
+    inputs = {role: read_manifest(p)["fingerprint"] for role, p in models.items()}
+    inputs["data"] = [read_manifest(d)["fingerprint"] for d in c.data]
+    extra = {**inputs, "tp": tp, "pp": pp, "seed": cfg.run.seed}
+    # operational fields (save cadence, signals, logging) leave a finished stage finished
+    stage = StageDir(name, out, fingerprint(c, extra, ignore=train.OPERATIONAL), cfg.run.force)
+    if stage.already_done():
+        runtime.on_rank0(lambda: cleanup(out, c.keep_checkpoints))
+        log.info("%s is complete (same config): skipping", out)
+        return read_manifest(out)
+    resumable = {**{k: v for k, v in dataclasses.asdict(c).items()
+                    if k not in train.OPERATIONAL}, **extra}
+    src = Path(models["input"])
+    with runtime.distributed(tp, pp, cfg.run.seed):
+        work = stage.begin(resumable=resumable)
+        model, make_step = build(archs)
+        log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src, c.train_iters,
+                 c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
+        final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed)
+        checkpoint.save(model, work / "checkpoint")  # ModelOpt hides a KD teacher here
+
+        def sidecars():
+            checkpoint.copy_sidecars(src, work)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            (work / "config.yaml").write_text(config.to_yaml(cfg))
+
+        runtime.on_rank0(sidecars)
+        arch = archs["input"]
+        done = stage.commit({
+            "input": {**{("path" if r == "input" else r): str(Path(p).resolve())
+                         for r, p in models.items()},
+                      "data": [str(Path(d).resolve()) for d in c.data], **inputs},
+            "arch": arch.to_dict(), "num_params": arch.num_params(),
+            "dtype": build_kwargs(c)["dtype"], "precision": c.precision,
+            "fp8": fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
+            "parallel": {"tp": tp, "pp": pp}, **manifest, "metrics": final})
+        runtime.on_rank0(lambda: cleanup(out, c.keep_checkpoints))
+        return done
+
+
+def cleanup(out: Path, keep_checkpoints: bool) -> None:
+    """Remove a committed training stage's resume state (idempotent; see the module doc)."""
+    if not keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "run.json").unlink(missing_ok=True)
