@@ -12,7 +12,7 @@ PYV=${2:-3.12}
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 # what the recipe imports that such an image lacks (each with its own missing requirements)
 NEED="megatron-core nvidia-modelopt omegaconf PuLP pydantic pydantic_core annotated-types
-typing-inspection transformers huggingface_hub tokenizers httpx2 httpcore2 truststore"
+typing-inspection transformers huggingface_hub tokenizers httpx2 httpcore2 truststore tensorboard"
 pins=()
 for n in $NEED; do
   pin=$(grep -ihE "^${n//[-_]/[-_]}==" requirements.lock requirements-engine.txt | head -n 1)

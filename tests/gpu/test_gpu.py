@@ -1,4 +1,6 @@
-"""GPU-only checks (skipped without CUDA): TE spec vs local spec, bf16 and fp8 distillation."""
+"""GPU-only checks (skipped without CUDA): TE spec vs local spec logits, the first distillation
+steps' KD loss on the GPU (bf16, fp8) vs the CPU local-spec value on the same tiny models and
+data, the benchmark path, and save-on-signal + exact resume with CUDA state."""
 import json
 import subprocess
 import sys
@@ -6,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from recipes.lib.model import have_te
+from recipes.lib.runtime import have_te
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.gpu
@@ -29,6 +31,47 @@ def test_te_spec_matches_local_spec(hf_models, tmp_path):
             checkpoint.load(m, tmp_path / "convert" / "checkpoint")
             out[spec] = M.forward_logits(m, tokens, arch.vocab_size)
     torch.testing.assert_close(out["te"], out["local"], atol=2e-3, rtol=1e-3)
+
+
+# relative tolerance of the GPU's KD losses against the CPU's fp32 local-spec values: bf16
+# weights and matmuls (~3 significant digits), fp8 matmuls on top
+KD_RTOL = {"bf16": 5e-2, "fp8": 1.5e-1}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_first_kd_losses_match_the_cpu(trained_run, tmp_path, precision):
+    """The held-out KD loss before training and the first two steps' KD losses, on the GPU with
+    the spec `auto` picks (TE where installed) in `precision`, equal the CPU's fp32 local-spec
+    values on the same pruned student, teacher and data."""
+    if precision == "fp8" and not have_te():
+        pytest.skip("fp8 needs Transformer Engine")
+    import os
+
+    from recipes import prune
+    from tests.stages.test_distill import args, metrics
+
+    prune.main(["--config", TINY, f"run.dir={trained_run['run']}",
+                f"convert.hf_path={trained_run['hf']}"])
+    short = ["distill.train_iters=2", "distill.eval_interval=2"]
+    cpu = subprocess.run([sys.executable, "-m", "recipes.distill",
+                          *args(trained_run, tmp_path / "cpu", *short, "distill.spec=local",
+                                "distill.precision=fp32")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    gpu = subprocess.run([sys.executable, "-m", "recipes.distill",
+                          *args(trained_run, tmp_path / "gpu", *short,
+                                f"distill.precision={precision}")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert gpu.returncode == 0, gpu.stderr[-3000:]
+    manifest = json.loads((tmp_path / "gpu" / "manifest.json").read_text())
+    assert manifest["precision"] == precision
+    assert (manifest["fp8"] or {}).get("fp8") == ("hybrid" if precision == "fp8" else None)
+    want, got = metrics(tmp_path / "cpu"), metrics(tmp_path / "gpu")
+    pairs = [(want[0]["valid_kd_loss"], got[0]["valid_kd_loss"])]  # step 0: before any update
+    pairs += [(w["kd_loss"], g["kd_loss"]) for w, g in zip(want[1:3], got[1:3])]
+    for w, g in pairs:
+        assert g == pytest.approx(w, rel=KD_RTOL[precision]), (precision, pairs)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
