@@ -81,10 +81,17 @@ def test_pp2_convert_and_export(hf_models, tmp_path, variant):
 def test_rerun_is_skipped_and_force_redoes(hf_models, tmp_path):
     args = ["--config", TINY, f"run.dir={tmp_path}", f"convert.hf_path={hf_models['tied']}"]
     convert.main(args)
-    mf = tmp_path / "convert" / "manifest.json"
-    first = json.loads(mf.read_text())
+    out = tmp_path / "convert"
+    first = json.loads((out / "manifest.json").read_text())
+    good_config = (out / "hf_config.json").read_bytes()
+    # tamper with the finished output: a skipped rerun leaves it, a forced one rebuilds it
+    (out / "hf_config.json").write_text("{}")
+    (out / "stray.txt").write_text("not ours")
     convert.main(args)
-    assert json.loads(mf.read_text())["started"] == first["started"]  # skipped: untouched
+    assert json.loads((out / "manifest.json").read_text())["started"] == first["started"]
+    assert (out / "stray.txt").exists()  # skipped: untouched
     convert.main(args + ["run.force=true"])
-    assert json.loads(mf.read_text())["ended"] >= first["ended"]
+    assert not (out / "stray.txt").exists()  # a new folder replaced the old one
+    assert (out / "hf_config.json").read_bytes() == good_config
+    assert json.loads((out / "manifest.json").read_text())["fingerprint"] == first["fingerprint"]
     assert not list(tmp_path.glob(".convert.*"))  # no temp or old folders left behind

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import distill, export, prune
-from recipes.lib import tokens, train
+from recipes.lib import stage, tokens
 from tests.conftest import ROOT, TINY, torchrun
 
 
@@ -140,7 +140,7 @@ def test_finished_run_ignores_operational_changes_but_not_the_seed(pruned, strai
 def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, tmp_path):
     """SIGUSR1 after step 6 (save_interval 4): a checkpoint at 6, exit 75, resume from 6."""
     stderr = run_subprocess(args(pruned, tmp_path / "d", "distill.fault=signal_after:6"),
-                            rc=train.EXIT_PREEMPTED)
+                            rc=stage.EXIT_PREEMPTED)
     assert "SIGUSR1: saved step 6 of 8" in stderr
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000004", "iter_0000006"]
@@ -159,7 +159,7 @@ def test_sigterm_from_outside_saves_the_step_it_stops_at(pruned, tmp_path):
         assert p.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
-    stderr = finish(p, err, train.EXIT_PREEMPTED)
+    stderr = finish(p, err, stage.EXIT_PREEMPTED)
     last = metrics(tmp_path / ".d.tmp")[-1]["step"]
     assert 2 <= last < 400
     assert f"SIGTERM: saved step {last} of 400" in stderr

@@ -13,6 +13,7 @@ from recipes import export, prune
 from recipes.lib import tokens
 from recipes.lib.arch import Arch
 from tests.conftest import TINY, torchrun
+from tests.stages.test_convert_export import hf_state
 
 SEQ = 64  # prune.seq_length in conf/tiny.yaml
 
@@ -123,17 +124,42 @@ def test_contiguous_depth_matches_brute_force(trained_run, tmp_path):
         assert row["loss"] == pytest.approx(brute[row["drop_layers"][0]], abs=1e-4)
 
 
+def kept_teacher_layers(teacher_hf, student_hf):
+    """For each student layer, the teacher layer whose weights it holds (depth-only prune:
+    kept layers keep their values), read from the weights themselves."""
+    t, s = hf_state(teacher_hf), hf_state(student_hf)
+    n_t = 1 + max(int(k.split(".")[2]) for k in t if k.startswith("model.layers."))
+    n_s = 1 + max(int(k.split(".")[2]) for k in s if k.startswith("model.layers."))
+    key = "model.layers.{}.mlp.down_proj.weight"
+
+    def values(sd, i):  # ModelOpt may reorder channels by importance: compare the multiset
+        return sd[key.format(i)].flatten().sort().values
+
+    return [next(j for j in range(n_t) if torch.equal(values(s, i), values(t, j)))
+            for i in range(n_s)]
+
+
 def test_drop_layers_and_block_influence(trained_run, tmp_path):
+    full_width = ["prune.hidden_size=64", "prune.ffn_hidden_size=96",
+                  "prune.num_attention_heads=4"]  # the teacher's: only depth changes
     m = run_prune(trained_run, tmp_path / "d", "prune.depth_method=drop_layers",
-                  "prune.drop_layers=[2,3]")
+                  "prune.drop_layers=[2,3]", *full_width)
     assert m["arch"]["num_layers"] == 2 and m["depth"]["hf_layers_dropped_0indexed"] == [1, 2]
+    assert kept_teacher_layers(trained_run["hf"], export_hf(
+        trained_run, tmp_path / "d", tmp_path / "dh")) == [0, 3]
     b = run_prune(trained_run, tmp_path / "b", "prune.depth_method=block_influence",
-                  "prune.num_layers=3")
+                  "prune.num_layers=3", *full_width)
     assert b["arch"]["num_layers"] == 3 and len(b["depth"]["drop_layers_1indexed"]) == 1
+    # what ModelOpt removed, from the weights, agrees with what the manifest says...
+    kept = kept_teacher_layers(trained_run["hf"], export_hf(trained_run, tmp_path / "b",
+                                                             tmp_path / "bh"))
+    dropped = sorted(set(range(4)) - set(kept))
+    assert kept == sorted(kept) and len(dropped) == 1
+    assert b["depth"]["hf_layers_dropped_0indexed"] == dropped
+    # ...and is the layer with the lowest block influence (1 - cosine of its input and output)
     scores = json.loads((tmp_path / "b" / "importance.json").read_text())[
         "layer_scores_block_influence"]
-    lowest = min(scores, key=scores.get)
-    assert b["depth"]["drop_layers_1indexed"] == [int(lowest)]
+    assert int(min(scores, key=scores.get)) == dropped[0] + 1
 
 
 def test_pp2_gives_the_same_pruned_weights(trained_run, tmp_path):

@@ -1,0 +1,92 @@
+"""One function chooses the layer spec for every stage; fp8 and spec combinations are refused
+before any work; checkpoints load across specs with exactly TE's `_extra_state` allowed."""
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from recipes.lib import checkpoint, runtime, train
+from tests.conftest import ROOT
+
+NO_TE = importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not NO_TE, reason="a machine with TE picks te")
+def test_auto_is_local_without_te_and_te_is_refused():
+    assert runtime.resolve_spec("auto") == "local"
+    assert runtime.resolve_spec("local") == "local"
+    with pytest.raises(ValueError, match="spec=te needs Transformer Engine"):
+        runtime.resolve_spec("te")
+    with pytest.raises(ValueError, match="spec='fast'; use one of"):
+        runtime.resolve_spec("fast")
+
+
+def test_every_stage_resolves_its_spec_through_runtime():
+    """No stage hard-codes a spec for a model it computes with (convert's meta-device writer
+    excepted: it only supplies checkpoint keys, which both specs share)."""
+    for stage in ("prune", "export"):
+        text = (ROOT / "recipes" / f"{stage}.py").read_text()
+        assert 'spec="local"' not in text, stage
+        assert "spec=c.spec" in text and "runtime.resolve_spec(c.spec)" in text, stage
+
+
+def tc(**kw):
+    return train.TrainConfig(input="-", data=["-"], train_iters=4, warmup_iters=1, **kw)
+
+
+def test_fp8_with_the_local_spec_is_refused_at_config_time():
+    with pytest.raises(ValueError, match="precision=fp8 runs its matmuls in Transformer Engine"):
+        tc(precision="fp8", spec="local")
+    with pytest.raises(ValueError, match="fp8_recipe='fancy'"):
+        tc(precision="fp8", fp8_recipe="fancy")
+    with pytest.raises(ValueError, match="fault='kill:3'"):
+        tc(fault="kill:3")
+
+
+@pytest.mark.skipif(not NO_TE, reason="with TE fp8 is allowed")
+def test_fp8_without_te_is_refused_before_loading():
+    from recipes.lib import train_stage
+
+    with pytest.raises(ValueError, match="precision=fp8 needs Transformer Engine"):
+        train_stage.check_precision(tc(precision="fp8"))
+
+
+def test_fp8_builds_the_student_in_fp8_and_the_teacher_in_bf16():
+    from recipes.distill import DistillConfig
+    from recipes.lib import train_stage
+
+    c = DistillConfig(input="-", teacher="-", data=["-"], train_iters=4, warmup_iters=1,
+                      precision="fp8", fp8_recipe="tensorwise")
+    assert c.teacher_precision == "bf16"
+    student = train_stage.build_kwargs(c)
+    teacher = train_stage.build_kwargs(c, c.teacher_precision)
+    assert student["fp8"] == "hybrid" and student["fp8_recipe"] == "tensorwise"
+    assert student["dtype"] == teacher["dtype"] == "bf16" and "fp8" not in teacher
+    both = DistillConfig(input="-", teacher="-", data=["-"], train_iters=4, warmup_iters=1,
+                         precision="fp8", teacher_precision="fp8")
+    assert train_stage.build_kwargs(both, both.teacher_precision)["fp8"] == "hybrid"
+    fp32 = DistillConfig(input="-", teacher="-", data=["-"], train_iters=4, warmup_iters=1,
+                         precision="fp32")
+    assert fp32.teacher_precision == "fp32"  # exact CPU tests keep an fp32 teacher
+
+
+def test_key_mismatch_allows_only_te_extra_state():
+    extra = ["decoder.layers.0.self_attention.linear_qkv._extra_state",
+             "decoder.layers.self_attention.core_attention._extra_state"]
+    checkpoint.check_key_mismatch("ckpt", extra, extra[:1])  # TE <-> local: fine
+    with pytest.raises(KeyError, match=r"model needs \['output_layer.weight'\]"):
+        checkpoint.check_key_mismatch("ckpt", [*extra, "output_layer.weight"], [])
+    with pytest.raises(KeyError, match=r"checkpoint holds \['decoder.layers.9.mlp"):
+        checkpoint.check_key_mismatch("ckpt", [], ["decoder.layers.9.mlp.linear_fc1.weight"])
+
+
+def test_peak_flops_table_never_borrows_another_chip():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_distill import peak_tflops
+
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA GH200 480GB", "fp8") == 1979.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp8") is None  # no fp8 on Ampere
+    assert peak_tflops("NVIDIA L40S", "bf16") is None  # unknown: MFU omitted
