@@ -18,7 +18,7 @@ from pathlib import Path
 
 from recipes.lib import checkpoint, config, mapping, runtime, stage
 from recipes.lib.arch import Arch, read_hf_config, validate_layout
-from recipes.lib.stage import StageDir, fingerprint, read_manifest, sha256_file
+from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.convert")
 
@@ -32,7 +32,8 @@ class ConvertConfig:
     dtype: str = "bf16"
     """Parameter dtype of the checkpoint: fp32 | bf16 (Llama ships bf16)."""
     hash_weights: bool = True
-    """Record the sha256 of every safetensors shard in the manifest (reads the files once)."""
+    """Record the sha256 of every input file in the manifest and compare them on a rerun (reads
+    the files once per run); size and mtime are always compared."""
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
@@ -49,8 +50,10 @@ def run(cfg: config.Config) -> dict:
     arch = Arch.from_hf_config(hf_cfg, str(hf_path / "config.json"))
     validate_layout(arch, tp, pp)
     reader = checkpoint.HFReader(hf_path, mapping.hf_names(arch))
-    sdir = StageDir("convert", out, fingerprint(c, {"hf_config": hf_cfg, "tp": tp, "pp": pp}),
-                     cfg.run.force)
+    # hash_weights only decides how inputs are checked: it leaves a finished stage finished
+    sdir = StageDir("convert", out, fingerprint(c, {"tp": tp, "pp": pp}, ignore={"hash_weights"}),
+                    cfg.run.force,
+                    inputs={"hf_path": checkpoint.hf_files(hf_path)}, hash_files=c.hash_weights)
     if sdir.already_done():
         log.info("%s is complete (same config): skipping; pass run.force=true to redo", out)
         return read_manifest(out)
@@ -63,11 +66,9 @@ def run(cfg: config.Config) -> dict:
         if runtime.is_rank0():
             checkpoint.write_sidecars(tmp, hf_cfg, hf_path)
             (tmp / "config.yaml").write_text(config.to_yaml(cfg))
-        sources = {p.name: sha256_file(p) for p in [hf_path / "config.json", *reader.files()]} \
-            if c.hash_weights and runtime.is_rank0() else {}
         peak_mb = runtime.peak_rss_mb()
         manifest = sdir.commit({
-            "input": {"hf_path": str(hf_path.resolve()), "sha256": sources},
+            "input": {"hf_path": str(hf_path.resolve())},
             "arch": arch.to_dict(), "num_params": arch.num_params(),
             "parallel": {"tp": tp, "pp": pp}, "dtype": c.dtype,
             "metrics": {"peak_rss_mb_rank0": round(peak_mb, 1)},

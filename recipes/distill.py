@@ -106,7 +106,7 @@ def make_step_fn(model, vocab_size: int, skip_lm_loss: bool, intermediate: bool)
 def run(cfg: config.Config) -> dict:
     c: DistillConfig = cfg.distill
     models = {"input": c.input, "teacher": c.teacher}
-    archs = train_stage.read_models(models, cfg)
+    archs = train_stage.read_models("distill", models, cfg)
     student_arch, teacher_arch = archs["input"], archs["teacher"]
     if student_arch.vocab_size != teacher_arch.vocab_size:
         raise ValueError(f"student vocab {student_arch.vocab_size} != teacher vocab "

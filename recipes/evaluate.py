@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import config, stage, tokens
-from recipes.lib.stage import StageDir, fingerprint, read_manifest, sha256_file
+from recipes.lib import checkpoint, config, stage, tokens
+from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.evaluate")
 
@@ -101,12 +101,10 @@ def lm_eval(models: dict, tasks: list[str]) -> dict:
     return results
 
 
-def identity(folder: Path) -> str:
-    """What makes a model folder this model: our export's manifest, else config + weights index."""
-    for f in ("manifest.json", "model.safetensors.index.json", "model.safetensors"):
-        if (folder / f).is_file():
-            return sha256_file(folder / f) + sha256_file(folder / "config.json")
-    return sha256_file(folder / "config.json")
+def model_input(folder: Path):
+    """What identifies a model folder as an input: our export (its manifest), else its HF files."""
+    folder = Path(folder)
+    return folder if (folder / "manifest.json").is_file() else checkpoint.hf_files(folder)
 
 
 def run(cfg: config.Config) -> dict:
@@ -118,15 +116,14 @@ def run(cfg: config.Config) -> dict:
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"evaluate.models.{name}={path} is not an HF model folder "
                                     "(no config.json); run export first")
-    data_manifest = read_manifest(c.data)
+    data_manifest = read_manifest(c.data, ("data",), "evaluate.data")
     avail = tokens.available_windows(data_manifest["tokens"]["test"], c.seq_length)
     if avail < 1:
         raise ValueError(f"the test split of {c.data} has fewer than {c.seq_length + 1} tokens; "
                          "lower evaluate.seq_length")
-    ids = {name: identity(Path(p)) for name, p in c.models.items()}
-    sdir = StageDir("evaluate", out, fingerprint(c, {"models": ids,
-                                                      "data": data_manifest["fingerprint"]}),
-                     cfg.run.force)
+    sdir = StageDir("evaluate", out, fingerprint(c), cfg.run.force,
+                    inputs={**{f"models.{k}": model_input(p) for k, p in c.models.items()},
+                            "data": c.data})
     if sdir.already_done():
         return read_manifest(out)
     tmp = sdir.begin()

@@ -22,7 +22,7 @@ import torch
 
 from recipes.lib import checkpoint, config, runtime, stage
 from recipes.lib.arch import validate_layout
-from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.export")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -69,12 +69,12 @@ def run(cfg: config.Config) -> dict:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     src = Path(c.input)
     out = Path(c.output or Path(cfg.run.dir) / "export")
-    src_manifest = read_manifest(src)  # errors if the input stage never finished
+    src_manifest = read_manifest(src, CHECKPOINT_STAGES, "export.input")
     arch = checkpoint.read_arch(src)
     validate_layout(arch, tp, pp)
     runtime.resolve_spec(c.spec)
-    sdir = StageDir("export", out, fingerprint(c, {"input": src_manifest["fingerprint"],
-                                                    "tp": tp, "pp": pp}), cfg.run.force)
+    sdir = StageDir("export", out, fingerprint(c, {"tp": tp, "pp": pp}), cfg.run.force,
+                    inputs={"input": src})
     if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
@@ -101,6 +101,10 @@ def run(cfg: config.Config) -> dict:
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
             for f in (src / "tokenizer").iterdir():
                 (tmp / f.name).write_bytes(f.read_bytes())
+            tc = tmp / "tokenizer_config.json"
+            if tc.is_file() and "auto_map" in (tok_cfg := json.loads(tc.read_text())):
+                tok_cfg.pop("auto_map")  # remote tokenizer code: not part of a plain export
+                tc.write_text(json.dumps(tok_cfg, indent=2) + "\n")
             if not (tmp / "generation_config.json").exists():
                 (tmp / "generation_config.json").write_text(json.dumps(
                     {k: base[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")

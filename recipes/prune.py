@@ -152,17 +152,16 @@ def run(cfg: config.Config) -> dict:
     teacher = checkpoint.read_arch(src)
     student, drop = pruned_arch(teacher, c)
     n_drop = teacher.num_layers - student.num_layers
-    data_manifest = read_manifest(c.data)
+    data_manifest = tokens.data_manifest(c.data, teacher.vocab_size, "prune.data")
     check_data(c, data_manifest, need_valid=n_drop > 0 and c.depth_method == "contiguous")
     validate_layout(teacher, tp, pp)
     runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine fails here
     if student.num_layers % pp:
         raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "
                          f"parallel.pp={pp} stages; choose a PP that divides both layer counts")
-    src_manifest = read_manifest(src)
-    sdir = StageDir("prune", out, fingerprint(c, {"input": src_manifest["fingerprint"],
-                                                   "data": read_manifest(c.data)["fingerprint"],
-                                                   "pp": pp, "seed": cfg.run.seed}), cfg.run.force)
+    src_manifest = read_manifest(src, ("convert", "teacher_correction"), "prune.input")
+    sdir = StageDir("prune", out, fingerprint(c, {"pp": pp, "seed": cfg.run.seed}),
+                    cfg.run.force, inputs={"input": src, "data": c.data})
     if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)

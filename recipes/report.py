@@ -215,7 +215,9 @@ def run(cfg: config.Config) -> dict:
     run_dir = Path(cfg.run.dir)
     out = Path(c.output or run_dir / "report")
     inputs = {k: v["fingerprint"] for k, v in _manifests(run_dir).items()}
-    sdir = StageDir("report", out, fingerprint(c, inputs), cfg.run.force)
+    sdir = StageDir("report", out, fingerprint(c), cfg.run.force,
+                    inputs={k: run_dir / k for k in inputs if (run_dir / k).resolve()
+                            != out.resolve()})
     if sdir.already_done():
         return read_manifest(out)
     tmp = sdir.begin()

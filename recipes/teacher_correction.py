@@ -44,7 +44,7 @@ def make_step_fn(vocab_size: int):
 def run(cfg: config.Config) -> dict:
     c: TeacherCorrectionConfig = cfg.teacher_correction
     models = {"input": c.input}
-    archs = train_stage.read_models(models, cfg)
+    archs = train_stage.read_models("teacher_correction", models, cfg)
 
     def build(archs):
         from recipes.lib import model as M

@@ -1,19 +1,29 @@
 """Stage output directories and manifests.
 
-A stage builds its output in `<out>.tmp/`, writes `manifest.json` there last, then renames the
+A stage builds its output in `.<out>.tmp/`, writes `manifest.json` there last, then renames the
 folder into place: `<out>/manifest.json` existing means the stage finished. A finished stage with
-the same fingerprint (resolved config + input manifest) is skipped; a different one is refused
-unless `run.force=true`; nothing already written is half-overwritten.
+the same fingerprint (resolved config) and the same input signatures is skipped; one with another
+config, or whose inputs changed since, is refused unless `run.force=true`; nothing already written
+is half-overwritten.
+
+Input signatures (`signature`): a stage folder is the sha256 of its manifest.json (which changes
+whenever that stage re-ran); a file is its size and mtime (plus its sha256 where a stage hashes).
+Locking: rank 0 holds an exclusive `flock` on `.<out>.lock` from the first check until commit (or
+exit), so a second run on the same folder fails at once naming the holder. flock is per host
+on local filesystems; across nodes it holds on NFSv4 (emulated with POSIX locks) and on Lustre
+mounted with `-o flock`, not on filesystems mounted with `localflock` or `noflock`.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -39,12 +49,48 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_manifest(stage_dir: Path) -> dict:
+CHECKPOINT_STAGES = ("convert", "teacher_correction", "prune", "distill")
+
+
+def read_manifest(stage_dir: Path, stages: tuple[str, ...] | None = None,
+                  key: str | None = None) -> dict:
+    """The manifest of a finished stage folder; with `stages`, one of those stages' (`key`, the
+    config key that named the folder, goes into the error)."""
     f = Path(stage_dir) / "manifest.json"
     if not f.is_file():
         raise FileNotFoundError(f"{stage_dir} has no manifest.json: it is not a finished stage "
                                 "output; run the stage that produces it first")
-    return json.loads(f.read_text())
+    m = json.loads(f.read_text())
+    if stages and m.get("stage") not in stages:
+        raise ValueError(f"{(key + '=') if key else ''}{stage_dir} is a {m.get('stage')!r} stage "
+                         f"output; this needs the output of {' or '.join(stages)} (e.g. "
+                         f"<run.dir>/{stages[0]})")
+    return m
+
+
+def signature(path: Path | list[Path], hash_files: bool = False):
+    """What an input is (see the module doc): a stage folder -> 'manifest:<sha256>'; a file or a
+    list of files (folders in it are skipped) -> {path: [size, mtime_ns] (+ sha256 with
+    hash_files)}."""
+    if isinstance(path, (str, Path)) and (Path(path) / "manifest.json").is_file():
+        return "manifest:" + sha256_file(Path(path) / "manifest.json")
+    files = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    files = [f for f in files if not f.is_dir()]  # a folder in a list is there for the overlap check
+    out = {}
+    for f in files:
+        st = f.stat()
+        out[str(f)] = [st.st_size, st.st_mtime_ns] + ([sha256_file(f)] if hash_files else [])
+    return out
+
+
+def _changed(prev, now) -> list[str]:
+    """Names of what differs between two signatures of one input."""
+    if isinstance(prev, dict) and isinstance(now, dict):
+        def same(a, b):  # size and mtime; the sha256 too where both runs hashed
+            return a is not None and b is not None and a[:2] == b[:2] and \
+                (len(a) < 3 or len(b) < 3 or a[2] == b[2])
+        return sorted(k for k in {*prev, *now} if not same(prev.get(k), now.get(k)))
+    return [] if prev == now else ["manifest.json (the stage was re-run)"]
 
 
 def versions() -> dict:
@@ -75,35 +121,83 @@ def fingerprint(section, extra: dict | None = None, ignore=()) -> str:
 
 class StageDir:
     """`out` is the final directory; work happens in `tmp`; `commit()` writes the manifest and
-    moves it into place (rank 0; other ranks wait)."""
+    moves it into place (rank 0; other ranks wait). `inputs` = {role: stage folder, file or list
+    of files}: their signatures decide whether a finished output is still valid, and the output
+    may not be, contain or lie inside any of them."""
 
-    def __init__(self, stage: str, out: str | Path, fp: str, force: bool):
+    def __init__(self, stage: str, out: str | Path, fp: str, force: bool,
+                 inputs: dict | None = None, hash_files: bool = False):
         self.stage, self.out, self.fp, self.force = stage, Path(out), fp, force
         self.tmp = self.out.with_name(f".{self.out.name}.tmp")
         self.started = time.time()
+        self.inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
+        _refuse_overlap(self.out, self.inputs)
+        self.signatures = {k: signature(v, hash_files) for k, v in self.inputs.items()}
 
     def already_done(self) -> bool:
-        """True if an identical run finished; raises if the folder holds something else."""
+        """True if an identical run finished on the same inputs; raises if the folder holds
+        something else. Takes the folder's lock first (held until commit or exit)."""
+        self.lock()
         mf = self.out / "manifest.json"
         if mf.is_file():
             prev = json.loads(mf.read_text())
-            if prev.get("fingerprint") == self.fp and not self.force:
-                return True
-            if not self.force:
+            if prev.get("stage") != self.stage:
+                raise FileExistsError(
+                    f"{self.out} holds the output of stage {prev.get('stage')!r}, not "
+                    f"{self.stage!r}; run.force=true replaces only this stage's own output: "
+                    "choose another output folder")
+            if self.force:
+                return False
+            if prev.get("fingerprint") != self.fp:
                 raise FileExistsError(
                     f"{self.out} already holds a different {prev.get('stage')} run "
                     f"(fingerprint {prev.get('fingerprint')} != {self.fp}); choose another "
                     "run.dir or pass run.force=true to replace it")
+            old = prev.get("input_signature") or {}
+            changed = {k: _changed(old.get(k), v) for k, v in self.signatures.items()}
+            changed = {k: v for k, v in changed.items() if v}
+            if changed:
+                raise FileExistsError(
+                    f"{self.out}: input changed since it was made ({prev.get('ended')}): "
+                    + "; ".join(f"{k} ({', '.join(Path(x).name for x in v[:3])}"
+                                f"{' ...' if len(v) > 3 else ''})" for k, v in changed.items())
+                    + "; run.force=true to redo it from the new input")
+            release_locks()
+            return True
         elif self.out.exists() and any(self.out.iterdir()):
             raise FileExistsError(f"{self.out} exists, is not empty and has no manifest.json; "
                                   "move it away or choose another run.dir")
         return False
+
+    def lock(self) -> None:
+        """Rank 0: an exclusive flock on `.<out>.lock`, or an error naming its holder."""
+        if runtime.rank() != 0 or str(self.out) in _HELD:
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        path = self.out.with_name(f".{self.out.name}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(
+                f"{self.out} is being written by another run ({holder}; lock {path}); wait for "
+                "it to finish, or stop it, before running this stage on the same folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.stage}: pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{_iso(time.time())}\n".encode(), 0)
+        _HELD[str(self.out)] = fd
 
     def begin(self, resumable: dict | None = None) -> Path:
         """Start work in `tmp`. Non-resumable stages start afresh (a leftover is a crashed run).
         Training stages pass `resumable` (their config minus operational keys): an unfinished
         run with the same values is continued, one with other values is refused with the
         differences named (or wiped with run.force=true)."""
+        self.lock()
+        if resumable is not None:
+            resumable = {**resumable, "input_signature": self.signatures}
+
         def prepare():
             mark = self.tmp / "run.json"
             keep = False
@@ -113,7 +207,8 @@ class StageDir:
                 if diff:
                     raise ValueError(
                         f"{self.tmp} holds an unfinished {self.stage} run with other settings "
-                        + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                        "or inputs: " + ", ".join(
+                            f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in diff.items())
                         + "; restore them to resume, or pass run.force=true to start over")
                 keep = True
             if not keep:
@@ -129,18 +224,49 @@ class StageDir:
     def commit(self, manifest: dict) -> dict:
         runtime.barrier()
         full = {"stage": self.stage, "fingerprint": self.fp, **manifest,
+                "input_signature": self.signatures,
                 "versions": versions(), "git_rev": git_rev(), "argv": sys.argv,
                 "started": _iso(self.started), "ended": _iso(time.time()),
                 "wall_s": round(time.time() - self.started, 3)}
         if runtime.is_rank0():
             atomic_write_text(self.tmp / "manifest.json", json.dumps(full, indent=2) + "\n")
             old = self.out.with_name(f".{self.out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
             if self.out.exists():
                 os.replace(self.out, old)
             os.replace(self.tmp, self.out)
             shutil.rmtree(old, ignore_errors=True)
+        release_locks()
         runtime.barrier()
         return full
+
+
+_HELD: dict[str, int] = {}  # output folder -> the lock's file descriptor (this process)
+
+
+def release_locks() -> None:
+    """Release every stage lock this process holds (commit, a skipped stage, stage exit)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
+def _refuse_overlap(out: Path, inputs: dict) -> None:
+    """A folder input may not be, contain or hold the output; a file input may not be the output
+    or lie inside it."""
+    o = out.resolve()
+    for role, v in inputs.items():
+        for p in ([v] if isinstance(v, (str, Path)) else v):
+            p = Path(p).resolve()
+            how = "is" if o == p else "contains" if o in p.parents else \
+                "lies inside" if p.is_dir() and p in o.parents else None
+            if how:
+                raise ValueError(f"the output {out} {how} the input {role} ({p}); a stage "
+                                 "never writes into its input: choose another output folder")
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) < 120 else text[:117] + "..."
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
@@ -161,6 +287,8 @@ def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple =
     except Preempted as e:
         logging.getLogger(f"recipes.{stage}").warning("stopped: %s", e)
         return EXIT_PREEMPTED
+    finally:
+        release_locks()
     return 0
 
 

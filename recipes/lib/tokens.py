@@ -20,6 +20,21 @@ def split_tokens(data_dir: str | Path, split: str) -> np.ndarray:
     return np.memmap(prefix + ".bin", dtype=dtype, mode="r")
 
 
+def data_manifest(data_dir: str | Path, vocab_size: int, key: str) -> dict:
+    """The manifest of a data stage folder (`key`: the config key naming it), checked against
+    the vocabulary of the model that will read it."""
+    from recipes.lib.stage import read_manifest
+
+    m = read_manifest(data_dir, ("data",), key)
+    if m.get("vocab_size") != vocab_size or m.get("max_token_id", -1) >= vocab_size:
+        raise ValueError(
+            f"{key}={data_dir} was tokenised with {m.get('tokenizer')} (vocab_size "
+            f"{m.get('vocab_size')}, largest id {m.get('max_token_id')}), but the model has "
+            f"vocab_size {vocab_size}: re-run the data stage with data.tokenizer=<the teacher's "
+            "HF folder>")
+    return m
+
+
 def available_windows(n_tokens: int, seq_length: int) -> int:
     return n_tokens // (seq_length + 1)
 

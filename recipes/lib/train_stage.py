@@ -20,9 +20,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from recipes.lib import checkpoint, config, runtime, train
+from recipes.lib import checkpoint, config, runtime, tokens, train
 from recipes.lib.arch import Arch, validate_layout
-from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.train")
 
@@ -52,9 +52,9 @@ def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
             "fp8_amax_compute_algo": c.fp8_amax_compute_algo}
 
 
-def check_data(c: train.TrainConfig) -> None:
+def check_data(c: train.TrainConfig, name: str, vocab_size: int) -> None:
     for d in c.data:
-        m = read_manifest(d)
+        m = tokens.data_manifest(d, vocab_size, f"{name}.data")
         for split in ("train", "valid"):
             if m["tokens"][split] < c.seq_length + 1:
                 raise ValueError(f"{d}: the {split} split has {m['tokens'][split]} tokens, fewer "
@@ -62,9 +62,11 @@ def check_data(c: train.TrainConfig) -> None:
                                  "seq_length")
 
 
-def read_models(models: dict[str, str], cfg: config.Config) -> dict[str, Arch]:
-    """{role: architecture} of the checkpoint stage folders a training stage reads, each checked
-    against the parallel layout."""
+def read_models(name: str, models: dict[str, str], cfg: config.Config) -> dict[str, Arch]:
+    """{role: architecture} of the checkpoint stage folders training stage `name` reads (role =
+    its config key), each checked against the parallel layout."""
+    for role, path in models.items():
+        read_manifest(path, CHECKPOINT_STAGES, f"{name}.{role}")
     archs = {role: checkpoint.read_arch(path) for role, path in models.items()}
     for a in archs.values():
         validate_layout(a, cfg.parallel.tp, cfg.parallel.pp)
@@ -79,14 +81,14 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, models: dict[str, s
     train.train; `manifest` adds the stage's own fields."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     check_precision(c)
-    check_data(c)
+    check_data(c, name, archs["input"].vocab_size)
     train.check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
     out = Path(c.output or Path(cfg.run.dir) / name)
-    inputs = {role: read_manifest(p)["fingerprint"] for role, p in models.items()}
-    inputs["data"] = [read_manifest(d)["fingerprint"] for d in c.data]
-    extra = {**inputs, "tp": tp, "pp": pp, "seed": cfg.run.seed}
+    inputs = {**models, **{f"data.{i}": d for i, d in enumerate(c.data)}}
+    extra = {"tp": tp, "pp": pp, "seed": cfg.run.seed}
     # operational fields (save cadence, signals, logging) leave a finished stage finished
-    stage = StageDir(name, out, fingerprint(c, extra, ignore=train.OPERATIONAL), cfg.run.force)
+    stage = StageDir(name, out, fingerprint(c, extra, ignore=train.OPERATIONAL), cfg.run.force,
+                     inputs=inputs)
     if stage.already_done():
         runtime.on_rank0(lambda: cleanup(out, c.keep_checkpoints))
         log.info("%s is complete (same config): skipping", out)
@@ -100,7 +102,9 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, models: dict[str, s
         log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src, c.train_iters,
                  c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
         final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed)
+        fault = train.Fault(c.fault)
         checkpoint.save(model, work / "checkpoint")  # ModelOpt hides a KD teacher here
+        fault.at("kill_in_finish", 1)
 
         def sidecars():
             checkpoint.copy_sidecars(src, work)
@@ -108,15 +112,17 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, models: dict[str, s
             (work / "config.yaml").write_text(config.to_yaml(cfg))
 
         runtime.on_rank0(sidecars)
+        fault.at("kill_in_finish", 2)
         arch = archs["input"]
         done = stage.commit({
             "input": {**{("path" if r == "input" else r): str(Path(p).resolve())
                          for r, p in models.items()},
-                      "data": [str(Path(d).resolve()) for d in c.data], **inputs},
+                      "data": [str(Path(d).resolve()) for d in c.data]},
             "arch": arch.to_dict(), "num_params": arch.num_params(),
             "dtype": build_kwargs(c)["dtype"], "precision": c.precision,
             "fp8": fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
             "parallel": {"tp": tp, "pp": pp}, **manifest, "metrics": final})
+        fault.at("kill_in_finish", 3)
         runtime.on_rank0(lambda: cleanup(out, c.keep_checkpoints))
         return done
 
