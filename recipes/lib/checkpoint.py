@@ -22,6 +22,7 @@ exactly that difference and nothing else.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Callable
@@ -44,10 +45,46 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 def safetensors_header(path: Path) -> dict:
+    """{tensor: {dtype, shape, data_offsets, start}} of a safetensors file, after checking that
+    the file is one: not empty, not a Git-LFS pointer, a header that parses, every tensor's
+    byte count matching its dtype and shape, and the file exactly as long as the header says
+    (a truncated download fails here, naming the file and a tensor it cuts)."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if head.startswith(b"version "):
+            raise ValueError(f"{path} is a Git-LFS pointer, not weights: fetch the real files "
+                             "(git lfs pull, or huggingface-cli download)")
+        if len(head) < 8:
+            raise ValueError(f"{path} is {size} bytes: empty or truncated; re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: header of {n} bytes in a {size}-byte file: truncated or "
+                             "not a safetensors file; re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e}); re-download it") from e
     header.pop("__metadata__", None)
+    end = 0
+    for name, h in header.items():
+        dtype = SAFETENSORS_DTYPES.get(h.get("dtype"))
+        begin, stop = h["data_offsets"]
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {h.get('dtype')!r}, which this "
+                             f"recipe does not read ({sorted(SAFETENSORS_DTYPES)})")
+        want = torch.Size(h["shape"]).numel() * dtype.itemsize
+        if stop - begin != want:
+            raise ValueError(f"{path}: tensor {name} spans {stop - begin} bytes, its shape "
+                             f"{h['shape']} and dtype {h['dtype']} need {want}: corrupt file")
+        if 8 + n + stop > size:
+            raise ValueError(f"{path} is truncated: {size} bytes, but tensor {name} ends at byte "
+                             f"{8 + n + stop}; re-download it")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise ValueError(f"{path} is {size} bytes, its header describes {8 + n + end}: "
+                         "truncated or padded; re-download it")
     return {k: {**v, "start": 8 + n} for k, v in header.items()}
 
 
@@ -62,8 +99,8 @@ class HFReader:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.path / "model.safetensors").is_file():
-            weight_map = {k: "model.safetensors"
-                          for k in safetensors_header(self.path / "model.safetensors")}
+            weight_map = dict.fromkeys(safetensors_header(self.path / "model.safetensors"),
+                                       "model.safetensors")
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or "
                                     "model.safetensors.index.json; convert .bin checkpoints to "
@@ -78,25 +115,46 @@ class HFReader:
                            f" ({len(missing)} in all) are not in the checkpoint; config.json and "
                            "the weights disagree")
         self.weight_map = weight_map
-        self._headers: dict[str, dict] = {}
+        # every shard's header is read and checked now, before any work (cheap: headers only)
+        self._headers = {f: safetensors_header(self.path / f) for f in sorted(set(
+            weight_map.values()))}
+        absent = sorted(n for n in needed if n not in self._headers[weight_map[n]])
+        if absent:
+            raise KeyError(f"{self.path}: the index names {absent[:5]} but their shards do not "
+                           "hold them; re-download the checkpoint")
 
     def files(self) -> list[Path]:
         return sorted({self.path / f for f in self.weight_map.values()})
 
     def get(self, name: str) -> torch.Tensor:
         fname = self.weight_map[name]
-        if fname not in self._headers:
-            self._headers[fname] = safetensors_header(self.path / fname)
         h = self._headers[fname][name]
         begin, end = h["data_offsets"]
         buf = bytearray(end - begin)
         with open(self.path / fname, "rb") as f:
             f.seek(h["start"] + begin)
-            f.readinto(buf)
+            got = f.readinto(buf)
+        if got != len(buf):  # the file shrank since it was checked
+            raise ValueError(f"{self.path / fname}: tensor {name} read {got} of {len(buf)} "
+                             "bytes; the file changed or is truncated")
         dtype = SAFETENSORS_DTYPES[h["dtype"]]
         if not buf:
             return torch.empty(h["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(h["shape"])
+
+
+def hf_files(folder: Path) -> list[Path]:
+    """The files of an HF model folder a stage reads (and the folder itself, for the overlap
+    check): config.json, the safetensors index and shards, tokenizer files that exist."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        weights = [index, *shards]
+    else:
+        weights = sorted(folder.glob("*.safetensors"))
+    extra = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
+    return [folder, folder / "config.json", *[w for w in weights if w.exists()], *extra]
 
 
 def _dist_ckpt():
@@ -107,10 +165,21 @@ def _dist_ckpt():
 
 
 def save(model, directory: Path) -> None:
-    """Save the (possibly TP/PP-sharded) model as one torch_dist checkpoint; collective."""
+    """Save the (possibly TP/PP-sharded) model as one torch_dist checkpoint; collective. Written
+    beside `directory` and renamed into place: a kill leaves the old folder or the new one."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _dist_ckpt().save(model.sharded_state_dict(), str(directory))
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if runtime.is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    _dist_ckpt().save(model.sharded_state_dict(), str(tmp))
+    runtime.barrier()
+    if runtime.is_rank0():
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    runtime.barrier()
 
 
 def save_streaming(meta_model, directory: Path,
