@@ -22,11 +22,11 @@ import functools
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import signal
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,9 +138,15 @@ class TrainConfig:
             raise ValueError(f"preempt_signals: {bad} are not signals a process can catch; use "
                              "names like SIGUSR1, SIGTERM")
         Fault(self.fault)  # a malformed fault spec fails here, not at the step it names
-        if self.data_weights is not None and len(self.data_weights) != len(self.data):
-            raise ValueError(f"data_weights has {len(self.data_weights)} entries for "
-                             f"{len(self.data)} data folders")
+        if self.data_weights is not None:
+            if len(self.data_weights) != len(self.data):
+                raise ValueError(f"data_weights has {len(self.data_weights)} entries for "
+                                 f"{len(self.data)} data folders")
+            bad = [w for w in self.data_weights if isinstance(w, bool)
+                   or not isinstance(w, (int, float)) or not 0 < w < float("inf")]
+            if bad:
+                raise ValueError(f"data_weights={self.data_weights}: {bad} are not positive "
+                                 "numbers; give one weight > 0 per data folder, e.g. [0.7, 0.3]")
 
 
 def check_layout(c: TrainConfig, dp: int) -> int:
@@ -253,17 +259,93 @@ def build_optimizer(model, c: TrainConfig):
 
 
 # ---- checkpoints --------------------------------------------------------------------------
+INTEGRITY = "integrity.json"  # {file: [size, crc32]} of every file, written before train_state
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
+    """iter_* folders whose train_state.json (written last, then the rename) exists, oldest
+    first. A damaged one is set aside as damaged.iter_* by `newest_good_checkpoint`."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("iter_*")
                   if p.is_dir() and (p / "train_state.json").is_file())
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _checked_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.name not in (INTEGRITY, "train_state.json"))
+
+
+def _share(folder: Path, fn) -> dict:
+    """{relative path: fn(path)} for every checked file of `folder`, the files split over the
+    ranks (torch_dist checkpoints live on a filesystem every rank sees); collective."""
+    files = _checked_files(folder)
+    mine = {str(p.relative_to(folder)): fn(p) for p in files[dist.get_rank()::dist.get_world_size()]}
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint folder (None: nothing); collective. Compares
+    every file's size and CRC32 with the integrity record written when it was saved."""
+    try:
+        record = json.loads((path / INTEGRITY).read_text())
+        json.loads((path / "train_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable integrity record or train state ({e})"
+
+    def check(p: Path):
+        return [p.stat().st_size, _crc32(p)]
+
+    now = _share(path, check)
+    for name, want in sorted(record.items()):
+        got = now.get(name)
+        if got is None:
+            return f"{name} is missing"
+        if got[0] != want[0]:
+            return f"{name} is {got[0]} bytes, {want[0]} were written"
+        if got != want:
+            return f"{name} has checksum {got[1]:08x}, {want[1]:08x} was written"
+    extra = sorted(set(now) - set(record))
+    return f"unexpected files {extra[:3]}" if extra else None
+
+
+def newest_good_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint that passes `verify_checkpoint`; damaged ones are
+    reported with their path and renamed damaged.iter_* (kept for inspection, never read)."""
+    for ckpt in reversed(complete_checkpoints(root)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        aside = ckpt.with_name(f"damaged.{ckpt.name}.{int(time.time())}")
+        log.error("checkpoint %s is damaged: %s; set aside as %s, resuming from the previous "
+                  "complete checkpoint instead", ckpt, problem, aside.name)
+        if runtime.is_rank0():
+            os.replace(ckpt, aside)
+        runtime.barrier()
+    return None
+
+
 def _rng_state() -> dict:
+    """This rank's RNG states as tensors and plain values (torch.load(weights_only=True) reads
+    them back: no pickle)."""
     from megatron.core import tensor_parallel
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                       "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -272,8 +354,11 @@ def _rng_state() -> dict:
 def _set_rng_state(s: dict) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    py = s["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
@@ -282,6 +367,8 @@ def _set_rng_state(s: dict) -> None:
 
 def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_last: int,
                     fault: "Fault") -> None:
+    """Model + optimizer (torch_dist), RNG per rank, the integrity record, then train_state.json
+    and the rename that makes it complete; collective."""
     from megatron.core import dist_checkpointing
 
     final = root / f"iter_{step:07d}"
@@ -293,13 +380,16 @@ def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_las
     model_sd = ddp.module.sharded_state_dict()
     dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)},
                             str(tmp))
-    with open(tmp / f"rng_rank{dist.get_rank()}.pkl", "wb") as f:
-        pickle.dump(_rng_state(), f)
+    torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
     runtime.barrier()
+    record = _share(tmp, lambda p: [p.stat().st_size, _crc32(p)])
     fault.at("kill_in_save", step)
     if runtime.is_rank0():
+        (tmp / INTEGRITY).write_text(json.dumps(record, indent=1, sort_keys=True))
         state = {"step": step, "scheduler": sched.state_dict(), **meta}
         (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():  # a damaged or older save of this step, set aside before this one
+            shutil.rmtree(final)
         os.replace(tmp, final)  # complete only now
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old)
@@ -309,16 +399,18 @@ def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_las
 def load_checkpoint(path: Path, ddp, opt, sched) -> dict:
     from megatron.core import dist_checkpointing
 
+    from recipes.lib.checkpoint import check_key_mismatch
+
     model_sd = ddp.module.sharded_state_dict()
     state = dist_checkpointing.load({"model": model_sd,
                                      "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)},
                                     str(path))
-    ddp.module.load_state_dict(state["model"], strict=False)
+    result = ddp.module.load_state_dict(state["model"], strict=False)
+    check_key_mismatch(path, result.missing_keys, result.unexpected_keys)
     opt.load_state_dict(state["optimizer"])
     train_state = json.loads((path / "train_state.json").read_text())
     sched.load_state_dict(train_state["scheduler"])
-    with open(path / f"rng_rank{dist.get_rank()}.pkl", "rb") as f:
-        _set_rng_state(pickle.load(f))
+    _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
     return train_state
 
 
@@ -354,6 +446,13 @@ class Metrics:
         if self.tb is not None:
             self.tb.close()
 
+    def last(self) -> dict:
+        """The last row written (a run resumed after its final step trains no step)."""
+        if not runtime.is_rank0() or not self.file.exists():
+            return {}
+        rows = self.file.read_text().splitlines()
+        return json.loads(rows[-1]) if rows else {}
+
 
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
@@ -381,9 +480,10 @@ class Fault:
     """Fault injection for tests (`fault=KIND:STEP`), one call per place it can strike:
     kill_after (SIGKILL after step STEP), kill_in_save (SIGKILL once the checkpoint of STEP is
     written but before it is marked complete), signal_after (the last rank alone sends itself
-    SIGUSR1 after step STEP)."""
+    SIGUSR1 after step STEP), kill_in_finish (SIGKILL at point STEP of a training stage's finish,
+    see train_stage)."""
 
-    KINDS = ("kill_after", "kill_in_save", "signal_after")
+    KINDS = ("kill_after", "kill_in_save", "signal_after", "kill_in_finish")
 
     def __init__(self, spec: str | None):
         self.kind, self.step = None, None
@@ -450,18 +550,18 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     ddp, opt, sched = build_optimizer(model, c)
     train_ds, valid_ds = build_datasets(c, seed, work / "cache")
     ckpts = work / "checkpoints"
-    step, resumed = 0, complete_checkpoints(ckpts)
+    step, resumed = 0, newest_good_checkpoint(ckpts)
     if resumed:
-        prev = json.loads((resumed[-1] / "train_state.json").read_text())
+        prev = json.loads((resumed / "train_state.json").read_text())
         if prev["global_batch_size"] != c.global_batch_size:
             raise ValueError(
-                f"{resumed[-1]} was trained with global_batch_size={prev['global_batch_size']}, "
+                f"{resumed} was trained with global_batch_size={prev['global_batch_size']}, "
                 f"this run asks for {c.global_batch_size}. The data order and LR schedule are "
                 "defined per step of one global batch, so resuming would skip or repeat data. "
                 f"Keep global_batch_size={prev['global_batch_size']}, or start a new run.dir "
                 "from an exported checkpoint")
-        step = load_checkpoint(resumed[-1], ddp, opt, sched)["step"]
-        log.info("resumed from %s (step %d)", resumed[-1], step)
+        step = load_checkpoint(resumed, ddp, opt, sched)["step"]
+        log.info("resumed from %s (step %d)", resumed, step)
     metrics = Metrics(work / "logs", step)
     fb = get_forward_backward_func()
     tokens_per_step = c.global_batch_size * c.seq_length
@@ -532,4 +632,4 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
                 raise Preempted(
                     f"{stop.received or 'a signal on another rank'}: saved step {step} of "
                     f"{c.train_iters} to {ckpts}; rerun the same command to resume")
-    return final
+    return final or metrics.last()
