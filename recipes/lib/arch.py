@@ -11,6 +11,8 @@ from pathlib import Path
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
 SUPPORTED_MODEL_TYPES = ("llama",)
+REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size",
+                    "num_attention_heads", "vocab_size")
 VOCAB_DIVISOR = 128  # Megatron pads the vocab to a multiple of this, independent of TP
 
 
@@ -66,6 +68,10 @@ class Arch:
                 raise ValueError(f"{source}: {flag}=true is not supported (Llama has no biases)")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act={cfg['hidden_act']!r}; Llama uses 'silu'")
+        missing = [k for k in REQUIRED_HF_KEYS if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"{source} lacks {missing}: not a complete config of a Llama-family "
+                             "model; re-download it or add the fields")
         heads = cfg["num_attention_heads"]
         # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -98,8 +104,10 @@ class Arch:
     def to_hf_config(self, base: dict | None = None) -> dict:
         """An HF LlamaConfig dict with this architecture; `base` (the teacher's config) supplies
         token ids and other fields that architecture changes do not touch."""
+        # auto_map points transformers at remote code: the export is a plain Llama, no code
         cfg = {k: v for k, v in (base or {}).items()
-               if k not in ("rope_scaling", "rope_theta", "rope_parameters", "_name_or_path")}
+               if k not in ("rope_scaling", "rope_theta", "rope_parameters", "_name_or_path",
+                            "auto_map")}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling_factor is not None:
             rope = {**rope, "rope_type": "llama3", "factor": self.rope_scaling_factor,
@@ -152,7 +160,7 @@ def pruned_arch(t: Arch, c) -> tuple[Arch, list[int] | None]:
     """The student architecture for prune targets `c` (a `PruneConfig`: the WIDTH_KEYS,
     num_layers, depth_method, drop_layers) and the explicit 1-indexed drop list (if any). Every
     error a target can have is raised here, before any weights are loaded (prune and plan)."""
-    new = {k: getattr(c, k) or getattr(t, k) for k in WIDTH_KEYS}
+    new = {k: getattr(t, k) if getattr(c, k) is None else getattr(c, k) for k in WIDTH_KEYS}
     for k in WIDTH_KEYS:
         if new[k] > getattr(t, k) or new[k] < 1:
             raise ValueError(f"prune.{k}={new[k]} must be between 1 and the teacher's "
@@ -168,7 +176,7 @@ def pruned_arch(t: Arch, c) -> tuple[Arch, list[int] | None]:
                          f"head_dim, so it could not be exported; use {h // n * n} or "
                          f"{(h // n + 1) * n}")
     drop = None
-    layers = c.num_layers or t.num_layers
+    layers = t.num_layers if c.num_layers is None else c.num_layers
     if c.depth_method == "drop_layers":
         if not c.drop_layers:
             raise ValueError("prune.depth_method=drop_layers needs prune.drop_layers=[...] "
@@ -181,7 +189,7 @@ def pruned_arch(t: Arch, c) -> tuple[Arch, list[int] | None]:
         dups = sorted({x for x in drop if drop.count(x) > 1})
         if dups:
             raise ValueError(f"prune.drop_layers lists {dups} more than once")
-        if c.num_layers and c.num_layers != t.num_layers - len(drop):
+        if c.num_layers is not None and c.num_layers != t.num_layers - len(drop):
             raise ValueError(f"prune.num_layers={c.num_layers} but dropping {len(drop)} of "
                              f"{t.num_layers} layers leaves {t.num_layers - len(drop)}")
         layers = t.num_layers - len(drop)

@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import types
 import typing
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -28,11 +32,14 @@ class RunConfig:
     force: bool = False
     """Redo a stage whose output already exists (otherwise it is skipped)."""
     log_level: str = "INFO"
-    """Logging level on rank 0."""
+    """Logging level on rank 0: DEBUG | INFO | WARNING | ERROR."""
 
     def __post_init__(self):
         if not self.dir:
             raise ValueError("run.dir is empty; pass run.dir=runs/<name>")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"run.log_level={self.log_level!r}; use one of {LOG_LEVELS}")
+        self.log_level = self.log_level.upper()
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -102,6 +109,12 @@ def _coerce(cls: type, section: str, values: dict):
                 out[k] = v
             elif t is bool and isinstance(v, str):
                 out[k] = {"true": True, "false": False}[v.lower()]
+            elif t is bool and not isinstance(v, bool):
+                raise TypeError("expected true or false")
+            elif t is int and (isinstance(v, bool) or (isinstance(v, float) and not v.is_integer())):
+                raise TypeError("expected a whole number")  # int(1.9) would silently give 1
+            elif t is float and isinstance(v, bool):
+                raise TypeError("expected a number")
             else:
                 out[k] = t(v)
         except (ValueError, KeyError, TypeError) as e:
@@ -180,13 +193,29 @@ def parse_args(argv: list[str] | None, stage: str, description: str,
     p = argparse.ArgumentParser(prog=f"python -m recipes.{stage}", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="recipe YAML (conf/*.yaml)")
+    p.add_argument("--args-file", help="a JSON list holding the arguments (--config and the "
+                   "overrides), as the Slurm launcher writes them: no shell parses them")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     a = p.parse_args(argv)
+    if a.args_file:
+        a = p.parse_args(read_args_file(a.args_file))
     cfg = load(a.config, a.overrides, stage, also)
     if stage not in cfg:
         raise ConfigError(f"the config has no '{stage}' section; add one to the YAML or pass "
                           f"{stage}.<key>=... on the command line")
     return cfg
+
+
+def read_args_file(path: str) -> list[str]:
+    """The argument vector a launcher wrote to `path` (a JSON list of strings)."""
+    try:
+        args = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--args-file {path}: {e}") from e
+    if not isinstance(args, list) or not all(isinstance(x, str) for x in args) \
+            or "--args-file" in args:
+        raise ConfigError(f"--args-file {path} must hold a JSON list of argument strings")
+    return args
 
 
 def to_yaml(cfg: Config) -> str:
