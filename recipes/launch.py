@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import subprocess
 import sys
@@ -77,11 +78,15 @@ class ClusterConfig:
             raise ValueError("cluster.gpus_per_node must be >= 1")
         if self.layout.get("prune", {}).get("tp", 1) != 1:
             raise ValueError("cluster.layout.prune.tp must be 1 (ModelOpt Minitron pruning)")
+        for key, value in (("account", self.account), ("partition", self.partition),
+                           *(("extra_sbatch", x) for x in self.extra_sbatch)):
+            if any(ch.isspace() for ch in str(value)):
+                raise ValueError(f"cluster.{key}={value!r} contains whitespace: a #SBATCH line "
+                                 "cannot carry it")
 
 
-def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
-           overrides: list[str]) -> str:
-    gpu = stage in GPU_STAGES
+def resources(stage: str, c: ClusterConfig) -> tuple[int, int, dict]:
+    """(nodes, tasks per node, TP/PP layout) of a stage's job."""
     lay = c.layout.get(stage, {"tp": 1, "pp": 1})  # complete after __post_init__
     mp = lay["tp"] * lay["pp"]
     if stage in RESUMABLE:  # training: every GPU of every node, data parallel over TP*PP groups
@@ -89,14 +94,36 @@ def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
         if (nodes * tasks) % mp:
             raise ValueError(f"{stage}: {nodes} node(s) x {tasks} GPUs is not a multiple of "
                              f"TP*PP={lay['tp']}*{lay['pp']}")
-    elif gpu:  # one model replica: TP*PP ranks
-        nodes = -(-mp // c.gpus_per_node)
-        tasks = min(mp, c.gpus_per_node)
+    elif stage in GPU_STAGES:  # one model replica: TP*PP ranks
+        nodes, tasks = -(-mp // c.gpus_per_node), min(mp, c.gpus_per_node)
     else:
         nodes, tasks = 1, 1
-    sbatch = [f"--job-name=minitron-{Path(recipe).stem}-{stage}", f"--nodes={nodes}",
-              f"--ntasks-per-node={tasks}", f"--time={c.time.get(stage, '04:00:00')}",
-              f"--output={run_dir}/slurm/{stage}-%j.out"]
+    return nodes, tasks, lay
+
+
+def stage_argv(stage: str, c: ClusterConfig, recipe: str, overrides: list[str]) -> list[str]:
+    """The stage's command-line arguments, exactly as given (written to <stage>.args.json)."""
+    args = ["--config", recipe, *overrides]
+    if stage in GPU_STAGES:
+        lay = resources(stage, c)[2]
+        args += [f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}"]
+    return args
+
+
+def sbatch_options(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> list[str]:
+    """Options that carry user strings (names, paths): given on sbatch's command line as list
+    items, never parsed by a shell or by sbatch's #SBATCH reader."""
+    return [f"--job-name=minitron-{Path(recipe).stem}-{stage}",
+            f"--output={run_dir}/slurm/{stage}-%j.out"]
+
+
+def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> str:
+    """The batch script. Its stage arguments are read from `<run_dir>/slurm/<stage>.args.json`
+    (`write_job`), so no override value is ever parsed by a shell."""
+    nodes, tasks, _ = resources(stage, c)
+    gpu = stage in GPU_STAGES
+    sbatch = [f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
+              f"--time={c.time.get(stage, '04:00:00')}"]
     if gpu:
         sbatch += [f"--gpus-per-node={c.gpus_per_node}", "--exclusive"]
     if c.account:
@@ -107,17 +134,27 @@ def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
         # the signal goes to the tasks (not B: the batch shell); append across requeues
         sbatch += ["--requeue", f"--signal=USR1@{c.signal_grace_s}", "--open-mode=append"]
     sbatch += list(c.extra_sbatch)
-    args = ["--config", recipe, *overrides]
-    if gpu:
-        args += [f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}"]
     mounts = ",".join(([f"{ROOT}:{c.workdir}"] if c.mount_repo else [])
                       + [m for m in c.container_mounts.split(",") if m])
-    mounts = f" --container-mounts={mounts}" if mounts else ""
+    srun = [f"--container-image={c.container_image}"]
+    srun += [f"--container-mounts={mounts}"] if mounts else []
+    srun += [f"--container-workdir={c.workdir}", "--no-container-mount-home"]
     return TEMPLATE.read_text().format(
         sbatch="\n".join(f"#SBATCH {x}" for x in sbatch), stage=stage,
-        requeue="true" if stage in RESUMABLE else "false",
-        image=c.container_image, mounts=mounts, workdir=c.workdir,
-        command=shlex.join(["python", "-m", f"recipes.{stage}", *args]))
+        requeue="true" if stage in RESUMABLE else "false", srun=shlex.join(srun),
+        args_file=shlex.quote(f"{run_dir}/slurm/{stage}.args.json"))
+
+
+def write_job(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
+              overrides: list[str]) -> Path:
+    """<run_dir>/slurm/<stage>.sbatch and its <stage>.args.json; returns the script's path."""
+    folder = Path(run_dir) / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stage}.args.json").write_text(
+        json.dumps(stage_argv(stage, c, recipe, overrides), indent=1) + "\n")
+    script = folder / f"{stage}.sbatch"
+    script.write_text(render(stage, c, recipe, run_dir))
+    return script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,17 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     for stage in c.stages:
         if stage not in config.SECTIONS:
             raise ValueError(f"cluster.stages has unknown stage {stage!r}")
-        script = render(stage, c, a.config, run_dir, a.overrides)
         dep = [f"--dependency=afterok:{prev}"] if prev else []
+        opts = sbatch_options(stage, c, a.config, run_dir)
         if a.dry_run:
-            print(f"### {stage}.sbatch\n{script}")
-            print("$ sbatch --parsable " + " ".join(dep + [f"{run_dir}/slurm/{stage}.sbatch"]))
+            print(f"### {stage}.sbatch\n{render(stage, c, a.config, run_dir)}")
+            print(f"### {stage}.args.json\n"
+                  + json.dumps(stage_argv(stage, c, a.config, a.overrides)))
+            print("$ sbatch --parsable " + shlex.join(
+                [*opts, *dep, f"{run_dir}/slurm/{stage}.sbatch"]))
             prev = f"${{JOB_{stage.upper()}}}"
             continue
-        path = Path(run_dir) / "slurm" / f"{stage}.sbatch"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(script)
-        prev = subprocess.run(["sbatch", "--parsable", *dep, str(path)], check=True,
+        path = write_job(stage, c, a.config, run_dir, a.overrides)
+        prev = subprocess.run(["sbatch", "--parsable", *opts, *dep, str(path)], check=True,
                               capture_output=True, text=True).stdout.strip().split(";")[0]
         print(f"{stage}: job {prev}")
     return 0
