@@ -94,4 +94,5 @@ def test_rerun_is_skipped_and_force_redoes(hf_models, tmp_path):
     assert not (out / "stray.txt").exists()  # a new folder replaced the old one
     assert (out / "hf_config.json").read_bytes() == good_config
     assert json.loads((out / "manifest.json").read_text())["fingerprint"] == first["fingerprint"]
-    assert not list(tmp_path.glob(".convert.*"))  # no temp or old folders left behind
+    leftovers = {p.name for p in tmp_path.glob(".convert.*")}
+    assert leftovers == {".convert.lock"}  # no temp or old folders left behind, only the lock

@@ -175,7 +175,7 @@ def test_signal_on_one_rank_stops_all_ranks_at_one_step(pruned, tmp_path):
     p = torchrun("recipes.distill", *a, "distill.fault=signal_after:3", ok=False)
     assert p.returncode != 0 and "saved step 3 of 8" in p.stderr
     ck = tmp_path / ".d.tmp" / "checkpoints" / "iter_0000003"
-    assert {f.name for f in ck.glob("rng_rank*.pkl")} == {"rng_rank0.pkl", "rng_rank1.pkl"}
+    assert {f.name for f in ck.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     p = torchrun("recipes.distill", *a)
     assert "iter_0000003 (step 3)" in p.stderr
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["metrics"]["step"] == 8
@@ -275,18 +275,17 @@ def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
     for f in ("srun", "scontrol", "python"):
         (bin_ / f).chmod(0o755)
     out = tmp_path / "d"
-    script = tmp_path / "distill.sbatch"
-    script.write_text(launch.render("distill", launch.ClusterConfig(
-        gpus_per_node=1, nodes={"distill": 1}, layout={"distill": {"tp": 1}}), TINY, str(tmp_path),
-                                    args(pruned, out)[2:]))
+    cluster = launch.ClusterConfig(gpus_per_node=1, nodes={"distill": 1},
+                                   layout={"distill": {"tp": 1}})
+    script = launch.write_job("distill", cluster, TINY, str(tmp_path), args(pruned, out)[2:])
     log = tmp_path / "scontrol.log"
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SCONTROL_LOG": str(log),
            "SLURM_JOB_ID": str(os.getpid() % 20000), "SLURM_JOB_NODELIST": "node1",
            "OMP_NUM_THREADS": "1"}
 
     def sbatch(*extra):
-        text = script.read_text().replace("parallel.tp=1", " ".join([*extra, "parallel.tp=1"]))
-        return subprocess.run(["bash", "-c", text], cwd=ROOT, env=env, capture_output=True,
+        launch.write_job("distill", cluster, TINY, str(tmp_path), [*args(pruned, out)[2:], *extra])
+        return subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=600)
 
     p = sbatch("distill.fault=signal_after:5")

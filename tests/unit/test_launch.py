@@ -1,4 +1,5 @@
 """The Slurm chain for the paper's recipes, rendered in dry-run mode (no Slurm here)."""
+import json
 import re
 from pathlib import Path
 
@@ -9,10 +10,13 @@ from recipes import launch
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-def dry_run(recipe, *extra, capsys):
+def dry_run(recipe, *extra, capsys, argv=None):
     assert launch.main(["--config", str(CONF / recipe), "--dry-run", *extra]) == 0
     out = capsys.readouterr().out
-    scripts = dict(re.findall(r"### (\w+)\.sbatch\n(.*?)\n\$ sbatch", out, re.S))
+    scripts = dict(re.findall(r"### (\w+)\.sbatch\n(.*?)\n### \w+\.args\.json", out, re.S))
+    if argv is not None:
+        argv.update({k: json.loads(v) for k, v in
+                     re.findall(r"### (\w+)\.args\.json\n(.*?)\n\$ sbatch", out, re.S)})
     submits = re.findall(r"^\$ sbatch --parsable (.*)$", out, re.M)
     return scripts, submits
 
@@ -20,8 +24,10 @@ def dry_run(recipe, *extra, capsys):
 @pytest.mark.parametrize("recipe", ["llama31_8b_to_4b_width.yaml",
                                     "llama31_8b_to_4b_depth.yaml"])
 def test_chain_resources_container_and_requeue(recipe, capsys):
+    argv = {}
     scripts, submits = dry_run(recipe, "cluster.account=proj", "cluster.partition=batch",
-                               "cluster.container_mounts=/lustre:/lustre", capsys=capsys)
+                               "cluster.container_mounts=/lustre:/lustre", capsys=capsys,
+                               argv=argv)
     assert list(scripts) == ["data", "convert", "prune", "distill", "export"]
     # afterok chain, each job on the previous one
     assert "--dependency" not in submits[0]
@@ -36,9 +42,12 @@ def test_chain_resources_container_and_requeue(recipe, capsys):
     assert "--container-image=./minitron-recipes+latest.sqsh" in d  # our build, not bare NeMo
     # this checkout at the workdir (code, conf/, relative run dirs), then the user's mounts
     assert f"--container-mounts={launch.ROOT}:/workspace/minitron-recipes,/lustre:/lustre" in d
-    assert "parallel.tp=8 parallel.pp=1" in d and "python -m recipes.distill" in d
+    assert argv["distill"][-2:] == ["parallel.tp=8", "parallel.pp=1"]
+    assert "python -m recipes.distill --args-file" in d
+    assert submits[3].startswith("--job-name=minitron-") and "--output=" in submits[3]
     p = scripts["prune"]
-    assert "parallel.tp=1 parallel.pp=8" in p and "#SBATCH --ntasks-per-node=8" in p
+    assert argv["prune"][-2:] == ["parallel.tp=1", "parallel.pp=8"]
+    assert "#SBATCH --ntasks-per-node=8" in p
     assert "--requeue" not in p and "--signal" not in p and "if false && " in p
     assert "#SBATCH --ntasks-per-node=1" in scripts["data"]
     assert "--gpus-per-node" not in scripts["data"]
@@ -62,3 +71,51 @@ def test_missing_image_is_refused_before_anything_is_submitted(tmp_path):
         launch.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"),
                      "cluster.container_image=./nope.sqsh", f"run.dir={tmp_path}"])
     assert not (tmp_path / "slurm").exists()
+
+
+HOSTILE = ["run.dir=/x/my runs", "distill.output=${run.dir}/out; touch /tmp/pwned",
+           "report.title=it's \"quoted\" $HOME `id` $(id)", "evaluate.prompts=[a\nb]",
+           "data.input=/d/{x}/%j"]
+
+
+def test_overrides_reach_the_stage_byte_for_byte(tmp_path):
+    """The rendered script, run by bash with stand-ins for srun and scontrol and a `python`
+    that records the argument vector the stage's own parser reads (--args-file): every value,
+    spaces, quotes, ;, $, ${...}, backticks and newlines included, arrives unchanged and
+    nothing in it runs."""
+    import os
+    import subprocess
+    import sys
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n'
+                               'while [[ $1 == --* ]]; do shift; done\n'
+                               'export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0\nexec "$@"\n')
+    (bin_ / "scontrol").write_text('#!/bin/bash\n[ "$1" = show ] && echo 127.0.0.1\nexit 0\n')
+    (bin_ / "python").write_text(
+        f"#!{sys.executable}\nimport json, os, sys\nsys.path.insert(0, {str(launch.ROOT)!r})\n"
+        "from recipes.lib.config import read_args_file\n"
+        "assert sys.argv[1:4] == ['-m', 'recipes.distill', '--args-file'], sys.argv\n"
+        "json.dump(read_args_file(sys.argv[4]), open(os.environ['ARGV_OUT'], 'w'))\n")
+    for f in ("srun", "scontrol", "python"):
+        (bin_ / f).chmod(0o755)
+    run_dir = tmp_path / "my runs; $(id)"
+    c = launch.ClusterConfig(gpus_per_node=1, nodes={"distill": 1}, layout={"distill": {"tp": 1}},
+                             container_image="./my image.sqsh")
+    script = launch.write_job("distill", c, "conf/tiny.yaml", str(run_dir), HOSTILE)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "ARGV_OUT": str(tmp_path / "a"),
+           "SRUN_ARGS": str(tmp_path / "srun"), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node1"}
+    p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    got = json.loads((tmp_path / "a").read_text())
+    assert got == ["--config", "conf/tiny.yaml", *HOSTILE, "parallel.tp=1", "parallel.pp=1"]
+    assert "--container-image=./my image.sqsh" in (tmp_path / "srun").read_text().splitlines()
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_whitespace_in_sbatch_lines_is_refused():
+    with pytest.raises(ValueError, match="cluster.account='my proj' contains whitespace"):
+        launch.ClusterConfig(account="my proj")
