@@ -155,6 +155,7 @@ def run(cfg: config.Config) -> dict:
     data_manifest = tokens.data_manifest(c.data, teacher.vocab_size, "prune.data")
     check_data(c, data_manifest, need_valid=n_drop > 0 and c.depth_method == "contiguous")
     validate_layout(teacher, tp, pp)
+    teacher.check_seq_length(c.seq_length, "prune.seq_length")
     runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine fails here
     if student.num_layers % pp:
         raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "

@@ -1,5 +1,7 @@
-"""The architecture of a Llama-family checkpoint: read from an HF `config.json`, written into every
-manifest, and turned back into an HF config on export. No stage restates it by hand."""
+"""The architecture of a checkpoint of a supported family (Llama, Mistral / Mistral-NeMo, Qwen2 /
+Qwen2.5, Qwen3): read from an HF `config.json`, written into every manifest, and turned back into
+that family's HF config on export. No stage restates it by hand. What a family adds is data
+(`FAMILIES`), not code paths."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +12,16 @@ from pathlib import Path
 # checkpoint asking for other values would be converted silently wrong, so it is refused.
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
-SUPPORTED_MODEL_TYPES = ("llama",)
+# model_type -> what the family is: its HF class, whether Q, K, V carry a bias (megatron
+# add_qkv_bias) and whether Q and K are RMS-normed per head (megatron qk_layernorm), and the
+# HF config fields that say so. All are dense decoders with RMSNorm, SwiGLU and RoPE.
+FAMILIES = {
+    "llama": {"architectures": "LlamaForCausalLM", "qkv_bias": False, "qk_norm": False},
+    "mistral": {"architectures": "MistralForCausalLM", "qkv_bias": False, "qk_norm": False},
+    "qwen2": {"architectures": "Qwen2ForCausalLM", "qkv_bias": True, "qk_norm": False},
+    "qwen3": {"architectures": "Qwen3ForCausalLM", "qkv_bias": False, "qk_norm": True},
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size",
                     "num_attention_heads", "vocab_size")
 VOCAB_DIVISOR = 128  # Megatron pads the vocab to a multiple of this, independent of TP
@@ -30,6 +41,15 @@ class Arch:
     rope_scaling_factor: float | None  # llama3 rope scaling; None = plain RoPE
     norm_eps: float
     max_position_embeddings: int
+    family: str = "llama"
+    """A key of FAMILIES: the HF class and config fields an export writes."""
+    qkv_bias: bool = False
+    """Q, K and V projections carry a bias (Qwen2)."""
+    qk_norm: bool = False
+    """Q and K are RMS-normed per head before RoPE (Qwen3)."""
+    sliding_window: int | None = None
+    """Sliding-window attention span (Mistral v0.1); megatron's layers attend to everything, so
+    stages refuse sequences longer than this (check_seq_length)."""
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -43,8 +63,9 @@ class Arch:
     def num_params(self) -> int:
         """Closed-form parameter count of the HF model (unpadded vocab)."""
         h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
-        attn = h * d * (self.num_attention_heads + 2 * self.num_query_groups)  # q, k, v
-        attn += self.num_attention_heads * d * h  # o
+        qkv = d * (self.num_attention_heads + 2 * self.num_query_groups)
+        attn = h * qkv + self.num_attention_heads * d * h  # q, k, v; o
+        attn += qkv * self.qkv_bias + 2 * d * self.qk_norm  # biases; q and k norms
         layer = attn + 3 * h * f + 2 * h  # gate, up, down, two norms
         emb = self.vocab_size * h
         return self.num_layers * layer + emb * (1 if self.tie_embeddings else 2) + h
@@ -60,14 +81,22 @@ class Arch:
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "Arch":
         mt = cfg.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
+        if mt not in FAMILIES:
             raise ValueError(f"{source}: model_type={mt!r} is not supported; this recipe converts "
-                             f"{SUPPORTED_MODEL_TYPES} checkpoints (LlamaForCausalLM)")
+                             f"the dense families {', '.join(FAMILIES)} ("
+                             f"{', '.join(f['architectures'] for f in FAMILIES.values())}); "
+                             "mixture-of-experts and other architectures are not")
+        fam = FAMILIES[mt]
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
-                raise ValueError(f"{source}: {flag}=true is not supported (Llama has no biases)")
+                raise ValueError(f"{source}: {flag}=true is not supported: {mt} with biases on "
+                                 "every projection has no megatron layout here")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act={cfg['hidden_act']!r}; Llama uses 'silu'")
+            raise ValueError(f"{source}: hidden_act={cfg['hidden_act']!r}; these families use "
+                             "'silu'")
+        window = cfg.get("sliding_window")
+        if cfg.get("use_sliding_window") is False:  # Qwen2/3 carry a window they do not use
+            window = None
         missing = [k for k in REQUIRED_HF_KEYS if cfg.get(k) is None]
         if missing:
             raise ValueError(f"{source} lacks {missing}: not a complete config of a Llama-family "
@@ -95,6 +124,8 @@ class Arch:
             rope_theta=float(theta), rope_scaling_factor=factor,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            family=mt, qkv_bias=fam["qkv_bias"], qk_norm=fam["qk_norm"],
+            sliding_window=int(window) if window else None,
         )
 
     @classmethod
@@ -104,28 +135,43 @@ class Arch:
     def to_hf_config(self, base: dict | None = None) -> dict:
         """An HF LlamaConfig dict with this architecture; `base` (the teacher's config) supplies
         token ids and other fields that architecture changes do not touch."""
-        # auto_map points transformers at remote code: the export is a plain Llama, no code
+        # auto_map points transformers at remote code: the export is plain, no code;
+        # layer_types (Qwen) has one entry per teacher layer: transformers rebuilds it
         cfg = {k: v for k, v in (base or {}).items()
                if k not in ("rope_scaling", "rope_theta", "rope_parameters", "_name_or_path",
-                            "auto_map")}
+                            "auto_map", "layer_types")}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling_factor is not None:
             rope = {**rope, "rope_type": "llama3", "factor": self.rope_scaling_factor,
                     **MEGATRON_LLAMA3_ROPE}
         cfg.update(
-            architectures=["LlamaForCausalLM"], model_type="llama",
+            architectures=[FAMILIES[self.family]["architectures"]], model_type=self.family,
             num_hidden_layers=self.num_layers, hidden_size=self.hidden_size,
             intermediate_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_query_groups,
             head_dim=self.head_dim,  # explicit always: width pruning makes hidden/heads != head_dim
             vocab_size=self.vocab_size, tie_word_embeddings=self.tie_embeddings,
             rms_norm_eps=self.norm_eps, max_position_embeddings=self.max_position_embeddings,
-            hidden_act="silu", attention_bias=False, mlp_bias=False,
+            hidden_act="silu",
             rope_theta=self.rope_theta,
             rope_scaling=None if self.rope_scaling_factor is None else
             {k: v for k, v in rope.items() if k != "rope_theta"},
         )
+        if self.family == "mistral":  # Qwen2/3 keep the base's sliding_window + use_sliding_window
+            cfg.update(sliding_window=self.sliding_window)
+        if self.family in ("llama", "qwen3"):  # Qwen2's Q/K/V bias is implied by its class
+            cfg.update(attention_bias=False)
+        if self.family == "llama":
+            cfg.update(mlp_bias=False)
         return cfg
+
+    def check_seq_length(self, seq_length: int, key: str) -> None:
+        """Refuse sequences whose attention a sliding window would have restricted."""
+        if self.sliding_window is not None and seq_length > self.sliding_window:
+            raise ValueError(
+                f"{key}={seq_length} exceeds the model's sliding_window={self.sliding_window}: "
+                "the teacher attends only to the last window tokens, megatron's layers here to "
+                f"all of them, so results would change; use {key}<={self.sliding_window}")
 
 
 def read_hf_config(path: Path) -> dict:

@@ -257,7 +257,8 @@ def apply() -> None:
 # (TEDotProductAttention, fused LayerNorm+Linear). `enable_modelopt()` imports the plugin with a
 # stand-in for TE (stand-in classes that nothing ever instantiates), then teaches it the local
 # spec, reusing ModelOpt's own hparams, slicing and importance math:
-#   - SelfAttention with a local DotProductAttention core and local QKV / projection linears;
+#   - SelfAttention with a local DotProductAttention core and local QKV / projection linears
+#     (a QKV bias is sliced with its heads; per-head Q/K norms act on head_dim and stay whole);
 #   - torch.nn.RMSNorm (the local spec's norm) as a dynamic norm, like ModelOpt's TE norm;
 #   - hidden-size importance from the outputs of the separate norms (the paper's definition; TE
 #     fuses the norm into the next linear, so ModelOpt reads it from there);
@@ -334,6 +335,8 @@ def _teach_local_spec() -> None:
             self._register_dynamic_attribute("output_size_per_partition",
                                              lambda mod, val: mod.output_size)
             self._register_dynamic_attribute("weight", te_qkv._get_weight)
+            if getattr(self, "bias", None) is not None and self.bias.numel() > 0:  # Qwen2
+                self._register_dynamic_attribute("bias", te_qkv._get_bias)  # rows follow heads
 
     class _DynamicLocalProj(DynamicModule, RowParallelLinear):
         _get_input_size_indices = te_proj._get_input_size_indices

@@ -1,10 +1,13 @@
-"""HF Llama <-> megatron-core GPTModel (local layer spec) weight mapping, as data.
+"""HF (Llama, Mistral, Qwen2, Qwen3) <-> megatron-core GPTModel (local layer spec) weight mapping,
+as data.
 
 Each `Rule` names one megatron parameter, the HF tensors it is made of, and how it is laid out
 across tensor-parallel ranks. The two fusions megatron uses are written once each:
 - QKV: per query group g, rows [q heads of g ..., k_g, v_g] (each head `head_dim` rows);
 - GLU: linear_fc1 = [gate; up], and each TP rank holds [gate_r; up_r].
-Adding a family (Mistral, Qwen2 without biases, ...) means a new table, not new code paths.
+A family is the shared Llama table plus the rules of what it adds (Qwen2: Q/K/V biases, fused
+like their weights; Qwen3: per-head Q/K norms), chosen by the architecture's flags: a new table,
+not new code paths.
 """
 from __future__ import annotations
 
@@ -55,6 +58,18 @@ LLAMA_RULES = (
          (L_HF + "mlp.gate_proj.weight", L_HF + "mlp.up_proj.weight"), TP.GLU, Fuse.GLU),
     Rule(L_MC + "mlp.linear_fc2.weight", (L_HF + "mlp.down_proj.weight",), TP.ROW),
 )
+# Qwen2: biases of Q, K, V, fused and sharded like the weights they belong to
+QKV_BIAS_RULES = (
+    Rule(L_MC + "self_attention.linear_qkv.bias",
+         tuple(L_HF + f"self_attn.{p}_proj.bias" for p in "qkv"), TP.COLUMN, Fuse.QKV),
+)
+# Qwen3: RMSNorm over each head's head_dim of Q and of K (the same weights for every head)
+QK_NORM_RULES = (
+    Rule(L_MC + "self_attention.q_layernorm.weight", (L_HF + "self_attn.q_norm.weight",),
+         TP.REPLICATED),
+    Rule(L_MC + "self_attention.k_layernorm.weight", (L_HF + "self_attn.k_norm.weight",),
+         TP.REPLICATED),
+)
 
 # The TE layer spec fuses each norm into the linear after it: its parameter names (not its
 # checkpoint keys, which megatron keeps identical) differ from the local spec's rule names.
@@ -65,7 +80,8 @@ TE_PARAM_ALIASES = {
 
 
 def rules_for(arch: Arch) -> tuple[Rule, ...]:
-    return tuple(r for r in LLAMA_RULES if not (r.untied_only and arch.tie_embeddings))
+    rules = LLAMA_RULES + QKV_BIAS_RULES * arch.qkv_bias + QK_NORM_RULES * arch.qk_norm
+    return tuple(r for r in rules if not (r.untied_only and arch.tie_embeddings))
 
 
 def expand(arch: Arch, layers: range | None = None):
@@ -85,13 +101,13 @@ def hf_names(arch: Arch) -> set[str]:
 
 # ---- fusion: HF tensors <-> one global (unsharded) megatron tensor --------------------------
 def fuse(rule: Rule, tensors: list[torch.Tensor], arch: Arch) -> torch.Tensor:
-    if rule.fuse is Fuse.QKV:
+    if rule.fuse is Fuse.QKV:  # weights [n, hidden] and biases [n] alike
         q, k, v = tensors
         g, d = arch.num_query_groups, arch.head_dim
         per = arch.num_attention_heads // g
-        h_in = q.shape[-1]
-        return torch.cat([q.view(g, per * d, h_in), k.view(g, d, h_in), v.view(g, d, h_in)],
-                         dim=1).reshape(-1, h_in)
+        rest = q.shape[1:]
+        return torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest),
+                          v.reshape(g, d, *rest)], dim=1).reshape(-1, *rest)
     if rule.fuse is Fuse.GLU:
         return torch.cat(tensors, dim=0)
     (t,) = tensors
@@ -104,9 +120,10 @@ def split(rule: Rule, t: torch.Tensor, arch: Arch) -> list[torch.Tensor]:
     if rule.fuse is Fuse.QKV:
         g, d = arch.num_query_groups, arch.head_dim
         per = arch.num_attention_heads // g
-        x = t.view(g, (per + 2) * d, -1)
+        rest = t.shape[1:]
+        x = t.reshape(g, (per + 2) * d, *rest)
         q, k, v = x[:, : per * d], x[:, per * d: (per + 1) * d], x[:, (per + 1) * d:]
-        return [y.reshape(-1, t.shape[-1]).contiguous() for y in (q, k, v)]
+        return [y.reshape(-1, *rest).contiguous() for y in (q, k, v)]
     if rule.fuse is Fuse.GLU:
         return [y.contiguous() for y in t.chunk(2, dim=0)]
     if rule.tp is TP.VOCAB:
@@ -139,7 +156,10 @@ def global_shape(rule: Rule, arch: Arch) -> tuple[int, ...]:
     if rule.tp is TP.VOCAB:
         return (arch.padded_vocab_size, h)
     if rule.fuse is Fuse.QKV:
-        return ((arch.num_attention_heads + 2 * arch.num_query_groups) * d, h)
+        n = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
+        return (n,) if name.endswith(".bias") else (n, h)
+    if name.endswith(("q_layernorm.weight", "k_layernorm.weight")):
+        return (d,)
     if rule.fuse is Fuse.GLU:
         return (2 * arch.ffn_hidden_size, h)
     if name.endswith("linear_proj.weight"):

@@ -23,14 +23,14 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def layer_spec(kind: str = "auto"):
-    """The megatron layer spec `resolve_spec(kind)` names."""
+def layer_spec(kind: str = "auto", qk_norm: bool = False):
+    """The megatron layer spec `resolve_spec(kind)` names (with per-head Q/K norms: Qwen3)."""
     if runtime.resolve_spec(kind) == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
 
 
 def transformer_config(arch: Arch, dtype: str = "fp32", **overrides) -> TransformerConfig:
@@ -43,6 +43,7 @@ def transformer_config(arch: Arch, dtype: str = "fp32", **overrides) -> Transfor
         num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim,
         normalization="RMSNorm", layernorm_epsilon=arch.norm_eps,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -77,7 +78,7 @@ def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = Fals
 
 def _gpt(arch: Arch, cfg: TransformerConfig, spec: str, parallel_output: bool) -> GPTModel:
     return GPTModel(
-        config=cfg, transformer_layer_spec=layer_spec(spec),
+        config=cfg, transformer_layer_spec=layer_spec(spec, arch.qk_norm),
         vocab_size=arch.padded_vocab_size, max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=arch.tie_embeddings, parallel_output=parallel_output,

@@ -68,8 +68,10 @@ def read_models(name: str, models: dict[str, str], cfg: config.Config) -> dict[s
     for role, path in models.items():
         read_manifest(path, CHECKPOINT_STAGES, f"{name}.{role}")
     archs = {role: checkpoint.read_arch(path) for role, path in models.items()}
+    c = cfg[name]
     for a in archs.values():
         validate_layout(a, cfg.parallel.tp, cfg.parallel.pp)
+        a.check_seq_length(c.seq_length, f"{name}.seq_length")
     return archs
 
 
