@@ -1,4 +1,5 @@
-"""Tiny random Llama checkpoints for tests (written with transformers, never downloaded)."""
+"""Tiny random checkpoints of each family for tests (written with transformers, never
+downloaded): awkward shapes on purpose (GQA, head_dim != hidden/heads, odd vocab)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,22 +17,41 @@ VARIANTS = {
     "tied": dict(vocab_size=512, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
                  rope_theta=10000.0),
+    # Mistral-NeMo-like: explicit head_dim != hidden/heads, large rope_theta, no sliding window
+    "mistral": dict(model_type="mistral", vocab_size=1001, hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=24, tie_word_embeddings=False, rope_theta=1000000.0,
+                    sliding_window=None),
+    # Qwen2/2.5-small-like: biases on Q, K, V, tied embeddings, GQA
+    "qwen2": dict(model_type="qwen2", vocab_size=1001, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False),
+    # Qwen3-like: per-head Q/K RMSNorm, explicit head_dim, no QKV bias, untied
+    "qwen3": dict(model_type="qwen3", vocab_size=1001, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=24, tie_word_embeddings=False, rope_theta=1000000.0,
+                  attention_bias=False, use_sliding_window=False),
 }
+FAMILY_VARIANTS = ("mistral", "qwen2", "qwen3")
 
 
 def write_tiny_llama(path: Path, variant: str = "gqa", seed: int = 0, shards: int = 2,
                      **overrides) -> Path:
-    """A random LlamaForCausalLM saved as sharded safetensors + a byte-level tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random model of the variant's family (Llama unless it names another) saved as sharded
+    safetensors + a character-level tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = LlamaConfig(**{**VARIANTS[variant], "max_position_embeddings": 16384,
-                         "bos_token_id": 1, "eos_token_id": 2, **overrides})
+    kw = {**VARIANTS[variant], "max_position_embeddings": 16384, "bos_token_id": 1,
+          "eos_token_id": 2, **overrides}
+    cfg = AutoConfig.for_model(kw.pop("model_type", "llama"), **kw)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # non-trivial norms so a norm mapping error shows in the logits
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # non-trivial norms and biases so a mapping error shows in the logits
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(path, max_shard_size=max(size // shards + 1, 1000))
     _write_tokenizer(path, cfg.vocab_size)

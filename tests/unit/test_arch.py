@@ -42,3 +42,30 @@ def test_transformers5_rope_parameters_form():
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Arch.from_hf_config({**LLAMA31_8B, **change})
+
+
+def test_unsupported_families_are_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="model_type='mixtral' is not supported; this recipe "
+                                         "converts the dense families llama, mistral, qwen2, "
+                                         "qwen3 .*mixture-of-experts"):
+        Arch.from_hf_config({"model_type": "mixtral", "num_hidden_layers": 2})
+    with pytest.raises(ValueError, match="attention_bias=true is not supported"):
+        Arch.from_hf_config({"model_type": "qwen3", "attention_bias": True})
+
+
+def test_a_sliding_window_that_would_change_results_is_refused():
+    import pytest
+
+    base = {"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 64,
+            "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 100}
+    a = Arch.from_hf_config({**base, "sliding_window": 4096})
+    a.check_seq_length(4096, "distill.seq_length")  # within the window: identical results
+    with pytest.raises(ValueError, match="distill.seq_length=8192 exceeds the model's "
+                                         "sliding_window=4096"):
+        a.check_seq_length(8192, "distill.seq_length")
+    unused = Arch.from_hf_config({**base, "model_type": "qwen2", "sliding_window": 4096,
+                                  "use_sliding_window": False})
+    unused.check_seq_length(8192, "distill.seq_length")  # Qwen's unused window: fine

@@ -38,3 +38,12 @@ def test_depth_plan_refuses_dropping_too_many():
     with pytest.raises(ValueError, match="drops every layer"):
         plan.main(["--config", str(CONF / "llama31_8b_to_4b_depth.yaml"),
                    f"prune.drop_layers=[{','.join(str(i) for i in range(1, 33))}]"])
+
+
+@pytest.mark.parametrize("recipe, teacher, student", [
+    ("mistral_nemo_12b_to_8b_width", "12.25B", "8.41B"),  # Mistral-NeMo-Minitron-8B
+    ("qwen3_8b_to_6b_depth", "8.19B", "5.88B"),           # NVIDIA's Qwen3-8B tutorial, 24 layers
+])
+def test_published_family_recipes(recipe, teacher, student, capsys):
+    assert plan.main(["--config", str(CONF / f"{recipe}.yaml")]) == 0
+    assert f"| parameters | {teacher} | {student} " in capsys.readouterr().out
