@@ -32,7 +32,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
-.PHONY: help setup test all docker-build gpu-check gpu-wheels demo demo-compare assets data convert teacher_correction prune distill export evaluate \
+.PHONY: help setup test all status docker-build gpu-check gpu-wheels demo demo-compare assets data convert teacher_correction prune distill export evaluate \
 	report plan bench clean
 
 help:  ## list the targets
@@ -54,6 +54,9 @@ ifeq ($(LAUNCH),slurm)
 else
 	set -e; for s in $(STAGES); do $(RUN) recipes.$$s --config $(RECIPE) $(ARGS); done
 endif
+
+status: setup  ## LAUNCH=slurm: the submitted chain's jobs (state, restarts, logs) and committed stages
+	$(PY) -m recipes.launch --config $(RECIPE) --status $(ARGS)
 
 docker-build:  ## build docker/Dockerfile as IMAGE (minitron-recipes:latest)
 	docker build -f docker/Dockerfile -t $(IMAGE) .

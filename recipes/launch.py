@@ -1,14 +1,22 @@
-"""Submit a recipe's stages to Slurm as a chain of jobs, each in the NVIDIA container.
+"""Submit a recipe's stages to Slurm as a chain of jobs, in the project's container (pyxis) or
+bare-metal, and report on a submitted chain.
 
     python -m recipes.launch --config conf/llama31_8b_to_4b_width.yaml [--dry-run] [overrides]
+    python -m recipes.launch --config ... --status [overrides]      # or make status LAUNCH=slurm
     make all LAUNCH=slurm RECIPE=conf/llama31_8b_to_4b_width.yaml [DRY_RUN=1]
+
+Bare-metal (`cluster.container_image=null`, for clusters without pyxis): the jobs run
+`cluster.python` (default: the interpreter that submits, e.g. this checkout's .venv) in the
+directory sbatch was called from, with the same signals, requeue and logs.
 
 Everything cluster-specific comes from the recipe's `cluster` section (or the environment through
 OmegaConf's ${oc.env:VAR,default}): account, partition, container image and mounts, nodes and the
 TP/PP layout per stage. Each stage becomes one batch script (scripts/slurm/stage.sbatch.in)
 running one task per GPU with `srun` + pyxis/enroot (`--container-image`); ranks rendezvous
 through MASTER_ADDR/MASTER_PORT from the job's first node, as torchrun would. Jobs chain with
-`--dependency=afterok`. Training stages are `--requeue`d and their tasks get SIGUSR1
+`--dependency=afterok` and `--kill-on-invalid-dep=yes`: when a stage fails, the jobs after it
+are cancelled (Reason=DependencyNeverSatisfied) instead of pending forever, and nothing after
+it is published. The job ids go to <run.dir>/slurm/jobs.json for `--status`. Training stages are `--requeue`d and their tasks get SIGUSR1
 `signal_grace_s` before the time limit: training saves a checkpoint at the end of the current step
 and exits 75, on which the batch script requeues the job; the rerun resumes from that checkpoint
 (a preempting SIGTERM does the same). `--dry-run` prints the scripts and sbatch lines and submits
@@ -40,10 +48,16 @@ class ClusterConfig:
     """Slurm account (--account); empty: the user's default."""
     partition: str = ""
     """Slurm partition (--partition); empty: the default."""
-    container_image: str = "./minitron-recipes+latest.sqsh"
+    container_image: str | None = "./minitron-recipes+latest.sqsh"
     """Image for pyxis: docker/Dockerfile's build (`make docker-build`, then `enroot import
     dockerd://minitron-recipes:latest` in this directory), or a registry tag of it. Not the bare
-    NeMo image: it lacks this project's pinned megatron-core / ModelOpt."""
+    NeMo image: it lacks this project's pinned megatron-core / ModelOpt. null: bare-metal."""
+    python: str | None = None
+    """Bare-metal only: the Python that runs the stages (default: the one running the
+    launcher, e.g. this checkout's .venv/bin/python)."""
+    gpus: bool = True
+    """Request GPUs (--gpus-per-node, --exclusive); false on CPU-only clusters (tests,
+    scripts/slurm/local_cluster.sh). Tasks per node stay gpus_per_node."""
     container_mounts: str = ""
     """Comma-separated src:dst mounts (data, models, absolute run directories)."""
     workdir: str = "/workspace/minitron-recipes"
@@ -114,7 +128,7 @@ def sbatch_options(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> l
     """Options that carry user strings (names, paths): given on sbatch's command line as list
     items, never parsed by a shell or by sbatch's #SBATCH reader."""
     return [f"--job-name=minitron-{Path(recipe).stem}-{stage}",
-            f"--output={run_dir}/slurm/{stage}-%j.out"]
+            f"--output={run_dir}/slurm/{stage}-%j.out", "--kill-on-invalid-dep=yes"]
 
 
 def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> str:
@@ -124,7 +138,7 @@ def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> str:
     gpu = stage in GPU_STAGES
     sbatch = [f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
               f"--time={c.time.get(stage, '04:00:00')}"]
-    if gpu:
+    if gpu and c.gpus:
         sbatch += [f"--gpus-per-node={c.gpus_per_node}", "--exclusive"]
     if c.account:
         sbatch.append(f"--account={c.account}")
@@ -134,15 +148,20 @@ def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> str:
         # the signal goes to the tasks (not B: the batch shell); append across requeues
         sbatch += ["--requeue", f"--signal=USR1@{c.signal_grace_s}", "--open-mode=append"]
     sbatch += list(c.extra_sbatch)
-    mounts = ",".join(([f"{ROOT}:{c.workdir}"] if c.mount_repo else [])
-                      + [m for m in c.container_mounts.split(",") if m])
-    srun = [f"--container-image={c.container_image}"]
-    srun += [f"--container-mounts={mounts}"] if mounts else []
-    srun += [f"--container-workdir={c.workdir}", "--no-container-mount-home"]
+    if c.container_image is None:  # bare-metal: the submitting checkout and interpreter
+        srun, python = ["--kill-on-bad-exit=1"], c.python or sys.executable
+    else:
+        mounts = ",".join(([f"{ROOT}:{c.workdir}"] if c.mount_repo else [])
+                          + [m for m in c.container_mounts.split(",") if m])
+        srun = [f"--container-image={c.container_image}"]
+        srun += [f"--container-mounts={mounts}"] if mounts else []
+        srun += [f"--container-workdir={c.workdir}", "--no-container-mount-home",
+                 "--kill-on-bad-exit=1"]
+        python = "python"
     return TEMPLATE.read_text().format(
         sbatch="\n".join(f"#SBATCH {x}" for x in sbatch), stage=stage,
         requeue="true" if stage in RESUMABLE else "false", srun=shlex.join(srun),
-        args_file=shlex.quote(f"{run_dir}/slurm/{stage}.args.json"))
+        python=shlex.quote(python), args_file=shlex.quote(f"{run_dir}/slurm/{stage}.args.json"))
 
 
 def write_job(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
@@ -157,39 +176,79 @@ def write_job(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
     return script
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args(argv)
-    cfg = config.load(a.config, a.overrides, stage="cluster")
-    c: ClusterConfig = cfg.cluster
-    run_dir = cfg.run.dir
+def submit(c: ClusterConfig, recipe: str, run_dir: str, overrides: list[str],
+           dry_run: bool) -> dict:
+    """Submit (or print) the chain; returns {stage: job id} (also in <run_dir>/slurm/jobs.json)."""
     image = c.container_image
-    if not a.dry_run and image.startswith(("/", "./")) and not Path(image).is_file():
+    if not dry_run and image and image.startswith(("/", "./")) and not Path(image).is_file():
         raise ValueError(f"cluster.container_image={image} does not exist: build it with `make "
-                         "docker-build && enroot import dockerd://minitron-recipes:latest`, or "
-                         "set cluster.container_image (MINITRON_IMAGE) to your image")
-    prev = None
+                         "docker-build && enroot import dockerd://minitron-recipes:latest`, set "
+                         "cluster.container_image (MINITRON_IMAGE) to your image, or run "
+                         "bare-metal with cluster.container_image=null")
+    unknown = [s for s in c.stages if s not in config.SECTIONS or s in ("cluster", "plan")]
+    if unknown:
+        raise ValueError(f"cluster.stages has unknown stage(s) {unknown}")
+    jobs, prev = {}, None
     for stage in c.stages:
-        if stage not in config.SECTIONS:
-            raise ValueError(f"cluster.stages has unknown stage {stage!r}")
         dep = [f"--dependency=afterok:{prev}"] if prev else []
-        opts = sbatch_options(stage, c, a.config, run_dir)
-        if a.dry_run:
-            print(f"### {stage}.sbatch\n{render(stage, c, a.config, run_dir)}")
-            print(f"### {stage}.args.json\n"
-                  + json.dumps(stage_argv(stage, c, a.config, a.overrides)))
+        opts = sbatch_options(stage, c, recipe, run_dir)
+        if dry_run:
+            print(f"### {stage}.sbatch\n{render(stage, c, recipe, run_dir)}")
+            print(f"### {stage}.args.json\n" + json.dumps(stage_argv(stage, c, recipe, overrides)))
             print("$ sbatch --parsable " + shlex.join(
                 [*opts, *dep, f"{run_dir}/slurm/{stage}.sbatch"]))
             prev = f"${{JOB_{stage.upper()}}}"
             continue
-        path = write_job(stage, c, a.config, run_dir, a.overrides)
+        path = write_job(stage, c, recipe, run_dir, overrides)
         prev = subprocess.run(["sbatch", "--parsable", *opts, *dep, str(path)], check=True,
                               capture_output=True, text=True).stdout.strip().split(";")[0]
+        jobs[stage] = prev
         print(f"{stage}: job {prev}")
+        (Path(run_dir) / "slurm" / "jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")
+    return jobs
+
+
+def job_info(job: str) -> dict:
+    """`scontrol show job` fields of a job slurmctld still knows (MinJobAge after it ended)."""
+    p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+    if p.returncode:
+        return {}
+    return dict(kv.split("=", 1) for kv in p.stdout.split() if "=" in kv)
+
+
+def status(c: ClusterConfig, run_dir: str) -> str:
+    """The chain's jobs (state, reason, restarts, log) and the stage folders already committed:
+    what a user checks in the morning."""
+    f = Path(run_dir) / "slurm" / "jobs.json"
+    jobs = json.loads(f.read_text()) if f.is_file() else {}
+    lines = [f"run {run_dir}", "| stage | job | state | reason | restarts | exit | committed |",
+             "|---|---|---|---|---|---|---|"]
+    for stage in dict.fromkeys([*c.stages, *jobs]):
+        job = jobs.get(stage, "-")
+        info = job_info(job) if job != "-" else {}
+        state = info.get("JobState", "not submitted" if job == "-" else
+                         "unknown (no longer in slurmctld; see its log)")
+        done = (Path(run_dir) / stage / "manifest.json").is_file()
+        lines.append(f"| {stage} | {job} | {state} | {info.get('Reason', '-')} | "
+                     f"{info.get('Restarts', '-')} | {info.get('ExitCode', '-')} | "
+                     f"{'yes' if done else 'no'} |")
+    lines.append(f"logs: {run_dir}/slurm/<stage>-<job>.out")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
+    ap.add_argument("--status", action="store_true", help="the submitted chain's state")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = config.load(a.config, a.overrides, stage="cluster")
+    if a.status:
+        print(status(cfg.cluster, cfg.run.dir))
+    else:
+        submit(cfg.cluster, a.config, cfg.run.dir, a.overrides, a.dry_run)
     return 0
 
 

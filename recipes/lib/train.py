@@ -538,10 +538,13 @@ class StopOnSignal:
 
 
 # ---- the loop -----------------------------------------------------------------------------
-def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, seed: int) -> dict:
+def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, seed: int,
+          stop: StopOnSignal | None = None) -> dict:
     """Train `model` (a megatron module, possibly a ModelOpt DistillationModel) for
     c.train_iters steps, resuming from `work`/checkpoints. `make_step(batches, training)` returns
-    the forward_step_func for megatron's schedule. Returns final metrics."""
+    the forward_step_func for megatron's schedule. `stop`: signal handlers the stage installed
+    before loading (a signal during loading then stops after the first step). Returns final
+    metrics."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -593,7 +596,8 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     final = {}
     bar = tqdm(total=c.train_iters, initial=step, unit="step", disable=not runtime.is_rank0(),
                desc=meta.get("stage", "train"))
-    with StopOnSignal(c.preempt_signals) as stop, bar, contextlib.closing(metrics):
+    signals = contextlib.nullcontext(stop) if stop else StopOnSignal(c.preempt_signals)
+    with signals as stop, bar, contextlib.closing(metrics):
         if step == 0:
             metrics.log({"step": 0, "tokens": 0, **validate()})
         ddp.train()

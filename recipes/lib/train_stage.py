@@ -98,12 +98,14 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, models: dict[str, s
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items()
                     if k not in train.OPERATIONAL}, **extra}
     src = Path(models["input"])
-    with runtime.distributed(tp, pp, cfg.run.seed):
+    # the signal handlers go in before anything loads: a scheduler may signal early
+    with train.StopOnSignal(c.preempt_signals) as stop, \
+            runtime.distributed(tp, pp, cfg.run.seed):
         work = stage.begin(resumable=resumable)
         model, make_step = build(archs)
         log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src, c.train_iters,
                  c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
-        final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed)
+        final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed, stop)
         fault = train.Fault(c.fault)
         checkpoint.save(model, work / "checkpoint")  # ModelOpt hides a KD teacher here
         fault.at("kill_in_finish", 1)

@@ -43,7 +43,8 @@ def test_chain_resources_container_and_requeue(recipe, capsys):
     # this checkout at the workdir (code, conf/, relative run dirs), then the user's mounts
     assert f"--container-mounts={launch.ROOT}:/workspace/minitron-recipes,/lustre:/lustre" in d
     assert argv["distill"][-2:] == ["parallel.tp=8", "parallel.pp=1"]
-    assert "python -m recipes.distill --args-file" in d
+    assert '"$MINITRON_PYTHON" -m recipes.distill --args-file' in d
+    assert "MINITRON_PYTHON=python" in d  # the container's python
     assert submits[3].startswith("--job-name=minitron-") and "--output=" in submits[3]
     p = scripts["prune"]
     assert argv["prune"][-2:] == ["parallel.tp=1", "parallel.pp=8"]
