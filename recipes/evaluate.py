@@ -1,12 +1,16 @@
-"""Stage `evaluate`: held-out loss and perplexity of exported HF models, computed with
-transformers (an independent implementation of the model), plus sample generations and,
-where its task data are on this machine, lm-evaluation-harness.
+"""Stage `evaluate`: what the compressed models are worth and what they buy, on exported HF
+models with `transformers` (an independent implementation of the model).
 
     python -m recipes.evaluate --config conf/demo.yaml
 
 `evaluate.models` names HF folders (e.g. teacher, pruned, distilled). Each is scored on the same
-windows of the data stage's test split: mean next-token cross-entropy (nats) and perplexity.
-Output: <run.dir>/evaluate/{results.json, manifest.json}.
+windows of the data stage's test split (mean next-token cross-entropy in nats, perplexity); with
+lm-evaluation-harness (pinned) on the tasks of `evaluate.suite` (`minitron`: the paper's six,
+with its shots and metrics) and `evaluate.tasks`, offline: a task whose data are not on this
+machine is reported unavailable, never scored; optionally on a cloze task built from the
+held-out split (`evaluate.cloze`: each passage's last word, LAMBADA-style); and for generation
+throughput (prefill and decode tokens/s at each batch size; the speed-up over the reference
+model). Output: <run.dir>/evaluate/{results.json, manifest.json}.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import checkpoint, config, stage, tokens
+from recipes.lib import checkpoint, config, harness, speed, stage, tokens
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.evaluate")
@@ -46,8 +50,35 @@ class EvaluateConfig:
     """Prompts for sample generations (greedy)."""
     max_new_tokens: int = 40
     """Tokens generated per prompt."""
-    lm_eval_tasks: list | None = None
-    """lm-evaluation-harness tasks, run only where lm_eval and the task data are available."""
+    reference: str | None = None
+    """The model others are compared with (retention, speed-up); default the first."""
+    suite: str | None = None
+    """lm-evaluation-harness suite: minitron (MMLU 5-shot, Winogrande 5, ARC-C 25 acc_norm,
+    HellaSwag 10 acc_norm, GSM8K 5, TruthfulQA mc2 0-shot), or null."""
+    tasks: list | None = None
+    """More lm-eval tasks, or overrides of the suite's: names or {task, num_fewshot, metric}."""
+    task_paths: list | None = None
+    """Folders of local lm-eval task YAMLs (lm-eval's include_path)."""
+    lm_eval_limit: int | None = None
+    """Documents per lm-eval task (null: all)."""
+    lm_eval_batch_size: int = 8
+    """Batch size of lm-eval's HF model."""
+    cloze: bool = False
+    """Add a last-word cloze task built from held-out windows of the test split."""
+    cloze_samples: int = 200
+    """Passages in the cloze task (at most the windows the test split has)."""
+    cloze_tokens: int = 96
+    """Tokens per cloze passage."""
+    speed: bool = False
+    """Measure generation throughput of every model (same prompts and settings)."""
+    speed_batch_sizes: list = dataclasses.field(default_factory=lambda: [1, 8])
+    """Batch sizes of the throughput measurement."""
+    speed_prompt_tokens: int = 128
+    """Prompt tokens per sequence of the throughput measurement."""
+    speed_new_tokens: int = 32
+    """Generated tokens per sequence of the throughput measurement."""
+    speed_repeats: int = 3
+    """Timed repeats (median) after one warm-up."""
 
     def __post_init__(self):
         if not self.models:
@@ -57,6 +88,21 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.include names {unknown}, not in evaluate.models "
                              f"({sorted(self.models)})")
         self.models = {n: self.models[n] for n in (self.include or self.models)}
+        self.reference = self.reference or next(iter(self.models))
+        if self.reference not in self.models:
+            raise ValueError(f"evaluate.reference={self.reference!r} is not one of the models "
+                             f"{sorted(self.models)}")
+        if self.suite is not None and self.suite not in harness.SUITES:
+            raise ValueError(f"evaluate.suite={self.suite!r}; use one of {sorted(harness.SUITES)} "
+                             "or null")
+        for k in ("cloze_samples", "cloze_tokens", "speed_prompt_tokens", "speed_repeats",
+                  "lm_eval_batch_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"evaluate.{k} must be >= 1")
+        if self.speed_new_tokens < 2 or not self.speed_batch_sizes or \
+                any(b < 1 for b in self.speed_batch_sizes):
+            raise ValueError("evaluate.speed_new_tokens must be >= 2 and speed_batch_sizes "
+                             "positive, e.g. [1, 8]")
 
 
 @torch.no_grad()
@@ -82,25 +128,6 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     return out
 
 
-def lm_eval(models: dict, tasks: list[str]) -> dict:
-    """lm-evaluation-harness on each model, or the reason it could not run here."""
-    try:
-        import lm_eval
-    except ImportError:
-        return {"skipped": "lm-evaluation-harness is not installed (pip install lm-eval) and "
-                           "its task data must be on this machine (HF datasets cache)"}
-    results = {}
-    for name, path in models.items():
-        try:
-            r = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path}", tasks=tasks)
-            results[name] = {t: r["results"][t] for t in tasks}
-        except Exception as e:  # noqa: BLE001 - offline task data is the usual cause
-            return {"skipped": f"lm-evaluation-harness could not run {tasks}: "
-                               f"{type(e).__name__}: {str(e)[:300]} (task data are fetched from "
-                               "the Hugging Face hub; pre-populate its cache to run offline)"}
-    return results
-
-
 def model_input(folder: Path):
     """What identifies a model folder as an input: our export (its manifest), else its HF files."""
     folder = Path(folder)
@@ -108,6 +135,7 @@ def model_input(folder: Path):
 
 
 def run(cfg: config.Config) -> dict:
+    harness.offline()  # before transformers is imported: nothing is downloaded at run time
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     c: EvaluateConfig = cfg.evaluate
@@ -129,7 +157,8 @@ def run(cfg: config.Config) -> dict:
     tmp = sdir.begin()
     windows = tokens.windows(c.data, "test", c.seq_length, min(avail, c.max_windows),
                              cfg.run.seed)
-    results = {"heldout": {}, "generations": {}, "prompts": c.prompts or []}
+    results = {"reference": c.reference, "heldout": {}, "generations": {},
+               "prompts": c.prompts or [], "speed": {}}
     for name, path in tqdm(c.models.items(), desc="evaluate", unit="model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),
@@ -139,17 +168,40 @@ def run(cfg: config.Config) -> dict:
         if c.prompts:
             tok = AutoTokenizer.from_pretrained(path)
             results["generations"][name] = generate(model, tok, c.prompts, c.max_new_tokens)
+        if c.speed:
+            results["speed"][name] = speed.generation_speed(
+                model, model.config.vocab_size, c.speed_prompt_tokens, c.speed_new_tokens,
+                c.speed_batch_sizes, c.speed_repeats, cfg.run.seed)
+            log.info("%s: %s", name, {k: v for k, v in results["speed"][name].items()
+                                      if k.startswith("batch_")})
         del model
-    if c.lm_eval_tasks:
-        results["lm_eval"] = lm_eval(c.models, c.lm_eval_tasks)
-        if "skipped" in results["lm_eval"]:
-            log.warning("lm-eval skipped: %s", results["lm_eval"]["skipped"])
+    if results["speed"]:
+        ref = results["speed"][c.reference]
+        results["speedup"] = {name: {b: s[b]["decode_tokens_per_s"] / ref[b]["decode_tokens_per_s"]
+                                     for b in s if b.startswith("batch_")}
+                              for name, s in results["speed"].items()}
+    specs = harness.task_specs(c.suite, c.tasks)
+    paths = list(c.task_paths or [])
+    if c.cloze:
+        tok = AutoTokenizer.from_pretrained(c.models[c.reference])
+        n = min(c.cloze_samples, tokens.available_windows(data_manifest["tokens"]["test"],
+                                                          c.cloze_tokens))
+        w = tokens.windows(c.data, "test", c.cloze_tokens, n, cfg.run.seed + 2).numpy()
+        specs.append(harness.cloze_task(w, tok, tmp / "cloze"))
+        paths.append(tmp / "cloze")
+    if specs:
+        results["lm_eval"] = harness.run(c.models, specs, paths, c.lm_eval_batch_size,
+                                         c.lm_eval_limit, "float32", cfg.run.seed)
+        harness.retention(results["lm_eval"], c.reference)
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (tmp / "config.yaml").write_text(config.to_yaml(cfg))
     return sdir.commit({"input": {"models": {k: str(Path(v).resolve())
                                               for k, v in c.models.items()},
                                    "data": str(Path(c.data).resolve())},
                          "metrics": {k: v["loss"] for k, v in results["heldout"].items()},
+                         "lm_eval": {t: r.get("scores", r) for t, r in
+                                     results.get("lm_eval", {}).items()},
+                         "speedup": results.get("speedup"),
                          "windows": len(windows), "seq_length": c.seq_length})
 
 

@@ -46,6 +46,8 @@ class PlanConfig:
     """Dense bf16 peak per GPU (H100 SXM: 989)."""
     mfu: float = 0.40
     """Assumed model FLOP utilisation."""
+    inference_batch: int = 32
+    """Batch of the larger decode estimate (KV cache bytes grow with it)."""
 
     def __post_init__(self):
         if not 0 < self.mfu <= 1:
@@ -90,6 +92,24 @@ def layouts(t: Arch, s: Arch, p: PlanConfig) -> list[dict]:
     return out
 
 
+def inference_ratios(t: Arch, s: Arch, seq: int, batch: int) -> dict:
+    """Expected teacher-time / student-time, bf16: decode is memory-bound (weights + KV cache
+    read per generated token, context `seq`), prefill compute-bound (FLOPs per token: matmuls,
+    lm_head, causal attention over `seq`). Compare `evaluate.speed`'s measurement."""
+    def decode_bytes(a: Arch, b: int) -> float:
+        kv = b * 2 * a.num_layers * a.num_query_groups * a.head_dim * seq * 2
+        return 2 * a.num_params() + kv
+
+    def prefill_flops(a: Arch) -> float:
+        emb = a.vocab_size * a.hidden_size * (1 if a.tie_embeddings else 2)
+        return 2 * (a.num_params() - emb) + 2 * a.vocab_size * a.hidden_size \
+            + 2 * a.num_layers * seq * a.num_attention_heads * a.head_dim
+
+    return {"decode_batch_1": decode_bytes(t, 1) / decode_bytes(s, 1),
+            f"decode_batch_{batch}": decode_bytes(t, batch) / decode_bytes(s, batch),
+            "prefill": prefill_flops(t) / prefill_flops(s), "seq_length": seq}
+
+
 def estimate(cfg: config.Config) -> dict:
     """All the numbers `plan` prints, as a dict. `cfg` has a typed `plan` and, if the recipe
     prunes, a typed `prune` section."""
@@ -121,6 +141,7 @@ def estimate(cfg: config.Config) -> dict:
         "prune_pp_that_fit": [q for q in (1, 2, 4, 8) if teacher.num_layers % q == 0
                               and prune_memory(teacher, prune_seq, q) / GB <= p.gpu_memory_gb],
         "distill_layouts": layouts(teacher, student, p),
+        "inference_speedup": inference_ratios(teacher, student, p.seq_length, p.inference_batch),
         "distill": {"tokens": p.distill_tokens, "steps": steps, "flops": flops,
                     "gpu_hours": gpu_s / 3600, "wall_hours": gpu_s / 3600 / p.gpus},
     }
@@ -151,6 +172,12 @@ def render(e: dict, p: PlanConfig) -> str:
                  f"{p.global_batch_size} x {p.seq_length}; {d['flops']:.3g} FLOPs; "
                  f"~{d['gpu_hours']:,.0f} GPU-hours at {p.mfu:.0%} MFU of "
                  f"{p.peak_tflops:.0f} TFLOP/s = ~{d['wall_hours']:.1f} h on {p.gpus} GPUs")
+    inf = e["inference_speedup"]
+    lines.append(f"\nexpected inference speed-up of the student (bf16, context {inf['seq_length']}"
+                 "): decode " + ", ".join(f"{v:.2f}x at batch {k.split('_')[-1]}"
+                                          for k, v in inf.items() if k.startswith("decode"))
+                 + f" (bytes read per token), prefill {inf['prefill']:.2f}x (FLOPs per token); "
+                 "measured on your hardware: evaluate.speed=true")
     return "\n".join(lines)
 
 

@@ -134,6 +134,66 @@ def plot_evaluation(heldout: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def evaluation_lines(res: dict, manifest: dict) -> list[str]:
+    """One row per model: size, held-out loss and perplexity, the held-out cloze accuracy and
+    the decode speed-up over the reference model where they were measured."""
+    cloze = (res.get("lm_eval") or {}).get("heldout_cloze", {}).get("scores", {})
+    speedup = res.get("speedup") or {}
+    batches = sorted({b for s in speedup.values() for b in s}, key=lambda b: int(b.split("_")[1]))
+    head = ["model", "parameters", "loss (nats/token)", "perplexity"]
+    head += ["held-out cloze accuracy"] * bool(cloze)
+    head += [f"decode speed-up, batch {b.split('_')[1]}" for b in batches]
+    lines = ["## Evaluation", "", f"Held-out test split, {manifest['windows']} windows of "
+             f"{manifest['seq_length']} tokens, computed with transformers on the exported models."
+             + (" Cloze: the last word of held-out passages (lm-evaluation-harness, greedy "
+                "accuracy)." if cloze else "")
+             + (f" Speed-up: decode tokens/s over {res.get('reference')}'s, same prompts and "
+                "settings." if batches else ""), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in res["heldout"].items():
+        row = [name, f"{r['params'] / 1e6:.1f}M", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}"]
+        row += [f"{cloze[name]:.3f}" if name in cloze else "-"] * bool(cloze)
+        row += [f"{speedup[name][b]:.2f}x" if b in speedup.get(name, {}) else "-"
+                for b in batches]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def lm_eval_lines(res: dict) -> list[str]:
+    tasks = {t: r for t, r in (res.get("lm_eval") or {}).items() if t != "heldout_cloze"}
+    if not tasks:
+        return []
+    models = list(res["heldout"])
+    ref = res.get("reference")
+    lines = ["## Benchmarks (lm-evaluation-harness)", "", f"Retention = score / {ref}'s, as the "
+             "paper compares.", "", "| task | shots | metric | "
+             + " | ".join(models) + " | retention |", "|---|---|---|" + "---|" * (len(models) + 1)]
+    for t, r in tasks.items():
+        if "unavailable" in r:
+            lines.append(f"| {t} | | | {r['unavailable'][:80]} (not scored) |")
+            continue
+        ret = ", ".join(f"{k} {v:.1%}" for k, v in r.get("retention", {}).items() if k != ref)
+        lines.append(f"| {t} | {r['num_fewshot']} | {r['metric']} | " + " | ".join(
+            f"{r['scores'][m]:.4f}" if m in r["scores"] else "-" for m in models)
+                     + f" | {ret} |")
+    return lines + [""]
+
+
+def speed_lines(res: dict) -> list[str]:
+    if not res.get("speed"):
+        return []
+    lines = ["## Generation throughput (transformers generate)", "",
+             "| model | batch | prefill tokens/s | decode tokens/s |", "|---|---|---|---|"]
+    for name, s in res["speed"].items():
+        lines += [f"| {name} | {b.split('_')[1]} | {v['prefill_tokens_per_s']:.0f} | "
+                  f"{v['decode_tokens_per_s']:.1f} |" for b, v in s.items()
+                  if b.startswith("batch_")]
+    first = next(iter(res["speed"].values()))
+    return lines + ["", f"{first['prompt_tokens']} prompt tokens, {first['new_tokens']} new "
+                    f"tokens, median of {first['repeats']}, {first['device']} {first['dtype']}.",
+                    ""]
+
+
 def render(run: Path, out: Path, title: str) -> str:
     m = _manifests(run)
     lines = [f"# {title}", "", f"Run directory: `{run}`", ""]
@@ -149,18 +209,10 @@ def render(run: Path, out: Path, title: str) -> str:
                       f"(1-indexed) = HF `model.layers` {depth['hf_layers_dropped_0indexed']}", ""]
     if "evaluate" in m:
         res = json.loads((run / "evaluate" / "results.json").read_text())
-        lines += ["## Evaluation", "", f"Held-out test split, {m['evaluate']['windows']} windows "
-                  f"of {m['evaluate']['seq_length']} tokens, computed with transformers on the "
-                  "exported models.", "", "| model | parameters | loss (nats/token) | perplexity |",
-                  "|---|---|---|---|"]
-        for name, r in res["heldout"].items():
-            lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['loss']:.4f} | "
-                         f"{r['perplexity']:.2f} |")
+        lines += evaluation_lines(res, m["evaluate"])
         plot_evaluation(res["heldout"], out / "evaluation.png")
         lines += ["", "![held-out perplexity](evaluation.png)", ""]
-        if "lm_eval" in res:
-            lines += ["lm-evaluation-harness: " + (res["lm_eval"].get("skipped") or
-                                                   json.dumps(res["lm_eval"])), ""]
+        lines += lm_eval_lines(res) + speed_lines(res)
         if res.get("generations"):
             lines += ["## Sample generations (greedy)", ""]
             for i, prompt in enumerate(res["prompts"]):

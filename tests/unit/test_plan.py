@@ -47,3 +47,22 @@ def test_depth_plan_refuses_dropping_too_many():
 def test_published_family_recipes(recipe, teacher, student, capsys):
     assert plan.main(["--config", str(CONF / f"{recipe}.yaml")]) == 0
     assert f"| parameters | {teacher} | {student} " in capsys.readouterr().out
+
+
+def test_expected_speedup_follows_bytes_and_flops(capsys):
+    """Width keeps every KV head: decode gains less than the parameter ratio, and less at a
+    large batch (the KV cache is not smaller); depth halves the KV cache too, so it gains more
+    at a large batch."""
+    from recipes.lib import config
+
+    def est(recipe):
+        return plan.estimate(config.load(str(CONF / f"{recipe}.yaml"), [], "plan", ("prune",)))
+
+    w, d = est("llama31_8b_to_4b_width"), est("llama31_8b_to_4b_depth")
+    ratio = w["teacher"]["params"] / w["student"]["params"]
+    sw, sd = w["inference_speedup"], d["inference_speedup"]
+    assert 1 < sw["decode_batch_32"] < sw["decode_batch_1"] < ratio
+    assert sd["decode_batch_32"] > sd["decode_batch_1"] > 1
+    assert sw["prefill"] > 1 and sd["prefill"] > 1
+    plan.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml")])
+    assert f"decode {sw['decode_batch_1']:.2f}x at batch 1" in capsys.readouterr().out
