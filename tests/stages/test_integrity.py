@@ -320,12 +320,19 @@ def test_a_long_document_is_tokenised_in_bounded_memory(hf_models, tmp_path):
 
 # ---- also: the export is a plain Llama ----------------------------------------------------------
 def test_remote_code_pointers_are_not_exported(hf_models, tmp_path):
+    """Nor a source's storage format: the export writes dense weights (a stale GGUF
+    quantization_config made lm-eval look for a .gguf file)."""
     src = broken_copy(hf_models, tmp_path, "tied")
     for name in ("config.json", "tokenizer_config.json"):
         cfg = json.loads((src / name).read_text())
         cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Model", "AutoTokenizer": "evil.Tok"}
         (src / name).write_text(json.dumps(cfg))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    (src / "config.json").write_text(json.dumps(cfg))
     assert run_convert(tmp_path, src) == 0
     assert export.main(["--config", TINY, f"run.dir={tmp_path / 'run'}"]) == 0
     for name in ("config.json", "tokenizer_config.json"):
         assert "auto_map" not in json.loads((tmp_path / "run" / "export" / name).read_text())
+    assert "quantization_config" not in json.loads(
+        (tmp_path / "run" / "export" / "config.json").read_text())
