@@ -113,7 +113,7 @@ def git_rev() -> str | None:
 
 def fingerprint(section, extra: dict | None = None, ignore=()) -> str:
     """Hash of a stage's config section (less the `ignore`d fields: those that cannot change
-    its result) and `extra` (input fingerprints, layout, seed)."""
+    its result) and `extra` (layout, seed). Inputs are compared separately (`signature`)."""
     cfg = {k: v for k, v in dataclasses.asdict(section).items() if k not in ignore}
     blob = json.dumps({"cfg": cfg, **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -153,7 +153,13 @@ class StageDir:
                     f"{self.out} already holds a different {prev.get('stage')} run "
                     f"(fingerprint {prev.get('fingerprint')} != {self.fp}); choose another "
                     "run.dir or pass run.force=true to replace it")
-            old = prev.get("input_signature") or {}
+            if "input_signature" not in prev:  # written before inputs were recorded
+                logging.getLogger("recipes.stage").warning(
+                    "%s was written by an older version that did not record its inputs: "
+                    "reused unverified; run.force=true redoes it", self.out)
+                release_locks()
+                return True
+            old = prev["input_signature"]
             changed = {k: _changed(old.get(k), v) for k, v in self.signatures.items()}
             changed = {k: v for k, v in changed.items() if v}
             if changed:

@@ -336,3 +336,15 @@ def test_remote_code_pointers_are_not_exported(hf_models, tmp_path):
         assert "auto_map" not in json.loads((tmp_path / "run" / "export" / name).read_text())
     assert "quantization_config" not in json.loads(
         (tmp_path / "run" / "export" / "config.json").read_text())
+
+
+def test_a_folder_from_before_input_signatures_is_reused_with_a_warning(hf_models, tmp_path,
+                                                                          caplog):
+    assert run_convert(tmp_path, hf_models["tied"]) == 0
+    mf = tmp_path / "run" / "convert" / "manifest.json"
+    m = json.loads(mf.read_text())
+    del m["input_signature"]  # as the previous version wrote it
+    mf.write_text(json.dumps(m))
+    assert run_convert(tmp_path, hf_models["tied"]) == 0
+    assert json.loads(mf.read_text()) == m  # skipped, untouched
+    assert "older version that did not record its inputs" in caplog.text
