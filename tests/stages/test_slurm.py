@@ -122,17 +122,20 @@ def test_the_chain_runs_in_dependency_order_with_parity(slurm, chain):
         assert f"| {s} | {i} | COMPLETED | None | 0 | 0:0 | yes |" in p.stdout
 
 
+@pytest.mark.timeout(1500)
 def test_time_limit_signal_saves_requeues_and_resumes(slurm, chain):
-    """distill: 1500 steps (~100 s here) under a 2-minute limit with USR1 60 s before it
-    (Slurm may signal up to a minute early): it saves at the current step, exits 75, the batch
-    script requeues it, the rerun resumes from that step; the export waits and has parity."""
+    """distill: 1500 steps (~100 s on an idle 2-core machine, so Slurm's signal, sent at most 60
+    s after the start, always lands mid-run) under a 2-minute limit with USR1 60 s before it:
+    it saves at the current step, exits 75, the batch script requeues it, the rerun resumes from
+    that step, until done; the export waits and has parity. ~2.5 min idle; a slower or busy
+    machine needs more requeues, hence the long timeout."""
     run = chain["run"]
     ids = submit(slurm, run, chain["hf"], "cluster.stages=[distill,export]",
                  "cluster.time.distill=00:02:00", f"distill.output={run}/distill_pre",
                  "distill.train_iters=1500", "distill.log_interval=100",
                  "distill.eval_interval=100000", "distill.save_interval=100000",
                  f"export.input={run}/distill_pre", f"export.output={run}/export_pre")
-    states = wait(slurm, list(ids.values()), 900)
+    states = wait(slurm, list(ids.values()), 1400)
     d, e = job(slurm, ids["distill"]), job(slurm, ids["export"])
     assert d["JobState"] == e["JobState"] == "COMPLETED", states
     assert int(d["Restarts"]) >= 1, states
