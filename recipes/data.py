@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from recipes.lib import compat, config, stage
 from recipes.lib.arch import read_hf_config
-from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.stage import StageDir, fingerprint, read_manifest, short
 
 log = logging.getLogger("recipes.data")
 SPLITS = ("train", "valid", "test")
@@ -105,16 +105,11 @@ def iter_documents(files: list[Path], text_field: str, min_chars: int):
                                          "data.text_field") from e
                     if not isinstance(text, str):
                         raise ValueError(f"{f}:{n}: '{text_field}' is {type(text).__name__} "
-                                         f"{_short(text)}, not a string; fix or drop the line")
+                                         f"{short(text, 40)}, not a string; fix or drop the line")
                     if len(text.strip()) >= min_chars:
                         yield _split(text)
         except UnicodeDecodeError as e:
             raise ValueError(f"{f} is not UTF-8 text ({e}); convert it or leave it out") from e
-
-
-def _short(v) -> str:
-    r = repr(v)
-    return r if len(r) < 40 else r[:37] + "..."
 
 
 def _split(text: str):

@@ -96,11 +96,12 @@ class HFReader:
     def __init__(self, path: str | Path, needed: set[str]):
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
+        headers = {}
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.path / "model.safetensors").is_file():
-            weight_map = dict.fromkeys(safetensors_header(self.path / "model.safetensors"),
-                                       "model.safetensors")
+            headers["model.safetensors"] = safetensors_header(self.path / "model.safetensors")
+            weight_map = dict.fromkeys(headers["model.safetensors"], "model.safetensors")
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or "
                                     "model.safetensors.index.json; convert .bin checkpoints to "
@@ -116,8 +117,8 @@ class HFReader:
                            "the weights disagree")
         self.weight_map = weight_map
         # every shard's header is read and checked now, before any work (cheap: headers only)
-        self._headers = {f: safetensors_header(self.path / f) for f in sorted(set(
-            weight_map.values()))}
+        self._headers = {f: headers.get(f) or safetensors_header(self.path / f)
+                         for f in sorted(set(weight_map.values()))}
         absent = sorted(n for n in needed if n not in self._headers[weight_map[n]])
         if absent:
             raise KeyError(f"{self.path}: the index names {absent[:5]} but their shards do not "

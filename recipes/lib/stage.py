@@ -214,7 +214,7 @@ class StageDir:
                     raise ValueError(
                         f"{self.tmp} holds an unfinished {self.stage} run with other settings "
                         "or inputs: " + ", ".join(
-                            f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in diff.items())
+                            f"{k}: {short(a)} -> {short(b)}" for k, (a, b) in diff.items())
                         + "; restore them to resume, or pass run.force=true to start over")
                 keep = True
             if not keep:
@@ -270,9 +270,10 @@ def _refuse_overlap(out: Path, inputs: dict) -> None:
                                  "never writes into its input: choose another output folder")
 
 
-def _short(v) -> str:
+def short(v, width: int = 120) -> str:
+    """repr(v), cut to `width` characters for an error message."""
     text = repr(v)
-    return text if len(text) < 120 else text[:117] + "..."
+    return text if len(text) < width else text[:width - 3] + "..."
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
