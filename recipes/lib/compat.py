@@ -17,6 +17,10 @@ tensor itself, for the duration of that call only (`CUDA_TENSOR_METHODS`).
 Mechanism 3: upstream code that dispatches on `tensor.type()` being 'torch.cuda.FloatTensor' /
 'torch.cuda.BFloat16Tensor' / 'torch.cuda.HalfTensor' runs with CPU float tensors reporting those
 names, for the duration of that call only (`CUDA_TYPE_CHECKING_CALLS`).
+
+Besides these, CPU-only fast paths (`FAST_PATHS`): where an upstream CPU fallback is slow, the
+same computation done faster, switched on only without CUDA and tested for equal results
+against the path it replaces.
 """
 from __future__ import annotations
 
@@ -230,6 +234,52 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# ---- CPU-only fast paths (our code, not patches; each switched on only without CUDA) ----------
+# Every one is tested against the path it replaces (equal losses and gradients).
+#   fused_losses(): recipes/lib/kd.py computes the KD and LM losses in one chunked pass over the
+#     logits instead of ModelOpt's LogitsKLLoss / megatron's vocab_parallel_cross_entropy, which
+#     materialise ~10 fp32 copies of [tokens x vocab] (tests/unit/test_kd.py). On a GPU those
+#     run as fused kernels and are left alone.
+#   sdpa_attention: megatron's local DotProductAttention (the only core attention without TE)
+#     computes causal attention unfused: scores [b, heads, s, s] in a buffer, a cast to fp32, a
+#     masked_fill with a materialised causal mask, softmax, a cast back and a bmm, after
+#     repeat_interleave copies of K and V for GQA. `_sdpa_core_attention` runs the same
+#     attention as torch's scaled_dot_product_attention (causal, GQA, megatron's softmax scale;
+#     fp32 accumulation like attention_softmax_in_fp32) where it is exactly that: no mask tensor
+#     or bias, no sliding window, no dropout, vanilla softmax, no packed sequences. Anything else
+#     takes megatron's own forward (tests/unit/test_compat.py compares the two).
+FAST_PATHS = {"fused_losses": True, "sdpa_attention": True}
+
+
+def fused_losses() -> bool:
+    return FAST_PATHS["fused_losses"] and not cuda_available()
+
+
+def _sdpa_core_attention(original):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    @functools.wraps(original)
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if not (FAST_PATHS["sdpa_attention"] and attention_mask is None
+                and attention_bias is None and packed_seq_params is None
+                and self.attn_mask_type == AttnMaskType.causal
+                and self.scale_mask_softmax.window_size is None
+                and getattr(self, "softmax_offset", None) is None
+                and (self.attention_dropout.p == 0 or not self.training)
+                and query.shape[0] == key.shape[0]):
+            return original(self, query, key, value, attention_mask, attn_mask_type,
+                            attention_bias, packed_seq_params)
+        sq, b, heads, dim = query.shape  # [s, b, heads, dim] -> [b, heads, s, dim]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+            is_causal=True, scale=self.softmax_scale * (self.scale_mask_softmax.scale or 1.0),
+            enable_gqa=heads != key.shape[2])
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+
+    return forward
+
+
 def apply() -> None:
     """Idempotently make megatron-core importable and runnable here. Call before importing it."""
     global _APPLIED
@@ -247,6 +297,8 @@ def apply() -> None:
         for mod_name, cls_name, fn in CUDA_TYPE_CHECKING_CALLS:
             mod = importlib.import_module(mod_name)
             _wrap(getattr(mod, cls_name) if cls_name else mod, fn, cpu_float_reports_cuda_type)
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        DotProductAttention.forward = _sdpa_core_attention(DotProductAttention.forward)
     _APPLIED = True
 
 

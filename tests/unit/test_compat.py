@@ -45,3 +45,44 @@ def test_triton_standin_raises_if_used():
 
     with pytest.raises(RuntimeError, match="needs triton"):
         paged_stash.paged_stash_copy_kernel()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sdpa_attention_equals_megatron_attention(dtype, monkeypatch):
+    """The CPU fast path `sdpa_attention` gives megatron's local attention's logits and
+    gradients (GQA, head_dim != hidden/heads), and only replaces the cases it covers."""
+    from recipes.lib import runtime
+    from recipes.lib.arch import Arch
+
+    arch = Arch(num_layers=2, hidden_size=48, ffn_hidden_size=96, num_attention_heads=6,
+                num_query_groups=2, head_dim=16, vocab_size=256, tie_embeddings=False,
+                rope_theta=10000.0, rope_scaling_factor=None, norm_eps=1e-5,
+                max_position_embeddings=128)
+    tokens = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(40).unsqueeze(0)
+    calls = []
+
+    def run(fast):
+        monkeypatch.setitem(compat.FAST_PATHS, "sdpa_attention", fast)
+        torch.manual_seed(0)
+        model = M.build(arch, dtype=dtype, spec="local", init=True)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, **k: calls.append(fast) or sdpa(*a, **k))
+        out = model(tokens, pos, attention_mask=None)
+        out.float().square().mean().backward()
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        return out.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                      if p.grad is not None}
+
+    with runtime.distributed(1, 1):
+        from recipes.lib import model as M
+
+        fast, fast_grads = run(True)
+        slow, slow_grads = run(False)
+    assert calls == [True, True]  # two layers, fast path only when switched on
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    assert (fast - slow).abs().max() <= tol * slow.abs().max()
+    assert fast_grads.keys() == slow_grads.keys()
+    for name, g in slow_grads.items():
+        assert (fast_grads[name] - g).abs().max() <= tol * g.abs().max() + 1e-12, name

@@ -1,0 +1,90 @@
+"""The CPU's fused KD / LM losses (recipes/lib/kd.py, compat.fused_losses) against the paths they
+replace: ModelOpt's LogitsKLLoss and megatron's vocab_parallel_cross_entropy on masked logits.
+Equal losses and equal gradients, over a padded vocabulary, at two temperatures, in fp32 and
+bf16, with a loss mask."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from recipes.lib import compat, runtime
+
+VOCAB, PADDED = 1000, 1024  # 24 padded columns whose logits are garbage
+
+
+def logits(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, PADDED, generator=g) * 3
+    x[..., VOCAB:] = 50.0  # would dominate any softmax that let them in
+    return x.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def groups():
+    with runtime.distributed(1, 1):
+        yield
+
+
+def run(kind, fused, dtype, temperature, monkeypatch):
+    from recipes.lib import kd
+
+    monkeypatch.setitem(compat.FAST_PATHS, "fused_losses", fused)
+    s, b = 300, 2  # 600 tokens: more than two chunks
+    student = logits((s, b), dtype, 0).requires_grad_()
+    teacher = logits((s, b), dtype, 1)
+    labels = torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(2))
+    mask = (torch.rand(b, s, generator=torch.Generator().manual_seed(3)) > 0.2).float()
+    if kind == "kl":
+        crit = kd.VocabLogitsKLLoss(types.SimpleNamespace(tensor_model_parallel_size=1,
+                                                          sequence_parallel=False),
+                                    VOCAB, temperature)
+        crit.labels = labels
+        loss = kd.reduce_sum(mask)(crit(student, teacher))
+        nll = crit.nll
+    else:  # the LM loss takes [b, s, v]
+        student = student.detach().transpose(0, 1).contiguous().requires_grad_()
+        loss = (kd.lm_loss(student, labels, VOCAB) * mask).sum()
+        nll = None
+    loss.backward()
+    return loss.detach(), student.grad, nll
+
+
+def close(a, b) -> bool:
+    """Largest difference against the largest entry: fp32 rounding, or bf16's (one rounding
+    of the gradient more or less than autograd's chain)."""
+    tol = 1e-6 if a.dtype == torch.float32 else 1e-3
+    err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+    print(f"{a.dtype} gradient: max error / max entry = {err:.2e}")
+    return err < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_kl_equals_modelopt(groups, monkeypatch, dtype, temperature):
+    loss_f, grad_f, nll = run("kl", True, dtype, temperature, monkeypatch)
+    loss_m, grad_m, _ = run("kl", False, dtype, temperature, monkeypatch)
+    assert loss_f.item() > 1.0
+    assert loss_f.item() == pytest.approx(loss_m.item(), rel=1e-5)
+    assert grad_f.dtype == grad_m.dtype == dtype
+    assert (grad_f[..., VOCAB:] == 0).all() and (grad_m[..., VOCAB:] == 0).all()
+    assert close(grad_f, grad_m)
+    # the student's NLL that the fused KL logs comes out equal to the LM loss
+    lm, _, _ = run("lm", False, dtype, 1.0, monkeypatch)
+    mask = (torch.rand(2, 300, generator=torch.Generator().manual_seed(3)) > 0.2).float()
+    assert (nll * mask).sum().item() == pytest.approx(lm.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_lm_loss_equals_megatron(groups, monkeypatch, dtype):
+    loss_f, grad_f, _ = run("lm", True, dtype, 1.0, monkeypatch)
+    loss_m, grad_m, _ = run("lm", False, dtype, 1.0, monkeypatch)
+    assert loss_f.item() == pytest.approx(loss_m.item(), rel=1e-5)
+    assert (grad_f[..., VOCAB:] == 0).all()
+    assert close(grad_f, grad_m)
+
+
+def test_fused_only_without_cuda(monkeypatch):
+    monkeypatch.setattr(compat, "cuda_available", lambda: True)
+    assert not compat.fused_losses()
