@@ -1,18 +1,27 @@
-"""Student tokens/s and peak memory of our distillation loop against a plain PyTorch +
-transformers KD loop on the same models, batch and sequence length.
+"""Student tokens/s and peak memory of our distillation loop against the plain PyTorch +
+transformers KD loop a user would write instead, on the same models, data, batch, sequence
+length, precision and steps.
 
-    .venv/bin/python bench/distill.py [--steps 12 --seq 256 --batch 8]
+    .venv/bin/python bench/distill.py            # tiny random models (fast; CI-sized)
+    .venv/bin/python bench/distill.py --demo     # the demo's real shapes: SmolLM2-135M teacher,
+                                                 # its 71M width-pruned student, 8 x 256, bf16
 
-Builds a random teacher (hidden 256, 4 layers, GQA) and prunes it to a student with our stages,
-then runs, each in its own child process (peak RSS = VmHWM of that process): (a) `recipes.distill`
-(megatron-core + ModelOpt, fp32, TP=PP=1), and (b) the reference: the exported student and the
-teacher in transformers, forward KL on logits, torch AdamW. Throughput is the median over steps
-after the first two. Prints both and the ratio ours / reference.
+Each side runs in its own child process (peak RSS = VmHWM of that process):
+(a) ours: `recipes.distill` (megatron-core + ModelOpt, TP=PP=1);
+(b) the reference: teacher and exported student in transformers; the teacher under
+    `torch.no_grad` (in bf16 for --demo), the student with fp32 parameters (under
+    `torch.autocast("cpu", bfloat16)` for --demo), forward KL on the logits, grad clipping 1.0,
+    torch.optim.AdamW.
+Throughput is the median step time over the steps after the first two (validation and checkpoint
+saves are outside the step on both sides: the reference does neither). Prints JSON with both and
+the ratios ours / reference. --demo builds (and caches) its inputs in --run-dir with the demo's
+own stages: data, convert, prune (of the uncorrected teacher: same shapes), export.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,27 +32,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 REFERENCE = """
-import json, sys, time, torch
+import contextlib, json, sys, time, torch
 from transformers import AutoModelForCausalLM
 from recipes.lib import tokens
 from recipes.lib.runtime import peak_rss_mb
-teacher_dir, student_dir, data_dir, steps, seq, batch = sys.argv[1:7]
+teacher_dir, student_dir, data_dir, steps, seq, batch, precision = sys.argv[1:8]
 steps, seq, batch = int(steps), int(seq), int(batch)
 torch.manual_seed(0)
-teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+low = precision == "bf16"
+teacher = AutoModelForCausalLM.from_pretrained(
+    teacher_dir, dtype=torch.bfloat16 if low else torch.float32).eval()
 student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).train()
 for p in teacher.parameters():
     p.requires_grad_(False)
 opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 w = tokens.windows(data_dir, "train", seq, steps * batch, seed=0)
+autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if low else contextlib.nullcontext
 times = []
 for s in range(steps):
     x = w[s * batch:(s + 1) * batch, :-1]
     t0 = time.time()
-    with torch.no_grad():
-        lt = teacher(x, use_cache=False).logits.log_softmax(-1)
-    ls = student(x, use_cache=False).logits.log_softmax(-1)
-    loss = torch.nn.functional.kl_div(ls, lt, log_target=True, reduction="none").sum(-1).mean()
+    with autocast():
+        with torch.no_grad():
+            lt = teacher(x, use_cache=False).logits.float().log_softmax(-1)
+        ls = student(x, use_cache=False).logits.float().log_softmax(-1)
+        loss = torch.nn.functional.kl_div(ls, lt, log_target=True, reduction="none").sum(-1).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
     opt.step()
@@ -53,53 +66,88 @@ print(json.dumps({"step_s": times, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
-def main() -> None:
+def stage(name: str, common: list[str], *extra: str) -> None:
+    subprocess.run([sys.executable, "-m", f"recipes.{name}", *common, *extra], cwd=ROOT,
+                   check=True, capture_output=True)
+
+
+def prepare_tiny(tmp: Path) -> tuple[Path, Path, list[str]]:
+    """Random GQA teacher (hidden 256, 4 layers) pruned to hidden 128 / FFN 256 / 4 heads."""
     from tests.corpus import write_corpus
     from tests.tiny_models import write_tiny_llama
 
+    hf = write_tiny_llama(tmp / "teacher", "gqa", hidden_size=256, intermediate_size=512,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    corpus = write_corpus(tmp / "corpus", n_docs=400)
+    common = ["--config", str(ROOT / "conf/tiny.yaml"), f"run.dir={tmp / 'run'}",
+              f"convert.hf_path={hf}", "run.log_level=WARNING"]
+    stage("data", common, f"data.input={corpus}")
+    stage("convert", common)
+    stage("prune", common, "prune.hidden_size=128", "prune.ffn_hidden_size=256",
+          "prune.num_attention_heads=4")
+    return hf, tmp / "run", common
+
+
+def prepare_demo(run: Path) -> tuple[Path, Path, list[str]]:
+    """conf/demo.yaml's data, teacher and pruned student (cached in `run`); the uncorrected
+    teacher, which has the corrected one's shapes."""
+    hf = ROOT / "data/demo/smollm2-135m-instruct"
+    if not hf.is_dir():
+        sys.exit(f"{hf} is missing: run `make assets` first")
+    common = ["--config", str(ROOT / "conf/demo.yaml"), f"run.dir={run}",
+              "run.log_level=WARNING", f"prune.input={run / 'convert'}",
+              f"distill.teacher={run / 'convert'}"]
+    stage("data", common)
+    stage("convert", common)
+    stage("prune", common)
+    return hf, run, common
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", action="store_true", help="the demo's real models and shapes")
+    ap.add_argument("--run-dir", default=str(ROOT / "runs/bench_demo"),
+                    help="--demo: where its inputs are built and cached")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="our micro-batch (default --batch: one micro-batch, as the reference)")
+    ap.add_argument("--precision", default=None, help="fp32 | bf16 (default: --demo bf16)")
     a = ap.parse_args()
-    py = [sys.executable, "-m"]
+    precision = a.precision or ("bf16" if a.demo else "fp32")
+    micro = a.micro_batch or a.batch
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        hf = write_tiny_llama(tmp / "teacher", "gqa", hidden_size=256, intermediate_size=512,
-                              num_attention_heads=8, num_key_value_heads=4, head_dim=32)
-        corpus = write_corpus(tmp / "corpus", n_docs=400)
-        common = ["--config", str(ROOT / "conf/tiny.yaml"), f"run.dir={tmp / 'run'}",
-                  f"convert.hf_path={hf}", "run.log_level=WARNING"]
-        for stage, extra in (("data", [f"data.input={corpus}"]), ("convert", []),
-                             ("prune", ["prune.hidden_size=128", "prune.ffn_hidden_size=256",
-                                        "prune.num_attention_heads=4"]),
-                             ("export", [f"export.input={tmp / 'run/prune'}"])):
-            subprocess.run(py + [f"recipes.{stage}", *common, *extra], cwd=ROOT, check=True,
-                           capture_output=True)
-        subprocess.run(py + ["recipes.distill", *common, f"distill.train_iters={a.steps}",
-                             f"distill.seq_length={a.seq}",
-                             f"distill.global_batch_size={a.batch}",
-                             f"distill.micro_batch_size={a.batch}",
-                             f"distill.eval_interval={a.steps}",
-                             f"distill.save_interval={a.steps}"],
-                       cwd=ROOT, check=True, capture_output=True)
-        rows = [json.loads(x) for x in (tmp / "run/distill/logs/metrics.jsonl").read_text()
+        hf, run, common = prepare_demo(Path(a.run_dir)) if a.demo else prepare_tiny(tmp)
+        stage("export", common, f"export.input={run / 'prune'}",
+              f"export.output={tmp / 'student'}")
+        stage("distill", common, f"distill.output={tmp / 'distill'}",
+              f"distill.train_iters={a.steps}", f"distill.seq_length={a.seq}",
+              f"distill.global_batch_size={a.batch}", f"distill.micro_batch_size={micro}",
+              f"distill.precision={precision}", f"distill.eval_interval={a.steps}",
+              "distill.eval_iters=1", f"distill.save_interval={a.steps}",
+              "distill.log_interval=1", "distill.keep_checkpoints=false")
+        rows = [json.loads(x) for x in (tmp / "distill/logs/metrics.jsonl").read_text()
                 .splitlines()]
         ours_s = [r["step_s"] for r in rows if "step_s" in r]
         ours_mb = max(r["memory_mb"] for r in rows if "memory_mb" in r)
         ref = json.loads(subprocess.run(
-            [sys.executable, "-c", REFERENCE, str(hf), str(tmp / "run/export"),
-             str(tmp / "run/data"), str(a.steps), str(a.seq), str(a.batch)], cwd=ROOT,
-            check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            [sys.executable, "-c", REFERENCE, str(hf), str(tmp / "student"),
+             str(run / "data"), str(a.steps), str(a.seq), str(a.batch), precision],
+            cwd=ROOT, check=True, capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.splitlines()[-1])
     tok = a.seq * a.batch
     ours_tps = tok / statistics.median(ours_s[2:])
     ref_tps = tok / statistics.median(ref["step_s"][2:])
-    print(json.dumps({"tokens_per_step": tok, "ours": {"tokens_per_s": round(ours_tps),
-                                                       "peak_rss_mb": round(ours_mb)},
-                      "transformers_kd": {"tokens_per_s": round(ref_tps),
-                                          "peak_rss_mb": round(ref["peak_rss_mb"])},
-                      "ratio_tokens_per_s": round(ours_tps / ref_tps, 2),
-                      "ratio_peak_rss": round(ours_mb / ref["peak_rss_mb"], 2)}, indent=2))
+    print(json.dumps({
+        "shapes": "demo" if a.demo else "tiny", "precision": precision, "steps": a.steps,
+        "tokens_per_step": tok, "ours": {"tokens_per_s": round(ours_tps),
+                                         "peak_rss_mb": round(ours_mb)},
+        "transformers_kd": {"tokens_per_s": round(ref_tps),
+                            "peak_rss_mb": round(ref["peak_rss_mb"])},
+        "ratio_tokens_per_s": round(ours_tps / ref_tps, 2),
+        "ratio_peak_rss": round(ours_mb / ref["peak_rss_mb"], 2)}, indent=2))
 
 
 if __name__ == "__main__":

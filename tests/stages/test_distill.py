@@ -197,13 +197,16 @@ def test_changed_global_batch_is_refused_with_the_reason(pruned, tmp_path):
         distill.main(args(pruned, tmp_path / "d", "distill.global_batch_size=8"))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "modelopt"])
 @pytest.mark.parametrize("skip_lm_loss", [True, False])
-def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss):
+def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
     """The KD loss our loss function reports equals KL(teacher || student) computed by hand from
     separately computed logits, with the LM loss computed in the same step (the in-place
-    cross-entropy trap would break this)."""
-    from recipes.lib import checkpoint, runtime
+    cross-entropy trap would break this), on the CPU's fused losses and on ModelOpt's."""
+    from recipes.lib import checkpoint, compat, runtime
     from recipes.lib.config import load
+
+    monkeypatch.setitem(compat.FAST_PATHS, "fused_losses", fused)
 
     run = pruned["run"]
     c = load(TINY, [f"run.dir={run}", f"distill.skip_lm_loss={skip_lm_loss}"],
@@ -222,10 +225,11 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss):
 
         t_logits = M.forward_logits(load_model(ta, "convert"), w[:, :-1], ta.vocab_size)
         s_logits = M.forward_logits(load_model(sa, "prune"), w[:, :-1], sa.vocab_size)
-        model = distill.distillation_model(load_model(sa, "prune"), load_model(ta, "convert"),
-                                           c, sa.vocab_size)
+        model, kl_loss = distill.distillation_model(load_model(sa, "prune"),
+                                                    load_model(ta, "convert"), c, sa.vocab_size)
         model.eval()
-        step = distill.make_step_fn(model, sa.vocab_size, skip_lm_loss, False)(training=False)
+        step = distill.make_step_fn(model, kl_loss, sa.vocab_size, skip_lm_loss,
+                                    False)(training=False)
         with torch.no_grad():
             out, loss_func = step(iter([batch]), model)
             total, n, report = loss_func(out)
@@ -296,3 +300,29 @@ def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
     assert p.returncode == 0 and "iter_0000005 (step 5)" in p.stderr, p.stderr[-4000:]
     assert "requeue" not in log.read_text().splitlines()[-1]
     assert json.loads((out / "manifest.json").read_text())["metrics"]["step"] == 8
+
+
+def test_the_log_is_quiet_but_keeps_progress_summaries_and_real_warnings(pruned, tmp_path):
+    """At INFO the expected upstream warnings and INFO chatter (recipes/lib/quiet.py) are gone;
+    the progress bar, the stage's own lines and an unexpected upstream warning remain; DEBUG
+    brings the expected ones back."""
+    from recipes.lib import quiet
+
+    def log(out, *extra):
+        return run_subprocess(args(pruned, out, "distill.train_iters=2",
+                                   "distill.save_interval=2", *extra))
+
+    text = log(tmp_path / "d")
+    assert "distill: 100%" in text and "INFO recipes.train: distill" in text
+    assert "Warning" not in text and "warnings.warn" not in text, text[-3000:]
+    assert "INFO megatron" not in text and "INFO lm_eval" not in text
+    for _prefix, pattern, _why in quiet.EXPECTED_LOGS:
+        assert not __import__("re").search(pattern, text)
+    debug = log(tmp_path / "debug", "run.log_level=DEBUG")
+    assert "Transformer Engine and Apex are not installed" in debug
+    assert "GPTModel IS DEPRECATED" in debug
+    # an unexpected warning from upstream still shows, through the filters installed on import
+    out = subprocess.run([sys.executable, "-c", "import recipes, warnings; "
+                          "warnings.warn('Transformer Engine exploded')"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert "Transformer Engine exploded" in out.stderr
