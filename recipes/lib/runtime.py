@@ -39,13 +39,17 @@ def is_rank0() -> bool:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Rank 0 logs at `level`; other ranks only warnings and errors."""
+    """Rank 0 logs at `level`; other ranks only warnings and errors. Upstream messages the recipe
+    expects are dropped (recipes/lib/quiet.py) unless level is DEBUG."""
+    from recipes.lib import quiet
+
     logging.basicConfig(
         level=getattr(logging, level) if is_rank0() else logging.WARNING,
         format=f"%(asctime)s [rank{rank()}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,
     )
+    quiet.install_log_filters(level)
 
 
 def init(tp: int, pp: int, seed: int = 1234) -> None:

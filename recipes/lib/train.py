@@ -162,7 +162,9 @@ class _Tok:
     """What GPTDataset needs of a tokenizer (the data stage already tokenised)."""
 
     def __init__(self, eod: int, vocab_size: int):
-        self.eod, self.vocab_size, self.pad = eod, vocab_size, eod
+        # pad: megatron's own "no pad token" id (packed windows are never padded); eod would
+        # collide with a special token and megatron would replace it with this, warning
+        self.eod, self.vocab_size, self.pad = eod, vocab_size, -1
         # megatron hashes this into the dataset cache key
         self.unique_identifiers = {"class": "pretokenized", "eod": eod, "vocab_size": vocab_size}
 
