@@ -23,14 +23,17 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from recipes.lib import config, stage  # noqa: E402
 from recipes.lib.stage import StageDir, fingerprint, read_manifest  # noqa: E402
 
-STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "export_pruned", "export",
-          "evaluate", "compare")
-COMPARED = {  # make demo-compare's models
-    "distilled": "pruned, then KD (forward KL) from the original teacher",
-    "ce_trained": "pruned, then plain cross-entropy on the distillation data",
+STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "ce_trained",
+          "export_teacher_corrected", "export_pruned", "export_ce_trained", "export", "evaluate",
+          "from_scratch", "distill_original", "compare")
+DESCRIBED = {  # the demo's models (make demo, make demo-compare)
+    "teacher": "the original model",
+    "teacher_corrected": "the teacher fine-tuned on the distillation data (teacher correction)",
+    "pruned": "pruned from the corrected teacher, not trained yet",
+    "distilled": "pruned, then KD (forward KL) from the corrected teacher: the paper's order",
+    "ce_trained": "pruned, then plain cross-entropy on the same tokens (the baseline)",
     "from_scratch": "random initialisation, then cross-entropy",
-    "teacher_corrected": "the teacher (not a student), fine-tuned on the distillation data first",
-    "distilled_from_corrected": "pruned, then KD from the corrected teacher (the paper's order)",
+    "distilled_from_original": "pruned, then KD from the original, uncorrected teacher",
 }
 ARCH_ROWS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "num_query_groups", "head_dim", "vocab_size")
@@ -53,7 +56,9 @@ def _metrics(stage_dir: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
 
 
-def plot_training(rows: list[dict], path: Path) -> None:
+def plot_training(rows: list[dict], path: Path, baseline: list[dict] | None = None) -> None:
+    """KD and LM loss curves of the distillation; `baseline`: the cross-entropy-trained
+    student's LM loss on the same axis."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], "kd_loss", "KD loss: KL(teacher || student)"),
                            (axes[1], "lm_loss", "student LM loss (cross-entropy)")):
@@ -63,6 +68,10 @@ def plot_training(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*tr), label="train", lw=1.2)
         if va:
             ax.plot(*zip(*va), "o-", label="validation", ms=4)
+        base = [(r["tokens"] / 1e3, r[f"valid_{key}"]) for r in baseline or []
+                if f"valid_{key}" in r]
+        if base:
+            ax.plot(*zip(*base), "s--", label="validation, ce_trained", ms=4)
         ax.set(title=title, xlabel="training tokens (thousands)", ylabel="loss (nats / token)")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -134,24 +143,34 @@ def plot_evaluation(heldout: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _throughput(heldout: dict) -> str:
+    tps = {n: r["tokens_per_s"] for n, r in heldout.items() if "tokens_per_s" in r}
+    return ("; forward " + ", ".join(f"{n} {v:.0f}" for n, v in tps.items()) + " tokens/s"
+            if tps else "")
+
+
 def evaluation_lines(res: dict, manifest: dict) -> list[str]:
     """One row per model: size, held-out loss and perplexity, the held-out cloze accuracy and
     the decode speed-up over the reference model where they were measured."""
     cloze = (res.get("lm_eval") or {}).get("heldout_cloze", {}).get("scores", {})
     speedup = res.get("speedup") or {}
     batches = sorted({b for s in speedup.values() for b in s}, key=lambda b: int(b.split("_")[1]))
-    head = ["model", "parameters", "loss (nats/token)", "perplexity"]
+    described = any(n in DESCRIBED for n in res["heldout"])
+    head = ["model"] + ["what it is"] * described + ["parameters", "loss (nats/token)",
+                                                       "perplexity"]
     head += ["held-out cloze accuracy"] * bool(cloze)
     head += [f"decode speed-up, batch {b.split('_')[1]}" for b in batches]
     lines = ["## Evaluation", "", f"Held-out test split, {manifest['windows']} windows of "
-             f"{manifest['seq_length']} tokens, computed with transformers on the exported models."
+             f"{manifest['seq_length']} tokens, computed with transformers "
+             f"({res.get('dtype', 'fp32')}{_throughput(res['heldout'])}) on the exported models."
              + (" Cloze: the last word of held-out passages (lm-evaluation-harness, greedy "
                 "accuracy)." if cloze else "")
              + (f" Speed-up: decode tokens/s over {res.get('reference')}'s, same prompts and "
                 "settings." if batches else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res["heldout"].items():
-        row = [name, f"{r['params'] / 1e6:.1f}M", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}"]
+        row = [name] + [DESCRIBED.get(name, "")] * described + [
+            f"{r['params'] / 1e6:.1f}M", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}"]
         row += [f"{cloze[name]:.3f}" if name in cloze else "-"] * bool(cloze)
         row += [f"{speedup[name][b]:.2f}x" if b in speedup.get(name, {}) else "-"
                 for b in batches]
@@ -226,12 +245,12 @@ def render(run: Path, out: Path, title: str) -> str:
                   "Each student has the pruned architecture and the same steps, batches and "
                   "learning rate.", "", "| model | how it was trained | parameters | held-out "
                   "loss (nats/token) | perplexity |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {COMPARED.get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
+        lines += [f"| {k} | {DESCRIBED.get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
                   f"| {v['perplexity']:.2f} |" for k, v in comp.items()]
         lines.append("")
     rows = _metrics(run / "distill")
     if rows:
-        plot_training(rows, out / "training.png")
+        plot_training(rows, out / "training.png", _metrics(run / "ce_trained"))
         lines += ["## Distillation", "", "![training curves](training.png)", ""]
         last = rows[-1]
         lines += [f"{last['step']} steps, {last['tokens']:,} tokens; final train KD loss "
