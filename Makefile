@@ -33,7 +33,7 @@ DEMO_ARGS ?=
 DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
 .PHONY: help setup test all status docker-build gpu-check gpu-wheels demo demo-compare assets data convert teacher_correction prune distill export evaluate \
-	report plan bench clean
+	report plan bench bench-demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-19s %s\n", $$1, $$2}'
@@ -132,6 +132,9 @@ export: setup  ## megatron checkpoint -> HF folder with logit parity: ARGS="run.
 bench: setup  ## benchmarks (ratios against a reference run in the same process)
 	$(PY) bench/convert.py
 	$(PY) bench/distill.py
+
+bench-demo: setup assets  ## distillation vs a plain PyTorch KD loop at the demo's real shapes (~6 min; idle machine)
+	$(PY) bench/distill.py --demo
 
 clean:  ## remove runs/ (keeps .venv and data/)
 	rm -rf runs

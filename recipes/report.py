@@ -29,11 +29,12 @@ STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "ce_train
 DESCRIBED = {  # the demo's models (make demo, make demo-compare)
     "teacher": "the original model",
     "teacher_corrected": "the teacher fine-tuned on the distillation data (teacher correction)",
-    "pruned": "pruned from the corrected teacher, not trained yet",
-    "distilled": "pruned, then KD (forward KL) from the corrected teacher: the paper's order",
-    "ce_trained": "pruned, then plain cross-entropy on the same tokens (the baseline)",
+    "pruned": "the pruned student, before training",
+    "distilled": "the pruned student after KD (forward KL) from distill.teacher",
+    "ce_trained": "the pruned student after plain cross-entropy on the same tokens",
     "from_scratch": "random initialisation, then cross-entropy",
-    "distilled_from_original": "pruned, then KD from the original, uncorrected teacher",
+    "distilled_from_original": "the pruned student after KD from the original, uncorrected "
+                               "teacher",
 }
 ARCH_ROWS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "num_query_groups", "head_dim", "vocab_size")
@@ -149,13 +150,26 @@ def _throughput(heldout: dict) -> str:
             if tps else "")
 
 
-def evaluation_lines(res: dict, manifest: dict) -> list[str]:
+def described(run: Path) -> dict:
+    """DESCRIBED, saying which teacher the student was distilled from."""
+    d = dict(DESCRIBED)
+    try:
+        teacher = read_manifest(Path(read_manifest(run / "distill")["input"]["teacher"]))["stage"]
+    except (OSError, ValueError, KeyError):
+        return d
+    if teacher == "teacher_correction":
+        d["distilled"] = "the pruned student after KD (forward KL) from the corrected teacher"
+        d["pruned"] = "pruned from the corrected teacher, before training"
+    return d
+
+
+def evaluation_lines(res: dict, manifest: dict, names: dict = DESCRIBED) -> list[str]:
     """One row per model: size, held-out loss and perplexity, the held-out cloze accuracy and
     the decode speed-up over the reference model where they were measured."""
     cloze = (res.get("lm_eval") or {}).get("heldout_cloze", {}).get("scores", {})
     speedup = res.get("speedup") or {}
     batches = sorted({b for s in speedup.values() for b in s}, key=lambda b: int(b.split("_")[1]))
-    described = any(n in DESCRIBED for n in res["heldout"])
+    described = any(n in names for n in res["heldout"])
     head = ["model"] + ["what it is"] * described + ["parameters", "loss (nats/token)",
                                                        "perplexity"]
     head += ["held-out cloze accuracy"] * bool(cloze)
@@ -169,7 +183,7 @@ def evaluation_lines(res: dict, manifest: dict) -> list[str]:
                 "settings." if batches else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res["heldout"].items():
-        row = [name] + [DESCRIBED.get(name, "")] * described + [
+        row = [name] + [names.get(name, "")] * described + [
             f"{r['params'] / 1e6:.1f}M", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}"]
         row += [f"{cloze[name]:.3f}" if name in cloze else "-"] * bool(cloze)
         row += [f"{speedup[name][b]:.2f}x" if b in speedup.get(name, {}) else "-"
@@ -228,7 +242,7 @@ def render(run: Path, out: Path, title: str) -> str:
                       f"(1-indexed) = HF `model.layers` {depth['hf_layers_dropped_0indexed']}", ""]
     if "evaluate" in m:
         res = json.loads((run / "evaluate" / "results.json").read_text())
-        lines += evaluation_lines(res, m["evaluate"])
+        lines += evaluation_lines(res, m["evaluate"], described(run))
         plot_evaluation(res["heldout"], out / "evaluation.png")
         lines += ["", "![held-out perplexity](evaluation.png)", ""]
         lines += lm_eval_lines(res) + speed_lines(res)
@@ -245,7 +259,7 @@ def render(run: Path, out: Path, title: str) -> str:
                   "Each student has the pruned architecture and the same steps, batches and "
                   "learning rate.", "", "| model | how it was trained | parameters | held-out "
                   "loss (nats/token) | perplexity |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {DESCRIBED.get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
+        lines += [f"| {k} | {described(run).get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
                   f"| {v['perplexity']:.2f} |" for k, v in comp.items()]
         lines.append("")
     rows = _metrics(run / "distill")

@@ -7,7 +7,7 @@ changed the KL: 5.35 instead of 0.49 in tests/stages/test_distill.py's KD = KL c
 
 Without CUDA and at TP=1 (`compat.fused_losses()`), both losses are computed by one chunked
 function instead (`token_losses`): the same KL(teacher || student) as ModelOpt's LogitsKLLoss and
-the same cross-entropy, over the first `vocab_size` columns, a few hundred tokens at a time, with
+the same cross-entropy, over the first `vocab_size` columns, CHUNK_TOKENS tokens at a time, with
 the gradient formed during the forward (softmax(student) - softmax(teacher), or softmax - onehot)
 and kept in the logits' dtype. The unfused path materialises about ten fp32 copies of the
 [tokens x vocab] logits per micro-batch (casts, the temperature division, masking, two log-softmaxes

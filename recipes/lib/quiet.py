@@ -36,6 +36,16 @@ EXPECTED_WARNINGS = [
      "megatron's torch_dist checkpoint format is built on ShardedTensor (megatron's choice)"),
     (r"The argument order of load has been changed", UserWarning,
      "megatron's dist_checkpointing calls torch.distributed.checkpoint.load by keyword"),
+    (r"Only transformer-engine>=1\.7\.0 supports MoE experts, but your version is 0\.0\.0",
+     UserWarning, "compat's Transformer Engine stand-in (so ModelOpt's Minitron plugin imports "
+     "without TE) has no version; no MoE model is built"),
+    (r"Per-rank checkpoint .*scores.* not found, falling back|Checkpoint .*scores.* does not "
+     r"exist! Initializing from scratch", UserWarning,
+     "prune always starts in a fresh folder: ModelOpt finds no saved importance scores and "
+     "computes them"),
+    (r"torch\.distributed is initialized\. Please maintain the same parallelism configuration",
+     UserWarning, "ModelOpt saves the importance scores per rank; prune's scores live only in "
+     "its own temporary folder, read back in the same run"),
     (r"`torch_dtype` is deprecated|torch_dtype.*deprecated", FutureWarning,
      "lm-evaluation-harness still passes torch_dtype to transformers"),
 ]

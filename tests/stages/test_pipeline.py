@@ -30,7 +30,8 @@ def test_pipeline_to_report(hf_models, tmp_path):
         assert f"]({png})" in md
     res = json.loads((run / "evaluate" / "results.json").read_text())
     for name in ("teacher", "pruned", "distilled"):
-        row = re.search(rf"^\| {name} \| [\d.]+M \| ([\d.]+) \| ([\d.]+) \|$", md, re.M)
+        row = re.search(rf"^\| {name} \| {re.escape(report.DESCRIBED[name])} \| [\d.]+M \| "
+                        r"([\d.]+) \| ([\d.]+) \|$", md, re.M)
         assert row, name
         assert float(row.group(1)) == round(res["heldout"][name]["loss"], 4)
     h = res["heldout"]
