@@ -86,7 +86,7 @@ demo: setup assets  ## the paper's recipe on SmolLM2-135M + Jane Austen on this 
 	$(call DEMO,report)
 	@echo "report: $(DEMO_DIR)/report/report.md"
 
-demo-compare: setup  ## after make demo: from scratch and KD from the uncorrected teacher, same budget (~12 min)
+demo-compare: setup  ## after make demo: from scratch and KD from the uncorrected teacher, same budget (~14 min)
 	$(call DEMO,teacher_correction) $(DEMO_CE) teacher_correction.output=$(DEMO_DIR)/from_scratch teacher_correction.random_init=true
 	$(call DEMO,distill) distill.teacher=$(DEMO_DIR)/convert distill.output=$(DEMO_DIR)/distill_original
 	$(call DEMO,export) export.input=$(DEMO_DIR)/from_scratch export.output=$(DEMO_DIR)/export_from_scratch

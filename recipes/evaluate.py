@@ -110,7 +110,7 @@ class EvaluateConfig:
                   "lm_eval_batch_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"evaluate.{k} must be >= 1")
-        if self.speed_models is not None and (
+        if self.speed and self.speed_models is not None and (
                 self.reference not in self.speed_models
                 or any(n not in self.models for n in self.speed_models)):
             raise ValueError(f"evaluate.speed_models={self.speed_models} must name models being "

@@ -62,3 +62,15 @@ def test_typo_in_another_stage_fails_early(tmp_path):
     y.write_text("run:\n  dir: a\nconvert:\n  hf_path: x\nexport:\n  inptu: y\n")
     with pytest.raises(config.ConfigError, match="export.inptu"):
         config.load(str(y), [], stage="convert")
+
+
+def test_speed_models_checked_only_when_timing():
+    """make demo-compare scores students without the teacher and with speed off: the demo's
+    speed_models (teacher, distilled) must not block it; with speed on they must name the
+    reference."""
+    common = ["run.dir=/tmp/x", "evaluate.include=[distilled,ce_trained]"]
+    cfg = config.load(str(CONF / "demo.yaml"), [*common, "evaluate.speed=false"],
+                      stage="evaluate")
+    assert list(cfg.evaluate.models) == ["distilled", "ce_trained"]
+    with pytest.raises(config.ConfigError, match="must name models being scored"):
+        config.load(str(CONF / "demo.yaml"), [*common, "evaluate.speed=true"], stage="evaluate")
