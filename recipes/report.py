@@ -169,9 +169,9 @@ def evaluation_lines(res: dict, manifest: dict, names: dict = DESCRIBED) -> list
     cloze = (res.get("lm_eval") or {}).get("heldout_cloze", {}).get("scores", {})
     speedup = res.get("speedup") or {}
     batches = sorted({b for s in speedup.values() for b in s}, key=lambda b: int(b.split("_")[1]))
-    described = any(n in names for n in res["heldout"])
-    head = ["model"] + ["what it is"] * described + ["parameters", "loss (nats/token)",
-                                                       "perplexity"]
+    has_what = any(n in names for n in res["heldout"])
+    head = ["model"] + ["what it is"] * has_what + ["parameters", "loss (nats/token)",
+                                                     "perplexity"]
     head += ["held-out cloze accuracy"] * bool(cloze)
     head += [f"decode speed-up, batch {b.split('_')[1]}" for b in batches]
     lines = ["## Evaluation", "", f"Held-out test split, {manifest['windows']} windows of "
@@ -183,7 +183,7 @@ def evaluation_lines(res: dict, manifest: dict, names: dict = DESCRIBED) -> list
                 "settings." if batches else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res["heldout"].items():
-        row = [name] + [names.get(name, "")] * described + [
+        row = [name] + [names.get(name, "")] * has_what + [
             f"{r['params'] / 1e6:.1f}M", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}"]
         row += [f"{cloze[name]:.3f}" if name in cloze else "-"] * bool(cloze)
         row += [f"{speedup[name][b]:.2f}x" if b in speedup.get(name, {}) else "-"
@@ -240,9 +240,10 @@ def render(run: Path, out: Path, title: str) -> str:
         if depth.get("drop_layers_1indexed"):
             lines += [f"Dropped layers ({depth['method']}): {depth['drop_layers_1indexed']} "
                       f"(1-indexed) = HF `model.layers` {depth['hf_layers_dropped_0indexed']}", ""]
+    names = described(run)
     if "evaluate" in m:
         res = json.loads((run / "evaluate" / "results.json").read_text())
-        lines += evaluation_lines(res, m["evaluate"], described(run))
+        lines += evaluation_lines(res, m["evaluate"], names)
         plot_evaluation(res["heldout"], out / "evaluation.png")
         lines += ["", "![held-out perplexity](evaluation.png)", ""]
         lines += lm_eval_lines(res) + speed_lines(res)
@@ -259,7 +260,7 @@ def render(run: Path, out: Path, title: str) -> str:
                   "Each student has the pruned architecture and the same steps, batches and "
                   "learning rate.", "", "| model | how it was trained | parameters | held-out "
                   "loss (nats/token) | perplexity |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {described(run).get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
+        lines += [f"| {k} | {names.get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
                   f"| {v['perplexity']:.2f} |" for k, v in comp.items()]
         lines.append("")
     rows = _metrics(run / "distill")

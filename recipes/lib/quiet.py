@@ -4,7 +4,8 @@ Installed by `recipes/__init__.py` (warnings: before any upstream import can rai
 `runtime.setup_logging` (log records). Everything not listed here is shown: our progress bars and
 stage summaries, upstream errors and every warning nobody has read yet. `run.log_level=DEBUG`
 shows all of it again. When an upstream release changes a message, its entry stops matching and
-the message reappears (tests/unit/test_quiet.py runs a training stage and reads its log).
+the message reappears (tests/stages/test_distill.py runs a training stage and reads its
+log).
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ EXPECTED_LOGS = [
 CHATTY_LOGGERS = ("megatron", "modelopt", "lm_eval", "torch.distributed")
 
 
-def install_warning_filters() -> None:
+def install_warning_filters(action: str = "ignore") -> None:
     for pattern, category, _why in EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=f".*{pattern}", category=category)
+        warnings.filterwarnings(action, message=f".*{pattern}", category=category)
 
 
 class ExpectedLogFilter(logging.Filter):
@@ -78,8 +79,8 @@ class ExpectedLogFilter(logging.Filter):
 
 def install_log_filters(level: str) -> None:
     """After logging.basicConfig: drop the expected records; quiet the chatty loggers."""
-    if level == "DEBUG":
-        warnings.resetwarnings()
+    if level == "DEBUG":  # the same entries, shown (once per place) ahead of the ignores
+        install_warning_filters("default")
         return
     for h in logging.getLogger().handlers:
         h.addFilter(ExpectedLogFilter())
