@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -296,7 +297,23 @@ def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple =
         return EXIT_PREEMPTED
     finally:
         release_locks()
+    if argv is None:  # a process of its own: see ignore_late_signals
+        ignore_late_signals()
     return 0
+
+
+LATE_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+
+def ignore_late_signals() -> None:
+    """The stage's output is committed and the process only winds down (process groups,
+    checkpoint writers, interpreter exit: seconds). Slurm's time-limit SIGUSR1 or a preemption
+    SIGTERM arriving now has nothing left to save; with the default action it would kill the
+    process and turn a finished stage into a failed job that the batch script does not requeue
+    and whose dependants are cancelled. Seen on the real scheduler when a resumed run finished
+    just before its USR1 (tests/stages/test_slurm.py)."""
+    for name in LATE_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _iso(t: float) -> str:

@@ -120,3 +120,29 @@ def test_overrides_reach_the_stage_byte_for_byte(tmp_path):
 def test_whitespace_in_sbatch_lines_is_refused():
     with pytest.raises(ValueError, match="cluster.account='my proj' contains whitespace"):
         launch.ClusterConfig(account="my proj")
+
+
+def test_a_finished_stage_process_ignores_late_preemption_signals(monkeypatch):
+    """A stage run as its own process (argv from the command line) that has committed its
+    output ignores a late SIGUSR1/SIGTERM while it winds down (Slurm's time-limit signal racing
+    the end of a resumed run failed the job); called in-process, it leaves handlers alone."""
+    import os
+    import signal
+    import types
+
+    from recipes.lib import config, runtime, stage
+
+    cfg = types.SimpleNamespace(run=types.SimpleNamespace(log_level="WARNING"))
+    monkeypatch.setattr(config, "parse_args", lambda *a: cfg)
+    monkeypatch.setattr(runtime, "setup_logging", lambda level: None)
+    sigs = (signal.SIGUSR1, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+    try:
+        assert stage.main(lambda c: None, "data", "", ["--config", "x.yaml"]) == 0
+        assert {s: signal.getsignal(s) for s in sigs} == old
+        assert stage.main(lambda c: None, "data", "") == 0
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in sigs)
+        os.kill(os.getpid(), signal.SIGUSR1)  # default action would end this process
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
