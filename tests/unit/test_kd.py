@@ -42,7 +42,8 @@ def run(kind, fused, dtype, temperature, monkeypatch):
                                     VOCAB, temperature)
         crit.labels = labels
         loss = kd.reduce_sum(mask)(crit(student, teacher))
-        nll = (crit.nll * mask).sum()  # the student's NLL the fused KL logs, masked and summed
+        # the student's NLL the fused KL logs (None on ModelOpt's path), masked and summed
+        nll = None if crit.nll is None else (crit.nll * mask).sum()
     else:  # the LM loss takes [b, s, v]
         student = student.detach().transpose(0, 1).contiguous().requires_grad_()
         loss = (kd.lm_loss(student, labels, VOCAB) * mask).sum()
