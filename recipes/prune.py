@@ -118,7 +118,7 @@ def contiguous_candidates(model, arch: Arch, n_drop: int, heldout: torch.Tensor,
 
 def importance_summary(scores_file: Path, arch: Arch) -> tuple[dict, dict]:
     """ModelOpt's saved activations -> per-layer head / neuron / channel importance."""
-    state = torch.load(scores_file, weights_only=False)
+    state = torch.load(scores_file, map_location="cpu", weights_only=False)
     acts, layer_scores = state["local_activations"], state["layer_scores"]
     heads, neurons, channels = {}, {}, None
     for name, a in acts.items():
@@ -221,7 +221,7 @@ def run(cfg: config.Config) -> dict:
         if drop:
             MM.drop_mcore_language_model_layers(model, layers_to_drop=drop)
         elif n_drop:  # block_influence: ModelOpt dropped its lowest-scored layers
-            layer_scores = torch.load(scores, weights_only=False)["layer_scores"]
+            layer_scores = torch.load(scores, map_location="cpu", weights_only=False)["layer_scores"]
             ranked = sorted(layer_scores, key=lambda k: float(layer_scores[k]), reverse=True)
             drop = sorted(int(x) for x in ranked[student.num_layers:])
 
