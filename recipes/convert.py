@@ -7,7 +7,9 @@ Streaming: the model is built on the meta device (structure only); megatron's ch
 asks for one chunk at a time and gets it from the safetensors shards right then (read without
 mmap, fused, sliced for this rank). A process never holds more than one fused megatron tensor, so
 an 8B converts on a machine with far less memory than the model. The checkpoint (torch_dist)
-loads at any TP/PP later. Output: <run.dir>/convert/{checkpoint/, hf_config.json, tokenizer/, manifest.json}.
+loads at any TP/PP later. Output: <run.dir>/convert/{iter_0000000/, latest_checkpointed_iteration.txt,
+hf_config.json, tokenizer/, manifest.json}: also a Megatron-Bridge / Megatron-LM checkpoint
+(recipes/lib/interop.py).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from recipes.lib import checkpoint, config, mapping, runtime, stage
+from recipes.lib import checkpoint, config, interop, mapping, runtime, stage
 from recipes.lib.arch import Arch, read_hf_config, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -62,8 +64,10 @@ def run(cfg: config.Config) -> dict:
         log.info("convert %s -> %s at TP=%d PP=%d, %s\n%s", hf_path, out, tp, pp, c.dtype,
                  config.to_yaml(cfg))
         tmp = sdir.begin()
-        checkpoint.save_from_hf(arch, reader, tmp / "checkpoint", c.dtype, "convert")
+        checkpoint.save_from_hf(arch, reader, interop.iteration_dir(tmp, 0), c.dtype, "convert")
         if runtime.is_rank0():
+            interop.write_layout(tmp, arch, 0, tp=tp, pp=pp, dtype=c.dtype,
+                                 spec=runtime.resolve_spec("auto"))
             checkpoint.write_sidecars(tmp, hf_cfg, hf_path)
             (tmp / "config.yaml").write_text(config.to_yaml(cfg))
         peak_mb = runtime.peak_rss_mb()

@@ -9,13 +9,13 @@ KL(teacher || student) on the logits with a temperature (the paper's setting: lo
 cross-entropy), optionally plus intermediate-layer losses (cosine / MSE) and the student's LM
 loss (`skip_lm_loss=false`, weighted by ModelOpt's loss balancer). The student's LM loss is
 computed and logged in any case. A restart with the same command resumes.
-Output: <run.dir>/distill/{checkpoint/, logs/metrics.jsonl, logs/tensorboard/, manifest.json}.
+Output: <run.dir>/distill/{iter_<train_iters>/, latest_checkpointed_iteration.txt, logs/metrics.jsonl,
+logs/tensorboard/, manifest.json}: also a Megatron-Bridge / Megatron-LM checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 
 import torch
 
@@ -26,7 +26,11 @@ from recipes.lib import checkpoint, config, stage, train, train_stage
 @dataclasses.dataclass(kw_only=True)
 class DistillConfig(train.TrainConfig):
     teacher: str
-    """The teacher: a convert or teacher_correction stage folder."""
+    """The teacher: a convert or teacher_correction stage folder, or a Megatron-Bridge /
+    Megatron-LM checkpoint folder."""
+    teacher_hf_config: str | None = None
+    """Only for a Megatron-LM checkpoint as `teacher` (or one whose run_config.yaml should be
+    overridden): the model's HF config.json, or an HF folder (its tokenizer is used too)."""
     kd_temperature: float = 1.0
     """Softmax temperature of the logit KL."""
     skip_lm_loss: bool = True
@@ -115,26 +119,25 @@ def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: b
 
 def run(cfg: config.Config) -> dict:
     c: DistillConfig = cfg.distill
-    models = {"input": c.input, "teacher": c.teacher}
-    archs = train_stage.read_models("distill", models, cfg)
-    student_arch, teacher_arch = archs["input"], archs["teacher"]
+    sources = train_stage.read_models("distill", ("input", "teacher"), cfg)
+    student_arch, teacher_arch = sources["input"].arch, sources["teacher"].arch
     if student_arch.vocab_size != teacher_arch.vocab_size:
         raise ValueError(f"student vocab {student_arch.vocab_size} != teacher vocab "
                          f"{teacher_arch.vocab_size}: distillation needs one tokenizer")
     teacher_kw = train_stage.build_kwargs(c, c.teacher_precision)
 
-    def build(archs):
+    def build():
         from recipes.lib import model as M
 
         teacher = M.build(teacher_arch, **teacher_kw)
-        checkpoint.load(teacher, Path(c.teacher) / "checkpoint")
+        checkpoint.load(teacher, sources["teacher"].weights, teacher_arch.vocab_size)
         student = M.build(student_arch, **train_stage.build_kwargs(c))
-        checkpoint.load(student, Path(c.input) / "checkpoint")
+        checkpoint.load(student, sources["input"].weights, student_arch.vocab_size)
         model, kl = distillation_model(student, teacher, c, student_arch.vocab_size)
         return model, make_step_fn(model, kl, student_arch.vocab_size, c.skip_lm_loss,
                                    bool(c.intermediate_layer_pairs))
 
-    return train_stage.run("distill", cfg, c, models, archs, build, {
+    return train_stage.run("distill", cfg, c, sources, build, {
         "teacher": {"arch": teacher_arch.to_dict(), "num_params": teacher_arch.num_params(),
                     "precision": c.teacher_precision}})
 

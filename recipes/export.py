@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.lib import checkpoint, config, runtime, stage
+from recipes.lib import checkpoint, config, interop, runtime, stage
 from recipes.lib.arch import validate_layout
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 
@@ -31,7 +31,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @dataclasses.dataclass(kw_only=True)
 class ExportConfig:
     input: str
-    """A stage folder holding checkpoint/ and manifest.json (convert, prune, distill)."""
+    """A checkpoint stage folder (convert, teacher_correction, prune, distill), or a
+    Megatron-Bridge / Megatron-LM checkpoint folder (recipes/lib/interop.py)."""
+    input_hf_config: str | None = None
+    """Only for a Megatron-LM checkpoint as `input` (or one whose run_config.yaml should be
+    overridden): the model's HF config.json, or an HF folder (its tokenizer is used too)."""
     output: str | None = None
     """Output HF folder; default <run.dir>/export."""
     dtype: str = "bf16"
@@ -67,14 +71,13 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
 def run(cfg: config.Config) -> dict:
     c: ExportConfig = cfg.export
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    src = Path(c.input)
     out = Path(c.output or Path(cfg.run.dir) / "export")
-    src_manifest = read_manifest(src, CHECKPOINT_STAGES, "export.input")
-    arch = checkpoint.read_arch(src)
+    source = interop.open_source(c.input, "export.input", CHECKPOINT_STAGES, c.input_hf_config)
+    arch = source.arch
     validate_layout(arch, tp, pp)
     runtime.resolve_spec(c.spec)
     sdir = StageDir("export", out, fingerprint(c, {"tp": tp, "pp": pp}), cfg.run.force,
-                    inputs={"input": src})
+                    inputs={"input": source.input()})
     if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
@@ -84,7 +87,7 @@ def run(cfg: config.Config) -> dict:
         from recipes.lib import model as M
 
         m = M.build(arch, dtype="fp32", spec=c.spec, init=False)
-        checkpoint.load(m, src / "checkpoint")
+        checkpoint.load(m, source.weights, arch.vocab_size)
         tensors = M.gather_hf(m, arch, dtype=DTYPES[c.dtype])
         g = torch.Generator().manual_seed(cfg.run.seed)
         tokens = torch.randint(0, arch.vocab_size, (c.parity_sequences, c.parity_seq_length),
@@ -95,12 +98,13 @@ def run(cfg: config.Config) -> dict:
             files = checkpoint.write_hf(tensors, tmp, c.shard_size_mb << 20)
             metrics = {"num_params": sum(t.numel() for t in tensors.values()), "files": files}
             tensors.clear()
-            base = json.loads((src / "hf_config.json").read_text())
+            base = source.hf_config
             name = str(DTYPES[c.dtype]).removeprefix("torch.")
             hf_cfg = {**arch.to_hf_config(base), "dtype": name, "torch_dtype": name}
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-            for f in (src / "tokenizer").iterdir():
-                (tmp / f.name).write_bytes(f.read_bytes())
+            for name in checkpoint.TOKENIZER_FILES if source.tokenizer else ():
+                if (source.tokenizer / name).is_file():
+                    (tmp / name).write_bytes((source.tokenizer / name).read_bytes())
             tc = tmp / "tokenizer_config.json"
             if tc.is_file() and "auto_map" in (tok_cfg := json.loads(tc.read_text())):
                 tok_cfg.pop("auto_map")  # remote tokenizer code: not part of a plain export
@@ -123,8 +127,7 @@ def run(cfg: config.Config) -> dict:
             return metrics
 
         metrics = runtime.on_rank0(publish) or {}
-        manifest = sdir.commit({"input": {"path": str(src.resolve()),
-                                           "manifest_fingerprint": src_manifest["fingerprint"]},
+        manifest = sdir.commit({"input": source.provenance(),
                                  "arch": arch.to_dict(), "num_params": arch.num_params(),
                                  "dtype": c.dtype, "parallel": {"tp": tp, "pp": pp},
                                  "metrics": metrics})

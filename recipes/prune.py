@@ -13,7 +13,8 @@ ffn_hidden_size, num_attention_heads) go to `mtp.prune` as its export_config. De
                    LM loss least (all candidates are evaluated and tabled);
   block_influence  ModelOpt's own ranking (1 - cosine(input, output) per layer).
 TP must be 1 (ModelOpt's requirement); PP may be anything.
-Output: <run.dir>/prune/{checkpoint/, importance.json, importance.pt, manifest.json, ...}.
+Output: <run.dir>/prune/{iter_0000000/, latest_checkpointed_iteration.txt, importance.json,
+importance.pt, manifest.json, ...}: also a Megatron-Bridge / Megatron-LM checkpoint.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import checkpoint, compat, config, mapping, runtime, stage, tokens
+from recipes.lib import checkpoint, compat, config, interop, mapping, runtime, stage, tokens
 from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, pruned_arch, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -36,7 +37,11 @@ log = logging.getLogger("recipes.prune")
 @dataclasses.dataclass(kw_only=True)
 class PruneConfig:
     input: str
-    """The teacher: a convert (or teacher_correction) stage folder."""
+    """The teacher: a convert (or teacher_correction) stage folder, or a Megatron-Bridge /
+    Megatron-LM checkpoint folder (recipes/lib/interop.py)."""
+    input_hf_config: str | None = None
+    """Only for a Megatron-LM checkpoint as `input` (or one whose run_config.yaml should be
+    overridden): the model's HF config.json, or an HF folder (its tokenizer is used too)."""
     data: str
     """The data stage folder (calibration from train, depth candidates from valid)."""
     output: str | None = None
@@ -148,21 +153,22 @@ def run(cfg: config.Config) -> dict:
     if tp != 1:
         raise ValueError(f"parallel.tp={tp}: ModelOpt Minitron pruning requires TP=1; prune with "
                          "parallel.tp=1 parallel.pp=N, then distill at any TP/PP")
-    src, out = Path(c.input), Path(c.output or Path(cfg.run.dir) / "prune")
-    teacher = checkpoint.read_arch(src)
+    out = Path(c.output or Path(cfg.run.dir) / "prune")
+    source = interop.open_source(c.input, "prune.input", ("convert", "teacher_correction"),
+                                 c.input_hf_config)
+    src, teacher = source.path, source.arch
     student, drop = pruned_arch(teacher, c)
     n_drop = teacher.num_layers - student.num_layers
     data_manifest = tokens.data_manifest(c.data, teacher.vocab_size, "prune.data")
     check_data(c, data_manifest, need_valid=n_drop > 0 and c.depth_method == "contiguous")
     validate_layout(teacher, tp, pp)
     teacher.check_seq_length(c.seq_length, "prune.seq_length")
-    runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine fails here
+    spec = runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine fails here
     if student.num_layers % pp:
         raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "
                          f"parallel.pp={pp} stages; choose a PP that divides both layer counts")
-    src_manifest = read_manifest(src, ("convert", "teacher_correction"), "prune.input")
     sdir = StageDir("prune", out, fingerprint(c, {"pp": pp, "seed": cfg.run.seed}),
-                    cfg.run.force, inputs={"input": src, "data": c.data})
+                    cfg.run.force, inputs={"input": source.input(), "data": c.data})
     if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
@@ -183,7 +189,7 @@ def run(cfg: config.Config) -> dict:
 
         tmp = sdir.begin()
         model = M.build(teacher, dtype=c.dtype, spec=c.spec, init=False)
-        checkpoint.load(model, src / "checkpoint")
+        checkpoint.load(model, source.weights, teacher.vocab_size)
         calib = tokens.windows(c.data, "train", c.seq_length, c.calib_samples, cfg.run.seed)
         table = None
         if n_drop and c.depth_method == "contiguous":
@@ -235,14 +241,15 @@ def run(cfg: config.Config) -> dict:
         hf = None  # free the gathered tensors before the streaming save
         runtime.barrier()
         reader = checkpoint.HFReader(staging, mapping.hf_names(student))
-        checkpoint.save_from_hf(student, reader, tmp / "checkpoint", c.dtype, "save")
+        checkpoint.save_from_hf(student, reader, interop.iteration_dir(tmp, 0), c.dtype, "save")
         runtime.barrier()
 
         def finish():
             import shutil
 
             shutil.rmtree(staging)
-            checkpoint.copy_sidecars(src, tmp)
+            interop.write_layout(tmp, student, 0, tp=tp, pp=pp, dtype=c.dtype, spec=spec)
+            checkpoint.write_sidecars(tmp, source.hf_config, source.tokenizer)
             imp, full = summary
             imp["depth"] = {"method": c.depth_method if n_drop else None,
                             "drop_layers_1indexed": drop, "hf_layers_dropped_0indexed":
@@ -254,8 +261,7 @@ def run(cfg: config.Config) -> dict:
 
         runtime.on_rank0(finish)
         return sdir.commit({
-            "input": {"path": str(src.resolve()), "manifest_fingerprint":
-                      src_manifest["fingerprint"], "data": str(Path(c.data).resolve())},
+            "input": {**source.provenance(), "data": str(Path(c.data).resolve())},
             "arch": student.to_dict(), "num_params": student.num_params(),
             "teacher": {"arch": teacher.to_dict(), "num_params": teacher.num_params()},
             "dtype": c.dtype, "parallel": {"tp": tp, "pp": pp},

@@ -8,13 +8,13 @@ teacher's pretraining data; NVIDIA's newer tutorials skip it. The same megatron-
 Point `prune.input` and `distill.teacher` at its output to use it. The same stage trains the
 demo's baselines (make demo-compare): the pruned student with plain cross-entropy, and the same
 architecture from random initialisation (`random_init=true`).
-Output: <run.dir>/teacher_correction/{checkpoint/, logs/, manifest.json}.
+Output: <run.dir>/teacher_correction/{iter_<train_iters>/, latest_checkpointed_iteration.txt, logs/,
+manifest.json}: also a Megatron-Bridge / Megatron-LM checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 
 import torch
 
@@ -43,19 +43,18 @@ def make_step_fn(vocab_size: int):
 
 def run(cfg: config.Config) -> dict:
     c: TeacherCorrectionConfig = cfg.teacher_correction
-    models = {"input": c.input}
-    archs = train_stage.read_models("teacher_correction", models, cfg)
+    sources = train_stage.read_models("teacher_correction", ("input",), cfg)
+    src = sources["input"]
 
-    def build(archs):
+    def build():
         from recipes.lib import model as M
 
-        arch = archs["input"]
-        model = M.build(arch, **{**train_stage.build_kwargs(c), "init": c.random_init})
+        model = M.build(src.arch, **{**train_stage.build_kwargs(c), "init": c.random_init})
         if not c.random_init:
-            checkpoint.load(model, Path(c.input) / "checkpoint")
-        return model, make_step_fn(arch.vocab_size)
+            checkpoint.load(model, src.weights, src.arch.vocab_size)
+        return model, make_step_fn(src.arch.vocab_size)
 
-    return train_stage.run("teacher_correction", cfg, c, models, archs, build, {})
+    return train_stage.run("teacher_correction", cfg, c, sources, build, {})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Checkpoint I/O: HF safetensors folders in, megatron distributed checkpoints (torch_dist)
 between stages, and the sidecars every checkpoint folder of ours carries:
 
-    <stage>/checkpoint/       megatron dist checkpoint (loadable at any TP/PP)
+    <stage>/iter_NNNNNNN/     megatron dist checkpoint (loadable at any TP/PP), with the tracker
+                              and run_config.yaml that make the stage folder a Megatron-Bridge /
+                              Megatron-LM checkpoint too (interop.py)
     <stage>/hf_config.json    the source HF config (token ids etc. for export)
     <stage>/tokenizer/        the source tokenizer files
     <stage>/manifest.json     with "arch": the architecture of the checkpoint
@@ -32,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from recipes.lib import compat, mapping, runtime
+from recipes.lib import compat, interop, mapping, runtime
 from recipes.lib.arch import Arch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -165,16 +167,17 @@ def _dist_ckpt():
     return dist_checkpointing
 
 
-def save(model, directory: Path) -> None:
-    """Save the (possibly TP/PP-sharded) model as one torch_dist checkpoint; collective. Written
-    beside `directory` and renamed into place: a kill leaves the old folder or the new one."""
+def save(model, directory: Path, iteration: int = 0) -> None:
+    """Save the (possibly TP/PP-sharded) model as one torch_dist checkpoint, with the common
+    state Bridge and Megatron-LM read (`interop.common_state`); collective. Written beside
+    `directory` and renamed into place: a kill leaves the old folder or the new one."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     if runtime.is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     runtime.barrier()
-    _dist_ckpt().save(model.sharded_state_dict(), str(tmp))
+    _dist_ckpt().save({**model.sharded_state_dict(), **interop.common_state(iteration)}, str(tmp))
     runtime.barrier()
     if runtime.is_rank0():
         if directory.exists():
@@ -184,7 +187,8 @@ def save(model, directory: Path) -> None:
 
 
 def save_streaming(meta_model, directory: Path,
-                   materialize: Callable[[str, tuple, tuple], torch.Tensor]) -> None:
+                   materialize: Callable[[str, tuple, tuple], torch.Tensor],
+                   iteration: int = 0) -> None:
     """Write a torch_dist checkpoint for `meta_model` (built on the meta device: structure only)
     without ever holding the model: megatron supplies the sharded keys, shapes and metadata; each
     chunk's data comes from `materialize(sharded_key, global_offset, chunk_sizes)` at the moment
@@ -218,7 +222,8 @@ def save_streaming(meta_model, directory: Path,
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    dc.save(meta_model.sharded_state_dict(), str(directory), sharded_strategy=StreamingStrategy())
+    dc.save({**meta_model.sharded_state_dict(), **interop.common_state(iteration)},
+            str(directory), sharded_strategy=StreamingStrategy())
 
 
 # keys one layer spec has and the other lacks: TE modules' fp8 metadata (absent from local-spec
@@ -230,21 +235,53 @@ def _spec_only(key: str) -> bool:
     return key.endswith(SPEC_ONLY_SUFFIX)
 
 
-def load(model, directory: Path) -> None:
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def load(model, directory: Path, vocab_size: int | None = None) -> None:
     """Load a torch_dist checkpoint into `model` at whatever TP/PP and layer spec it was built;
-    collective. Keys present on one side only are refused by name, except TE's `_extra_state`."""
+    collective. Keys present on one side only are refused by name, except TE's `_extra_state`,
+    the common state megatron / Bridge / Megatron-LM keep beside the model and the optimizer and
+    RNG state of a training checkpoint (interop.py). A checkpoint with fewer vocabulary rows
+    than the model (Bridge does not pad) loads its rows and leaves the rest zero; one with fewer
+    than the real `vocab_size` is refused."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint "
-                                "(no metadata.json); point at <stage>/checkpoint of a finished "
-                                "stage")
+                                "(no metadata.json); point at a finished stage folder")
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    dc = _dist_ckpt()
+    saved = dc.load_tensors_metadata(str(directory))
+    rows = {k: t.global_shape[0] for k, t in saved.items() if k in VOCAB_KEYS}
+    if vocab_size is not None and any(n < vocab_size for n in rows.values()):
+        raise ValueError(f"{directory} has {min(rows.values())} vocabulary rows, fewer than the "
+                         f"architecture's vocab_size={vocab_size}: it is another model's "
+                         "checkpoint; name the config.json that describes it")
+    sharded = model.sharded_state_dict()
+    wrong = [(t.key, tuple(saved[t.key].global_shape), tuple(t.global_shape))
+             for t in sharded.values() if hasattr(t, "global_shape") and t.key in saved
+             and t.key not in VOCAB_KEYS
+             and tuple(saved[t.key].global_shape) != tuple(t.global_shape)]
+    if wrong:
+        k, have, want = wrong[0]
+        raise ValueError(f"{directory} does not hold the architecture it was read with: {k} is "
+                         f"{list(have)} there, {list(want)} in the model ({len(wrong)} tensors "
+                         "differ); for a Megatron-LM checkpoint name the model's own config.json "
+                         "(*_hf_config)")
     # megatron's words: "unexpected" = the model asks, the checkpoint lacks; "missing" = the
     # checkpoint has, the model does not ask
-    state, in_ckpt_only, in_model_only = _dist_ckpt().load(
-        model.sharded_state_dict(), str(directory), strict=StrictHandling.RETURN_ALL)
+    state, in_ckpt_only, in_model_only = dc.load(sharded, str(directory),
+                                                 strict=StrictHandling.RETURN_ALL)
+    for k in interop.COMMON_STATE_KEYS:
+        state.pop(k, None)
+    in_ckpt_only = [k for k in in_ckpt_only if not k.startswith(interop.TRAINING_STATE_PREFIXES)]
     check_key_mismatch(directory, sorted(in_model_only), sorted(in_ckpt_only))
+    for k in VOCAB_KEYS:  # rows past the checkpoint's were not loaded: zero, not leftovers
+        if k in state and k in rows and k in sharded:
+            first = rows[k] - sharded[k].global_offset[0]
+            if first < state[k].shape[0]:
+                state[k][max(first, 0):].zero_()
     result = model.load_state_dict(state, strict=False)
     check_key_mismatch(directory, result.missing_keys, result.unexpected_keys)
 
@@ -297,7 +334,8 @@ def materializer(meta_model, arch: Arch, reader: HFReader, dtype: torch.dtype, b
     return materialize
 
 
-def save_from_hf(arch: Arch, reader: HFReader, directory: Path, dtype: str, desc: str) -> None:
+def save_from_hf(arch: Arch, reader: HFReader, directory: Path, dtype: str, desc: str,
+                 iteration: int = 0) -> None:
     """Write the HF tensors `reader` serves as a torch_dist checkpoint of `arch` at the runtime's
     TP/PP, streaming (see the module docstring); collective. The structure comes from a
     meta-device local-spec model: the keys it writes are the TE spec's too."""
@@ -305,7 +343,8 @@ def save_from_hf(arch: Arch, reader: HFReader, directory: Path, dtype: str, desc
 
     meta = M.build(arch, dtype=dtype, spec="local", meta=True)
     with tqdm(desc=desc, unit="chunk", disable=not runtime.is_rank0()) as bar:
-        save_streaming(meta, directory, materializer(meta, arch, reader, M.DTYPES[dtype], bar))
+        save_streaming(meta, directory, materializer(meta, arch, reader, M.DTYPES[dtype], bar),
+                       iteration)
 
 
 def write_hf(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> list[str]:
@@ -331,25 +370,12 @@ def write_hf(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> l
     return files
 
 
-def write_sidecars(dst: Path, hf_config: dict, tokenizer_src: Path) -> None:
+def write_sidecars(dst: Path, hf_config: dict, tokenizer_src: Path | None) -> None:
+    """The HF config an export starts from and the tokenizer files (none for a Megatron-LM
+    input named without an HF folder: exports then carry no tokenizer)."""
     (Path(dst) / "hf_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     tok = Path(dst) / "tokenizer"
     tok.mkdir(exist_ok=True)
-    for f in TOKENIZER_FILES:
+    for f in TOKENIZER_FILES if tokenizer_src else ():
         if (Path(tokenizer_src) / f).is_file():
             shutil.copy2(Path(tokenizer_src) / f, tok / f)
-
-
-def copy_sidecars(src: Path, dst: Path) -> None:
-    """A stage that transforms a checkpoint carries its input's HF config and tokenizer along."""
-    shutil.copy2(Path(src) / "hf_config.json", Path(dst) / "hf_config.json")
-    shutil.copytree(Path(src) / "tokenizer", Path(dst) / "tokenizer", dirs_exist_ok=True)
-
-
-def read_arch(stage_dir: Path) -> Arch:
-    from recipes.lib.stage import read_manifest
-
-    m = read_manifest(stage_dir)
-    if "arch" not in m:
-        raise KeyError(f"{stage_dir}/manifest.json has no 'arch': not a checkpoint stage output")
-    return Arch.from_dict(m["arch"])

@@ -49,7 +49,11 @@ OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "e
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
     input: str
-    """The model to train: a convert / prune / teacher_correction stage folder."""
+    """The model to train: a convert / prune / teacher_correction stage folder, or a
+    Megatron-Bridge / Megatron-LM checkpoint folder (recipes/lib/interop.py)."""
+    input_hf_config: str | None = None
+    """Only for a Megatron-LM checkpoint as `input` (or one whose run_config.yaml should be
+    overridden): the model's HF config.json, or an HF folder (its tokenizer is used too)."""
     data: list
     """Data stage folders; more than one is a blend."""
     data_weights: list | None = None

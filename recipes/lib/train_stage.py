@@ -4,8 +4,10 @@ precision-dependent build arguments, the final checkpoint and the order in which
 is committed. A stage supplies only its models and its loss.
 
 Finishing, in an order where a kill at any moment leaves a state that resumes or is committed:
-1. the final model checkpoint is written to `<work>/checkpoint` (atomically: checkpoint.save);
-2. sidecars and the resolved config are written beside it;
+1. the final model checkpoint is written to `<work>/iter_<train_iters>` (atomically:
+   checkpoint.save), with the common state Bridge and Megatron-LM read;
+2. its run_config.yaml and the tracker (interop.write_layout), the sidecars and the resolved
+   config are written beside it;
 3. the folder is committed (manifest written last, renamed into place: stage.StageDir.commit);
 4. only then is the training state removed from the committed folder (`cleanup`). A kill
    between 3 and 4 leaves it behind; the next run of the same command finds the stage finished
@@ -20,8 +22,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from recipes.lib import checkpoint, config, runtime, tokens, train
-from recipes.lib.arch import Arch, validate_layout
+from recipes.lib import checkpoint, config, interop, runtime, tokens, train
+from recipes.lib.arch import validate_layout
+from recipes.lib.interop import Source
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.train")
@@ -62,31 +65,32 @@ def check_data(c: train.TrainConfig, name: str, vocab_size: int) -> None:
                                  "seq_length")
 
 
-def read_models(name: str, models: dict[str, str], cfg: config.Config) -> dict[str, Arch]:
-    """{role: architecture} of the checkpoint stage folders training stage `name` reads (role =
-    its config key), each checked against the parallel layout."""
-    for role, path in models.items():
-        read_manifest(path, CHECKPOINT_STAGES, f"{name}.{role}")
-    archs = {role: checkpoint.read_arch(path) for role, path in models.items()}
+def read_models(name: str, roles: tuple[str, ...], cfg: config.Config) -> dict[str, Source]:
+    """{role: checkpoint} that training stage `name` reads (role = its config key, with
+    `<role>_hf_config` beside it): our stage folders or Bridge / Megatron-LM checkpoints, each
+    architecture checked against the parallel layout."""
     c = cfg[name]
-    for a in archs.values():
-        validate_layout(a, cfg.parallel.tp, cfg.parallel.pp)
-        a.check_seq_length(c.seq_length, f"{name}.seq_length")
-    return archs
+    sources = {r: interop.open_source(getattr(c, r), f"{name}.{r}", CHECKPOINT_STAGES,
+                                      getattr(c, f"{r}_hf_config")) for r in roles}
+    for s in sources.values():
+        validate_layout(s.arch, cfg.parallel.tp, cfg.parallel.pp)
+        s.arch.check_seq_length(c.seq_length, f"{name}.seq_length")
+    return sources
 
 
-def run(name: str, cfg: config.Config, c: train.TrainConfig, models: dict[str, str],
-        archs: dict[str, Arch], build: Callable[[dict[str, Arch]], tuple],
-        manifest: dict) -> dict:
-    """The whole training stage: `models` = {role: stage folder} with role "input" the model
-    trained; `build(archs)` (inside the process groups) returns (model, make_step) for
+def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, Source],
+        build: Callable[[], tuple], manifest: dict) -> dict:
+    """The whole training stage: `sources` = {role: checkpoint} (read_models) with role "input"
+    the model trained; `build()` (inside the process groups) returns (model, make_step) for
     train.train; `manifest` adds the stage's own fields."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     check_precision(c)
-    check_data(c, name, archs["input"].vocab_size)
+    src = sources["input"]
+    check_data(c, name, src.arch.vocab_size)
     train.check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
     out = Path(c.output or Path(cfg.run.dir) / name)
-    inputs = {**models, **{f"data.{i}": d for i, d in enumerate(c.data)}}
+    inputs = {**{r: s.input() for r, s in sources.items()},
+              **{f"data.{i}": d for i, d in enumerate(c.data)}}
     extra = {"tp": tp, "pp": pp, "seed": cfg.run.seed}
     # operational fields (save cadence, signals, logging) leave a finished stage finished
     stage = StageDir(name, out, fingerprint(c, extra, ignore=train.OPERATIONAL), cfg.run.force,
@@ -97,30 +101,32 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, models: dict[str, s
         return read_manifest(out)
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items()
                     if k not in train.OPERATIONAL}, **extra}
-    src = Path(models["input"])
     # the signal handlers go in before anything loads: a scheduler may signal early
     with train.StopOnSignal(c.preempt_signals) as stop, \
             runtime.distributed(tp, pp, cfg.run.seed):
         work = stage.begin(resumable=resumable)
-        model, make_step = build(archs)
-        log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src, c.train_iters,
+        model, make_step = build()
+        log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src.path, c.train_iters,
                  c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
         final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed, stop)
         fault = train.Fault(c.fault)
-        checkpoint.save(model, work / "checkpoint")  # ModelOpt hides a KD teacher here
+        # ModelOpt hides a KD teacher from the state dict here
+        checkpoint.save(model, interop.iteration_dir(work, c.train_iters), c.train_iters)
         fault.at("kill_in_finish", 1)
+        arch = src.arch
 
         def sidecars():
-            checkpoint.copy_sidecars(src, work)
+            interop.write_layout(work, arch, c.train_iters, tp=tp, pp=pp,
+                                 dtype=build_kwargs(c)["dtype"], spec=runtime.resolve_spec(c.spec))
+            checkpoint.write_sidecars(work, src.hf_config, src.tokenizer)
             shutil.rmtree(work / "cache", ignore_errors=True)
             (work / "config.yaml").write_text(config.to_yaml(cfg))
 
         runtime.on_rank0(sidecars)
         fault.at("kill_in_finish", 2)
-        arch = archs["input"]
         done = stage.commit({
-            "input": {**{("path" if r == "input" else r): str(Path(p).resolve())
-                         for r, p in models.items()},
+            "input": {**{("path" if r == "input" else r): str(s.path.resolve())
+                         for r, s in sources.items()},
                       "data": [str(Path(d).resolve()) for d in c.data]},
             "arch": arch.to_dict(), "num_params": arch.num_params(),
             "dtype": build_kwargs(c)["dtype"], "precision": c.precision,

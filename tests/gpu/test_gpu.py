@@ -17,10 +17,11 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.skipif(not have_te(), reason="needs Transformer Engine")
 def test_te_spec_matches_local_spec(hf_models, tmp_path):
     from recipes import convert
-    from recipes.lib import checkpoint, runtime
+    from recipes.lib import checkpoint, interop, runtime
 
     convert.main(["--config", TINY, f"run.dir={tmp_path}", f"convert.hf_path={hf_models['gqa']}"])
-    arch = checkpoint.read_arch(tmp_path / "convert")
+    src = interop.open_source(tmp_path / "convert", "convert", ("convert",))
+    arch = src.arch
     tokens = torch.randint(0, 90, (2, 32))
     with runtime.distributed(1, 1):
         from recipes.lib import model as M
@@ -28,7 +29,7 @@ def test_te_spec_matches_local_spec(hf_models, tmp_path):
         out = {}
         for spec in ("local", "te"):
             m = M.build(arch, dtype="fp32", spec=spec, init=False)
-            checkpoint.load(m, tmp_path / "convert" / "checkpoint")
+            checkpoint.load(m, src.weights)
             out[spec] = M.forward_logits(m, tokens, arch.vocab_size)
     torch.testing.assert_close(out["te"], out["local"], atol=2e-3, rtol=1e-3)
 

@@ -203,7 +203,7 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
     """The KD loss our loss function reports equals KL(teacher || student) computed by hand from
     separately computed logits, with the LM loss computed in the same step (the in-place
     cross-entropy trap would break this), on the CPU's fused losses and on ModelOpt's."""
-    from recipes.lib import checkpoint, compat, runtime
+    from recipes.lib import checkpoint, compat, interop, runtime
     from recipes.lib.config import load
 
     monkeypatch.setitem(compat.FAST_PATHS, "fused_losses", fused)
@@ -211,7 +211,8 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
     run = pruned["run"]
     c = load(TINY, [f"run.dir={run}", f"distill.skip_lm_loss={skip_lm_loss}"],
              stage="distill").distill
-    ta, sa = checkpoint.read_arch(run / "convert"), checkpoint.read_arch(run / "prune")
+    src = {s: interop.open_source(run / s, s, (s,)) for s in ("convert", "prune")}
+    ta, sa = src["convert"].arch, src["prune"].arch
     w = tokens.windows(run / "data", "valid", 64, 2, seed=3)
     batch = {"tokens": w[:, :-1], "labels": w[:, 1:], "loss_mask": torch.ones(2, 64),
              "position_ids": torch.arange(64).expand(2, 64)}
@@ -220,7 +221,7 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
 
         def load_model(arch, stage):
             m = M.build(arch, dtype="fp32", init=False)
-            checkpoint.load(m, run / stage / "checkpoint")
+            checkpoint.load(m, src[stage].weights)
             return m.eval()
 
         t_logits = M.forward_logits(load_model(ta, "convert"), w[:, :-1], ta.vocab_size)

@@ -190,7 +190,7 @@ def test_a_kill_at_any_point_of_the_finish_loses_nothing(pruned, straight, tmp_p
     want = json.loads((straight / "manifest.json").read_text())["metrics"]
     for key in ("step", "kd_loss", "valid_kd_loss", "valid_lm_loss"):
         assert done[key] == pytest.approx(want[key], abs=1e-6), key
-    assert (out / "checkpoint" / "metadata.json").is_file()
+    assert (out / "iter_0000008" / "metadata.json").is_file()
     assert not (out / "checkpoints").exists() and not (out / "run.json").exists()
 
 
@@ -205,7 +205,7 @@ def test_export_into_its_own_input_is_refused_even_with_force(hf_models, tmp_pat
             export.main(["--config", TINY, f"run.dir={run}", f"export.output={output}",
                          "run.force=true"])
     assert sorted(p.name for p in (run / "convert").rglob("*")) == before
-    assert (run / "convert" / "checkpoint" / "metadata.json").is_file()
+    assert (run / "convert" / "iter_0000000" / "metadata.json").is_file()
 
 
 def test_force_replaces_only_the_stage_own_output(hf_models, tmp_path):
