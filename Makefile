@@ -32,7 +32,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
-.PHONY: help setup test all status docker-build gpu-check gpu-wheels bridge-env demo demo-compare assets data convert teacher_correction prune distill export evaluate \
+.PHONY: help setup test all status docker-build gpu-check gpu-wheels bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
 	report plan bench bench-demo clean
 
 help:  ## list the targets
@@ -96,6 +96,21 @@ demo-compare: setup  ## after make demo: from scratch and KD from the uncorrecte
 	$(call DEMO,export) export.input=$(DEMO_DIR)/distill_original export.output=$(DEMO_DIR)/export_distill_original
 	$(call DEMO,evaluate) evaluate.output=$(DEMO_DIR)/compare evaluate.prompts=null evaluate.cloze=false \
 		evaluate.speed=false 'evaluate.include=[distilled,ce_trained,from_scratch,distilled_from_original]'
+	$(call DEMO,report) run.force=true
+	@echo "report: $(DEMO_DIR)/report/report.md"
+
+# prune to the hand-picked student's parameter count by ModelOpt's search + a short-distillation
+# tournament, then the same distillation as make demo (the same steps and tokens)
+DEMO_SEARCH = prune.output=$(DEMO_DIR)/prune_search prune.hidden_size=null prune.ffn_hidden_size=null \
+	prune.target_params=$$($(PY) -c "import json; print(json.load(open('$(DEMO_DIR)/prune/manifest.json'))['num_params'])") \
+	'prune.search={max_width_pruning: 0.5, hidden_size_divisor: 48, ffn_hidden_size_divisor: 128, top_k: 4, tournament_steps: 10}'
+
+demo-search: setup  ## after make demo: the demo's size found by search + tournament, the same KD, compared in the report (~20 min)
+	$(call DEMO,prune) $(DEMO_SEARCH)
+	$(call DEMO,distill) distill.input=$(DEMO_DIR)/prune_search distill.output=$(DEMO_DIR)/distill_search
+	$(call DEMO,export) export.input=$(DEMO_DIR)/distill_search export.output=$(DEMO_DIR)/export_search
+	$(call DEMO,evaluate) evaluate.output=$(DEMO_DIR)/search_compare evaluate.prompts=null \
+		evaluate.speed=false 'evaluate.include=[distilled,searched]'
 	$(call DEMO,report) run.force=true
 	@echo "report: $(DEMO_DIR)/report/report.md"
 

@@ -48,7 +48,7 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 def measure(teacher_arch, student_arch, precision: str, seq: int, steps: int) -> dict:
     from recipes import distill
     from recipes.lib import model as M
-    from recipes.lib import runtime, train, train_stage
+    from recipes.lib import kd, runtime, train, train_stage
 
     with runtime.distributed(1, 1):
         c = distill.DistillConfig(input="-", teacher="-", data=["-"], seq_length=seq,
@@ -58,7 +58,7 @@ def measure(teacher_arch, student_arch, precision: str, seq: int, steps: int) ->
         teacher = M.build(teacher_arch, **{**train_stage.build_kwargs(c, c.teacher_precision),
                                            "init": True})
         student = M.build(student_arch, **{**train_stage.build_kwargs(c), "init": True})
-        model, kl = distill.distillation_model(student, teacher, c, student_arch.vocab_size)
+        model, kl = kd.distillation_model(student, teacher, c, student_arch.vocab_size)
         ddp, opt, _ = train.build_optimizer(model, c)
         dev = next(model.parameters()).device
         toks = torch.randint(0, student_arch.vocab_size, (1, seq + 1), device=dev)
@@ -67,7 +67,7 @@ def measure(teacher_arch, student_arch, precision: str, seq: int, steps: int) ->
                  "position_ids": torch.arange(seq, device=dev).unsqueeze(0)}
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        step_fn = distill.make_step_fn(model, kl, student_arch.vocab_size, True, False)
+        step_fn = kd.make_step_fn(model, kl, student_arch.vocab_size, True, False)
         times, losses = [], []
         for _ in range(steps):
             if torch.cuda.is_available():

@@ -17,10 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import torch
-
-from recipes.lib import checkpoint, config, stage, train, train_stage
-
+from recipes.lib import config, stage, train, train_stage
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -61,62 +58,6 @@ class DistillConfig(train.TrainConfig):
                                  "[student_module, teacher_module, cosine|mse]")
 
 
-def distillation_model(student, teacher, c: DistillConfig, vocab_size: int):
-    """Wrap the student as ModelOpt's DistillationModel (teacher inside, frozen). Returns it and
-    the logit criterion (None on pipeline stages without the output layer)."""
-    import modelopt.torch.distill as mtd
-    from modelopt.torch.distill.plugins import megatron as mkd
-
-    from recipes.lib.kd import VocabLogitsKLLoss
-
-    dcfg = mkd.setup_distillation_config(mkd.DistillationConfig(
-        intermediate_layer_pairs=[tuple(p) for p in c.intermediate_layer_pairs or []],
-        skip_lm_loss=c.skip_lm_loss, kd_loss_scale=c.kd_loss_scale,
-        logit_kl_temperature=c.kd_temperature), student.config, teacher.config)
-    kl = None
-    if dcfg.criterion:  # last stage: the logit loss over the real vocabulary
-        kl = VocabLogitsKLLoss(student.config, vocab_size, c.kd_temperature)
-        dcfg.criterion[tuple(dcfg.logit_layers)] = kl
-    model = mtd.convert(student, mode=[("kd_loss", {
-        "teacher_model": teacher, "criterion": dcfg.criterion,
-        "loss_balancer": dcfg.loss_balancer})])
-    mkd.adjust_distillation_model_for_mcore(model, dcfg)
-    return model, kl
-
-
-def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: bool):
-    """forward_step_func maker for megatron's schedule (train.forward_steps). Labels are never
-    passed to the model: the LM loss is computed here on a masked copy of the logits (see
-    recipes/lib/kd.py), or, when only logged and the losses are fused, by the KL criterion `kl`
-    in the same pass."""
-    from recipes.lib.kd import fused, lm_loss, reduce_sum
-
-    lm_from_kl = skip_lm_loss and fused()
-
-    def loss_func(labels, mask, output):
-        n = mask.sum()
-        if lm_from_kl:
-            kl.labels = labels
-            student_loss = torch.zeros((), device=output.device)  # ignored: skip_lm_loss
-        else:
-            lm_sum = (lm_loss(output, labels, vocab_size) * mask).sum()
-            student_loss = lm_sum if not skip_lm_loss else lm_sum.detach()
-        losses = model.compute_kd_loss(student_loss=student_loss,
-                                       loss_reduction_fn=reduce_sum(mask))
-        if lm_from_kl:
-            lm_sum = (kl.nll * mask).sum()
-        total = losses["kd_loss"]
-        report = {"loss": torch.stack([total.detach(), n]),
-                  "kd_loss": torch.stack([losses["logits_loss"].detach(), n]),
-                  "lm_loss": torch.stack([lm_sum.detach(), n])}
-        if intermediate:
-            report["intermediate_loss"] = torch.stack(
-                [losses["intermediate_loss"].detach().float(), n])
-        return total, n.int(), report
-
-    return train.forward_steps(loss_func)
-
-
 def run(cfg: config.Config) -> dict:
     c: DistillConfig = cfg.distill
     sources = train_stage.read_models("distill", ("input", "teacher"), cfg)
@@ -124,18 +65,10 @@ def run(cfg: config.Config) -> dict:
     if student_arch.vocab_size != teacher_arch.vocab_size:
         raise ValueError(f"student vocab {student_arch.vocab_size} != teacher vocab "
                          f"{teacher_arch.vocab_size}: distillation needs one tokenizer")
-    teacher_kw = train_stage.build_kwargs(c, c.teacher_precision)
 
     def build():
-        from recipes.lib import model as M
-
-        teacher = M.build(teacher_arch, **teacher_kw)
-        checkpoint.load(teacher, sources["teacher"].weights, teacher_arch.vocab_size)
-        student = M.build(student_arch, **train_stage.build_kwargs(c))
-        checkpoint.load(student, sources["input"].weights, student_arch.vocab_size)
-        model, kl = distillation_model(student, teacher, c, student_arch.vocab_size)
-        return model, make_step_fn(model, kl, student_arch.vocab_size, c.skip_lm_loss,
-                                   bool(c.intermediate_layer_pairs))
+        return train_stage.build_distillation(c, (student_arch, sources["input"].weights),
+                                              (teacher_arch, sources["teacher"].weights))
 
     return train_stage.run("distill", cfg, c, sources, build, {
         "teacher": {"arch": teacher_arch.to_dict(), "num_params": teacher_arch.num_params(),

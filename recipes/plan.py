@@ -22,8 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from recipes.lib import config, stage
-from recipes.lib.arch import Arch, pruned_arch, validate_layout
+from recipes.lib import config, search, stage
+from recipes.lib.arch import WIDTH_KEYS, Arch, pruned_arch, validate_layout
 
 GB = 1024**3
 
@@ -116,8 +116,13 @@ def estimate(cfg: config.Config) -> dict:
     p: PlanConfig = cfg.plan
     teacher = teacher_arch(p.teacher_config)
     prune_cfg = cfg.get("prune")
-    student, drop = pruned_arch(teacher, prune_cfg) if prune_cfg else (teacher, None)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    searched = search_preview(teacher, prune_cfg, cfg, p) if prune_cfg and \
+        prune_cfg.searching else None
+    if searched:  # the budget below is the largest shape the search would consider
+        student, drop = searched["shapes"][0], None
+    else:
+        student, drop = pruned_arch(teacher, prune_cfg) if prune_cfg else (teacher, None)
     validate_layout(teacher, tp, pp)
     validate_layout(student, tp, pp)
     nt, ns = teacher.num_params(), student.num_params()
@@ -144,14 +149,55 @@ def estimate(cfg: config.Config) -> dict:
         "inference_speedup": inference_ratios(teacher, student, p.seq_length, p.inference_batch),
         "distill": {"tokens": p.distill_tokens, "steps": steps, "flops": flops,
                     "gpu_hours": gpu_s / 3600, "wall_hours": gpu_s / 3600 / p.gpus},
+        "search": searched and {**searched, "shapes": [
+            {**{k: a.to_dict()[k] for k in (*WIDTH_KEYS, "num_layers")}, "params": a.num_params()}
+            for a in searched["shapes"]]},
     }
+
+
+def search_preview(teacher: Arch, c, cfg: config.Config, p: PlanConfig) -> dict:
+    """What prune's search would consider (recipes/lib/search.py) and its tournament's cost."""
+    s = search.settings(c.search)
+    target = search.constraint(c, teacher)
+    space, shapes = search.grid(teacher, s, target, cfg.parallel.pp)
+    if not shapes:
+        raise ValueError(f"no shape in the search space fits {target}: raise the target or "
+                         "prune.search.max_width_pruning / max_depth_pruning")
+    top = shapes[:int(s["top_k"])]
+    out = {"constraint": target, "space": space, "fitting": len(shapes), "shapes": top,
+           "top_k": int(s["top_k"]), "tournament_steps": int(s["tournament_steps"])}
+    if s["tournament_steps"]:
+        d = cfg.get("distill")
+        gbs = d["global_batch_size"] if isinstance(d, dict) and "global_batch_size" in d \
+            else p.global_batch_size
+        seq = d["seq_length"] if isinstance(d, dict) and "seq_length" in d else p.seq_length
+        tokens = int(s["tournament_steps"]) * int(gbs) * int(seq)
+        flops = sum(6 * a.num_params() + 2 * teacher.num_params() for a in top) * tokens
+        out["tournament"] = {"tokens_per_candidate": tokens, "flops": flops,
+                             "gpu_hours": flops / (p.peak_tflops * 1e12 * p.mfu) / 3600}
+    return out
 
 
 def render(e: dict, p: PlanConfig) -> str:
     t, s = e["teacher"], e["student"]
     keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
             "num_query_groups", "head_dim", "vocab_size")
-    lines = ["| | teacher | student |", "|---|---|---|"]
+    lines = []
+    if e.get("search"):
+        sr = e["search"]
+        lines += [f"prune searches {sr['constraint']}: ModelOpt's space "
+                  + ", ".join(f"{k} {v}" for k, v in sr["space"].items())
+                  + f"; {sr['fitting']} shapes fit (our count), the top {sr['top_k']} by size:"]
+        lines += [f"  {x}" for x in sr["shapes"]]
+        if sr.get("tournament"):
+            tour = sr["tournament"]
+            lines.append(f"tournament: {len(sr['shapes'])} candidates x {sr['tournament_steps']} "
+                         f"steps ({tour['tokens_per_candidate']:,} tokens each), "
+                         f"{tour['flops']:.3g} FLOPs, ~{tour['gpu_hours']:,.1f} GPU-hours at "
+                         f"{p.mfu:.0%} MFU")
+        lines.append("the student below is the largest candidate (the winner is known only "
+                     "after the search)\n")
+    lines += ["| | teacher | student |", "|---|---|---|"]
     lines += [f"| {k} | {t[k]} | {s[k]} |" for k in keys]
     lines.append(f"| parameters | {t['params'] / 1e9:.2f}B | {s['params'] / 1e9:.2f}B "
                  f"({s['params'] / t['params']:.1%}) |")

@@ -21,13 +21,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from recipes.lib import checkpoint, compat, config, interop, mapping, runtime, stage, tokens
+from recipes.lib import (checkpoint, compat, config, interop, mapping, runtime, search, stage,
+                         tokens, train_stage)
 from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, pruned_arch, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -54,6 +58,15 @@ class PruneConfig:
     """Target query heads, a multiple of the KV groups (None: keep)."""
     num_layers: int | None = None
     """Target layers (None: keep, or teacher layers minus len(drop_layers))."""
+    target_params: float | None = None
+    """Instead of the sizes above: a parameter budget, absolute (4.5e9) or a fraction of the
+    teacher's (0.55); ModelOpt's search finds the shapes (recipes/lib/search.py)."""
+    target_memory_mb: float | None = None
+    """Instead of the sizes above: a memory budget in MB (ModelOpt's estimate: bf16 weights + the
+    KV cache of one 4096-token sequence)."""
+    search: dict | None = None
+    """The search and its tournament (recipes/lib/search.py DEFAULTS): hparams,
+    max_width_pruning, max_depth_pruning, top_k, *_divisor, tournament_steps, keep_tournament."""
     depth_method: str = "contiguous"
     """drop_layers | contiguous | block_influence."""
     drop_layers: list | None = None
@@ -72,6 +85,10 @@ class PruneConfig:
     """Layer spec of the model the importance is measured on: auto (TE when present) | local |
     te. ModelOpt prunes either (recipes/lib/compat.py teaches it the local spec)."""
 
+    @property
+    def searching(self) -> bool:
+        return self.target_params is not None or self.target_memory_mb is not None
+
     def __post_init__(self):
         if self.depth_method not in DEPTH_METHODS:
             raise ValueError(f"prune.depth_method={self.depth_method!r}; use one of {DEPTH_METHODS}")
@@ -83,6 +100,22 @@ class PruneConfig:
         for k in ("calib_samples", "seq_length", "micro_batch_size", "depth_eval_samples"):
             if getattr(self, k) < 1:
                 raise ValueError(f"prune.{k} must be >= 1")
+        if self.searching:
+            if self.target_params is not None and self.target_memory_mb is not None:
+                raise ValueError("set prune.target_params or prune.target_memory_mb, not both")
+            sizes = [k for k in (*WIDTH_KEYS, "num_layers", "drop_layers")
+                     if getattr(self, k) is not None]
+            if sizes:
+                raise ValueError(f"prune.target_* searches the shape: unset {sizes} (or drop the "
+                                 "target and choose the sizes yourself)")
+            target = self.target_params if self.target_params is not None else \
+                self.target_memory_mb
+            if not target > 0:
+                raise ValueError(f"the prune target must be > 0, not {target}")
+            search.settings(self.search)  # unknown keys and bad values, before any work
+        elif self.search:
+            raise ValueError("prune.search is set but no prune.target_params / "
+                             "prune.target_memory_mb")
         if self.calib_samples % self.micro_batch_size:
             raise ValueError(f"prune.calib_samples={self.calib_samples} is not a multiple of "
                              f"prune.micro_batch_size={self.micro_batch_size}")
@@ -157,25 +190,46 @@ def run(cfg: config.Config) -> dict:
     source = interop.open_source(c.input, "prune.input", ("convert", "teacher_correction"),
                                  c.input_hf_config)
     src, teacher = source.path, source.arch
-    student, drop = pruned_arch(teacher, c)
-    n_drop = teacher.num_layers - student.num_layers
     data_manifest = tokens.data_manifest(c.data, teacher.vocab_size, "prune.data")
-    check_data(c, data_manifest, need_valid=n_drop > 0 and c.depth_method == "contiguous")
     validate_layout(teacher, tp, pp)
     teacher.check_seq_length(c.seq_length, "prune.seq_length")
     spec = runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine fails here
-    if student.num_layers % pp:
-        raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "
-                         f"parallel.pp={pp} stages; choose a PP that divides both layer counts")
-    sdir = StageDir("prune", out, fingerprint(c, {"pp": pp, "seed": cfg.run.seed}),
-                    cfg.run.force, inputs={"input": source.input(), "data": c.data})
+    s, dc = (search.settings(c.search), None) if c.searching else (None, None)
+    if s is not None:  # the architecture is what the search finds
+        student, drop, n_drop = None, None, None
+        check_data(c, data_manifest, need_valid=True)  # zero-shot scores on the valid split
+        if s["tournament_steps"]:
+            if "distill" not in cfg:
+                raise ValueError("prune.search.tournament_steps needs the distill section (the "
+                                 "tournament distils each candidate with its settings)")
+            dc = search.tournament_config(cfg.typed("distill"), int(s["tournament_steps"]))
+            train_stage.check_data(dc, "distill", teacher.vocab_size)
+    else:
+        student, drop = pruned_arch(teacher, c)
+        n_drop = teacher.num_layers - student.num_layers
+        check_data(c, data_manifest, need_valid=n_drop > 0 and c.depth_method == "contiguous")
+        if student.num_layers % pp:
+            raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "
+                             f"parallel.pp={pp} stages; choose a PP that divides both layer "
+                             "counts")
+    extra = {"pp": pp, "seed": cfg.run.seed}
+    inputs = {"input": source.input(), "data": c.data}
+    if dc is not None:  # the tournament's settings and data decide its result too
+        extra["tournament"] = dataclasses.asdict(dc)
+        inputs.update({f"distill.data.{i}": d for i, d in enumerate(dc.data)})
+    sdir = StageDir("prune", out, fingerprint(c, extra), cfg.run.force, inputs=inputs)
     if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
-    log.info("prune %s: %s -> %s (%.3fB -> %.3fB parameters)", src,
-             {k: getattr(teacher, k) for k in (*WIDTH_KEYS, "num_layers")},
-             {k: getattr(student, k) for k in (*WIDTH_KEYS, "num_layers")},
-             teacher.num_params() / 1e9, student.num_params() / 1e9)
+    if s is not None:
+        log.info("prune %s: %s, search within %s", src, search.constraint(c, teacher),
+                 {k: s[k] for k in ("hparams", "max_width_pruning", "max_depth_pruning",
+                                    "top_k", "tournament_steps")})
+    else:
+        log.info("prune %s: %s -> %s (%.3fB -> %.3fB parameters)", src,
+                 {k: getattr(teacher, k) for k in (*WIDTH_KEYS, "num_layers")},
+                 {k: getattr(student, k) for k in (*WIDTH_KEYS, "num_layers")},
+                 teacher.num_params() / 1e9, student.num_params() / 1e9)
     if drop:
         log.info("dropping layers %s (1-indexed) = HF model.layers.%s (0-indexed)", drop,
                  [x - 1 for x in drop])
@@ -187,22 +241,16 @@ def run(cfg: config.Config) -> dict:
 
         from recipes.lib import model as M
 
-        tmp = sdir.begin()
-        model = M.build(teacher, dtype=c.dtype, spec=c.spec, init=False)
-        checkpoint.load(model, source.weights, teacher.vocab_size)
+        # a tournament is long: its work folder survives a kill and the rerun continues
+        tmp = sdir.begin(resumable={**dataclasses.asdict(c), **extra} if dc else None)
+
+        def load_teacher():
+            m = M.build(teacher, dtype=c.dtype, spec=c.spec, init=False)
+            checkpoint.load(m, source.weights, teacher.vocab_size)
+            return m
+
+        model = load_teacher()
         calib = tokens.windows(c.data, "train", c.seq_length, c.calib_samples, cfg.run.seed)
-        table = None
-        if n_drop and c.depth_method == "contiguous":
-            heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples,
-                                     cfg.run.seed + 1)
-            table = contiguous_candidates(model, teacher, n_drop, heldout, c.micro_batch_size)
-            box = [table]
-            torch.distributed.broadcast_object_list(box, src=0)
-            table = box[0]
-            best = min(table, key=lambda r: r["loss"])
-            drop = list(range(best["drop_layers"][0], best["drop_layers"][1] + 1))
-            log.info("contiguous: least harmful block %s (held-out loss %.4f)", best["drop_layers"],
-                     best["loss"])
 
         def forward_loop(m):
             bar = tqdm(total=c.calib_samples, desc="calibration", unit="seq",
@@ -213,65 +261,142 @@ def run(cfg: config.Config) -> dict:
                 bar.update(min(c.micro_batch_size * 8, c.calib_samples - i))
             bar.close()
 
-        export_config = {k: getattr(student, k) for k in WIDTH_KEYS}
-        if n_drop and c.depth_method == "block_influence":
-            export_config["num_layers"] = student.num_layers
         scores_dir = tmp / "scores"  # ModelOpt writes <dir>/rank<r>.pth (searcher state)
         scores = scores_dir / f"rank{torch.distributed.get_rank()}.pth"
-        mode = MM.get_mcore_minitron_config(hidden_size_divisor=1, ffn_hidden_size_divisor=1,
-                                            num_layers_divisor=1)
-        model, _ = mtp.prune(model, mode=[("mcore_minitron", mode)],
-                             constraints={"export_config": export_config}, dummy_input=None,
-                             config={"forward_loop": forward_loop,
-                                     "scores_path": str(scores_dir) + "/"})
-        if drop:
-            MM.drop_mcore_language_model_layers(model, layers_to_drop=drop)
-        elif n_drop:  # block_influence: ModelOpt dropped its lowest-scored layers
-            layer_scores = torch.load(scores, map_location="cpu", weights_only=False)["layer_scores"]
-            ranked = sorted(layer_scores, key=lambda k: float(layer_scores[k]), reverse=True)
-            drop = sorted(int(x) for x in ranked[student.num_layers:])
+        table, found, winner_dir = None, None, None
+        if s is not None:
+            t0 = time.time()
+            heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples,
+                                     cfg.run.seed + 1)
+            model, found = search.search(model, teacher, c, s, pp, forward_loop, scores_dir,
+                                         heldout)
+            search_s = time.time() - t0
+            best = min(found, key=lambda x: x["zero_shot_lm_loss"])
+            if dc is not None:
+                del model
+                model = None
+                folders = []
+                for cand in found:  # each candidate's pruned checkpoint, once
+                    folder = tmp / "candidates" / f"c{cand['candidate']}"
+                    if not (folder / "arch.json").is_file():
+                        m = search.prune_to(load_teacher(), cand["ss_config"], s, scores_dir)
+                        write_pruned(m, search.arch_of(teacher, cand["ss_config"]), folder,
+                                     c.dtype)
+                    folders.append(folder)
+                search.run_tournament(found, folders, (teacher, source.weights), dc,
+                                      tmp / "tournament", cfg.run.seed,
+                                      {"tp": tp, "pp": pp, "spec": spec}
+                                      if s["keep_tournament"] else None)
+                best = min(found, key=lambda x: x["tournament_kd_loss"])
+                winner_dir = tmp / "candidates" / f"c{best['candidate']}"
+            for cand in found:
+                cand["winner"] = cand is best
+            student = search.arch_of(teacher, best["ss_config"])
+            n_drop = teacher.num_layers - student.num_layers
+            if n_drop:  # ModelOpt dropped its lowest-ranked layers
+                layer_scores = torch.load(scores, map_location="cpu",
+                                          weights_only=False)["layer_scores"]
+                ranked = sorted(layer_scores, key=lambda k: float(layer_scores[k]), reverse=True)
+                drop = sorted(int(x) for x in ranked[student.num_layers:])
+            log.info("search: %s wins (%s)", best["arch"], "tournament" if dc else "zero-shot")
+        else:
+            if n_drop and c.depth_method == "contiguous":
+                heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples,
+                                         cfg.run.seed + 1)
+                table = contiguous_candidates(model, teacher, n_drop, heldout,
+                                              c.micro_batch_size)
+                box = [table]
+                torch.distributed.broadcast_object_list(box, src=0)
+                table = box[0]
+                best = min(table, key=lambda r: r["loss"])
+                drop = list(range(best["drop_layers"][0], best["drop_layers"][1] + 1))
+                log.info("contiguous: least harmful block %s (held-out loss %.4f)",
+                         best["drop_layers"], best["loss"])
+            export_config = {k: getattr(student, k) for k in WIDTH_KEYS}
+            if n_drop and c.depth_method == "block_influence":
+                export_config["num_layers"] = student.num_layers
+            mode = MM.get_mcore_minitron_config(hidden_size_divisor=1, ffn_hidden_size_divisor=1,
+                                                num_layers_divisor=1)
+            model, _ = mtp.prune(model, mode=[("mcore_minitron", mode)],
+                                 constraints={"export_config": export_config}, dummy_input=None,
+                                 config={"forward_loop": forward_loop,
+                                         "scores_path": str(scores_dir) + "/"})
+            if drop:
+                MM.drop_mcore_language_model_layers(model, layers_to_drop=drop)
+            elif n_drop:  # block_influence: ModelOpt dropped its lowest-scored layers
+                layer_scores = torch.load(scores, map_location="cpu",
+                                          weights_only=False)["layer_scores"]
+                ranked = sorted(layer_scores, key=lambda k: float(layer_scores[k]), reverse=True)
+                drop = sorted(int(x) for x in ranked[student.num_layers:])
 
         summary = runtime.on_rank0(lambda: importance_summary(scores, teacher))
-        # Rebuild the pruned weights as a checkpoint at the student's own layout: gather them as
-        # HF tensors, then write them with convert's streaming writer (any PP, even layers).
-        hf = M.gather_hf(model, student)
-        del model
-        staging = tmp / "staging"
-        runtime.on_rank0(lambda: _write_staging(hf, staging))
-        hf = None  # free the gathered tensors before the streaming save
-        runtime.barrier()
-        reader = checkpoint.HFReader(staging, mapping.hf_names(student))
-        checkpoint.save_from_hf(student, reader, interop.iteration_dir(tmp, 0), c.dtype, "save")
+        if winner_dir is None:
+            write_pruned(model, student, tmp, c.dtype)
+            del model
+        elif runtime.is_rank0():  # the tournament's winner, as pruned (before its short KD)
+            os.replace(winner_dir / "iter_0000000", tmp / "iter_0000000")
         runtime.barrier()
 
         def finish():
-            import shutil
-
-            shutil.rmtree(staging)
             interop.write_layout(tmp, student, 0, tp=tp, pp=pp, dtype=c.dtype, spec=spec)
             checkpoint.write_sidecars(tmp, source.hf_config, source.tokenizer)
             imp, full = summary
-            imp["depth"] = {"method": c.depth_method if n_drop else None,
+            imp["depth"] = {"method": c.depth_method if n_drop and s is None else
+                            "modelopt search" if n_drop else None,
                             "drop_layers_1indexed": drop, "hf_layers_dropped_0indexed":
                             [x - 1 for x in drop] if drop else None, "candidates": table}
             (tmp / "importance.json").write_text(json.dumps(imp, indent=1) + "\n")
             torch.save(full, tmp / "importance.pt")
             shutil.rmtree(scores_dir)
+            if found is not None:
+                (tmp / "search.json").write_text(json.dumps(search.summary(
+                    c, teacher, s, found, search_s, dc), indent=1) + "\n")
+                shutil.rmtree(tmp / "candidates", ignore_errors=True)
+                if not s["keep_tournament"]:
+                    shutil.rmtree(tmp / "tournament", ignore_errors=True)
             (tmp / "config.yaml").write_text(config.to_yaml(cfg))
 
         runtime.on_rank0(finish)
-        return sdir.commit({
+        done = sdir.commit({
             "input": {**source.provenance(), "data": str(Path(c.data).resolve())},
             "arch": student.to_dict(), "num_params": student.num_params(),
             "teacher": {"arch": teacher.to_dict(), "num_params": teacher.num_params()},
             "dtype": c.dtype, "parallel": {"tp": tp, "pp": pp},
-            "depth": {"method": c.depth_method if n_drop else None, "drop_layers_1indexed": drop,
+            "depth": {"method": c.depth_method if n_drop and s is None else
+                      "modelopt search" if n_drop else None, "drop_layers_1indexed": drop,
                       "hf_layers_dropped_0indexed": [x - 1 for x in drop] if drop else None},
+            "search": None if found is None else {
+                "constraint": search.constraint(c, teacher), "candidates": len(found),
+                "winner": next(x["candidate"] for x in found if x["winner"]),
+                "decided_by": "tournament" if dc else "zero-shot"},
             "metrics": {"params_ratio": student.num_params() / teacher.num_params(),
                         "calib_samples": c.calib_samples, "seq_length": c.seq_length}})
+        runtime.on_rank0(lambda: (out / "run.json").unlink(missing_ok=True))  # resume marker
+        return done
+
+
+def write_pruned(model, arch: Arch, dest: Path, dtype: str) -> None:
+    """The pruned `model` as a torch_dist checkpoint of `arch` at dest/iter_0000000, at the
+    student's own layout: gathered as HF tensors, then written with convert's streaming writer
+    (any PP, even layers); dest/arch.json last (a candidate's "done" mark). Collective."""
+    from recipes.lib import model as M
+
+    hf = M.gather_hf(model, arch)
+    staging = dest / "staging"
+    runtime.on_rank0(lambda: _write_staging(hf, staging))
+    hf = None  # free the gathered tensors before the streaming save
+    runtime.barrier()
+    reader = checkpoint.HFReader(staging, mapping.hf_names(arch))
+    checkpoint.save_from_hf(arch, reader, interop.iteration_dir(dest, 0), dtype, "save")
+    runtime.barrier()
+    if runtime.is_rank0():
+        shutil.rmtree(staging)
+        (dest / "arch.json").write_text(json.dumps(arch.to_dict()) + "\n")
+    runtime.barrier()
 
 
 def _write_staging(hf: dict, folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # a killed candidate's leftovers
     folder.mkdir(parents=True)
     checkpoint.write_hf(hf, folder, 2 << 30)
 

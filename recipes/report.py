@@ -25,7 +25,8 @@ from recipes.lib.stage import StageDir, fingerprint, read_manifest  # noqa: E402
 
 STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "ce_trained",
           "export_teacher_corrected", "export_pruned", "export_ce_trained", "export", "evaluate",
-          "from_scratch", "distill_original", "compare")
+          "from_scratch", "distill_original", "compare", "prune_search", "distill_search",
+          "export_search", "search_compare")
 DESCRIBED = {  # the demo's models (make demo, make demo-compare)
     "teacher": "the original model",
     "teacher_corrected": "the teacher fine-tuned on the distillation data (teacher correction)",
@@ -35,6 +36,8 @@ DESCRIBED = {  # the demo's models (make demo, make demo-compare)
     "from_scratch": "random initialisation, then cross-entropy",
     "distilled_from_original": "the pruned student after KD from the original, uncorrected "
                                "teacher",
+    "searched": "the shape prune's search + tournament chose at the same parameter budget, "
+                "after the same KD as distilled",
 }
 ARCH_ROWS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "num_query_groups", "head_dim", "vocab_size")
@@ -129,6 +132,45 @@ def plot_depth(cands: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_search(res: dict, path: Path) -> None:
+    cands = res["candidates"]
+    key = "tournament_kd_loss" if res["decided_by"] == "tournament" else "zero_shot_lm_loss"
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for c in cands:
+        ax.scatter(c["params"] / 1e6, c[key], s=80 if c["winner"] else 30,
+                   color="C2" if c["winner"] else "C0", zorder=3)
+        ax.annotate(f"c{c['candidate']}", (c["params"] / 1e6, c[key]),
+                    textcoords="offset points", xytext=(5, 3))
+    ax.set(title=f"search candidates ({res['decided_by']}; winner green)",
+           xlabel="parameters (M)",
+           ylabel="held-out KD loss after the tournament" if key.startswith("tournament") else
+           "zero-shot held-out LM loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def search_lines(res: dict) -> list[str]:
+    t = res.get("tournament")
+    lines = [f"Constraint {res['constraint']} (teacher {res['teacher_params'] / 1e6:.1f}M "
+             f"parameters); ModelOpt's search, top {len(res['candidates'])} candidates, "
+             f"decided by {res['decided_by']}. Search {res['search_s']:.0f} s"
+             + (f"; tournament {t['steps']} steps x {t['global_batch_size']} x "
+                f"{t['seq_length']} tokens ({t['tokens_per_candidate']:,} tokens) per candidate, "
+                f"{t['total_s']:.0f} s in all" if t else "") + ".", "",
+             "| candidate | hidden | FFN | heads | layers | parameters | zero-shot LM loss "
+             "| tournament KD loss | tournament LM loss | |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in res["candidates"]:
+        a = c["arch"]
+        lines.append(f"| c{c['candidate']} | {a['hidden_size']} | {a['ffn_hidden_size']} | "
+                     f"{a['num_attention_heads']} | {a['num_layers']} | {c['params'] / 1e6:.2f}M "
+                     f"| {c['zero_shot_lm_loss']:.4f} | "
+                     + " | ".join(f"{c[k]:.4f}" if k in c else "" for k in
+                                  ("tournament_kd_loss", "tournament_lm_loss"))
+                     + f" | {'**winner**' if c['winner'] else ''} |")
+    return lines + [""]
 
 
 def plot_evaluation(heldout: dict, path: Path) -> None:
@@ -240,6 +282,12 @@ def render(run: Path, out: Path, title: str) -> str:
         if depth.get("drop_layers_1indexed"):
             lines += [f"Dropped layers ({depth['method']}): {depth['drop_layers_1indexed']} "
                       f"(1-indexed) = HF `model.layers` {depth['hf_layers_dropped_0indexed']}", ""]
+    for k, v in m.items():
+        if v.get("stage") == "prune" and (run / k / "search.json").is_file():
+            res = json.loads((run / k / "search.json").read_text())
+            plot_search(res, out / f"search_{k}.png")
+            lines += [f"## Architecture search (`{k}`)", ""] + search_lines(res)
+            lines += [f"![search](search_{k}.png)", ""]
     names = described(run)
     if "evaluate" in m:
         res = json.loads((run / "evaluate" / "results.json").read_text())
@@ -254,15 +302,20 @@ def render(run: Path, out: Path, title: str) -> str:
                 lines += [f"- *{name}*: {gens[i].strip()!r}"
                           for name, gens in res["generations"].items()]
                 lines.append("")
-    if "compare" in m:
-        comp = json.loads((run / "compare" / "results.json").read_text())["heldout"]
-        lines += ["## Why distillation: the same architecture and token budget, several ways", "",
-                  "Each student has the pruned architecture and the same steps, batches and "
-                  "learning rate.", "", "| model | how it was trained | parameters | held-out "
-                  "loss (nats/token) | perplexity |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {names.get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
-                  f"| {v['perplexity']:.2f} |" for k, v in comp.items()]
-        lines.append("")
+    for key, heading, note in (
+            ("compare", "Why distillation: the same architecture and token budget, several ways",
+             "Each student has the pruned architecture and the same steps, batches and learning "
+             "rate."),
+            ("search_compare", "Hand-picked shape vs the searched one (make demo-search)",
+             "The same parameter budget, teacher, distillation steps and tokens; only the shape "
+             "differs.")):
+        if key in m:
+            comp = json.loads((run / key / "results.json").read_text())["heldout"]
+            lines += [f"## {heading}", "", note, "", "| model | how it was trained | parameters "
+                      "| held-out loss (nats/token) | perplexity |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {names.get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
+                      f"| {v['perplexity']:.2f} |" for k, v in comp.items()]
+            lines.append("")
     rows = _metrics(run / "distill")
     if rows:
         plot_training(rows, out / "training.png", _metrics(run / "ce_trained"))

@@ -79,6 +79,16 @@ class ConfigError(ValueError):
 class Config(dict):
     """{section: dataclass}; sections also read as attributes (`cfg.run.dir`)."""
 
+    merged = None  # the resolved-on-demand OmegaConf behind it (load)
+
+    def typed(self, name: str):
+        """Section `name` as its dataclass, values resolved and checked now: for a stage that
+        needs another stage's settings only in some modes (prune's tournament uses distill's)."""
+        if not isinstance(self.get(name), dict) or dataclasses.is_dataclass(self.get(name)):
+            return self.get(name)
+        self[name] = _coerce(_section_class(name), name, _resolved(self.merged, name))
+        return self[name]
+
     def __getattr__(self, name):
         try:
             return self[name]
@@ -159,6 +169,7 @@ def load(config_file: str | None, overrides: list[str], stage: str | None = None
     if "run" not in raw:
         raise ConfigError("no 'run' section: pass run.dir=runs/<name>")
     out = Config()
+    out.merged = merged
     for name in SECTIONS:
         if name in ("run", "parallel") or name == stage or (name in also and name in raw):
             out[name] = _coerce(_section_class(name), name, _resolved(merged, name))

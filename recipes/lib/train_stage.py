@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from recipes.lib import checkpoint, config, interop, runtime, tokens, train
-from recipes.lib.arch import validate_layout
+from recipes.lib.arch import Arch, validate_layout
 from recipes.lib.interop import Source
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 
@@ -53,6 +53,23 @@ def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
     return {"fp8": "hybrid", "fp8_recipe": c.fp8_recipe,
             "fp8_amax_history_len": c.fp8_amax_history_len,
             "fp8_amax_compute_algo": c.fp8_amax_compute_algo}
+
+
+def build_distillation(c, student: tuple[Arch, Path], teacher: tuple[Arch, Path]) -> tuple:
+    """(model, make_step) for train.train: the student (architecture, weights folder) as
+    ModelOpt's DistillationModel around the frozen teacher, `c` a DistillConfig; inside the
+    process groups. distill's model, and each candidate's in prune's tournament."""
+    from recipes.lib import kd
+    from recipes.lib import model as M
+
+    (s_arch, s_weights), (t_arch, t_weights) = student, teacher
+    t = M.build(t_arch, **build_kwargs(c, c.teacher_precision))
+    checkpoint.load(t, t_weights, t_arch.vocab_size)
+    s = M.build(s_arch, **build_kwargs(c))
+    checkpoint.load(s, s_weights, s_arch.vocab_size)
+    model, kl = kd.distillation_model(s, t, c, s_arch.vocab_size)
+    return model, kd.make_step_fn(model, kl, s_arch.vocab_size, c.skip_lm_loss,
+                                  bool(c.intermediate_layer_pairs))
 
 
 def check_data(c: train.TrainConfig, name: str, vocab_size: int) -> None:

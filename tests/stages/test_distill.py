@@ -203,7 +203,7 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
     """The KD loss our loss function reports equals KL(teacher || student) computed by hand from
     separately computed logits, with the LM loss computed in the same step (the in-place
     cross-entropy trap would break this), on the CPU's fused losses and on ModelOpt's."""
-    from recipes.lib import checkpoint, compat, interop, runtime
+    from recipes.lib import checkpoint, compat, interop, kd, runtime
     from recipes.lib.config import load
 
     monkeypatch.setitem(compat.FAST_PATHS, "fused_losses", fused)
@@ -226,10 +226,10 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
 
         t_logits = M.forward_logits(load_model(ta, "convert"), w[:, :-1], ta.vocab_size)
         s_logits = M.forward_logits(load_model(sa, "prune"), w[:, :-1], sa.vocab_size)
-        model, kl_loss = distill.distillation_model(load_model(sa, "prune"),
+        model, kl_loss = kd.distillation_model(load_model(sa, "prune"),
                                                     load_model(ta, "convert"), c, sa.vocab_size)
         model.eval()
-        step = distill.make_step_fn(model, kl_loss, sa.vocab_size, skip_lm_loss,
+        step = kd.make_step_fn(model, kl_loss, sa.vocab_size, skip_lm_loss,
                                     False)(training=False)
         with torch.no_grad():
             out, loss_func = step(iter([batch]), model)

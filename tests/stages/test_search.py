@@ -1,0 +1,160 @@
+"""Prune to a budget: ModelOpt's search under a parameter target, the candidate filter, and the
+short-distillation tournament, whose winner is checked independently with transformers
+(recipes/lib/search.py)."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from recipes import export, prune
+from recipes.lib import search
+from recipes.lib.arch import Arch
+from tests.conftest import TINY
+
+SEARCH = "{top_k: 3, hidden_size_divisor: 16, ffn_hidden_size_divisor: 16, " \
+         "num_layers_divisor: 1, max_depth_pruning: 0.5%s}"
+NO_SIZES = ["prune.hidden_size=null", "prune.ffn_hidden_size=null",
+            "prune.num_attention_heads=null"]
+
+
+def prune_args(run, out, *more):
+    return ["--config", TINY, f"run.dir={run}", f"prune.output={out}", *NO_SIZES, *more]
+
+
+def test_the_filter_rejects_shapes_transformers_cannot_load():
+    t = Arch(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+             num_query_groups=2, head_dim=24, vocab_size=1001, tie_embeddings=False,
+             rope_theta=1e4, rope_scaling_factor=None, norm_eps=1e-6,
+             max_position_embeddings=4096)
+    ok = search.candidate_filter(t, pp=1)
+    assert ok({"hidden_size": 48, "num_attention_heads": 4, "ffn_hidden_size": 64,
+               "num_layers": 3})
+    assert not ok({"hidden_size": 50, "num_attention_heads": 4})  # hidden % heads
+    assert not ok({"num_attention_heads": 3})                     # heads % KV groups
+    assert not search.candidate_filter(t, pp=2)({"num_layers": 3})  # the output's PP
+
+
+def test_settings_and_targets_are_checked_before_work(trained_run, tmp_path):
+    run = trained_run["run"]
+    for extra, msg in (
+            (["prune.target_params=0.8", "prune.hidden_size=32"], "unset \\['hidden_size'\\]"),
+            (["prune.target_params=0.8", "prune.target_memory_mb=10"], "not both"),
+            (["prune.target_params=0.8", "prune.search={topk: 3}"], "unknown key.*topk"),
+            (["prune.target_params=0.8", "prune.search={max_width_pruning: 1.5}"], "in \\[0, 1\\)"),
+            (["prune.search={top_k: 3}"], "no prune.target_params"),
+            (["prune.target_params=-1"], "must be > 0")):
+        with pytest.raises(Exception, match=msg):
+            prune.main(["--config", TINY, f"run.dir={run}", f"prune.output={tmp_path / 'p'}",
+                        *(x for x in NO_SIZES if x.split("=")[0] not in
+                          {e.split("=")[0] for e in extra}), *extra])
+    assert not (tmp_path / "p").exists()
+
+
+def kd_loss_with_transformers(teacher_dir, student_dir, dc, seed, cache):
+    """The held-out KD loss of the tournament (the validation batches distill's loop uses), with
+    transformers models and plain torch: KL(teacher || student) per token over the real vocab."""
+    from recipes.lib import runtime, train
+
+    t = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    s = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    with runtime.distributed(1, 1):
+        _, valid = train.build_datasets(dc, seed, cache)
+        batches = [b for i in range(dc.eval_iters) for b in train.micro_batches(
+            valid, i, dc, train.check_layout(dc, 1))]
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            lt = t(b["tokens"]).logits.float().log_softmax(-1)
+            ls = s(b["tokens"]).logits.float().log_softmax(-1)
+            kl = (lt.exp() * (lt - ls)).sum(-1)
+            total += (kl * b["loss_mask"]).sum().item()
+            n += b["loss_mask"].sum().item()
+    return total / n
+
+
+def test_search_and_tournament(trained_run, tmp_path):
+    """Every candidate meets the target; the tournament trains each for the same steps and
+    data, the winner has the lowest held-out KD loss, and transformers computes the same KD
+    losses from the exported candidates (so the ranking is the models', not the recipe's
+    bookkeeping). The output is the winner as pruned, and exports."""
+    run, out = trained_run["run"], tmp_path / "prune"
+    assert prune.main(prune_args(run, out, "prune.target_params=0.85",
+                                 f"prune.search={SEARCH % ', tournament_steps: 4, keep_tournament: true'}")
+                      ) == 0
+    res = json.loads((out / "search.json").read_text())
+    m = json.loads((out / "manifest.json").read_text())
+    target = res["constraint"]["params"]
+    assert target == pytest.approx(0.85 * res["teacher_params"])
+    cands = res["candidates"]
+    assert len(cands) == 3 and res["decided_by"] == "tournament"
+    for cand in cands:
+        assert cand["params"] <= cand["modelopt_params"] <= target
+        assert cand["arch"]["hidden_size"] % cand["arch"]["num_attention_heads"] == 0
+    winner = min(cands, key=lambda x: x["tournament_kd_loss"])
+    assert winner["winner"] and res["winner"] == winner["candidate"] == m["search"]["winner"]
+    assert {k: m["arch"][k] for k in winner["arch"]} == winner["arch"]
+    assert res["tournament"]["tokens_per_candidate"] == 4 * 4 * 64
+    # independent check: export each tournament-distilled candidate and the teacher, and compute
+    # the same held-out KD loss with transformers
+    teacher_hf = tmp_path / "teacher_hf"
+    assert export.main(["--config", TINY, f"run.dir={run}", f"export.input={run / 'convert'}",
+                        f"export.output={teacher_hf}"]) == 0
+    from recipes.lib.config import load
+
+    dc = search.tournament_config(load(TINY, [f"run.dir={run}"], stage="distill").distill, 4)
+    ours = {}
+    for cand in cands:
+        hf = tmp_path / f"c{cand['candidate']}_hf"
+        assert export.main(["--config", TINY, f"run.dir={run}",
+                            f"export.input={out / 'tournament' / ('c%d' % cand['candidate'])}",
+                            f"export.output={hf}"]) == 0
+        ours[cand["candidate"]] = kd_loss_with_transformers(teacher_hf, hf, dc, 1234,
+                                                            tmp_path / "cache")
+        assert ours[cand["candidate"]] == pytest.approx(cand["tournament_kd_loss"], rel=1e-4)
+    assert min(ours, key=ours.get) == winner["candidate"]
+    # the output is the winner as pruned (before its short distillation), and it exports
+    assert export.main(["--config", TINY, f"run.dir={run}", f"export.input={out}",
+                        f"export.output={tmp_path / 'winner_hf'}"]) == 0
+    assert not (out / "run.json").exists() and not (out / "candidates").exists()
+
+
+def test_zero_shot_search_and_resume(trained_run, tmp_path, monkeypatch):
+    """Without a tournament ModelOpt's zero-shot best wins. A tournament killed after its first
+    candidate resumes there: the finished candidate is not trained again."""
+    run = trained_run["run"]
+    out = tmp_path / "zs"
+    assert prune.main(prune_args(run, out, "prune.target_params=0.85",
+                                 f"prune.search={SEARCH % ''}")) == 0
+    res = json.loads((out / "search.json").read_text())
+    best = min(res["candidates"], key=lambda x: x["zero_shot_lm_loss"])
+    assert res["decided_by"] == "zero-shot" and best["winner"]
+    assert "tournament_kd_loss" not in best
+
+    out = tmp_path / "t"
+    argv = prune_args(run, out, "prune.target_params=0.85",
+                      f"prune.search={SEARCH % ', tournament_steps: 2'}")
+    real = search.run_tournament
+
+    def killed_after_one(cands, folders, *a, **k):
+        real(cands[:1], folders[:1], *a, **k)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(search, "run_tournament", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        prune.main(argv)
+    assert (out.with_name(".t.tmp") / "tournament" / "c1" / "result.json").is_file()
+    monkeypatch.setattr(search, "run_tournament", real)
+    from recipes.lib import train
+
+    calls, orig = [], train.train
+
+    def counting(c, work, *a, **k):
+        calls.append(work.name)
+        return orig(c, work, *a, **k)
+
+    monkeypatch.setattr(train, "train", counting)
+    assert prune.main(argv) == 0
+    assert calls == ["c2", "c3"]  # c1 was reused, not retrained
+    res = json.loads((out / "search.json").read_text())
+    assert all("tournament_kd_loss" in c for c in res["candidates"])
