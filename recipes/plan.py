@@ -187,7 +187,10 @@ def render(e: dict, p: PlanConfig) -> str:
         sr = e["search"]
         lines += [f"prune searches {sr['constraint']}: ModelOpt's space "
                   + ", ".join(f"{k} {v}" for k, v in sr["space"].items())
-                  + f"; {sr['fitting']} shapes fit (our count), the top {sr['top_k']} by size:"]
+                  + (f"; {sr['fitting']} shapes fit (our count), the top {sr['top_k']} by size:"
+                     if "params" in sr["constraint"] else
+                     f"; {sr['fitting']} loadable shapes, the largest {sr['top_k']} (the memory "
+                     "budget is ModelOpt's estimate, applied when prune runs):")]
         lines += [f"  {x}" for x in sr["shapes"]]
         if sr.get("tournament"):
             tour = sr["tournament"]

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from recipes.lib import (checkpoint, compat, config, interop, mapping, runtime, search, stage,
-                         tokens, train_stage)
+                         tokens, train, train_stage)
 from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, pruned_arch, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -214,8 +214,11 @@ def run(cfg: config.Config) -> dict:
                              "counts")
     extra = {"pp": pp, "seed": cfg.run.seed}
     inputs = {"input": source.input(), "data": c.data}
-    if dc is not None:  # the tournament's settings and data decide its result too
-        extra["tournament"] = dataclasses.asdict(dc)
+    if dc is not None:  # the tournament's settings and data decide its result too (not the
+        # distill stage's own input, teacher or output: the tournament's are prune's)
+        extra["tournament"] = {k: v for k, v in dataclasses.asdict(dc).items() if k not in
+                               {"input", "input_hf_config", "teacher", "teacher_hf_config",
+                                *train.OPERATIONAL}}
         inputs.update({f"distill.data.{i}": d for i, d in enumerate(dc.data)})
     sdir = StageDir("prune", out, fingerprint(c, extra), cfg.run.force, inputs=inputs)
     if sdir.already_done():
