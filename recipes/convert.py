@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from recipes.lib import checkpoint, config, interop, mapping, runtime, stage
-from recipes.lib.arch import Arch, read_hf_config, validate_layout
+from recipes.lib.arch import Arch, human, read_hf_config, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.convert")
@@ -77,8 +77,8 @@ def run(cfg: config.Config) -> dict:
             "parallel": {"tp": tp, "pp": pp}, "dtype": c.dtype,
             "metrics": {"peak_rss_mb_rank0": round(peak_mb, 1)},
         })
-        log.info("wrote %s (%.3fB parameters, peak RSS %.0f MB on rank 0)", out,
-                 arch.num_params() / 1e9, peak_mb)
+        log.info("wrote %s (%s parameters, peak RSS %.0f MB on rank 0)", out,
+                 human(arch.num_params()), peak_mb)
         return manifest
 
 

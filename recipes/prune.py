@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from recipes.lib import (checkpoint, compat, config, interop, mapping, runtime, search, stage,
                          tokens, train, train_stage)
-from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, pruned_arch, validate_layout
+from recipes.lib.arch import (DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch,
+                               validate_layout)
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.prune")
@@ -229,10 +230,10 @@ def run(cfg: config.Config) -> dict:
                  {k: s[k] for k in ("hparams", "max_width_pruning", "max_depth_pruning",
                                     "top_k", "tournament_steps")})
     else:
-        log.info("prune %s: %s -> %s (%.3fB -> %.3fB parameters)", src,
+        log.info("prune %s: %s -> %s (%s -> %s parameters)", src,
                  {k: getattr(teacher, k) for k in (*WIDTH_KEYS, "num_layers")},
                  {k: getattr(student, k) for k in (*WIDTH_KEYS, "num_layers")},
-                 teacher.num_params() / 1e9, student.num_params() / 1e9)
+                 human(teacher.num_params()), human(student.num_params()))
     if drop:
         log.info("dropping layers %s (1-indexed) = HF model.layers.%s (0-indexed)", drop,
                  [x - 1 for x in drop])
@@ -275,7 +276,9 @@ def run(cfg: config.Config) -> dict:
                                          heldout)
             search_s = time.time() - t0
             best = min(found, key=lambda x: x["zero_shot_lm_loss"])
-            if dc is not None:
+            if dc is not None:  # (ModelOpt's note above about a manual KD step: this is it)
+                log.info("tournament: %d candidates x %d steps of distillation from the teacher",
+                         len(found), dc.train_iters)
                 del model
                 model = None
                 folders = []

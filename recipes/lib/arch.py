@@ -175,6 +175,14 @@ class Arch:
                 f"all of them, so results would change; use {key}<={self.sliding_window}")
 
 
+def human(n: float) -> str:
+    """A parameter count for a log line: 276.2K, 71.03M, 8.03B."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}" if unit != "K" else f"{n / div:.1f}{unit}"
+    return str(int(n))
+
+
 def read_hf_config(path: Path) -> dict:
     f = Path(path) / "config.json"
     if not f.is_file():
