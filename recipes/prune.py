@@ -267,7 +267,7 @@ def run(cfg: config.Config) -> dict:
 
         scores_dir = tmp / "scores"  # ModelOpt writes <dir>/rank<r>.pth (searcher state)
         scores = scores_dir / f"rank{torch.distributed.get_rank()}.pth"
-        table, found, winner_dir = None, None, None
+        table, found, winner_dir, cached = None, None, None, None
         if s is not None:
             t0 = time.time()
             heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples,
@@ -289,10 +289,10 @@ def run(cfg: config.Config) -> dict:
                         write_pruned(m, search.arch_of(teacher, cand["ss_config"]), folder,
                                      c.dtype)
                     folders.append(folder)
-                search.run_tournament(found, folders, (teacher, source.weights), dc,
-                                      tmp / "tournament", cfg.run.seed,
-                                      {"tp": tp, "pp": pp, "spec": spec}
-                                      if s["keep_tournament"] else None)
+                cached = search.run_tournament(
+                    found, folders, (teacher, source.weights), dc, tmp / "tournament",
+                    cfg.run.seed, {"tp": tp, "pp": pp, "spec": spec} if s["keep_tournament"]
+                    else None, cache=bool(s["teacher_cache"]) and tp == 1 and pp == 1)
                 best = min(found, key=lambda x: x["tournament_kd_loss"])
                 winner_dir = tmp / "candidates" / f"c{best['candidate']}"
             for cand in found:
@@ -356,8 +356,9 @@ def run(cfg: config.Config) -> dict:
             shutil.rmtree(scores_dir)
             if found is not None:
                 (tmp / "search.json").write_text(json.dumps(search.summary(
-                    c, teacher, s, found, search_s, dc), indent=1) + "\n")
+                    c, teacher, s, found, search_s, dc, cached), indent=1) + "\n")
                 shutil.rmtree(tmp / "candidates", ignore_errors=True)
+                shutil.rmtree(tmp / "tournament" / "teacher_logits", ignore_errors=True)
                 if not s["keep_tournament"]:
                     shutil.rmtree(tmp / "tournament", ignore_errors=True)
             (tmp / "config.yaml").write_text(config.to_yaml(cfg))

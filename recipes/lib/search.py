@@ -25,6 +25,7 @@ reused, so a killed tournament continues with the candidate it was training.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -49,6 +50,7 @@ DEFAULTS = {
     "num_layers_divisor": 2,
     "tournament_steps": 0,        # 0: ModelOpt's zero-shot ranking decides
     "keep_tournament": False,     # keep each candidate's tournament-distilled checkpoint
+    "teacher_cache": True,        # record the teacher's logits once, replay them (TP=PP=1)
 }
 
 
@@ -68,6 +70,9 @@ def settings(search: dict | None) -> dict:
     for k in ("top_k", "hidden_size_divisor", "ffn_hidden_size_divisor", "num_layers_divisor"):
         if int(s[k]) < 1 or int(s[k]) != s[k]:
             raise ValueError(f"prune.search.{k}={s[k]} must be a whole number >= 1")
+    for k in ("keep_tournament", "teacher_cache"):
+        if not isinstance(s[k], bool):
+            raise ValueError(f"prune.search.{k}={s[k]!r}: use true or false")
     if int(s["tournament_steps"]) < 0 or int(s["tournament_steps"]) != s["tournament_steps"]:
         raise ValueError(f"prune.search.tournament_steps={s['tournament_steps']} must be a "
                          "whole number >= 0")
@@ -203,14 +208,110 @@ def tournament_config(distill_cfg, steps: int):
                                keep_checkpoints=False, fault=None)
 
 
+def _key(tokens: torch.Tensor) -> str:
+    t = tokens.detach().cpu().contiguous()
+    return hashlib.sha1(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
+
+
+class _Replay(torch.nn.Module):
+    """Stands where the teacher's output layer was: ModelOpt's hook on it captures the replayed
+    logits exactly as megatron's ColumnParallelLinear returns them, (output, bias)."""
+
+    def forward(self, logits):
+        return logits, None
+
+
+class _NoDecoder(torch.nn.Module):
+    """What ModelOpt's pipeline hook reaches for on the teacher (GPTModel.set_input_tensor calls
+    decoder.set_input_tensor); the replay has no layers to feed."""
+
+    def set_input_tensor(self, tensor):
+        pass
+
+
+class CachedTeacher(torch.nn.Module):
+    """The teacher in a tournament run: its output-layer activations for each micro-batch,
+    recorded once (`record_teacher`) and replayed by content (a hash of the tokens), so every
+    candidate learns from the same numbers without running the teacher again."""
+
+    def __init__(self, config, folder: Path):
+        super().__init__()
+        self.config, self.folder = config, Path(folder)
+        self.output_layer = _Replay()
+        self.decoder = _NoDecoder()
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, *args, **kwargs):
+        f = self.folder / f"{_key(input_ids)}.pt"
+        if not f.is_file():
+            raise KeyError(f"{f}: no cached teacher logits for this batch (the tournament's data "
+                           "or settings changed since they were recorded)")
+        logits = torch.load(f, map_location=input_ids.device, weights_only=True)
+        return self.output_layer(logits)[0].transpose(0, 1)
+
+
+def record_teacher(teacher: tuple, dc, seed: int, folder: Path) -> dict:
+    """The teacher's output-layer activations for every micro-batch a tournament run reads
+    (training steps and validation), one file per batch, in the dtype the teacher computes them
+    (so replayed KD losses equal online ones). Reused when complete; returns {batches, mb}."""
+    from megatron.core import parallel_state as ps
+
+    from recipes.lib import checkpoint, train, train_stage
+    from recipes.lib import model as M
+
+    done = folder / "complete.json"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        arch, weights = teacher
+        model = M.build(arch, **train_stage.build_kwargs(dc, dc.teacher_precision))
+        checkpoint.load(model, weights, arch.vocab_size)
+        model.eval()
+        train_ds, valid_ds = train.build_datasets(dc, seed, folder / "data_index")
+        n_micro = train.check_layout(dc, ps.get_data_parallel_world_size())
+        batches = [b for step in range(dc.train_iters)
+                   for b in train.micro_batches(train_ds, step, dc, n_micro)]
+        batches += [b for i in range(dc.eval_iters)
+                    for b in train.micro_batches(valid_ds, i, dc, n_micro)]
+        seen = {}
+        hook = model.output_layer.register_forward_hook(
+            lambda _m, _i, out: seen.__setitem__("logits", out[0].detach()))
+        with torch.no_grad():
+            for b in batches:
+                f = folder / f"{_key(b['tokens'])}.pt"
+                if f.is_file():
+                    continue
+                b = train.on_device(b, model)
+                model(b["tokens"], b["position_ids"], attention_mask=None)
+                tmp = f.with_suffix(".tmp")
+                torch.save(seen.pop("logits").cpu().clone(), tmp)
+                tmp.replace(f)
+        hook.remove()
+        del model
+        size = sum(p.stat().st_size for p in folder.glob("*.pt"))
+        runtime.barrier()
+        if runtime.is_rank0():
+            done.write_text(json.dumps({"batches": len(batches), "mb": round(size / 2**20, 1)})
+                            + "\n")
+        runtime.barrier()
+    return json.loads(done.read_text())
+
+
 def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, dc, work: Path,
-                   seed: int, keep: dict | None) -> None:
+                   seed: int, keep: dict | None, cache: bool = False) -> dict | None:
     """Distil each candidate (its checkpoint in `folders[i]`) from `teacher` (arch, weights) with
     the same settings and data order; fills in each candidate's tournament scores. A finished
     candidate's result.json is reused; an unfinished one resumes from its checkpoints. `keep`
     ({tp, pp, spec}): also save each distilled candidate as a checkpoint folder of its own
-    (work/c<i>: tracker, iter_<steps>, run_config.yaml), which `export` reads."""
+    (work/c<i>: tracker, iter_<steps>, run_config.yaml), which `export` reads. `cache`: record
+    the teacher's logits once (work/teacher_logits) and replay them to every candidate; returns
+    the cache's {batches, mb}."""
     from recipes.lib import checkpoint, interop, train, train_stage
+    from recipes.lib import model as M
+
+    recorded = None
+    if cache:
+        recorded = record_teacher(teacher, dc, seed, work / "teacher_logits")
+        log.info("tournament: the teacher's logits for %d micro-batches cached once (%.1f MB)",
+                 recorded["batches"], recorded["mb"])
 
     for cand, folder in zip(candidates, folders):
         run_dir = work / f"c{cand['candidate']}"
@@ -220,8 +321,12 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, 
             continue
         t0 = time.time()
         arch = Arch.from_dict(json.loads((folder / "arch.json").read_text()))
+        t = teacher
+        if cache:
+            t = CachedTeacher(M.build(teacher[0], **{**train_stage.build_kwargs(
+                dc, dc.teacher_precision), "meta": True}).config, work / "teacher_logits")
         model, make_step = train_stage.build_distillation(
-            dc, (arch, folder / "iter_0000000"), teacher)
+            dc, (arch, folder / "iter_0000000"), t)
         final = train.train(dc, run_dir, model, make_step,
                             {"stage": f"tournament c{cand['candidate']}"}, seed)
         if keep:
@@ -246,9 +351,11 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, 
         log.info("tournament c%d %s: held-out KD loss %.4f, LM loss %.4f (%.0f s)",
                  cand["candidate"], cand["arch"], result["tournament_kd_loss"],
                  result["tournament_lm_loss"], result["tournament_s"])
+    return recorded
 
 
-def summary(c, teacher: Arch, s: dict, found: list[dict], search_s: float, dc) -> dict:
+def summary(c, teacher: Arch, s: dict, found: list[dict], search_s: float, dc,
+            cached: dict | None = None) -> dict:
     """search.json: what was searched, every top-K candidate, the winner and the costs."""
     winner = next(x for x in found if x["winner"])
     out = {"constraint": constraint(c, teacher), "teacher_params": teacher.num_params(),
@@ -261,5 +368,7 @@ def summary(c, teacher: Arch, s: dict, found: list[dict], search_s: float, dc) -
             "seq_length": dc.seq_length,
             "tokens_per_candidate": dc.train_iters * dc.global_batch_size * dc.seq_length,
             "total_s": round(sum(x.get("tournament_s", 0) for x in found), 1),
+            "teacher": "logits cached once and replayed" if cached else "run online",
+            "teacher_cache_mb": cached["mb"] if cached else None,
             "score": "held-out KD loss on the distillation data's valid split (lower wins)"}
     return out

@@ -55,16 +55,21 @@ def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
             "fp8_amax_compute_algo": c.fp8_amax_compute_algo}
 
 
-def build_distillation(c, student: tuple[Arch, Path], teacher: tuple[Arch, Path]) -> tuple:
+def build_distillation(c, student: tuple[Arch, Path], teacher) -> tuple:
     """(model, make_step) for train.train: the student (architecture, weights folder) as
-    ModelOpt's DistillationModel around the frozen teacher, `c` a DistillConfig; inside the
-    process groups. distill's model, and each candidate's in prune's tournament."""
+    ModelOpt's DistillationModel around the frozen teacher ((architecture, weights folder), or a
+    module already built: prune's tournament replays cached teacher logits), `c` a
+    DistillConfig; inside the process groups. distill's model, and each tournament candidate's."""
     from recipes.lib import kd
     from recipes.lib import model as M
 
-    (s_arch, s_weights), (t_arch, t_weights) = student, teacher
-    t = M.build(t_arch, **build_kwargs(c, c.teacher_precision))
-    checkpoint.load(t, t_weights, t_arch.vocab_size)
+    s_arch, s_weights = student
+    if isinstance(teacher, tuple):
+        t_arch, t_weights = teacher
+        t = M.build(t_arch, **build_kwargs(c, c.teacher_precision))
+        checkpoint.load(t, t_weights, t_arch.vocab_size)
+    else:
+        t = teacher
     s = M.build(s_arch, **build_kwargs(c))
     checkpoint.load(s, s_weights, s_arch.vocab_size)
     model, kl = kd.distillation_model(s, t, c, s_arch.vocab_size)

@@ -158,3 +158,24 @@ def test_zero_shot_search_and_resume(trained_run, tmp_path, monkeypatch):
     assert calls == ["c2", "c3"]  # c1 was reused, not retrained
     res = json.loads((out / "search.json").read_text())
     assert all("tournament_kd_loss" in c for c in res["candidates"])
+
+
+def test_cached_teacher_logits_equal_online(trained_run, tmp_path):
+    """The tournament's teacher logits, recorded once and replayed to every candidate, give the
+    KD and LM losses the online teacher gives (fp32)."""
+    run, res = trained_run["run"], {}
+    for cache in ("true", "false"):
+        out = tmp_path / f"cache_{cache}"
+        assert prune.main(prune_args(
+            run, out, "prune.target_params=0.85", "prune.search=" + SEARCH.replace(
+                "top_k: 3", "top_k: 2") % f", tournament_steps: 3, teacher_cache: {cache}")) == 0
+        res[cache] = json.loads((out / "search.json").read_text())
+    cached, online = res["true"], res["false"]
+    assert cached["tournament"]["teacher"] == "logits cached once and replayed"
+    assert cached["tournament"]["teacher_cache_mb"] > 0
+    assert online["tournament"]["teacher"] == "run online"
+    for a, b in zip(cached["candidates"], online["candidates"]):
+        assert a["ss_config"] == b["ss_config"]
+        for k in ("tournament_kd_loss", "tournament_lm_loss"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    assert not list(tmp_path.rglob("teacher_logits"))  # the cache is not part of the output
