@@ -299,11 +299,8 @@ def run(cfg: config.Config) -> dict:
                 cand["winner"] = cand is best
             student = search.arch_of(teacher, best["ss_config"])
             n_drop = teacher.num_layers - student.num_layers
-            if n_drop:  # ModelOpt dropped its lowest-ranked layers
-                layer_scores = torch.load(scores, map_location="cpu",
-                                          weights_only=False)["layer_scores"]
-                ranked = sorted(layer_scores, key=lambda k: float(layer_scores[k]), reverse=True)
-                drop = sorted(int(x) for x in ranked[student.num_layers:])
+            if n_drop:
+                drop = modelopt_dropped(scores, student.num_layers)
             log.info("search: %s wins (%s)", best["arch"], "tournament" if dc else "zero-shot")
         else:
             if n_drop and c.depth_method == "contiguous":
@@ -329,11 +326,8 @@ def run(cfg: config.Config) -> dict:
                                          "scores_path": str(scores_dir) + "/"})
             if drop:
                 MM.drop_mcore_language_model_layers(model, layers_to_drop=drop)
-            elif n_drop:  # block_influence: ModelOpt dropped its lowest-scored layers
-                layer_scores = torch.load(scores, map_location="cpu",
-                                          weights_only=False)["layer_scores"]
-                ranked = sorted(layer_scores, key=lambda k: float(layer_scores[k]), reverse=True)
-                drop = sorted(int(x) for x in ranked[student.num_layers:])
+            elif n_drop:  # block_influence
+                drop = modelopt_dropped(scores, student.num_layers)
 
         summary = runtime.on_rank0(lambda: importance_summary(scores, teacher))
         if winner_dir is None:
@@ -380,6 +374,13 @@ def run(cfg: config.Config) -> dict:
                         "calib_samples": c.calib_samples, "seq_length": c.seq_length}})
         runtime.on_rank0(lambda: (out / "run.json").unlink(missing_ok=True))  # resume marker
         return done
+
+
+def modelopt_dropped(scores_file: Path, keep: int) -> list[int]:
+    """The 1-indexed layers ModelOpt dropped to keep `keep`: its lowest block-influence scores."""
+    layer_scores = torch.load(scores_file, map_location="cpu", weights_only=False)["layer_scores"]
+    ranked = sorted(layer_scores, key=lambda k: float(layer_scores[k]), reverse=True)
+    return sorted(int(x) for x in ranked[keep:])
 
 
 def write_pruned(model, arch: Arch, dest: Path, dtype: str) -> None:

@@ -158,15 +158,19 @@ def weights_dir(folder: Path) -> Path:
         "with metadata.json")
 
 
-def arch_from_run_config(path: Path) -> Arch:
-    """Our Arch from a Bridge run_config.yaml's model section; what it cannot express is
-    refused by name."""
+def read_run_config(path: Path) -> dict:
     try:
-        cfg = yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML ({e})") from e
-    m = (cfg or {}).get("model") or {}
-    ours = (cfg or {}).get(OURS) or {}
+
+
+def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
+    """Our Arch from a Bridge run_config.yaml's model section (`cfg`: the file, already read);
+    what it cannot express is refused by name."""
+    cfg = read_run_config(path) if cfg is None else cfg
+    m = cfg.get("model") or {}
+    ours = cfg.get(OURS) or {}
 
     def need(key):
         if m.get(key) is None:
@@ -282,12 +286,12 @@ def open_source(path: str | Path, key: str, stages: tuple[str, ...],
         if any((hf_dir / n).is_file() for n in TOKENIZER_NAMES):
             tok = hf_dir
     elif rc.is_file():
-        arch = arch_from_run_config(rc)
+        run_cfg = read_run_config(rc)
+        arch = arch_from_run_config(rc, run_cfg)
         # Bridge records the HF model it imported: where that is a local folder, its config
         # supplies what the architecture does not (token ids, ...)
-        origin = Path(str((yaml.safe_load(rc.read_text()).get("model") or {})
-                          .get("hf_model_id") or "/nonexistent"))
-        if (origin / "config.json").is_file():
+        origin = (run_cfg.get("model") or {}).get("hf_model_id")
+        if origin and (Path(origin) / "config.json").is_file():
             base = read_hf_config(origin)
     else:
         raise FileNotFoundError(

@@ -323,8 +323,8 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, 
         arch = Arch.from_dict(json.loads((folder / "arch.json").read_text()))
         t = teacher
         if cache:
-            t = CachedTeacher(M.build(teacher[0], **{**train_stage.build_kwargs(
-                dc, dc.teacher_precision), "meta": True}).config, work / "teacher_logits")
+            t = CachedTeacher(M.transformer_config(teacher[0], train_stage.build_kwargs(
+                dc, dc.teacher_precision)["dtype"]), work / "teacher_logits")
         model, make_step = train_stage.build_distillation(
             dc, (arch, folder / "iter_0000000"), t)
         final = train.train(dc, run_dir, model, make_step,
