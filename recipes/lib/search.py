@@ -255,15 +255,12 @@ def record_teacher(teacher: tuple, dc, seed: int, folder: Path) -> dict:
     (so replayed KD losses equal online ones). Reused when complete; returns {batches, mb}."""
     from megatron.core import parallel_state as ps
 
-    from recipes.lib import checkpoint, train, train_stage
-    from recipes.lib import model as M
+    from recipes.lib import train, train_stage
 
     done = folder / "complete.json"
     if not done.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        arch, weights = teacher
-        model = M.build(arch, **train_stage.build_kwargs(dc, dc.teacher_precision))
-        checkpoint.load(model, weights, arch.vocab_size)
+        model = train_stage.build_loaded(dc, teacher, dc.teacher_precision)
         model.eval()
         train_ds, valid_ds = train.build_datasets(dc, seed, folder / "data_index")
         n_micro = train.check_layout(dc, ps.get_data_parallel_world_size())

@@ -55,23 +55,27 @@ def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
             "fp8_amax_compute_algo": c.fp8_amax_compute_algo}
 
 
+def build_loaded(c, model: tuple[Arch, Path], precision: str | None = None):
+    """The model (architecture, weights folder) built for `c` in `precision` (default the
+    stage's, see build_kwargs) with its weights loaded; inside the process groups."""
+    from recipes.lib import model as M
+
+    arch, weights = model
+    m = M.build(arch, **build_kwargs(c, precision))
+    checkpoint.load(m, weights, arch.vocab_size)
+    return m
+
+
 def build_distillation(c, student: tuple[Arch, Path], teacher) -> tuple:
     """(model, make_step) for train.train: the student (architecture, weights folder) as
     ModelOpt's DistillationModel around the frozen teacher ((architecture, weights folder), or a
     module already built: prune's tournament replays cached teacher logits), `c` a
     DistillConfig; inside the process groups. distill's model, and each tournament candidate's."""
     from recipes.lib import kd
-    from recipes.lib import model as M
 
-    s_arch, s_weights = student
-    if isinstance(teacher, tuple):
-        t_arch, t_weights = teacher
-        t = M.build(t_arch, **build_kwargs(c, c.teacher_precision))
-        checkpoint.load(t, t_weights, t_arch.vocab_size)
-    else:
-        t = teacher
-    s = M.build(s_arch, **build_kwargs(c))
-    checkpoint.load(s, s_weights, s_arch.vocab_size)
+    s_arch = student[0]
+    t = build_loaded(c, teacher, c.teacher_precision) if isinstance(teacher, tuple) else teacher
+    s = build_loaded(c, student)
     model, kl = kd.distillation_model(s, t, c, s_arch.vocab_size)
     return model, kd.make_step_fn(model, kl, s_arch.vocab_size, c.skip_lm_loss,
                                   bool(c.intermediate_layer_pairs))
