@@ -81,6 +81,11 @@ class ClusterConfig:
     plus one checkpoint save."""
     extra_sbatch: list = dataclasses.field(default_factory=list)
     """Further #SBATCH lines, e.g. ["--qos=high"]."""
+    tournament_jobs: bool = False
+    """prune with a tournament (prune.target_* + prune.search.tournament_steps/tokens): run
+    each candidate's distillation as a job of its own (prune_c1..prune_c<top_k>, side by side
+    after prune_prepare, each with prune's layout and requeued like training), then `prune`
+    picks the winner. Off: one prune job trains the candidates one after another."""
 
     def __post_init__(self):
         self.layout = {k: {"tp": 1, "pp": 1, **DEFAULT_LAYOUT.get(k, {}), **self.layout.get(k, {})}
@@ -90,6 +95,13 @@ class ClusterConfig:
                              "(one training step plus one checkpoint save) before the time limit")
         if self.gpus_per_node < 1:
             raise ValueError("cluster.gpus_per_node must be >= 1")
+        for job, t in self.time.items():
+            if not isinstance(t, str):  # YAML 1.1 reads 12:00:00 as 43200 (base 60)
+                raise ValueError(
+                    f"cluster.time.{job}={t!r} is a number, not a Slurm time (YAML reads "
+                    "12:00:00 as 43200, base 60, and Slurm would take it as minutes): quote it, "
+                    "cluster.time.{job}=\"'12:00:00'\" on the command line or '12:00:00' in "
+                    "the YAML, or write 0-12:00:00")
         if self.layout.get("prune", {}).get("tp", 1) != 1:
             raise ValueError("cluster.layout.prune.tp must be 1 (ModelOpt Minitron pruning)")
         for key, value in (("account", self.account), ("partition", self.partition),
@@ -124,27 +136,54 @@ def stage_argv(stage: str, c: ClusterConfig, recipe: str, overrides: list[str]) 
     return args
 
 
-def sbatch_options(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> list[str]:
+def job_groups(stage: str, c: ClusterConfig, cfg) -> list[list[tuple[str, list[str]]]]:
+    """The jobs a stage becomes, in groups that run one after another (the jobs of a group side
+    by side): [[(job name, extra overrides)]]. One job, except prune's tournament with
+    cluster.tournament_jobs: prune_prepare, then prune_c1..prune_c<top_k>, then prune."""
+    if stage != "prune" or not c.tournament_jobs:
+        return [[(stage, [])]]
+    from recipes.lib import search
+
+    p = cfg.typed("prune")  # its values checked now, before anything is submitted
+    s = search.settings(p.search) if p.searching else None
+    if s is None or not (s["tournament_steps"] or s["tournament_tokens"]):
+        raise ValueError("cluster.tournament_jobs=true but prune runs no tournament: set "
+                         "prune.target_params (or target_memory_mb) and "
+                         "prune.search.tournament_steps (or tournament_tokens)")
+    job = "prune.tournament_job="
+    return [[("prune_prepare", [job + "prepare"])],
+            [(f"prune_c{i}", [f"{job}c{i}"]) for i in range(1, int(s["top_k"]) + 1)],
+            [("prune", [])]]
+
+
+def is_candidate(job: str) -> bool:
+    return job.startswith("prune_c")
+
+
+def sbatch_options(job: str, c: ClusterConfig, recipe: str, run_dir: str) -> list[str]:
     """Options that carry user strings (names, paths): given on sbatch's command line as list
     items, never parsed by a shell or by sbatch's #SBATCH reader."""
-    return [f"--job-name=minitron-{Path(recipe).stem}-{stage}",
-            f"--output={run_dir}/slurm/{stage}-%j.out", "--kill-on-invalid-dep=yes"]
+    return [f"--job-name=minitron-{Path(recipe).stem}-{job}",
+            f"--output={run_dir}/slurm/{job}-%j.out", "--kill-on-invalid-dep=yes"]
 
 
-def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> str:
-    """The batch script. Its stage arguments are read from `<run_dir>/slurm/<stage>.args.json`
-    (`write_job`), so no override value is ever parsed by a shell."""
+def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str, job: str | None = None) -> str:
+    """The batch script of `job` (default: the stage's one job). Its stage arguments are read
+    from `<run_dir>/slurm/<job>.args.json` (`write_job`), so no override value is ever parsed
+    by a shell."""
+    job = job or stage
     nodes, tasks, _ = resources(stage, c)
     gpu = stage in GPU_STAGES
+    requeue = stage in RESUMABLE or is_candidate(job)  # training: saves on a signal, resumes
     sbatch = [f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
-              f"--time={c.time.get(stage, '04:00:00')}"]
+              f"--time={c.time.get(job, c.time.get(stage, '04:00:00'))}"]
     if gpu and c.gpus:
         sbatch += [f"--gpus-per-node={c.gpus_per_node}", "--exclusive"]
     if c.account:
         sbatch.append(f"--account={c.account}")
     if c.partition:
         sbatch.append(f"--partition={c.partition}")
-    if stage in RESUMABLE:
+    if requeue:
         # the signal goes to the tasks (not B: the batch shell); append across requeues
         sbatch += ["--requeue", f"--signal=USR1@{c.signal_grace_s}", "--open-mode=append"]
     sbatch += list(c.extra_sbatch)
@@ -160,25 +199,27 @@ def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str) -> str:
         python = "python"
     return TEMPLATE.read_text().format(
         sbatch="\n".join(f"#SBATCH {x}" for x in sbatch), stage=stage,
-        requeue="true" if stage in RESUMABLE else "false", srun=shlex.join(srun),
-        python=shlex.quote(python), args_file=shlex.quote(f"{run_dir}/slurm/{stage}.args.json"))
+        requeue="true" if requeue else "false", srun=shlex.join(srun),
+        python=shlex.quote(python), args_file=shlex.quote(f"{run_dir}/slurm/{job}.args.json"))
 
 
 def write_job(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
-              overrides: list[str]) -> Path:
-    """<run_dir>/slurm/<stage>.sbatch and its <stage>.args.json; returns the script's path."""
+              overrides: list[str], job: str | None = None) -> Path:
+    """<run_dir>/slurm/<job>.sbatch and its <job>.args.json; returns the script's path."""
+    job = job or stage
     folder = Path(run_dir) / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stage}.args.json").write_text(
+    (folder / f"{job}.args.json").write_text(
         json.dumps(stage_argv(stage, c, recipe, overrides), indent=1) + "\n")
-    script = folder / f"{stage}.sbatch"
-    script.write_text(render(stage, c, recipe, run_dir))
+    script = folder / f"{job}.sbatch"
+    script.write_text(render(stage, c, recipe, run_dir, job))
     return script
 
 
 def submit(c: ClusterConfig, recipe: str, run_dir: str, overrides: list[str],
-           dry_run: bool) -> dict:
-    """Submit (or print) the chain; returns {stage: job id} (also in <run_dir>/slurm/jobs.json)."""
+           dry_run: bool, cfg: config.Config | None = None) -> dict:
+    """Submit (or print) the chain; returns {job: job id} (also in <run_dir>/slurm/jobs.json).
+    `cfg`: the whole recipe (its prune section decides prune's tournament jobs)."""
     image = c.container_image
     if not dry_run and image and image.startswith(("/", "./")) and not Path(image).is_file():
         raise ValueError(f"cluster.container_image={image} does not exist: build it with `make "
@@ -188,23 +229,28 @@ def submit(c: ClusterConfig, recipe: str, run_dir: str, overrides: list[str],
     unknown = [s for s in c.stages if s not in config.SECTIONS or s in ("cluster", "plan")]
     if unknown:
         raise ValueError(f"cluster.stages has unknown stage(s) {unknown}")
-    jobs, prev = {}, None
-    for stage in c.stages:
-        dep = [f"--dependency=afterok:{prev}"] if prev else []
-        opts = sbatch_options(stage, c, recipe, run_dir)
-        if dry_run:
-            print(f"### {stage}.sbatch\n{render(stage, c, recipe, run_dir)}")
-            print(f"### {stage}.args.json\n" + json.dumps(stage_argv(stage, c, recipe, overrides)))
-            print("$ sbatch --parsable " + shlex.join(
-                [*opts, *dep, f"{run_dir}/slurm/{stage}.sbatch"]))
-            prev = f"${{JOB_{stage.upper()}}}"
-            continue
-        path = write_job(stage, c, recipe, run_dir, overrides)
-        prev = subprocess.run(["sbatch", "--parsable", *opts, *dep, str(path)], check=True,
-                              capture_output=True, text=True).stdout.strip().split(";")[0]
-        jobs[stage] = prev
-        print(f"{stage}: job {prev}")
-        (Path(run_dir) / "slurm" / "jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")
+    groups = [(stage, g) for stage in c.stages for g in job_groups(stage, c, cfg)]
+    jobs, prev = {}, []
+    for stage, group in groups:
+        dep = [f"--dependency=afterok:{':'.join(prev)}"] if prev else []
+        prev = []
+        for job, extra in group:
+            opts = sbatch_options(job, c, recipe, run_dir)
+            if dry_run:
+                print(f"### {job}.sbatch\n{render(stage, c, recipe, run_dir, job)}")
+                print(f"### {job}.args.json\n" + json.dumps(stage_argv(
+                    stage, c, recipe, [*overrides, *extra])))
+                print("$ sbatch --parsable " + shlex.join(
+                    [*opts, *dep, f"{run_dir}/slurm/{job}.sbatch"]))
+                prev.append(f"${{JOB_{job.upper()}}}")
+                continue
+            path = write_job(stage, c, recipe, run_dir, [*overrides, *extra], job)
+            prev.append(subprocess.run(
+                ["sbatch", "--parsable", *opts, *dep, str(path)], check=True,
+                capture_output=True, text=True).stdout.strip().split(";")[0])
+            jobs[job] = prev[-1]
+            print(f"{job}: job {prev[-1]}")
+            (Path(run_dir) / "slurm" / "jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")
     return jobs
 
 
@@ -228,10 +274,10 @@ def status(c: ClusterConfig, run_dir: str) -> str:
         info = job_info(job) if job != "-" else {}
         state = info.get("JobState", "not submitted" if job == "-" else
                          "unknown (no longer in slurmctld; see its log)")
-        done = (Path(run_dir) / stage / "manifest.json").is_file()
+        done = "-" if stage not in c.stages else \
+            "yes" if (Path(run_dir) / stage / "manifest.json").is_file() else "no"
         lines.append(f"| {stage} | {job} | {state} | {info.get('Reason', '-')} | "
-                     f"{info.get('Restarts', '-')} | {info.get('ExitCode', '-')} | "
-                     f"{'yes' if done else 'no'} |")
+                     f"{info.get('Restarts', '-')} | {info.get('ExitCode', '-')} | {done} |")
     lines.append(f"logs: {run_dir}/slurm/<stage>-<job>.out")
     return "\n".join(lines)
 
@@ -248,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.status:
         print(status(cfg.cluster, cfg.run.dir))
     else:
-        submit(cfg.cluster, a.config, cfg.run.dir, a.overrides, a.dry_run)
+        submit(cfg.cluster, a.config, cfg.run.dir, a.overrides, a.dry_run, cfg)
     return 0
 
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 from pathlib import Path
 
 from recipes.lib import config, search, stage
 from recipes.lib.arch import WIDTH_KEYS, Arch, pruned_arch, validate_layout
+from recipes.lib.train import TrainConfig
 
 GB = 1024**3
 
@@ -164,17 +166,25 @@ def search_preview(teacher: Arch, c, cfg: config.Config, p: PlanConfig) -> dict:
         raise ValueError(f"no shape in the search space fits {target}: raise the target or "
                          "prune.search.max_width_pruning / max_depth_pruning")
     top = shapes[:int(s["top_k"])]
+    d = cfg.get("distill")
+    d = d if isinstance(d, dict) else {}
+    gbs, seq = int(d.get("global_batch_size", p.global_batch_size)), int(d.get(
+        "seq_length", p.seq_length))
+    steps = search.tournament_steps(s, gbs, seq)
     out = {"constraint": target, "space": space, "fitting": len(shapes), "shapes": top,
-           "top_k": int(s["top_k"]), "tournament_steps": int(s["tournament_steps"])}
-    if s["tournament_steps"]:
-        d = cfg.get("distill")
-        gbs = d["global_batch_size"] if isinstance(d, dict) and "global_batch_size" in d \
-            else p.global_batch_size
-        seq = d["seq_length"] if isinstance(d, dict) and "seq_length" in d else p.seq_length
-        tokens = int(s["tournament_steps"]) * int(gbs) * int(seq)
+           "top_k": int(s["top_k"]), "tournament_steps": steps}
+    if steps:
+        tokens = steps * gbs * seq
         flops = sum(6 * a.num_params() + 2 * teacher.num_params() for a in top) * tokens
+        dc = types.SimpleNamespace(train_iters=steps, global_batch_size=gbs, seq_length=seq,
+                                   micro_batch_size=int(d.get("micro_batch_size", 1)),
+                                   eval_iters=int(d.get("eval_iters", TrainConfig.eval_iters)),
+                                   intermediate_layer_pairs=d.get("intermediate_layer_pairs"),
+                                   teacher_precision=d.get("teacher_precision")
+                                   or d.get("precision", "bf16"))
         out["tournament"] = {"tokens_per_candidate": tokens, "flops": flops,
-                             "gpu_hours": flops / (p.peak_tflops * 1e12 * p.mfu) / 3600}
+                             "gpu_hours": flops / (p.peak_tflops * 1e12 * p.mfu) / 3600,
+                             "teacher_cache": search.cache_plan(s, dc, teacher)}
     return out
 
 
@@ -198,6 +208,13 @@ def render(e: dict, p: PlanConfig) -> str:
                          f"steps ({tour['tokens_per_candidate']:,} tokens each), "
                          f"{tour['flops']:.3g} FLOPs, ~{tour['gpu_hours']:,.1f} GPU-hours at "
                          f"{p.mfu:.0%} MFU")
+            tc = tour["teacher_cache"]
+            lines.append("  teacher: " + (
+                "online for each candidate" if tc is None else
+                f"online for each candidate ({tc['why']})" if tc["encoding"] == "online" else
+                f"logits cached once, {tc['mb']:,.0f} MB on disk ("
+                + ("full vocabulary)" if tc["top_k"] is None else
+                   f"top {tc['top_k']}; the full vocabulary would take {tc['full_mb']:,.0f} MB)")))
         lines.append("the student below is the largest candidate (the winner is known only "
                      "after the search)\n")
     lines += ["| | teacher | student |", "|---|---|---|"]

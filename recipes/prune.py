@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -67,7 +68,15 @@ class PruneConfig:
     KV cache of one 4096-token sequence)."""
     search: dict | None = None
     """The search and its tournament (recipes/lib/search.py DEFAULTS): hparams,
-    max_width_pruning, max_depth_pruning, top_k, *_divisor, tournament_steps, keep_tournament."""
+    max_width_pruning, max_depth_pruning, top_k, *_divisor, tournament_steps or
+    tournament_tokens, score, keep_tournament, teacher_cache, teacher_cache_top_k,
+    teacher_cache_max_gb."""
+    tournament_job: str | None = None
+    """Set by the Slurm launcher with cluster.tournament_jobs (recipes/launch.py), which runs
+    the tournament's candidates as jobs of their own: `prepare` = the search, the candidates'
+    checkpoints and the teacher-logit cache, then stop (nothing published); `c<i>` = candidate
+    i's tournament distillation only, beside the other candidates' jobs; unset = what is left,
+    then the winner and the output. Not part of the result."""
     depth_method: str = "contiguous"
     """drop_layers | contiguous | block_influence."""
     drop_layers: list | None = None
@@ -117,6 +126,15 @@ class PruneConfig:
         elif self.search:
             raise ValueError("prune.search is set but no prune.target_params / "
                              "prune.target_memory_mb")
+        if self.tournament_job is not None:
+            s = search.settings(self.search) if self.searching else {}
+            if not (s.get("tournament_steps") or s.get("tournament_tokens")):
+                raise ValueError(f"prune.tournament_job={self.tournament_job!r} but prune runs no "
+                                 "tournament (prune.target_* with prune.search.tournament_steps "
+                                 "or tournament_tokens)")
+            if not re.fullmatch(r"prepare|c[1-9]\d*", str(self.tournament_job)):
+                raise ValueError(f"prune.tournament_job={self.tournament_job!r}: prepare or c<i> "
+                                 "(the launcher sets it; leave it unset to run the whole stage)")
         if self.calib_samples % self.micro_batch_size:
             raise ValueError(f"prune.calib_samples={self.calib_samples} is not a multiple of "
                              f"prune.micro_batch_size={self.micro_batch_size}")
@@ -195,16 +213,20 @@ def run(cfg: config.Config) -> dict:
     validate_layout(teacher, tp, pp)
     teacher.check_seq_length(c.seq_length, "prune.seq_length")
     spec = runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine fails here
-    s, dc = (search.settings(c.search), None) if c.searching else (None, None)
+    s, dc, cache = (search.settings(c.search), None, None) if c.searching else (None, None, None)
     if s is not None:  # the architecture is what the search finds
         student, drop, n_drop = None, None, None
         check_data(c, data_manifest, need_valid=True)  # zero-shot scores on the valid split
-        if s["tournament_steps"]:
+        if s["tournament_steps"] or s["tournament_tokens"]:
             if "distill" not in cfg:
-                raise ValueError("prune.search.tournament_steps needs the distill section (the "
-                                 "tournament distils each candidate with its settings)")
-            dc = search.tournament_config(cfg.typed("distill"), int(s["tournament_steps"]))
+                raise ValueError("prune.search.tournament_steps / tournament_tokens need the "
+                                 "distill section (the tournament distils each candidate with "
+                                 "its settings)")
+            d = cfg.typed("distill")
+            dc = search.tournament_config(d, search.tournament_steps(s, d.global_batch_size,
+                                                                     d.seq_length))
             train_stage.check_data(dc, "distill", teacher.vocab_size)
+            cache = search.cache_plan(s, dc, teacher)
     else:
         student, drop = pruned_arch(teacher, c)
         n_drop = teacher.num_layers - student.num_layers
@@ -221,7 +243,12 @@ def run(cfg: config.Config) -> dict:
                                {"input", "input_hf_config", "teacher", "teacher_hf_config",
                                 *train.OPERATIONAL}}
         inputs.update({f"distill.data.{i}": d for i, d in enumerate(dc.data)})
-    sdir = StageDir("prune", out, fingerprint(c, extra), cfg.run.force, inputs=inputs)
+    sdir = StageDir("prune", out, fingerprint(c, extra, ignore=OPERATIONAL), cfg.run.force,
+                    inputs=inputs)
+    resumable = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in OPERATIONAL},
+                 **extra}
+    if c.tournament_job not in (None, "prepare"):
+        return tournament_candidate(c, cfg, sdir, resumable, source, dc, cache, spec)
     if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
@@ -246,7 +273,7 @@ def run(cfg: config.Config) -> dict:
         from recipes.lib import model as M
 
         # a tournament is long: its work folder survives a kill and the rerun continues
-        tmp = sdir.begin(resumable={**dataclasses.asdict(c), **extra} if dc else None)
+        tmp = sdir.begin(resumable=resumable if dc else None)
 
         def load_teacher():
             m = M.build(teacher, dtype=c.dtype, spec=c.spec, init=False)
@@ -275,7 +302,6 @@ def run(cfg: config.Config) -> dict:
             model, found = search.search(model, teacher, c, s, pp, forward_loop, scores_dir,
                                          heldout)
             search_s = time.time() - t0
-            best = min(found, key=lambda x: x["zero_shot_lm_loss"])
             if dc is not None:  # (ModelOpt's note above about a manual KD step: this is it)
                 log.info("tournament: %d candidates x %d steps of distillation from the teacher",
                          len(found), dc.train_iters)
@@ -289,12 +315,18 @@ def run(cfg: config.Config) -> dict:
                         write_pruned(m, search.arch_of(teacher, cand["ss_config"]), folder,
                                      c.dtype)
                     folders.append(folder)
+                if c.tournament_job == "prepare":  # the candidates run as jobs of their own
+                    search.run_tournament([], [], (teacher, source.weights), dc,
+                                          tmp / "tournament", cfg.run.seed, None, cache)
+                    runtime.on_rank0(lambda: stage.atomic_write_text(
+                        tmp / "tournament" / "prepared.json", json.dumps(found, indent=1)))
+                    log.info("prepared %d tournament candidates in %s", len(found), tmp)
+                    return {"prepared": [x["candidate"] for x in found]}
                 cached = search.run_tournament(
                     found, folders, (teacher, source.weights), dc, tmp / "tournament",
-                    cfg.run.seed, {"tp": tp, "pp": pp, "spec": spec} if s["keep_tournament"]
-                    else None, cache=bool(s["teacher_cache"]) and tp == 1 and pp == 1)
-                best = min(found, key=lambda x: x["tournament_kd_loss"])
-                winner_dir = tmp / "candidates" / f"c{best['candidate']}"
+                    cfg.run.seed, keep_tournament(s, tp, pp, spec), cache)
+            best = search.winner(found, s, dc is not None)
+            winner_dir = tmp / "candidates" / f"c{best['candidate']}" if dc else None
             for cand in found:
                 cand["winner"] = cand is best
             student = search.arch_of(teacher, best["ss_config"])
@@ -374,6 +406,42 @@ def run(cfg: config.Config) -> dict:
                         "calib_samples": c.calib_samples, "seq_length": c.seq_length}})
         runtime.on_rank0(lambda: (out / "run.json").unlink(missing_ok=True))  # resume marker
         return done
+
+
+OPERATIONAL = ("tournament_job",)  # how the work is split into jobs, not what it computes
+
+
+def keep_tournament(s: dict, tp: int, pp: int, spec: str) -> dict | None:
+    return {"tp": tp, "pp": pp, "spec": spec} if s["keep_tournament"] else None
+
+
+def tournament_candidate(c: PruneConfig, cfg: config.Config, sdir: StageDir, resumable: dict,
+                         source, dc, cache, spec: str) -> dict:
+    """prune.tournament_job=c<i>: candidate i's tournament distillation in the work folder the
+    `prepare` job left (its settings and inputs checked), locked for this candidate only; its
+    result.json is what the final prune job reads."""
+    i = int(c.tournament_job[1:])
+    mf = sdir.out / "manifest.json"
+    if mf.is_file() and read_manifest(sdir.out).get("fingerprint") == sdir.fp:
+        log.info("%s is complete (same config): nothing left for candidate %d", sdir.out, i)
+        return read_manifest(sdir.out)
+    tmp = sdir.join(resumable)
+    prepared = tmp / "tournament" / "prepared.json"
+    if not prepared.is_file():
+        raise FileNotFoundError(f"{prepared} is missing: the prune job with "
+                                "prune.tournament_job=prepare has not finished")
+    found = json.loads(prepared.read_text())
+    cand = next((x for x in found if x["candidate"] == i), None)
+    if cand is None:  # the search found fewer shapes than top_k
+        log.info("the search found %d candidates: no candidate %d to train", len(found), i)
+        return {}
+    s = search.settings(c.search)
+    with runtime.distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed):
+        search.run_tournament([cand], [tmp / "candidates" / f"c{i}"],
+                              (source.arch, source.weights), dc, tmp / "tournament",
+                              cfg.run.seed, keep_tournament(s, cfg.parallel.tp,
+                                                            cfg.parallel.pp, spec), cache)
+    return cand
 
 
 def modelopt_dropped(scores_file: Path, keep: int) -> list[int]:

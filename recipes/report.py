@@ -159,7 +159,8 @@ def search_lines(res: dict) -> list[str]:
              f"decided by {res['decided_by']}. Search {res['search_s']:.0f} s"
              + (f"; tournament {t['steps']} steps x {t['global_batch_size']} x "
                 f"{t['seq_length']} tokens ({t['tokens_per_candidate']:,} tokens) per candidate, "
-                f"{t['total_s']:.0f} s in all" if t else "") + ".", "",
+                f"{t['total_s']:.0f} s in all; ranked by {t['score']}; {_teacher(t)}"
+                if t else "") + ".", "",
              "| candidate | hidden | FFN | heads | layers | parameters | zero-shot LM loss "
              "| tournament KD loss | tournament LM loss | |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["candidates"]:
@@ -171,6 +172,16 @@ def search_lines(res: dict) -> list[str]:
                                   ("tournament_kd_loss", "tournament_lm_loss"))
                      + f" | {'**winner**' if c['winner'] else ''} |")
     return lines + [""]
+
+
+def _teacher(t: dict) -> str:
+    tc = t.get("teacher_cache")
+    if not tc:  # online, or a search.json from before the cache was described
+        return "the teacher ran online" if t["teacher"] == "run online" else \
+            "the teacher's logits cached once"
+    return (f"the teacher's logits cached once ({tc['batches']} micro-batches, {tc['mb']:,.1f} MB"
+            + (")" if tc["encoding"] == "full" else
+               f", top {tc['top_k']}, mean tail mass {tc['tail_mass_mean']:.4f})"))
 
 
 def plot_evaluation(heldout: dict, path: Path) -> None:

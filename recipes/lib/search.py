@@ -8,13 +8,16 @@ architecture search, then a short-distillation tournament that picks the winner.
    output layout could not hold (`candidate_filter`), ranks them by size and scores the top
    `top_k` zero-shot: held-out LM loss on the prune data's valid split, the candidate pruned in
    place (ModelOpt's `score_func`). Depth is dropped by ModelOpt's layer ranking.
-2. Tournament (`tournament_steps` > 0). The Minitron papers: rankings right after pruning differ
-   from rankings after light retraining. Each of the top-K is pruned from the teacher (the same
-   importance, reused from ModelOpt's saved state, no second calibration), distilled from the
-   teacher for `tournament_steps` steps with the distill section's settings and the same data
-   order, and scored on the held-out split of the distillation data (KD loss; LM loss recorded).
-   The lowest KD loss wins; its pruned (not distilled) checkpoint becomes the stage's output,
-   which `distill` then trains in full. Without a tournament ModelOpt's zero-shot best wins.
+2. Tournament (`tournament_steps`, or `tournament_tokens` rounded up to steps). The Minitron
+   papers: rankings right after pruning differ from rankings after light retraining. Each of
+   the top-K is pruned from the teacher (the same importance, reused from ModelOpt's saved
+   state, no second calibration), distilled from the teacher for the same steps with the
+   distill section's settings and the same data order, and scored on the held-out split of
+   the distillation data (KD and LM loss; `score` picks which ranks). The teacher's logits are
+   recorded once and replayed to every candidate (recipes/lib/logit_cache.py: the full
+   vocabulary, or top-K within `teacher_cache_max_gb`). The lowest score wins; its pruned (not
+   distilled) checkpoint becomes the stage's output, which `distill` then trains in full.
+   Without a tournament ModelOpt's zero-shot best wins.
 3. `search.json`: every candidate's shape, parameters, metric, zero-shot and tournament scores
    and times; the report draws it.
 
@@ -25,7 +28,6 @@ reused, so a killed tournament continues with the candidate it was training.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.lib import runtime
+from recipes.lib import runtime, stage
 from recipes.lib.arch import WIDTH_KEYS, Arch, pruned_arch
 
 log = logging.getLogger("recipes.prune")
@@ -48,10 +50,15 @@ DEFAULTS = {
     "hidden_size_divisor": 256,   # the search grid (ModelOpt's defaults; small models need less)
     "ffn_hidden_size_divisor": 512,
     "num_layers_divisor": 2,
-    "tournament_steps": 0,        # 0: ModelOpt's zero-shot ranking decides
+    "tournament_steps": 0,        # 0 (and no tournament_tokens): the zero-shot ranking decides
+    "tournament_tokens": 0,       # instead of steps: tokens per candidate (rounded up to steps)
+    "score": "kd_loss",           # what the tournament ranks by (held-out): kd_loss | lm_loss
     "keep_tournament": False,     # keep each candidate's tournament-distilled checkpoint
-    "teacher_cache": True,        # record the teacher's logits once, replay them (TP=PP=1)
+    "teacher_cache": True,        # record the teacher's logits once, replay them
+    "teacher_cache_top_k": None,  # K: top-K logits; None: full vocabulary if it fits, else top-K
+    "teacher_cache_max_gb": 16.0,  # the cache's disk budget (recipes/lib/logit_cache.py)
 }
+SCORE_NAMES = {"kd_loss": "KD loss", "lm_loss": "LM loss"}
 
 
 def settings(search: dict | None) -> dict:
@@ -73,10 +80,43 @@ def settings(search: dict | None) -> dict:
     for k in ("keep_tournament", "teacher_cache"):
         if not isinstance(s[k], bool):
             raise ValueError(f"prune.search.{k}={s[k]!r}: use true or false")
-    if int(s["tournament_steps"]) < 0 or int(s["tournament_steps"]) != s["tournament_steps"]:
-        raise ValueError(f"prune.search.tournament_steps={s['tournament_steps']} must be a "
-                         "whole number >= 0")
+    for k in ("tournament_steps", "tournament_tokens"):
+        if int(s[k]) < 0 or int(s[k]) != s[k]:
+            raise ValueError(f"prune.search.{k}={s[k]} must be a whole number >= 0")
+    if s["tournament_steps"] and s["tournament_tokens"]:
+        raise ValueError("set prune.search.tournament_steps or tournament_tokens, not both")
+    if s["score"] not in SCORE_NAMES:
+        raise ValueError(f"prune.search.score={s['score']!r}: use one of {list(SCORE_NAMES)}")
+    k = s["teacher_cache_top_k"]
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise ValueError(f"prune.search.teacher_cache_top_k={k!r}: a whole number >= 1, or null "
+                         "(the full vocabulary when the cache fits teacher_cache_max_gb)")
+    if not float(s["teacher_cache_max_gb"]) > 0:
+        raise ValueError(f"prune.search.teacher_cache_max_gb={s['teacher_cache_max_gb']} must "
+                         "be > 0")
     return s
+
+
+def tournament_steps(s: dict, gbs: int, seq: int) -> int:
+    """Steps per candidate: tournament_steps, or tournament_tokens rounded up to whole steps of
+    the distill section's global batch (0: no tournament)."""
+    return int(s["tournament_steps"]) or -(-int(s["tournament_tokens"]) // (gbs * seq))
+
+
+def cache_plan(s: dict, dc, teacher: Arch, dp: int = 1) -> dict | None:
+    """The teacher cache the tournament `dc` would use (logit_cache.choose), None when off."""
+    from recipes.lib import logit_cache
+
+    if not s["teacher_cache"]:
+        return None
+    if dc.intermediate_layer_pairs:  # those losses need the teacher's own layers
+        return {"encoding": "online", "why": "distill.intermediate_layer_pairs need the "
+                "teacher's layers"}
+    sequences = (dc.train_iters + dc.eval_iters) * dc.global_batch_size
+    dtype = "fp32" if dc.teacher_precision == "fp32" else "bf16"
+    return logit_cache.choose(sequences * dc.seq_length, sequences // dc.micro_batch_size,
+                              teacher.padded_vocab_size, teacher.vocab_size, dtype,
+                              s["teacher_cache_top_k"], float(s["teacher_cache_max_gb"]))
 
 
 def constraint(c, teacher: Arch) -> dict:
@@ -208,107 +248,28 @@ def tournament_config(distill_cfg, steps: int):
                                keep_checkpoints=False, fault=None)
 
 
-def _key(tokens: torch.Tensor) -> str:
-    t = tokens.detach().cpu().contiguous()
-    return hashlib.sha1(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
-
-
-class _Replay(torch.nn.Module):
-    """Stands where the teacher's output layer was: ModelOpt's hook on it captures the replayed
-    logits exactly as megatron's ColumnParallelLinear returns them, (output, bias)."""
-
-    def forward(self, logits):
-        return logits, None
-
-
-class _NoDecoder(torch.nn.Module):
-    """What ModelOpt's pipeline hook reaches for on the teacher (GPTModel.set_input_tensor calls
-    decoder.set_input_tensor); the replay has no layers to feed."""
-
-    def set_input_tensor(self, tensor):
-        pass
-
-
-class CachedTeacher(torch.nn.Module):
-    """The teacher in a tournament run: its output-layer activations for each micro-batch,
-    recorded once (`record_teacher`) and replayed by content (a hash of the tokens), so every
-    candidate learns from the same numbers without running the teacher again."""
-
-    def __init__(self, config, folder: Path):
-        super().__init__()
-        self.config, self.folder = config, Path(folder)
-        self.output_layer = _Replay()
-        self.decoder = _NoDecoder()
-
-    def forward(self, input_ids, position_ids=None, attention_mask=None, *args, **kwargs):
-        f = self.folder / f"{_key(input_ids)}.pt"
-        if not f.is_file():
-            raise KeyError(f"{f}: no cached teacher logits for this batch (the tournament's data "
-                           "or settings changed since they were recorded)")
-        logits = torch.load(f, map_location=input_ids.device, weights_only=True)
-        return self.output_layer(logits)[0].transpose(0, 1)
-
-
-def record_teacher(teacher: tuple, dc, seed: int, folder: Path) -> dict:
-    """The teacher's output-layer activations for every micro-batch a tournament run reads
-    (training steps and validation), one file per batch, in the dtype the teacher computes them
-    (so replayed KD losses equal online ones). Reused when complete; returns {batches, mb}."""
-    from megatron.core import parallel_state as ps
-
-    from recipes.lib import train, train_stage
-
-    done = folder / "complete.json"
-    if not done.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        model = train_stage.build_loaded(dc, teacher, dc.teacher_precision)
-        model.eval()
-        train_ds, valid_ds = train.build_datasets(dc, seed, folder / "data_index")
-        n_micro = train.check_layout(dc, ps.get_data_parallel_world_size())
-        batches = [b for step in range(dc.train_iters)
-                   for b in train.micro_batches(train_ds, step, dc, n_micro)]
-        batches += [b for i in range(dc.eval_iters)
-                    for b in train.micro_batches(valid_ds, i, dc, n_micro)]
-        seen = {}
-        hook = model.output_layer.register_forward_hook(
-            lambda _m, _i, out: seen.__setitem__("logits", out[0].detach()))
-        with torch.no_grad():
-            for b in batches:
-                f = folder / f"{_key(b['tokens'])}.pt"
-                if f.is_file():
-                    continue
-                b = train.on_device(b, model)
-                model(b["tokens"], b["position_ids"], attention_mask=None)
-                tmp = f.with_suffix(".tmp")
-                torch.save(seen.pop("logits").cpu().clone(), tmp)
-                tmp.replace(f)
-        hook.remove()
-        del model
-        size = sum(p.stat().st_size for p in folder.glob("*.pt"))
-        runtime.barrier()
-        if runtime.is_rank0():
-            done.write_text(json.dumps({"batches": len(batches), "mb": round(size / 2**20, 1)})
-                            + "\n")
-        runtime.barrier()
-    return json.loads(done.read_text())
-
-
 def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, dc, work: Path,
-                   seed: int, keep: dict | None, cache: bool = False) -> dict | None:
+                   seed: int, keep: dict | None, cache: dict | None = None) -> dict | None:
     """Distil each candidate (its checkpoint in `folders[i]`) from `teacher` (arch, weights) with
     the same settings and data order; fills in each candidate's tournament scores. A finished
     candidate's result.json is reused; an unfinished one resumes from its checkpoints. `keep`
     ({tp, pp, spec}): also save each distilled candidate as a checkpoint folder of its own
-    (work/c<i>: tracker, iter_<steps>, run_config.yaml), which `export` reads. `cache`: record
-    the teacher's logits once (work/teacher_logits) and replay them to every candidate; returns
-    the cache's {batches, mb}."""
-    from recipes.lib import checkpoint, interop, train, train_stage
+    (work/c<i>: tracker, iter_<steps>, run_config.yaml), which `export` reads. `cache`
+    (`cache_plan`): record the teacher's logits once (work/teacher_logits) and replay them to
+    every candidate; returns what was recorded (logit_cache.record), None when online."""
+    from recipes.lib import checkpoint, interop, logit_cache, train, train_stage
     from recipes.lib import model as M
 
     recorded = None
-    if cache:
-        recorded = record_teacher(teacher, dc, seed, work / "teacher_logits")
-        log.info("tournament: the teacher's logits for %d micro-batches cached once (%.1f MB)",
-                 recorded["batches"], recorded["mb"])
+    if cache and cache["encoding"] != "online":
+        recorded = logit_cache.record(teacher, dc, seed, work / "teacher_logits",
+                                      cache["top_k"])
+        log.info("tournament: the teacher's logits for %d micro-batches cached once (%.1f MB, "
+                 "%s)", recorded["batches"], recorded["mb"], "the full vocabulary"
+                 if cache["top_k"] is None else f"the top {cache['top_k']}, mean tail mass "
+                 f"{recorded['tail_mass_mean']:.4f}; the full vocabulary: {cache['full_mb']} MB")
+    elif cache:
+        log.info("tournament: the teacher runs online for each candidate (%s)", cache["why"])
 
     for cand, folder in zip(candidates, folders):
         run_dir = work / f"c{cand['candidate']}"
@@ -316,12 +277,14 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, 
         if done.is_file():
             cand.update(json.loads(done.read_text()))
             continue
+        stage.lock(run_dir, f"prune tournament c{cand['candidate']}")  # one job per candidate
         t0 = time.time()
         arch = Arch.from_dict(json.loads((folder / "arch.json").read_text()))
         t = teacher
-        if cache:
-            t = CachedTeacher(M.transformer_config(teacher[0], train_stage.build_kwargs(
-                dc, dc.teacher_precision)["dtype"]), work / "teacher_logits")
+        if recorded:
+            t = logit_cache.CachedTeacher(M.transformer_config(
+                teacher[0], train_stage.build_kwargs(dc, dc.teacher_precision)["dtype"]),
+                work / "teacher_logits")
         model, make_step = train_stage.build_distillation(
             dc, (arch, folder / "iter_0000000"), t)
         final = train.train(dc, run_dir, model, make_step,
@@ -332,18 +295,20 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, 
             if runtime.is_rank0():
                 interop.write_layout(run_dir, arch, steps, dtype=train_stage.build_kwargs(dc)[
                     "dtype"], **keep)
-        result = {"tournament_kd_loss": final["valid_kd_loss"],
-                  "tournament_lm_loss": final["valid_lm_loss"],
-                  "tournament_s": round(time.time() - t0, 1),
-                  "tournament_tokens": dc.train_iters * dc.global_batch_size * dc.seq_length}
         del model
-        if runtime.is_rank0():
+        if runtime.is_rank0():  # the held-out losses are reported on global rank 0
             import shutil
 
+            result = {"tournament_kd_loss": final["valid_kd_loss"],
+                      "tournament_lm_loss": final["valid_lm_loss"],
+                      "tournament_s": round(time.time() - t0, 1),
+                      "tournament_tokens": dc.train_iters * dc.global_batch_size *
+                      dc.seq_length}
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             shutil.rmtree(run_dir / "cache", ignore_errors=True)
-            (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+            stage.atomic_write_text(done, json.dumps(result, indent=1) + "\n")
         runtime.barrier()
+        result = json.loads(done.read_text())
         cand.update(result)
         log.info("tournament c%d %s: held-out KD loss %.4f, LM loss %.4f (%.0f s)",
                  cand["candidate"], cand["arch"], result["tournament_kd_loss"],
@@ -367,5 +332,15 @@ def summary(c, teacher: Arch, s: dict, found: list[dict], search_s: float, dc,
             "total_s": round(sum(x.get("tournament_s", 0) for x in found), 1),
             "teacher": "logits cached once and replayed" if cached else "run online",
             "teacher_cache_mb": cached["mb"] if cached else None,
-            "score": "held-out KD loss on the distillation data's valid split (lower wins)"}
+            "teacher_cache": None if cached is None else {
+                k: cached[k] for k in ("encoding", "top_k", "batches", "mb", "tail_mass_mean",
+                                       "tail_mass_max")},
+            "score": f"held-out {SCORE_NAMES[s['score']]} on the distillation data's valid "
+                     "split (lower wins)"}
     return out
+
+
+def winner(found: list[dict], s: dict, tournament: bool) -> dict:
+    """The candidate that wins: the lowest tournament score, or the lowest zero-shot loss."""
+    return min(found, key=lambda x: x[f"tournament_{s['score']}"] if tournament
+               else x["zero_shot_lm_loss"])

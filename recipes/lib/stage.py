@@ -178,23 +178,7 @@ class StageDir:
 
     def lock(self) -> None:
         """Rank 0: an exclusive flock on `.<out>.lock`, or an error naming its holder."""
-        if runtime.rank() != 0 or str(self.out) in _HELD:
-            return
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        path = self.out.with_name(f".{self.out.name}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RuntimeError(
-                f"{self.out} is being written by another run ({holder}; lock {path}); wait for "
-                "it to finish, or stop it, before running this stage on the same folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{self.stage}: pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{_iso(time.time())}\n".encode(), 0)
-        _HELD[str(self.out)] = fd
+        lock(self.out, self.stage)
 
     def begin(self, resumable: dict | None = None) -> Path:
         """Start work in `tmp`. Non-resumable stages start afresh (a leftover is a crashed run).
@@ -209,14 +193,8 @@ class StageDir:
             mark = self.tmp / "run.json"
             keep = False
             if resumable is not None and mark.is_file() and not self.force:
-                prev = json.loads(mark.read_text())
-                diff = {k: (prev.get(k), v) for k, v in resumable.items() if prev.get(k) != v}
-                if diff:
-                    raise ValueError(
-                        f"{self.tmp} holds an unfinished {self.stage} run with other settings "
-                        "or inputs: " + ", ".join(
-                            f"{k}: {short(a)} -> {short(b)}" for k, (a, b) in diff.items())
-                        + "; restore them to resume, or pass run.force=true to start over")
+                self._same_run(mark, resumable, "restore them to resume, or pass "
+                               "run.force=true to start over")
                 keep = True
             if not keep:
                 shutil.rmtree(self.tmp, ignore_errors=True)
@@ -227,6 +205,27 @@ class StageDir:
         runtime.on_rank0(prepare)
         runtime.barrier()
         return self.tmp
+
+    def join(self, resumable: dict) -> Path:
+        """The work folder of an unfinished resumable run with these settings and inputs, for a
+        job that does one part of it beside others (prune's tournament candidates as Slurm
+        jobs): without the stage's lock (each part locks its own, `lock`)."""
+        mark = self.tmp / "run.json"
+        if not mark.is_file():
+            raise FileNotFoundError(f"{self.tmp} holds no unfinished {self.stage} run to join: "
+                                    "run the job that starts it first")
+        self._same_run(mark, {**resumable, "input_signature": self.signatures},
+                       "run every job of the chain with the same settings")
+        return self.tmp
+
+    def _same_run(self, mark: Path, resumable: dict, fix: str) -> None:
+        prev = json.loads(mark.read_text())
+        diff = {k: (prev.get(k), v) for k, v in resumable.items() if prev.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{self.tmp} holds an unfinished {self.stage} run with other settings or inputs: "
+                + ", ".join(f"{k}: {short(a)} -> {short(b)}" for k, (a, b) in diff.items())
+                + f"; {fix}")
 
     def commit(self, manifest: dict) -> dict:
         runtime.barrier()
@@ -249,6 +248,28 @@ class StageDir:
 
 
 _HELD: dict[str, int] = {}  # output folder -> the lock's file descriptor (this process)
+
+
+def lock(out: Path, what: str) -> None:
+    """Rank 0: an exclusive flock on `.<out>.lock` beside `out` (held until `release_locks`),
+    or an error naming its holder."""
+    if runtime.rank() != 0 or str(out) in _HELD:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_name(f".{out.name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(
+            f"{out} is being written by another run ({holder}; lock {path}); wait for it to "
+            "finish, or stop it, before running this stage on the same folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{what}: pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{_iso(time.time())}\n".encode(), 0)
+    _HELD[str(out)] = fd
 
 
 def release_locks() -> None:

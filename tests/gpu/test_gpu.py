@@ -1,9 +1,11 @@
 """GPU-only checks (skipped without CUDA): TE spec vs local spec logits, the first distillation
 steps' KD loss on the GPU (bf16, fp8) vs the CPU local-spec value on the same tiny models and
-data, the benchmark path, and save-on-signal + exact resume with CUDA state."""
+data, the benchmark path, save-on-signal + exact resume with CUDA state, and prune's
+tournament with the teacher-logit cache in bf16."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +102,33 @@ def test_signal_save_and_resume_on_gpu(trained_run, tmp_path):
     stderr = run_subprocess(args(trained_run, tmp_path / "d"))
     assert "iter_0000006 (step 6)" in stderr
     assert_same_history(metrics(tmp_path / "straight"), metrics(tmp_path / "d"))
+
+
+def test_tournament_teacher_cache_on_gpu(trained_run, tmp_path):
+    """prune's tournament on the GPU in bf16: the teacher's logits recorded once (full
+    vocabulary, and top-K under a disk budget) give the online teacher's KD and LM losses."""
+    import os
+
+    from recipes import prune
+    from tests.stages.test_search import NO_SIZES, SEARCH
+
+    run, res = trained_run["run"], {}
+    search = SEARCH.replace("top_k: 3", "top_k: 2")
+    for name, cache in (("cached", "teacher_cache: true"), ("online", "teacher_cache: false"),
+                        ("top_k", "teacher_cache_max_gb: 0.001")):
+        out = tmp_path / name
+        assert prune.main(["--config", TINY, f"run.dir={run}", f"prune.output={out}", *NO_SIZES,
+                           "prune.target_params=0.85", "prune.dtype=bf16",
+                           "distill.precision=bf16", "prune.search=" + search % (
+                               f", tournament_steps: 3, {cache}")]) == 0
+        res[name] = json.loads((out / "search.json").read_text())
+    found = {n: [(c["tournament_kd_loss"], c["tournament_lm_loss"]) for c in r["candidates"]]
+             for n, r in res.items()}
+    found["cache"] = {n: r["tournament"]["teacher_cache"] for n, r in res.items()}
+    if os.environ.get("OUT"):  # scripts/gpu_check.sh's output folder
+        (Path(os.environ["OUT"]) / "tournament_cache.json").write_text(json.dumps(found))
+    assert found["cache"]["cached"]["encoding"] == "full"
+    assert found["cache"]["top_k"]["encoding"] == "top-k"
+    for (kc, lc), (ko, lo), (kt, lt) in zip(found["cached"], found["online"], found["top_k"]):
+        assert kc == pytest.approx(ko, rel=1e-3) and lc == pytest.approx(lo, rel=1e-3)
+        assert kt == pytest.approx(ko, rel=2e-2) and lt == pytest.approx(lo, rel=1e-3)

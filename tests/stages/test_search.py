@@ -43,6 +43,10 @@ def test_settings_and_targets_are_checked_before_work(trained_run, tmp_path):
             (["prune.target_params=0.8", "prune.search={topk: 3}"], "unknown key.*topk"),
             (["prune.target_params=0.8", "prune.search={max_width_pruning: 1.5}"], "in \\[0, 1\\)"),
             (["prune.search={top_k: 3}"], "no prune.target_params"),
+            (["prune.target_params=0.8", "prune.search={tournament_steps: 2, "
+              "tournament_tokens: 512}"], "not both"),
+            (["prune.target_params=0.8", "prune.search={score: mmlu}"], "kd_loss"),
+            (["prune.target_params=0.8", "prune.search={teacher_cache_top_k: 0}"], ">= 1"),
             (["prune.target_params=-1"], "must be > 0")):
         with pytest.raises(Exception, match=msg):
             prune.main(["--config", TINY, f"run.dir={run}", f"prune.output={tmp_path / 'p'}",
@@ -131,9 +135,9 @@ def test_zero_shot_search_and_resume(trained_run, tmp_path, monkeypatch):
     assert res["decided_by"] == "zero-shot" and best["winner"]
     assert "tournament_kd_loss" not in best
 
-    out = tmp_path / "t"
+    out = tmp_path / "t"  # a budget in tokens (2 steps of 4 x 64), ranked by held-out LM loss
     argv = prune_args(run, out, "prune.target_params=0.85",
-                      f"prune.search={SEARCH % ', tournament_steps: 2'}")
+                      f"prune.search={SEARCH % ', tournament_tokens: 400, score: lm_loss'}")
     real = search.run_tournament
 
     def killed_after_one(cands, folders, *a, **k):
@@ -158,24 +162,58 @@ def test_zero_shot_search_and_resume(trained_run, tmp_path, monkeypatch):
     assert calls == ["c2", "c3"]  # c1 was reused, not retrained
     res = json.loads((out / "search.json").read_text())
     assert all("tournament_kd_loss" in c for c in res["candidates"])
+    assert res["tournament"]["steps"] == 2 and res["tournament"]["tokens_per_candidate"] == 512
+    best = min(res["candidates"], key=lambda x: x["tournament_lm_loss"])
+    assert best["winner"] and "LM loss" in res["tournament"]["score"]
 
 
 def test_cached_teacher_logits_equal_online(trained_run, tmp_path):
     """The tournament's teacher logits, recorded once and replayed to every candidate, give the
-    KD and LM losses the online teacher gives (fp32)."""
+    KD and LM losses the online teacher gives (fp32), also split over two pipeline stages. A
+    disk budget the full vocabulary does not fit switches to top-K logits, sized to it."""
+    from recipes.lib import logit_cache
+    from tests.conftest import torchrun
+
     run, res = trained_run["run"], {}
-    for cache in ("true", "false"):
-        out = tmp_path / f"cache_{cache}"
-        assert prune.main(prune_args(
-            run, out, "prune.target_params=0.85", "prune.search=" + SEARCH.replace(
-                "top_k: 3", "top_k: 2") % f", tournament_steps: 3, teacher_cache: {cache}")) == 0
-        res[cache] = json.loads((out / "search.json").read_text())
-    cached, online = res["true"], res["false"]
+    # width only: the same candidates at PP=1 and PP=2 (which needs even layer counts)
+    search_2 = SEARCH.replace("top_k: 3", "top_k: 2, hparams: [hidden_size, ffn_hidden_size, "
+                              "num_attention_heads]")
+    for name, cache in (("cached", "teacher_cache: true"), ("online", "teacher_cache: false"),
+                        ("top_k", "teacher_cache_max_gb: 0.001"), ("pp2", "teacher_cache: true")):
+        out = tmp_path / name
+        argv = prune_args(run, out, "prune.target_params=0.85", "prune.search=" + search_2 % (
+            f", tournament_steps: 3, {cache}"))
+        if name == "pp2":
+            torchrun("recipes.prune", *argv, "parallel.pp=2")
+        else:
+            assert prune.main(argv) == 0
+        res[name] = json.loads((out / "search.json").read_text())
+    cached, online = res["cached"], res["online"]
     assert cached["tournament"]["teacher"] == "logits cached once and replayed"
+    assert cached["tournament"]["teacher_cache"]["encoding"] == "full"
     assert cached["tournament"]["teacher_cache_mb"] > 0
     assert online["tournament"]["teacher"] == "run online"
-    for a, b in zip(cached["candidates"], online["candidates"]):
-        assert a["ss_config"] == b["ss_config"]
+    for a, b, c in zip(cached["candidates"], online["candidates"], res["pp2"]["candidates"]):
+        assert a["ss_config"] == b["ss_config"] == c["ss_config"]
         for k in ("tournament_kd_loss", "tournament_lm_loss"):
             assert a[k] == pytest.approx(b[k], abs=1e-5), k
+            assert c[k] == pytest.approx(b[k], abs=1e-5), k
+    assert res["pp2"]["tournament"]["teacher_cache"]["encoding"] == "full"
+    # top-K: the largest power of two that fits 1 MB for these tokens; the KD losses move by
+    # about what the tail's flattened spread is worth, the LM losses barely
+    top = res["top_k"]["tournament"]["teacher_cache"]
+    dc = search.tournament_config(_distill_cfg(run), 3)
+    n = (dc.train_iters + dc.eval_iters) * dc.global_batch_size  # sequences = files
+    want = logit_cache.choose(n * dc.seq_length, n, 1024, 1001, "fp32", None, 0.001)
+    assert top["encoding"] == "top-k" and top["top_k"] == want["top_k"] < 1001
+    assert top["mb"] <= 0.001 * 1024 < want["full_mb"]  # GiB -> MiB
+    assert 0 < top["tail_mass_mean"] <= top["tail_mass_max"] < 1
+    for a, b in zip(res["top_k"]["candidates"], online["candidates"]):
+        assert a["tournament_kd_loss"] == pytest.approx(b["tournament_kd_loss"], rel=1e-2)
     assert not list(tmp_path.rglob("teacher_logits"))  # the cache is not part of the output
+
+
+def _distill_cfg(run):
+    from recipes.lib.config import load
+
+    return load(TINY, [f"run.dir={run}"], stage="distill").distill

@@ -164,3 +164,39 @@ def test_a_failing_stage_cancels_what_follows_and_publishes_nothing(slurm, chain
     assert "train_iters=0 must be >= 1" in log(run, "distill", ids["distill"])
     assert not (run / "distill_bad").exists() and not (run / "export_bad").exists()
     assert not (run / "slurm" / f"export-{ids['export']}.out").exists()  # it never ran
+
+
+def test_tournament_candidates_run_as_jobs_of_their_own(slurm, chain):
+    """cluster.tournament_jobs: prune_prepare (search, candidates, teacher cache), then each
+    candidate's tournament in a job of its own after it, then prune (the winner, published)
+    after all of them; the result is the one-process tournament's."""
+    run = chain["run"]
+    search = ["prune.hidden_size=null", "prune.ffn_hidden_size=null",
+              "prune.num_attention_heads=null", "prune.target_params=0.85",
+              "prune.search.top_k=2", "prune.search.hidden_size_divisor=16",
+              "prune.search.ffn_hidden_size_divisor=16", "prune.search.num_layers_divisor=1",
+              "prune.search.max_depth_pruning=0.5", "prune.search.tournament_steps=3"]
+    ids = submit(slurm, run, chain["hf"], "cluster.stages=[prune]",
+                 "cluster.tournament_jobs=true", f"prune.output={run}/prune_jobs", *search)
+    assert list(ids) == ["prune_prepare", "prune_c1", "prune_c2", "prune"]
+    states = wait(slurm, list(ids.values()), 600)
+    infos = {j: job(slurm, i) for j, i in ids.items()}
+    assert all(i["JobState"] == "COMPLETED" for i in infos.values()), states
+    for c in ("prune_c1", "prune_c2"):
+        assert infos[c]["StartTime"] >= infos["prune_prepare"]["EndTime"]
+        assert infos["prune"]["StartTime"] >= infos[c]["EndTime"]
+        text = log(run, c, ids[c])
+        assert f"tournament {c[-2:]} " in text and "held-out KD loss" in text  # trained here
+    assert "prepared 2 tournament candidates" in log(run, "prune_prepare", ids["prune_prepare"])
+    assert "held-out KD loss" not in log(run, "prune", ids["prune"])  # reused, not retrained
+    res = json.loads((run / "prune_jobs" / "search.json").read_text())
+    # the same tournament in one process
+    from recipes import prune
+
+    assert prune.main(["--config", TINY, f"run.dir={run}", f"prune.output={run}/prune_one",
+                       *search]) == 0
+    one = json.loads((run / "prune_one" / "search.json").read_text())
+    assert res["winner"] == one["winner"]
+    for a, b in zip(res["candidates"], one["candidates"]):
+        assert a["ss_config"] == b["ss_config"]
+        assert a["tournament_kd_loss"] == pytest.approx(b["tournament_kd_loss"], abs=1e-6)

@@ -146,3 +146,47 @@ def test_a_finished_stage_process_ignores_late_preemption_signals(monkeypatch):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+SEARCH_8B = ["prune.hidden_size=null", "prune.ffn_hidden_size=null", "prune.num_layers=null",
+             "prune.num_attention_heads=null", "prune.target_params=4.5e9",
+             "prune.search={top_k: 3, tournament_tokens: 2e8}"]
+
+
+def test_tournament_candidates_as_jobs_of_their_own(capsys):
+    """cluster.tournament_jobs: prune becomes prune_prepare, then one job per candidate side by
+    side (requeued like training), then prune, on which distill waits."""
+    argv = {}
+    scripts, submits = dry_run("llama31_8b_to_4b_width.yaml", *SEARCH_8B,
+                               "cluster.tournament_jobs=true", "cluster.time.prune_c2='12:00:00'",
+                               capsys=capsys, argv=argv)
+    assert list(scripts) == ["data", "convert", "prune_prepare", "prune_c1", "prune_c2",
+                             "prune_c3", "prune", "distill", "export"]
+    deps = {j: re.search(r"--dependency=afterok:([^' ]+)", s) for j, s in zip(scripts, submits)}
+    assert deps["prune_prepare"].group(1) == "${JOB_CONVERT}"
+    for i in (1, 2, 3):
+        assert deps[f"prune_c{i}"].group(1) == "${JOB_PRUNE_PREPARE}"
+        c = scripts[f"prune_c{i}"]
+        assert argv[f"prune_c{i}"][-3:] == [f"prune.tournament_job=c{i}", "parallel.tp=1",
+                                            "parallel.pp=8"]
+        assert "#SBATCH --requeue" in c and 'if true && [ "$rc" -eq 75 ]' in c
+        assert f"slurm/prune_c{i}.args.json" in c and "-m recipes.prune" in c
+    assert "#SBATCH --time=12:00:00" in scripts["prune_c2"]
+    assert deps["prune"].group(1) == "${JOB_PRUNE_C1}:${JOB_PRUNE_C2}:${JOB_PRUNE_C3}"
+    assert deps["distill"].group(1) == "${JOB_PRUNE}"
+    assert "prune.tournament_job=prepare" in argv["prune_prepare"]
+    assert not any(a.startswith("prune.tournament_job") for a in argv["prune"])
+    assert "--requeue" not in scripts["prune_prepare"] and "--requeue" not in scripts["prune"]
+
+
+def test_tournament_jobs_need_a_tournament():
+    with pytest.raises(ValueError, match="prune runs no tournament"):
+        launch.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), "--dry-run",
+                     "cluster.tournament_jobs=true"])
+
+
+def test_a_time_yaml_reads_as_a_number_is_refused():
+    """YAML 1.1 reads 12:00:00 as 43200 (base 60); Slurm would read --time=43200 as 30 days."""
+    with pytest.raises(ValueError, match="cluster.time.distill=43200 is a number.*quote it"):
+        launch.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), "--dry-run",
+                     "cluster.time.distill=12:00:00"])

@@ -66,3 +66,36 @@ def test_expected_speedup_follows_bytes_and_flops(capsys):
     assert sw["prefill"] > 1 and sd["prefill"] > 1
     plan.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml")])
     assert f"decode {sw['decode_batch_1']:.2f}x at batch 1" in capsys.readouterr().out
+
+
+SEARCH_8B = ["prune.hidden_size=null", "prune.ffn_hidden_size=null", "prune.num_layers=null",
+             "prune.num_attention_heads=null", "prune.target_params=4.5e9"]
+
+
+@pytest.mark.parametrize("budget_gb, encoding", [(4, "online"), (2000, "top-k"),
+                                                 (1e6, "full")])
+def test_search_preview_prices_the_tournament_and_its_teacher_cache(budget_gb, encoding, capsys):
+    """The search's shapes fit the target by our count; a budget in tokens becomes whole steps
+    of distill's global batch; the teacher cache is what the budget allows."""
+    from recipes.lib import logit_cache
+    from recipes.lib.train import TrainConfig
+
+    argv = ["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), *SEARCH_8B,
+            f"prune.search={{tournament_tokens: 5e7, teacher_cache_max_gb: {budget_gb}}}"]
+    assert plan.main(argv) == 0
+    out = capsys.readouterr().out
+    gbs, seq = 1152, 8192  # the recipe's (test_paper_recipes)
+    steps = -(-50_000_000 // (gbs * seq))
+    tokens = steps * gbs * seq
+    assert f"4 candidates x {steps} steps ({tokens:,} tokens each)" in out
+    sizes = [int(x.split("'params': ")[1].rstrip("}")) for x in out.splitlines()
+             if x.startswith("  {'hidden_size'")]
+    assert len(sizes) == 4 and max(sizes) <= 4.5e9 and sizes == sorted(sizes, reverse=True)
+    sequences = (steps + TrainConfig.eval_iters) * gbs
+    want = logit_cache.choose(sequences * seq, sequences, 128256, 128256, "bf16", None,
+                              budget_gb)
+    assert want["encoding"] == encoding
+    line = next(x for x in out.splitlines() if x.startswith("  teacher:"))
+    assert {"online": "online for each candidate (even the top 16",
+            "top-k": f"top {want['top_k']}; the full vocabulary would take",
+            "full": "(full vocabulary)"}[encoding] in line
