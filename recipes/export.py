@@ -13,7 +13,6 @@ nothing is published.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -95,24 +94,12 @@ def run(cfg: config.Config) -> dict:
         mc_logits = M.forward_logits(m, tokens, arch.vocab_size) if c.parity_sequences else None
         del m
         def publish() -> dict:
-            files = checkpoint.write_hf(tensors, tmp, c.shard_size_mb << 20)
-            metrics = {"num_params": sum(t.numel() for t in tensors.values()), "files": files}
+            n = sum(t.numel() for t in tensors.values())
+            files = checkpoint.write_hf_model(
+                tensors, tmp, arch, source.hf_config, source.tokenizer,
+                str(DTYPES[c.dtype]).removeprefix("torch."), c.shard_size_mb << 20)
+            metrics = {"num_params": n, "files": files}
             tensors.clear()
-            base = source.hf_config
-            name = str(DTYPES[c.dtype]).removeprefix("torch.")
-            hf_cfg = {**arch.to_hf_config(base), "dtype": name, "torch_dtype": name}
-            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-            for name in checkpoint.TOKENIZER_FILES if source.tokenizer else ():
-                if (source.tokenizer / name).is_file():
-                    (tmp / name).write_bytes((source.tokenizer / name).read_bytes())
-            tc = tmp / "tokenizer_config.json"
-            if tc.is_file() and "auto_map" in (tok_cfg := json.loads(tc.read_text())):
-                tok_cfg.pop("auto_map")  # remote tokenizer code: not part of a plain export
-                tc.write_text(json.dumps(tok_cfg, indent=2) + "\n")
-            if not (tmp / "generation_config.json").exists():
-                (tmp / "generation_config.json").write_text(json.dumps(
-                    {k: base[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                     if base.get(k) is not None}, indent=2) + "\n")
             (tmp / "config.yaml").write_text(config.to_yaml(cfg))
             if mc_logits is not None:
                 diff = (hf_logits(tmp, tokens) - mc_logits).abs().max().item()

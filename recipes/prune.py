@@ -227,6 +227,9 @@ def run(cfg: config.Config) -> dict:
                                                                      d.seq_length))
             train_stage.check_data(dc, "distill", teacher.vocab_size)
             cache = search.cache_plan(s, dc, teacher)
+            if s["score"] == "lm_eval" and source.tokenizer is None:
+                raise ValueError("prune.search.score=lm_eval needs the teacher's tokenizer: "
+                                 "give prune.input_hf_config an HF folder")
     else:
         student, drop = pruned_arch(teacher, c)
         n_drop = teacher.num_layers - student.num_layers
@@ -315,16 +318,16 @@ def run(cfg: config.Config) -> dict:
                         write_pruned(m, search.arch_of(teacher, cand["ss_config"]), folder,
                                      c.dtype)
                     folders.append(folder)
+                layout = {"tp": tp, "pp": pp, "spec": spec}
                 if c.tournament_job == "prepare":  # the candidates run as jobs of their own
-                    search.run_tournament([], [], (teacher, source.weights), dc,
-                                          tmp / "tournament", cfg.run.seed, None, cache)
+                    search.run_tournament([], [], source, dc, tmp / "tournament", cfg.run.seed,
+                                          s, layout, cache)
                     runtime.on_rank0(lambda: stage.atomic_write_text(
                         tmp / "tournament" / "prepared.json", json.dumps(found, indent=1)))
                     log.info("prepared %d tournament candidates in %s", len(found), tmp)
                     return {"prepared": [x["candidate"] for x in found]}
-                cached = search.run_tournament(
-                    found, folders, (teacher, source.weights), dc, tmp / "tournament",
-                    cfg.run.seed, keep_tournament(s, tp, pp, spec), cache)
+                cached = search.run_tournament(found, folders, source, dc, tmp / "tournament",
+                                               cfg.run.seed, s, layout, cache)
             best = search.winner(found, s, dc is not None)
             winner_dir = tmp / "candidates" / f"c{best['candidate']}" if dc else None
             for cand in found:
@@ -411,10 +414,6 @@ def run(cfg: config.Config) -> dict:
 OPERATIONAL = ("tournament_job",)  # how the work is split into jobs, not what it computes
 
 
-def keep_tournament(s: dict, tp: int, pp: int, spec: str) -> dict | None:
-    return {"tp": tp, "pp": pp, "spec": spec} if s["keep_tournament"] else None
-
-
 def tournament_candidate(c: PruneConfig, cfg: config.Config, sdir: StageDir, resumable: dict,
                          source, dc, cache, spec: str) -> dict:
     """prune.tournament_job=c<i>: candidate i's tournament distillation in the work folder the
@@ -437,10 +436,9 @@ def tournament_candidate(c: PruneConfig, cfg: config.Config, sdir: StageDir, res
         return {}
     s = search.settings(c.search)
     with runtime.distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed):
-        search.run_tournament([cand], [tmp / "candidates" / f"c{i}"],
-                              (source.arch, source.weights), dc, tmp / "tournament",
-                              cfg.run.seed, keep_tournament(s, cfg.parallel.tp,
-                                                            cfg.parallel.pp, spec), cache)
+        search.run_tournament([cand], [tmp / "candidates" / f"c{i}"], source, dc,
+                              tmp / "tournament", cfg.run.seed, s,
+                              {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "spec": spec}, cache)
     return cand
 
 

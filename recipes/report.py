@@ -162,14 +162,16 @@ def search_lines(res: dict) -> list[str]:
                 f"{t['total_s']:.0f} s in all; ranked by {t['score']}; {_teacher(t)}"
                 if t else "") + ".", "",
              "| candidate | hidden | FFN | heads | layers | parameters | zero-shot LM loss "
-             "| tournament KD loss | tournament LM loss | |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| tournament KD loss | tournament LM loss | tournament lm-eval | |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["candidates"]:
         a = c["arch"]
         lines.append(f"| c{c['candidate']} | {a['hidden_size']} | {a['ffn_hidden_size']} | "
                      f"{a['num_attention_heads']} | {a['num_layers']} | {c['params'] / 1e6:.2f}M "
                      f"| {c['zero_shot_lm_loss']:.4f} | "
                      + " | ".join(f"{c[k]:.4f}" if k in c else "" for k in
-                                  ("tournament_kd_loss", "tournament_lm_loss"))
+                                  ("tournament_kd_loss", "tournament_lm_loss",
+                                   "tournament_lm_eval"))
                      + f" | {'**winner**' if c['winner'] else ''} |")
     return lines + [""]
 

@@ -370,10 +370,34 @@ def write_hf(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> l
     return files
 
 
-def write_sidecars(dst: Path, hf_config: dict, tokenizer_src: Path | None) -> None:
-    """The HF config an export starts from and the tokenizer files (none for a Megatron-LM
-    input named without an HF folder: exports then carry no tokenizer)."""
-    (Path(dst) / "hf_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+def write_hf_model(tensors: dict[str, torch.Tensor], out: Path, arch: Arch, hf_config: dict,
+                   tokenizer_src: Path | None, dtype: str, shard_bytes: int) -> list[str]:
+    """An HF model folder `AutoModelForCausalLM.from_pretrained` loads as is: the weights
+    (`write_hf`), config.json from `arch` over the source's HF config, the tokenizer files
+    (without remote-code auto_map) and a generation config. Returns the weight files."""
+    out = Path(out)
+    files = write_hf(tensors, out, shard_bytes)
+    cfg = {**arch.to_hf_config(hf_config), "dtype": dtype, "torch_dtype": dtype}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for name in TOKENIZER_FILES if tokenizer_src else ():
+        if (Path(tokenizer_src) / name).is_file():
+            (out / name).write_bytes((Path(tokenizer_src) / name).read_bytes())
+    tc = out / "tokenizer_config.json"
+    if tc.is_file() and "auto_map" in (tok_cfg := json.loads(tc.read_text())):
+        tok_cfg.pop("auto_map")  # remote tokenizer code: not part of a plain export
+        tc.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    if not (out / "generation_config.json").exists():
+        (out / "generation_config.json").write_text(json.dumps(
+            {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+             if hf_config.get(k) is not None}, indent=2) + "\n")
+    return files
+
+
+def write_sidecars(dst: Path, hf_config: dict | None, tokenizer_src: Path | None) -> None:
+    """The HF config an export starts from (None: not written) and the tokenizer files (none
+    for a Megatron-LM input named without an HF folder: exports then carry no tokenizer)."""
+    if hf_config is not None:
+        (Path(dst) / "hf_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     tok = Path(dst) / "tokenizer"
     tok.mkdir(exist_ok=True)
     for f in TOKENIZER_FILES if tokenizer_src else ():

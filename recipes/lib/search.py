@@ -52,13 +52,16 @@ DEFAULTS = {
     "num_layers_divisor": 2,
     "tournament_steps": 0,        # 0 (and no tournament_tokens): the zero-shot ranking decides
     "tournament_tokens": 0,       # instead of steps: tokens per candidate (rounded up to steps)
-    "score": "kd_loss",           # what the tournament ranks by (held-out): kd_loss | lm_loss
+    "score": "kd_loss",           # what the tournament ranks by: kd_loss | lm_loss | lm_eval
+    "lm_eval_task": None,         # score=lm_eval: a task name or {task, num_fewshot, metric}
+    "lm_eval_task_paths": [],     # folders of local task YAMLs (nothing is downloaded)
+    "lm_eval_limit": None,        # documents per candidate (None: all)
     "keep_tournament": False,     # keep each candidate's tournament-distilled checkpoint
     "teacher_cache": True,        # record the teacher's logits once, replay them
     "teacher_cache_top_k": None,  # K: top-K logits; None: full vocabulary if it fits, else top-K
     "teacher_cache_max_gb": 16.0,  # the cache's disk budget (recipes/lib/logit_cache.py)
 }
-SCORE_NAMES = {"kd_loss": "KD loss", "lm_loss": "LM loss"}
+SCORE_NAMES = {"kd_loss": "KD loss", "lm_loss": "LM loss", "lm_eval": "lm-eval score"}
 
 
 def settings(search: dict | None) -> dict:
@@ -87,6 +90,10 @@ def settings(search: dict | None) -> dict:
         raise ValueError("set prune.search.tournament_steps or tournament_tokens, not both")
     if s["score"] not in SCORE_NAMES:
         raise ValueError(f"prune.search.score={s['score']!r}: use one of {list(SCORE_NAMES)}")
+    if (s["score"] == "lm_eval") != (s["lm_eval_task"] is not None):
+        raise ValueError("prune.search.score=lm_eval and prune.search.lm_eval_task go together: "
+                         "name the task (e.g. heldout_cloze, or a local task with "
+                         "lm_eval_task_paths) or score by kd_loss / lm_loss")
     k = s["teacher_cache_top_k"]
     if k is not None and (not isinstance(k, int) or k < 1):
         raise ValueError(f"prune.search.teacher_cache_top_k={k!r}: a whole number >= 1, or null "
@@ -248,22 +255,25 @@ def tournament_config(distill_cfg, steps: int):
                                keep_checkpoints=False, fault=None)
 
 
-def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, dc, work: Path,
-                   seed: int, keep: dict | None, cache: dict | None = None) -> dict | None:
-    """Distil each candidate (its checkpoint in `folders[i]`) from `teacher` (arch, weights) with
-    the same settings and data order; fills in each candidate's tournament scores. A finished
-    candidate's result.json is reused; an unfinished one resumes from its checkpoints. `keep`
-    ({tp, pp, spec}): also save each distilled candidate as a checkpoint folder of its own
-    (work/c<i>: tracker, iter_<steps>, run_config.yaml), which `export` reads. `cache`
-    (`cache_plan`): record the teacher's logits once (work/teacher_logits) and replay them to
-    every candidate; returns what was recorded (logit_cache.record), None when online."""
+def run_tournament(candidates: list[dict], folders: list[Path], teacher, dc, work: Path,
+                   seed: int, s: dict, layout: dict, cache: dict | None = None) -> dict | None:
+    """Distil each candidate (its checkpoint in `folders[i]`) from `teacher` (an interop.Source:
+    architecture, weights, HF config, tokenizer) with the same settings and data order; fills
+    in each candidate's tournament scores. A finished candidate's result.json is reused; an
+    unfinished one resumes from its checkpoints. `s`: the search settings. keep_tournament: also
+    save each distilled candidate as a checkpoint folder of its own (work/c<i>: tracker,
+    iter_<steps>/ with run_config.yaml for `layout` {tp, pp, spec} and the tokenizer), which
+    `export` reads. score=lm_eval: score each distilled candidate with
+    lm-evaluation-harness (`lm_eval_score`). `cache` (`cache_plan`): record the teacher's logits
+    once (work/teacher_logits) and replay them to every candidate; returns what was recorded
+    (logit_cache.record), None when online."""
     from recipes.lib import checkpoint, interop, logit_cache, train, train_stage
     from recipes.lib import model as M
 
     recorded = None
     if cache and cache["encoding"] != "online":
-        recorded = logit_cache.record(teacher, dc, seed, work / "teacher_logits",
-                                      cache["top_k"])
+        recorded = logit_cache.record((teacher.arch, teacher.weights), dc, seed,
+                                      work / "teacher_logits", cache["top_k"])
         log.info("tournament: the teacher's logits for %d micro-batches cached once (%.1f MB, "
                  "%s)", recorded["batches"], recorded["mb"], "the full vocabulary"
                  if cache["top_k"] is None else f"the top {cache['top_k']}, mean tail mass "
@@ -280,27 +290,34 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, 
         stage.lock(run_dir, f"prune tournament c{cand['candidate']}")  # one job per candidate
         t0 = time.time()
         arch = Arch.from_dict(json.loads((folder / "arch.json").read_text()))
-        t = teacher
+        t = (teacher.arch, teacher.weights)
         if recorded:
             t = logit_cache.CachedTeacher(M.transformer_config(
-                teacher[0], train_stage.build_kwargs(dc, dc.teacher_precision)["dtype"]),
+                teacher.arch, train_stage.build_kwargs(dc, dc.teacher_precision)["dtype"]),
                 work / "teacher_logits")
         model, make_step = train_stage.build_distillation(
             dc, (arch, folder / "iter_0000000"), t)
         final = train.train(dc, run_dir, model, make_step,
                             {"stage": f"tournament c{cand['candidate']}"}, seed)
-        if keep:
+        if s["keep_tournament"]:
             steps = dc.train_iters
             checkpoint.save(model, interop.iteration_dir(run_dir, steps), steps)
             if runtime.is_rank0():
                 interop.write_layout(run_dir, arch, steps, dtype=train_stage.build_kwargs(dc)[
-                    "dtype"], **keep)
+                    "dtype"], **layout)
+                # the tokenizer where Megatron-Bridge keeps it, which `export` reads
+                checkpoint.write_sidecars(interop.iteration_dir(run_dir, steps), None,
+                                          teacher.tokenizer)
+        lm_eval = s["score"] == "lm_eval"
+        score = lm_eval_score(model, arch, dc, run_dir / "hf", seed, s, teacher.hf_config,
+                              teacher.tokenizer) if lm_eval else None
         del model
         if runtime.is_rank0():  # the held-out losses are reported on global rank 0
             import shutil
 
             result = {"tournament_kd_loss": final["valid_kd_loss"],
                       "tournament_lm_loss": final["valid_lm_loss"],
+                      **({"tournament_lm_eval": score} if lm_eval else {}),
                       "tournament_s": round(time.time() - t0, 1),
                       "tournament_tokens": dc.train_iters * dc.global_batch_size *
                       dc.seq_length}
@@ -310,10 +327,49 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: tuple, 
         runtime.barrier()
         result = json.loads(done.read_text())
         cand.update(result)
-        log.info("tournament c%d %s: held-out KD loss %.4f, LM loss %.4f (%.0f s)",
+        log.info("tournament c%d %s: held-out KD loss %.4f, LM loss %.4f%s (%.0f s)",
                  cand["candidate"], cand["arch"], result["tournament_kd_loss"],
-                 result["tournament_lm_loss"], result["tournament_s"])
+                 result["tournament_lm_loss"], f", lm-eval {result['tournament_lm_eval']:.4f}"
+                 if lm_eval else "", result["tournament_s"])
     return recorded
+
+
+def lm_eval_score(model, arch: Arch, dc, folder: Path, seed: int, settings: dict,
+                  hf_config: dict, tokenizer: Path) -> float:
+    """A tournament-distilled candidate's lm-evaluation-harness score (higher is better): the
+    model written as an HF folder at `folder` (recipes/lib/checkpoint.write_hf_model), the task
+    `settings['lm_eval_task']` run offline by the harness (recipes/lib/harness.py); the held-out
+    cloze task is built from the tournament data's test split. Collective; every rank gets it."""
+    from recipes.lib import checkpoint, harness, tokens
+    from recipes.lib import model as M
+
+    with model.hide_teacher_model():  # the student's parameters only
+        tensors = M.gather_hf(model, arch, dtype=torch.float32)
+    box = [None]
+    if runtime.is_rank0():
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        checkpoint.write_hf_model(tensors, folder, arch, hf_config, tokenizer, "float32", 2 << 30)
+        spec = harness.task_specs(None, [settings["lm_eval_task"]])[0]
+        paths = [Path(x) for x in settings["lm_eval_task_paths"]]
+        if spec["task"] == harness.CLOZE:
+            from transformers import AutoTokenizer
+
+            n = settings["lm_eval_limit"] or 64
+            w = tokens.windows(dc.data[0], "test", dc.seq_length, n, seed + 2).numpy()
+            spec = harness.cloze_task(w, AutoTokenizer.from_pretrained(folder), folder / "cloze")
+            paths.append(folder / "cloze")
+        res = harness.run({"candidate": folder}, [spec], paths, 8, settings["lm_eval_limit"],
+                          "float32", seed)[spec["task"]]
+        if "scores" not in res:
+            raise RuntimeError(f"prune.search.lm_eval_task {spec['task']!r} cannot run here: "
+                               f"{res.get('unavailable')}")
+        box = [res["scores"]["candidate"]]
+        shutil.rmtree(folder)
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def summary(c, teacher: Arch, s: dict, found: list[dict], search_s: float, dc,
@@ -335,12 +391,16 @@ def summary(c, teacher: Arch, s: dict, found: list[dict], search_s: float, dc,
             "teacher_cache": None if cached is None else {
                 k: cached[k] for k in ("encoding", "top_k", "batches", "mb", "tail_mass_mean",
                                        "tail_mass_max")},
-            "score": f"held-out {SCORE_NAMES[s['score']]} on the distillation data's valid "
-                     "split (lower wins)"}
+            "score": f"lm-eval {s['lm_eval_task']} (higher wins)" if s["score"] == "lm_eval"
+            else f"held-out {SCORE_NAMES[s['score']]} on the distillation data's valid split "
+                 "(lower wins)"}
     return out
 
 
 def winner(found: list[dict], s: dict, tournament: bool) -> dict:
-    """The candidate that wins: the lowest tournament score, or the lowest zero-shot loss."""
-    return min(found, key=lambda x: x[f"tournament_{s['score']}"] if tournament
-               else x["zero_shot_lm_loss"])
+    """The candidate that wins: the best tournament score (lowest loss, highest lm-eval score),
+    or the lowest zero-shot loss."""
+    if not tournament:
+        return min(found, key=lambda x: x["zero_shot_lm_loss"])
+    sign = -1 if s["score"] == "lm_eval" else 1
+    return min(found, key=lambda x: sign * x[f"tournament_{s['score']}"])

@@ -217,3 +217,34 @@ def _distill_cfg(run):
     from recipes.lib.config import load
 
     return load(TINY, [f"run.dir={run}"], stage="distill").distill
+
+
+def test_tournament_ranked_by_an_lm_eval_task(trained_run, tmp_path):
+    """score=lm_eval: each tournament-distilled candidate's accuracy on a local multiple-choice
+    task, run offline by the real harness, equals an independent transformers computation on
+    that candidate's export; the winner has the highest."""
+    pytest.importorskip("lm_eval")
+    from tests.stages.test_lm_eval import independent_mc_accuracy, mc_docs, write_task
+
+    docs = mc_docs(24)
+    write_task(tmp_path / "tasks", "next_letter", docs, "output_type: multiple_choice\n"
+               "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
+               "doc_to_target: '{{label}}'\nmetric_list:\n  - {metric: acc}\n")
+    run, out = trained_run["run"], tmp_path / "prune"
+    task = f", score: lm_eval, lm_eval_task: next_letter, lm_eval_task_paths: [{tmp_path / 'tasks'}]"
+    assert prune.main(prune_args(run, out, "prune.target_params=0.85", "prune.search=" + (
+        SEARCH.replace("top_k: 3", "top_k: 2") % (
+            ", tournament_steps: 3, keep_tournament: true" + task)))) == 0
+    res = json.loads((out / "search.json").read_text())
+    assert res["tournament"]["score"] == "lm-eval next_letter (higher wins)"
+    scores = {}
+    for cand in res["candidates"]:
+        hf = tmp_path / f"c{cand['candidate']}_hf"
+        assert export.main(["--config", TINY, f"run.dir={run}",
+                            f"export.input={out / 'tournament' / ('c%d' % cand['candidate'])}",
+                            f"export.output={hf}"]) == 0
+        scores[cand["candidate"]] = independent_mc_accuracy(hf, docs)
+        assert cand["tournament_lm_eval"] == pytest.approx(scores[cand["candidate"]], abs=1e-9)
+    assert max(scores.values()) > 0.25  # better than chance: a score that can fail
+    best = max(res["candidates"], key=lambda x: x["tournament_lm_eval"])
+    assert best["winner"] and res["winner"] == best["candidate"]
