@@ -227,9 +227,8 @@ def run(cfg: config.Config) -> dict:
                                                                      d.seq_length))
             train_stage.check_data(dc, "distill", teacher.vocab_size)
             cache = search.cache_plan(s, dc, teacher)
-            if s["score"] == "lm_eval" and source.tokenizer is None:
-                raise ValueError("prune.search.score=lm_eval needs the teacher's tokenizer: "
-                                 "give prune.input_hf_config an HF folder")
+            if s["score"] == "lm_eval":
+                search.check_lm_eval(s, dc, source)
     else:
         student, drop = pruned_arch(teacher, c)
         n_drop = teacher.num_layers - student.num_layers
@@ -421,7 +420,8 @@ def tournament_candidate(c: PruneConfig, cfg: config.Config, sdir: StageDir, res
     result.json is what the final prune job reads."""
     i = int(c.tournament_job[1:])
     mf = sdir.out / "manifest.json"
-    if mf.is_file() and read_manifest(sdir.out).get("fingerprint") == sdir.fp:
+    if not cfg.run.force and mf.is_file() and read_manifest(sdir.out).get(
+            "fingerprint") == sdir.fp:
         log.info("%s is complete (same config): nothing left for candidate %d", sdir.out, i)
         return read_manifest(sdir.out)
     tmp = sdir.join(resumable)

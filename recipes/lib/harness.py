@@ -49,6 +49,19 @@ def offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def check_task(task: str, include_paths: list) -> None:
+    """Refuse, naming the fix, a task lm-eval does not know (before any model runs); the
+    held-out cloze task is built at run time."""
+    if task == CLOZE:
+        return
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=[str(p) for p in include_paths] or None)
+    if task not in {*tm.all_tasks, *tm.all_groups}:
+        raise ValueError(f"lm-eval has no task {task!r}: name an installed task, {CLOZE}, or a "
+                         "local task YAML's `task:` with its folder in the task paths")
+
+
 def cloze_task(windows: np.ndarray, tokenizer, folder: Path) -> dict:
     """A LAMBADA-style local task from held-out token windows: each passage's last word is the
     target, the text before it the context; scored as lm-eval's `acc` for a loglikelihood task

@@ -68,11 +68,11 @@ def choose(n_tokens: int, n_files: int, padded_vocab: int, vocab: int, dtype: st
 
 
 def encode(logits: torch.Tensor, vocab: int, top_k: int | None):
-    """What one micro-batch's file holds: the logits [b, s, padded vocab] as they are (top_k
-    None), or their top-K over the real vocabulary, indices and log-sum-exp."""
+    """What one micro-batch's file holds: the logits [..., padded vocab] as they are (top_k
+    None), or their top-K over the real vocabulary, indices and log-sum-exp; contiguous."""
     if top_k is None:
-        return logits.detach().cpu().clone()
-    x = logits[..., :vocab].float()
+        return logits.detach().cpu().clone(memory_format=torch.contiguous_format)
+    x = logits[..., :vocab].float().contiguous()
     values, indices = x.topk(top_k, dim=-1)
     return {"values": values.to(logits.dtype).cpu(), "indices": indices.int().cpu(),
             "lse": torch.logsumexp(x, dim=-1).cpu(),
@@ -88,7 +88,7 @@ def tail_mass(entry) -> torch.Tensor:
 
 
 def decode(entry, device=None) -> torch.Tensor:
-    """The logits [b, s, padded vocab] a file stands for (see the module's note on top-K)."""
+    """The logits [..., padded vocab] a file stands for (see the module's note on top-K)."""
     if not isinstance(entry, dict):
         return entry.to(device)
     vocab, k = int(entry["vocab"]), entry["values"].shape[-1]
@@ -148,7 +148,7 @@ class CachedTeacher(torch.nn.Module):
             raise KeyError(f"{f}: no cached teacher logits for this batch (the tournament's data "
                            "or settings changed since they were recorded)")
         logits = decode(torch.load(f, map_location="cpu", weights_only=True), input_ids.device)
-        return self.output_layer(logits.transpose(0, 1))[0].transpose(0, 1)
+        return self.output_layer(logits)[0].transpose(0, 1)  # [s, b, v] -> GPTModel's [b, s, v]
 
 
 def record(teacher: tuple, dc, seed: int, folder: Path, top_k: int | None) -> dict:
@@ -166,7 +166,7 @@ def record(teacher: tuple, dc, seed: int, folder: Path, top_k: int | None) -> di
     want = {"train_iters": dc.train_iters, "eval_iters": dc.eval_iters,
             "global_batch_size": dc.global_batch_size, "micro_batch_size": dc.micro_batch_size,
             "seq_length": dc.seq_length, "top_k": top_k}
-    if done.is_file() and json.loads(done.read_text())["settings"] == want:
+    if done.is_file() and json.loads(done.read_text()).get("settings") == want:
         return json.loads(done.read_text())
     runtime.barrier()
     if runtime.is_rank0():
@@ -190,7 +190,8 @@ def record(teacher: tuple, dc, seed: int, folder: Path, top_k: int | None) -> di
     def save(tokens, output, non_loss_data=True):
         f = folder / f"{key(tokens)}.pt"
         tmp = f.with_name(f"{f.stem}.{torch.distributed.get_rank()}.tmp")
-        torch.save(encode(output, arch.vocab_size, top_k), tmp)
+        # stored as the output layer computes them, [s, b, v]: replayed contiguous
+        torch.save(encode(output.transpose(0, 1), arch.vocab_size, top_k), tmp)
         tmp.replace(f)
         return torch.zeros(())
 

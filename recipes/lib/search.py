@@ -110,7 +110,7 @@ def tournament_steps(s: dict, gbs: int, seq: int) -> int:
     return int(s["tournament_steps"]) or -(-int(s["tournament_tokens"]) // (gbs * seq))
 
 
-def cache_plan(s: dict, dc, teacher: Arch, dp: int = 1) -> dict | None:
+def cache_plan(s: dict, dc, teacher: Arch) -> dict | None:
     """The teacher cache the tournament `dc` would use (logit_cache.choose), None when off."""
     from recipes.lib import logit_cache
 
@@ -334,6 +334,22 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher, dc, wor
     return recorded
 
 
+def check_lm_eval(s: dict, dc, teacher) -> None:
+    """score=lm_eval, before any work: the teacher's tokenizer, the task, the cloze data."""
+    from recipes.lib import harness, tokens
+
+    if teacher.tokenizer is None:
+        raise ValueError("prune.search.score=lm_eval needs the teacher's tokenizer: give "
+                         "prune.input_hf_config an HF folder")
+    spec = harness.task_specs(None, [s["lm_eval_task"]])[0]
+    harness.check_task(spec["task"], s["lm_eval_task_paths"])
+    if spec["task"] == harness.CLOZE:
+        m = tokens.data_manifest(dc.data[0], teacher.arch.vocab_size, "distill.data")
+        if tokens.available_windows(m["tokens"]["test"], dc.seq_length) < 1:
+            raise ValueError(f"{dc.data[0]}: the test split is shorter than one window of "
+                             f"{dc.seq_length + 1} tokens, which {harness.CLOZE} needs")
+
+
 def lm_eval_score(model, arch: Arch, dc, folder: Path, seed: int, settings: dict,
                   hf_config: dict, tokenizer: Path) -> float:
     """A tournament-distilled candidate's lm-evaluation-harness score (higher is better): the
@@ -357,7 +373,9 @@ def lm_eval_score(model, arch: Arch, dc, folder: Path, seed: int, settings: dict
         if spec["task"] == harness.CLOZE:
             from transformers import AutoTokenizer
 
-            n = settings["lm_eval_limit"] or 64
+            avail = tokens.available_windows(tokens.data_manifest(
+                dc.data[0], arch.vocab_size, "distill.data")["tokens"]["test"], dc.seq_length)
+            n = min(settings["lm_eval_limit"] or 64, avail)
             w = tokens.windows(dc.data[0], "test", dc.seq_length, n, seed + 2).numpy()
             spec = harness.cloze_task(w, AutoTokenizer.from_pretrained(folder), folder / "cloze")
             paths.append(folder / "cloze")

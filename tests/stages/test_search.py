@@ -47,6 +47,9 @@ def test_settings_and_targets_are_checked_before_work(trained_run, tmp_path):
               "tournament_tokens: 512}"], "not both"),
             (["prune.target_params=0.8", "prune.search={score: mmlu}"], "kd_loss"),
             (["prune.target_params=0.8", "prune.search={teacher_cache_top_k: 0}"], ">= 1"),
+            (["prune.target_params=0.8", "prune.search={score: lm_eval}"], "go together"),
+            (["prune.target_params=0.8", "prune.search={tournament_steps: 2, score: lm_eval, "
+              "lm_eval_task: no_such_task}"], "lm-eval has no task 'no_such_task'"),
             (["prune.target_params=-1"], "must be > 0")):
         with pytest.raises(Exception, match=msg):
             prune.main(["--config", TINY, f"run.dir={run}", f"prune.output={tmp_path / 'p'}",
