@@ -136,7 +136,8 @@ def plot_depth(cands: list[dict], path: Path) -> None:
 
 def plot_search(res: dict, path: Path) -> None:
     cands = res["candidates"]
-    key = "tournament_kd_loss" if res["decided_by"] == "tournament" else "zero_shot_lm_loss"
+    score = (res.get("settings") or {}).get("score", "kd_loss")
+    key = f"tournament_{score}" if res["decided_by"] == "tournament" else "zero_shot_lm_loss"
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for c in cands:
         ax.scatter(c["params"] / 1e6, c[key], s=80 if c["winner"] else 30,
@@ -145,15 +146,22 @@ def plot_search(res: dict, path: Path) -> None:
                     textcoords="offset points", xytext=(5, 3))
     ax.set(title=f"search candidates ({res['decided_by']}; winner green)",
            xlabel="parameters (M)",
-           ylabel="held-out KD loss after the tournament" if key.startswith("tournament") else
-           "zero-shot held-out LM loss")
+           ylabel={"kd_loss": "held-out KD loss", "lm_loss": "held-out LM loss",
+                   "lm_eval": "lm-eval score"}[score] + " after the tournament"
+           if key.startswith("tournament") else "zero-shot held-out LM loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+SEARCH_COLUMNS = {"tournament_kd_loss": "tournament KD loss",
+                  "tournament_lm_loss": "tournament LM loss",
+                  "tournament_lm_eval": "tournament lm-eval"}
+
+
 def search_lines(res: dict) -> list[str]:
     t = res.get("tournament")
+    cols = [k for k in SEARCH_COLUMNS if any(k in c for c in res["candidates"])]
     lines = [f"Constraint {res['constraint']} (teacher {res['teacher_params'] / 1e6:.1f}M "
              f"parameters); ModelOpt's search, top {len(res['candidates'])} candidates, "
              f"decided by {res['decided_by']}. Search {res['search_s']:.0f} s"
@@ -161,18 +169,16 @@ def search_lines(res: dict) -> list[str]:
                 f"{t['seq_length']} tokens ({t['tokens_per_candidate']:,} tokens) per candidate, "
                 f"{t['total_s']:.0f} s in all; ranked by {t['score']}; {_teacher(t)}"
                 if t else "") + ".", "",
-             "| candidate | hidden | FFN | heads | layers | parameters | zero-shot LM loss "
-             "| tournament KD loss | tournament LM loss | tournament lm-eval | |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| candidate | hidden | FFN | heads | layers | parameters | zero-shot LM loss | "
+             + "".join(f"{SEARCH_COLUMNS[k]} | " for k in cols) + "|",
+             "|---|---|---|---|---|---|---|" + "---|" * len(cols) + "---|"]
     for c in res["candidates"]:
         a = c["arch"]
         lines.append(f"| c{c['candidate']} | {a['hidden_size']} | {a['ffn_hidden_size']} | "
                      f"{a['num_attention_heads']} | {a['num_layers']} | {c['params'] / 1e6:.2f}M "
                      f"| {c['zero_shot_lm_loss']:.4f} | "
-                     + " | ".join(f"{c[k]:.4f}" if k in c else "" for k in
-                                  ("tournament_kd_loss", "tournament_lm_loss",
-                                   "tournament_lm_eval"))
-                     + f" | {'**winner**' if c['winner'] else ''} |")
+                     + "".join(f"{c[k]:.4f} | " for k in cols)
+                     + f"{'**winner**' if c['winner'] else ''} |")
     return lines + [""]
 
 

@@ -251,3 +251,9 @@ def test_tournament_ranked_by_an_lm_eval_task(trained_run, tmp_path):
     assert max(scores.values()) > 0.25  # better than chance: a score that can fail
     best = max(res["candidates"], key=lambda x: x["tournament_lm_eval"])
     assert best["winner"] and res["winner"] == best["candidate"]
+    from recipes import report  # the report tables the lm-eval column and plots that score
+
+    table = report.search_lines(res)
+    assert "| tournament lm-eval |" in table[2] and "ranked by lm-eval next_letter" in table[0]
+    report.plot_search(res, tmp_path / "search.png")
+    assert (tmp_path / "search.png").stat().st_size > 0
