@@ -100,7 +100,7 @@ class ClusterConfig:
                 raise ValueError(
                     f"cluster.time.{job}={t!r} is a number, not a Slurm time (YAML reads "
                     "12:00:00 as 43200, base 60, and Slurm would take it as minutes): quote it, "
-                    "cluster.time.{job}=\"'12:00:00'\" on the command line or '12:00:00' in "
+                    f"cluster.time.{job}=\"'12:00:00'\" on the command line or '12:00:00' in "
                     "the YAML, or write 0-12:00:00")
         if self.layout.get("prune", {}).get("tp", 1) != 1:
             raise ValueError("cluster.layout.prune.tp must be 1 (ModelOpt Minitron pruning)")
@@ -217,7 +217,7 @@ def write_job(stage: str, c: ClusterConfig, recipe: str, run_dir: str,
 
 
 def submit(c: ClusterConfig, recipe: str, run_dir: str, overrides: list[str],
-           dry_run: bool, cfg: config.Config | None = None) -> dict:
+           dry_run: bool, cfg: config.Config) -> dict:
     """Submit (or print) the chain; returns {job: job id} (also in <run_dir>/slurm/jobs.json).
     `cfg`: the whole recipe (its prune section decides prune's tournament jobs)."""
     image = c.container_image

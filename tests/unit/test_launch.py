@@ -187,6 +187,7 @@ def test_tournament_jobs_need_a_tournament():
 
 def test_a_time_yaml_reads_as_a_number_is_refused():
     """YAML 1.1 reads 12:00:00 as 43200 (base 60); Slurm would read --time=43200 as 30 days."""
-    with pytest.raises(ValueError, match="cluster.time.distill=43200 is a number.*quote it"):
+    with pytest.raises(ValueError, match="cluster.time.distill=43200 is a number.*quote it, "
+                       "cluster.time.distill="):
         launch.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), "--dry-run",
                      "cluster.time.distill=12:00:00"])
