@@ -205,10 +205,9 @@ def run(cfg: config.Config) -> dict:
     paths = list(c.task_paths or [])
     if c.cloze:
         tok = AutoTokenizer.from_pretrained(c.models[c.reference])
-        n = min(c.cloze_samples, tokens.available_windows(data_manifest["tokens"]["test"],
-                                                          c.cloze_tokens))
-        w = tokens.windows(c.data, "test", c.cloze_tokens, n, cfg.run.seed + 2).numpy()
-        specs.append(harness.cloze_task(w, tok, tmp / "cloze"))
+        specs.append(harness.heldout_cloze(c.data, data_manifest["tokens"]["test"],
+                                           c.cloze_tokens, c.cloze_samples, cfg.run.seed + 2,
+                                           tok, tmp / "cloze"))
         paths.append(tmp / "cloze")
     if specs:
         results["lm_eval"] = harness.run(c.models, specs, paths, c.lm_eval_batch_size,

@@ -249,8 +249,9 @@ def run(cfg: config.Config) -> dict:
                     inputs=inputs)
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in OPERATIONAL},
                  **extra}
+    layout = {"tp": tp, "pp": pp, "spec": spec}  # of every checkpoint this stage writes
     if c.tournament_job not in (None, "prepare"):
-        return tournament_candidate(c, cfg, sdir, resumable, source, dc, cache, spec)
+        return tournament_candidate(c, cfg, sdir, resumable, source, s, dc, layout, cache)
     if sdir.already_done():
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
@@ -317,7 +318,6 @@ def run(cfg: config.Config) -> dict:
                         write_pruned(m, search.arch_of(teacher, cand["ss_config"]), folder,
                                      c.dtype)
                     folders.append(folder)
-                layout = {"tp": tp, "pp": pp, "spec": spec}
                 if c.tournament_job == "prepare":  # the candidates run as jobs of their own
                     search.run_tournament([], [], source, dc, tmp / "tournament", cfg.run.seed,
                                           s, layout, cache)
@@ -372,7 +372,7 @@ def run(cfg: config.Config) -> dict:
         runtime.barrier()
 
         def finish():
-            interop.write_layout(tmp, student, 0, tp=tp, pp=pp, dtype=c.dtype, spec=spec)
+            interop.write_layout(tmp, student, 0, dtype=c.dtype, **layout)
             checkpoint.write_sidecars(tmp, source.hf_config, source.tokenizer)
             imp, full = summary
             imp["depth"] = {"method": c.depth_method if n_drop and s is None else
@@ -414,16 +414,16 @@ OPERATIONAL = ("tournament_job",)  # how the work is split into jobs, not what i
 
 
 def tournament_candidate(c: PruneConfig, cfg: config.Config, sdir: StageDir, resumable: dict,
-                         source, dc, cache, spec: str) -> dict:
+                         source, s: dict, dc, layout: dict, cache) -> dict:
     """prune.tournament_job=c<i>: candidate i's tournament distillation in the work folder the
     `prepare` job left (its settings and inputs checked), locked for this candidate only; its
     result.json is what the final prune job reads."""
     i = int(c.tournament_job[1:])
-    mf = sdir.out / "manifest.json"
-    if not cfg.run.force and mf.is_file() and read_manifest(sdir.out).get(
-            "fingerprint") == sdir.fp:
-        log.info("%s is complete (same config): nothing left for candidate %d", sdir.out, i)
-        return read_manifest(sdir.out)
+    if not cfg.run.force and (sdir.out / "manifest.json").is_file():
+        done = read_manifest(sdir.out)
+        if done.get("fingerprint") == sdir.fp:
+            log.info("%s is complete (same config): nothing left for candidate %d", sdir.out, i)
+            return done
     tmp = sdir.join(resumable)
     prepared = tmp / "tournament" / "prepared.json"
     if not prepared.is_file():
@@ -434,11 +434,9 @@ def tournament_candidate(c: PruneConfig, cfg: config.Config, sdir: StageDir, res
     if cand is None:  # the search found fewer shapes than top_k
         log.info("the search found %d candidates: no candidate %d to train", len(found), i)
         return {}
-    s = search.settings(c.search)
-    with runtime.distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed):
+    with runtime.distributed(layout["tp"], layout["pp"], cfg.run.seed):
         search.run_tournament([cand], [tmp / "candidates" / f"c{i}"], source, dc,
-                              tmp / "tournament", cfg.run.seed, s,
-                              {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "spec": spec}, cache)
+                              tmp / "tournament", cfg.run.seed, s, layout, cache)
     return cand
 
 

@@ -96,6 +96,17 @@ def cloze_task(windows: np.ndarray, tokenizer, folder: Path) -> dict:
     return {"task": CLOZE, "num_fewshot": 0, "metric": "acc,none", "documents": len(docs)}
 
 
+def heldout_cloze(data: Path, test_tokens: int, seq_length: int, samples: int, seed: int,
+                  tokenizer, folder: Path) -> dict:
+    """`cloze_task` over up to `samples` windows of `seq_length` tokens from the test split
+    (`test_tokens` long, from its manifest) of data stage `data`; returns its spec."""
+    from recipes.lib import tokens
+
+    n = min(samples, tokens.available_windows(test_tokens, seq_length))
+    windows = tokens.windows(data, "test", seq_length, n, seed).numpy()
+    return cloze_task(windows, tokenizer, folder)
+
+
 def run(models: dict, specs: list[dict], include_paths: list, batch_size: int,
         limit: int | None, dtype: str, seed: int) -> dict:
     """{task: {metric, num_fewshot, scores: {model: value}} | {unavailable: reason}}."""

@@ -373,11 +373,11 @@ def lm_eval_score(model, arch: Arch, dc, folder: Path, seed: int, settings: dict
         if spec["task"] == harness.CLOZE:
             from transformers import AutoTokenizer
 
-            avail = tokens.available_windows(tokens.data_manifest(
-                dc.data[0], arch.vocab_size, "distill.data")["tokens"]["test"], dc.seq_length)
-            n = min(settings["lm_eval_limit"] or 64, avail)
-            w = tokens.windows(dc.data[0], "test", dc.seq_length, n, seed + 2).numpy()
-            spec = harness.cloze_task(w, AutoTokenizer.from_pretrained(folder), folder / "cloze")
+            test = tokens.data_manifest(dc.data[0], arch.vocab_size,
+                                        "distill.data")["tokens"]["test"]
+            spec = harness.heldout_cloze(dc.data[0], test, dc.seq_length,
+                                         settings["lm_eval_limit"] or 64, seed + 2,
+                                         AutoTokenizer.from_pretrained(folder), folder / "cloze")
             paths.append(folder / "cloze")
         res = harness.run({"candidate": folder}, [spec], paths, 8, settings["lm_eval_limit"],
                           "float32", seed)[spec["task"]]
