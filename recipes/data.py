@@ -162,7 +162,7 @@ _TOK = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOK
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: seconds; config checks import this module
 
     _TOK = AutoTokenizer.from_pretrained(tokenizer_path)
 
@@ -222,8 +222,8 @@ def run(cfg: config.Config) -> dict:
             raise ValueError(f"split '{name}' got no documents ({n_docs} documents, split "
                              f"{c.split}); add documents or set data.split with {name}=0")
 
-    compat.apply()
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    compat.apply()  # megatron after it (recipes/lib/compat.py)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 
     tmp = sdir.begin()
     dtype = np.uint16 if vocab_size < 65500 else np.int32

@@ -156,7 +156,7 @@ def model_input(folder: Path):
 
 def run(cfg: config.Config) -> dict:
     harness.offline()  # before transformers is imported: nothing is downloaded at run time
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: after offline()
 
     c: EvaluateConfig = cfg.evaluate
     out = Path(c.output or Path(cfg.run.dir) / "evaluate")

@@ -28,15 +28,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass(kw_only=True)
-class ExportConfig:
-    input: str
-    """A checkpoint stage folder (convert, teacher_correction, prune, distill), or a
-    Megatron-Bridge / Megatron-LM checkpoint folder (recipes/lib/interop.py)."""
-    input_hf_config: str | None = None
-    """Only for a Megatron-LM checkpoint as `input` (or one whose run_config.yaml should be
-    overridden): the model's HF config.json, or an HF folder (its tokenizer is used too)."""
-    output: str | None = None
-    """Output HF folder; default <run.dir>/export."""
+class ExportConfig(config.ModelInput):
+    """`input`: any checkpoint stage folder (convert, teacher_correction, prune, distill) or a
+    Bridge / Megatron-LM checkpoint; `output` the HF folder (default <run.dir>/export)."""
     dtype: str = "bf16"
     """dtype of the written safetensors: fp32 | bf16."""
     shard_size_mb: int = 5000
@@ -60,7 +54,7 @@ class ExportConfig:
 
 
 def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: seconds; config checks import this
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -83,7 +77,7 @@ def run(cfg: config.Config) -> dict:
 
     with runtime.distributed(tp, pp, cfg.run.seed):
         tmp = sdir.begin()
-        from recipes.lib import model as M
+        from recipes.lib import model as M  # lazy: megatron; config checks import this module
 
         m = M.build(arch, dtype="fp32", spec=c.spec, init=False)
         checkpoint.load(m, source.weights, arch.vocab_size)

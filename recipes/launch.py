@@ -142,17 +142,14 @@ def job_groups(stage: str, c: ClusterConfig, cfg) -> list[list[tuple[str, list[s
     cluster.tournament_jobs: prune_prepare, then prune_c1..prune_c<top_k>, then prune."""
     if stage != "prune" or not c.tournament_jobs:
         return [[(stage, [])]]
-    from recipes.lib import search
-
     p = cfg.typed("prune")  # its values checked now, before anything is submitted
-    s = search.settings(p.search) if p.searching else None
-    if s is None or not (s["tournament_steps"] or s["tournament_tokens"]):
+    if not p.tournament:
         raise ValueError("cluster.tournament_jobs=true but prune runs no tournament: set "
                          "prune.target_params (or target_memory_mb) and "
                          "prune.search.tournament_steps (or tournament_tokens)")
     job = "prune.tournament_job="
     return [[("prune_prepare", [job + "prepare"])],
-            [(f"prune_c{i}", [f"{job}c{i}"]) for i in range(1, int(s["top_k"]) + 1)],
+            [(f"prune_c{i}", [f"{job}c{i}"]) for i in range(1, p.search.top_k + 1)],
             [("prune", [])]]
 
 

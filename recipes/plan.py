@@ -159,20 +159,20 @@ def estimate(cfg: config.Config) -> dict:
 
 def search_preview(teacher: Arch, c, cfg: config.Config, p: PlanConfig) -> dict:
     """What prune's search would consider (recipes/lib/search.py) and its tournament's cost."""
-    s = search.settings(c.search)
+    s = c.search
     target = search.constraint(c, teacher)
     space, shapes = search.grid(teacher, s, target, cfg.parallel.pp)
     if not shapes:
         raise ValueError(f"no shape in the search space fits {target}: raise the target or "
                          "prune.search.max_width_pruning / max_depth_pruning")
-    top = shapes[:int(s["top_k"])]
+    top = shapes[:s.top_k]
     d = cfg.get("distill")
     d = d if isinstance(d, dict) else {}
     gbs, seq = int(d.get("global_batch_size", p.global_batch_size)), int(d.get(
         "seq_length", p.seq_length))
     steps = search.tournament_steps(s, gbs, seq)
     out = {"constraint": target, "space": space, "fitting": len(shapes), "shapes": top,
-           "top_k": int(s["top_k"]), "tournament_steps": steps}
+           "top_k": s.top_k, "tournament_steps": steps}
     if steps:
         tokens = steps * gbs * seq
         flops = sum(6 * a.num_params() + 2 * teacher.num_params() for a in top) * tokens

@@ -12,7 +12,12 @@ ffn_hidden_size, num_attention_heads) go to `mtp.prune` as its export_config. De
   contiguous       the paper's: the contiguous block whose removal raises the teacher's held-out
                    LM loss least (all candidates are evaluated and tabled);
   block_influence  ModelOpt's own ranking (1 - cosine(input, output) per layer).
+Instead of sizes, a budget (`target_params` / `target_memory_mb`): ModelOpt's search and a
+short-distillation tournament choose the shape (recipes/lib/search.py, tournament.py).
 TP must be 1 (ModelOpt's requirement); PP may be anything.
+
+The phases of `run`: `resolve` (every check, before any weights), then in the process groups
+`prune_searched` or `prune_fixed`, then `publish`.
 Output: <run.dir>/prune/{iter_0000000/, latest_checkpointed_iteration.txt, importance.json,
 importance.pt, manifest.json, ...}: also a Megatron-Bridge / Megatron-LM checkpoint.
 """
@@ -31,27 +36,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import (checkpoint, compat, config, interop, mapping, runtime, search, stage,
-                         tokens, train, train_stage)
-from recipes.lib.arch import (DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch,
-                               validate_layout)
+from recipes.lib import (checkpoint, config, importance, interop, runtime, stage, tokens, train,
+                         train_stage)
+from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch, validate_layout
+from recipes.lib.search import SearchConfig, arch_of, cache_plan, constraint, tournament_steps
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
-log = logging.getLogger("recipes.prune")
+log = logging.getLogger(__name__)
+OPERATIONAL = ("tournament_job",)  # how the work is split into jobs, not what it computes
 
 
 @dataclasses.dataclass(kw_only=True)
-class PruneConfig:
-    input: str
-    """The teacher: a convert (or teacher_correction) stage folder, or a Megatron-Bridge /
-    Megatron-LM checkpoint folder (recipes/lib/interop.py)."""
-    input_hf_config: str | None = None
-    """Only for a Megatron-LM checkpoint as `input` (or one whose run_config.yaml should be
-    overridden): the model's HF config.json, or an HF folder (its tokenizer is used too)."""
+class PruneConfig(config.ModelInput):
+    """`input` is the teacher (a convert or teacher_correction stage folder, or a Bridge /
+    Megatron-LM checkpoint)."""
     data: str
     """The data stage folder (calibration from train, depth candidates from valid)."""
-    output: str | None = None
-    """Output folder; default <run.dir>/prune."""
     hidden_size: int | None = None
     """Target embedding channels (None: keep)."""
     ffn_hidden_size: int | None = None
@@ -66,11 +66,8 @@ class PruneConfig:
     target_memory_mb: float | None = None
     """Instead of the sizes above: a memory budget in MB (ModelOpt's estimate: bf16 weights + the
     KV cache of one 4096-token sequence)."""
-    search: dict | None = None
-    """The search and its tournament (recipes/lib/search.py DEFAULTS): hparams,
-    max_width_pruning, max_depth_pruning, top_k, *_divisor, tournament_steps or
-    tournament_tokens, score, keep_tournament, teacher_cache, teacher_cache_top_k,
-    teacher_cache_max_gb."""
+    search: SearchConfig | None = None
+    """The search and its tournament (recipes/lib/search.py SearchConfig); with a target."""
     tournament_job: str | None = None
     """Set by the Slurm launcher with cluster.tournament_jobs (recipes/launch.py), which runs
     the tournament's candidates as jobs of their own: `prepare` = the search, the candidates'
@@ -93,11 +90,15 @@ class PruneConfig:
     """Compute and checkpoint dtype: fp32 | bf16."""
     spec: str = "auto"
     """Layer spec of the model the importance is measured on: auto (TE when present) | local |
-    te. ModelOpt prunes either (recipes/lib/compat.py teaches it the local spec)."""
+    te. ModelOpt prunes either (recipes/lib/modelopt_local.py teaches it the local spec)."""
 
     @property
     def searching(self) -> bool:
         return self.target_params is not None or self.target_memory_mb is not None
+
+    @property
+    def tournament(self) -> bool:
+        return self.searching and self.search.tournament
 
     def __post_init__(self):
         if self.depth_method not in DEPTH_METHODS:
@@ -111,24 +112,12 @@ class PruneConfig:
             if getattr(self, k) < 1:
                 raise ValueError(f"prune.{k} must be >= 1")
         if self.searching:
-            if self.target_params is not None and self.target_memory_mb is not None:
-                raise ValueError("set prune.target_params or prune.target_memory_mb, not both")
-            sizes = [k for k in (*WIDTH_KEYS, "num_layers", "drop_layers")
-                     if getattr(self, k) is not None]
-            if sizes:
-                raise ValueError(f"prune.target_* searches the shape: unset {sizes} (or drop the "
-                                 "target and choose the sizes yourself)")
-            target = self.target_params if self.target_params is not None else \
-                self.target_memory_mb
-            if not target > 0:
-                raise ValueError(f"the prune target must be > 0, not {target}")
-            search.settings(self.search)  # unknown keys and bad values, before any work
+            self._check_target()
         elif self.search:
             raise ValueError("prune.search is set but no prune.target_params / "
                              "prune.target_memory_mb")
         if self.tournament_job is not None:
-            s = search.settings(self.search) if self.searching else {}
-            if not (s.get("tournament_steps") or s.get("tournament_tokens")):
+            if not self.tournament:
                 raise ValueError(f"prune.tournament_job={self.tournament_job!r} but prune runs no "
                                  "tournament (prune.target_* with prune.search.tournament_steps "
                                  "or tournament_tokens)")
@@ -138,6 +127,46 @@ class PruneConfig:
         if self.calib_samples % self.micro_batch_size:
             raise ValueError(f"prune.calib_samples={self.calib_samples} is not a multiple of "
                              f"prune.micro_batch_size={self.micro_batch_size}")
+
+    def _check_target(self) -> None:
+        if self.target_params is not None and self.target_memory_mb is not None:
+            raise ValueError("set prune.target_params or prune.target_memory_mb, not both")
+        sizes = [k for k in (*WIDTH_KEYS, "num_layers", "drop_layers")
+                 if getattr(self, k) is not None]
+        if sizes:
+            raise ValueError(f"prune.target_* searches the shape: unset {sizes} (or drop the "
+                             "target and choose the sizes yourself)")
+        target = self.target_params if self.target_params is not None else self.target_memory_mb
+        if not target > 0:
+            raise ValueError(f"the prune target must be > 0, not {target}")
+        self.search = self.search or SearchConfig()
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `resolve` decided, before any weights are read."""
+    source: interop.Source
+    sdir: StageDir
+    resumable: dict
+    layout: dict                         # of every checkpoint this stage writes: tp, pp, spec
+    student: Arch | None = None          # None: the search finds it
+    drop: list | None = None             # 1-indexed layers to drop, where known in advance
+    dc: train.KDConfig | None = None     # the tournament's distillation settings
+    cache: dict | None = None            # the tournament's teacher-logit cache
+
+
+@dataclasses.dataclass
+class Pruned:
+    """What a pruning phase produced (in the work folder)."""
+    student: Arch
+    drop: list | None
+    method: str | None                   # how the dropped layers were chosen
+    table: list | None = None            # contiguous: every candidate block's held-out loss
+    found: list | None = None            # search: the top-K candidates
+    search_s: float = 0.0
+    cached: dict | None = None           # the tournament's teacher cache
+    winner_dir: Path | None = None       # the tournament's winner, already written
+    prepared: bool = False               # tournament_job=prepare: candidates ready, no winner
 
 
 def check_data(c: PruneConfig, data_manifest: dict, need_valid: bool) -> None:
@@ -151,326 +180,261 @@ def check_data(c: PruneConfig, data_manifest: dict, need_valid: bool) -> None:
                              "prune.depth_eval_samples / prune.seq_length or add data")
 
 
-@torch.no_grad()
-def contiguous_candidates(model, arch: Arch, n_drop: int, heldout: torch.Tensor,
-                          mbs: int) -> list[dict]:
-    """Held-out loss of the teacher with each contiguous block of `n_drop` layers removed."""
-    from recipes.lib import model as M
-
-    layers = model.decoder.layers
-    out = []
-    starts = range(1, arch.num_layers - n_drop + 2)
-    for s in tqdm(starts, desc="depth candidates", unit="block", disable=not runtime.is_rank0()):
-        block = set(range(s, s + n_drop))
-        model.decoder.layers = torch.nn.ModuleList(
-            [m for m in layers if m.layer_number not in block])
-        try:
-            res = M.forward_loss(model, heldout, arch.vocab_size, mbs)
-        finally:
-            model.decoder.layers = layers
-        if res is not None:
-            out.append({"drop_layers": [s, s + n_drop - 1], "loss": res[0] / res[1]})
-    return out
-
-
-def importance_summary(scores_file: Path, arch: Arch) -> tuple[dict, dict]:
-    """ModelOpt's saved activations -> per-layer head / neuron / channel importance."""
-    state = torch.load(scores_file, map_location="cpu", weights_only=False)
-    acts, layer_scores = state["local_activations"], state["layer_scores"]
-    heads, neurons, channels = {}, {}, None
-    for name, a in acts.items():
-        if a is None:
-            continue
-        if name.endswith("self_attention") and not isinstance(a, dict):
-            layer = int(name.split(".")[-2])
-            per_head = a.pow(0.5).view(-1, arch.head_dim).norm(dim=1)
-            heads[layer] = per_head.tolist()
-        elif name.endswith(".mlp") and not isinstance(a, dict):
-            neurons[int(name.split(".")[-2])] = a.pow(0.5)
-        elif isinstance(a, dict) and a:
-            channels = torch.stack([v.pow(0.5) for v in a.values()]).sum(0)
-    summary = {
-        "heads": {str(k): v for k, v in sorted(heads.items())},
-        "neurons_quantiles": {str(k): torch.quantile(v.float(), torch.tensor(
-            [0.0, 0.25, 0.5, 0.75, 1.0])).tolist() for k, v in sorted(neurons.items())},
-        "channels": None if channels is None else channels.tolist(),
-        "layer_scores_block_influence": {str(k): float(v) for k, v in layer_scores.items()},
-    }
-    return summary, {"neurons": neurons, "channels": channels, "heads": heads}
-
-
-def run(cfg: config.Config) -> dict:
+def resolve(cfg: config.Config) -> Plan:
+    """Every check and decision that needs no weights: the teacher, the data, the layout, the
+    target (fixed sizes, or the search and its tournament) and the stage folder."""
     c: PruneConfig = cfg.prune
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if tp != 1:
         raise ValueError(f"parallel.tp={tp}: ModelOpt Minitron pruning requires TP=1; prune with "
                          "parallel.tp=1 parallel.pp=N, then distill at any TP/PP")
-    out = Path(c.output or Path(cfg.run.dir) / "prune")
     source = interop.open_source(c.input, "prune.input", ("convert", "teacher_correction"),
                                  c.input_hf_config)
-    src, teacher = source.path, source.arch
+    teacher = source.arch
     data_manifest = tokens.data_manifest(c.data, teacher.vocab_size, "prune.data")
     validate_layout(teacher, tp, pp)
     teacher.check_seq_length(c.seq_length, "prune.seq_length")
-    spec = runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine fails here
-    s, dc, cache = (search.settings(c.search), None, None) if c.searching else (None, None, None)
-    if s is not None:  # the architecture is what the search finds
-        student, drop, n_drop = None, None, None
+    layout = {"tp": tp, "pp": pp, "spec": runtime.resolve_spec(c.spec)}  # spec=te without TE
+    plan = {}
+    if c.searching:  # the architecture is what the search finds
         check_data(c, data_manifest, need_valid=True)  # zero-shot scores on the valid split
-        if s["tournament_steps"] or s["tournament_tokens"]:
-            if "distill" not in cfg:
-                raise ValueError("prune.search.tournament_steps / tournament_tokens need the "
-                                 "distill section (the tournament distils each candidate with "
-                                 "its settings)")
-            d = cfg.typed("distill")
-            dc = search.tournament_config(d, search.tournament_steps(s, d.global_batch_size,
-                                                                     d.seq_length))
-            train_stage.check_data(dc, "distill", teacher.vocab_size)
-            cache = search.cache_plan(s, dc, teacher)
-            if s["score"] == "lm_eval":
-                search.check_lm_eval(s, dc, source)
+        if c.tournament:
+            plan = resolve_tournament(cfg, source)
     else:
         student, drop = pruned_arch(teacher, c)
-        n_drop = teacher.num_layers - student.num_layers
-        check_data(c, data_manifest, need_valid=n_drop > 0 and c.depth_method == "contiguous")
+        check_data(c, data_manifest, need_valid=student.num_layers < teacher.num_layers
+                   and c.depth_method == "contiguous")
         if student.num_layers % pp:
             raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "
                              f"parallel.pp={pp} stages; choose a PP that divides both layer "
                              "counts")
+        plan = {"student": student, "drop": drop}
     extra = {"pp": pp, "seed": cfg.run.seed}
     inputs = {"input": source.input(), "data": c.data}
-    if dc is not None:  # the tournament's settings and data decide its result too (not the
-        # distill stage's own input, teacher or output: the tournament's are prune's)
-        extra["tournament"] = {k: v for k, v in dataclasses.asdict(dc).items() if k not in
+    if plan.get("dc") is not None:  # the tournament's settings and data decide its result too
+        # (not the distill stage's own input, teacher or output: the tournament's are prune's)
+        extra["tournament"] = {k: v for k, v in dataclasses.asdict(plan["dc"]).items() if k not in
                                {"input", "input_hf_config", "teacher", "teacher_hf_config",
                                 *train.OPERATIONAL}}
-        inputs.update({f"distill.data.{i}": d for i, d in enumerate(dc.data)})
-    sdir = StageDir("prune", out, fingerprint(c, extra, ignore=OPERATIONAL), cfg.run.force,
-                    inputs=inputs)
+        inputs.update({f"distill.data.{i}": d for i, d in enumerate(plan["dc"].data)})
+    sdir = StageDir("prune", Path(c.output or Path(cfg.run.dir) / "prune"),
+                    fingerprint(c, extra, ignore=OPERATIONAL), cfg.run.force, inputs=inputs)
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in OPERATIONAL},
                  **extra}
-    layout = {"tp": tp, "pp": pp, "spec": spec}  # of every checkpoint this stage writes
-    if c.tournament_job not in (None, "prepare"):
-        return tournament_candidate(c, cfg, sdir, resumable, source, s, dc, layout, cache)
-    if sdir.already_done():
-        log.info("%s is complete (same config): skipping", out)
-        return read_manifest(out)
-    if s is not None:
-        log.info("prune %s: %s, search within %s", src, search.constraint(c, teacher),
-                 {k: s[k] for k in ("hparams", "max_width_pruning", "max_depth_pruning",
-                                    "top_k", "tournament_steps")})
+    return Plan(source, sdir, resumable, layout, **plan)
+
+
+def resolve_tournament(cfg: config.Config, source: interop.Source) -> dict:
+    """The tournament's distillation settings (distill's, fitted to its steps), its data and
+    teacher cache, and an lm-eval score's task: checked before any work."""
+    from recipes.lib import tournament  # lazy: megatron and ModelOpt (see `run`)
+
+    c: PruneConfig = cfg.prune
+    if "distill" not in cfg:
+        raise ValueError("prune.search.tournament_steps / tournament_tokens need the distill "
+                         "section (the tournament distils each candidate with its settings)")
+    d = cfg.typed("distill")
+    dc = tournament.tournament_config(d, tournament_steps(c.search, d.global_batch_size,
+                                                          d.seq_length))
+    train_stage.check_data(dc, "distill", source.arch.vocab_size)
+    if c.search.score == "lm_eval":
+        tournament.check_lm_eval(c.search, dc, source)
+    return {"dc": dc, "cache": cache_plan(c.search, dc, source.arch)}
+
+
+def run(cfg: config.Config) -> dict:
+    """Resolve, prune (searched or fixed) in the process groups, publish. megatron and
+    ModelOpt (recipes/lib/model.py, tournament.py) are imported inside the phases that need
+    them: every stage's config check imports this module."""
+    c: PruneConfig = cfg.prune
+    plan = resolve(cfg)
+    if c.tournament_job not in (None, "prepare"):  # one candidate, as a job of its own
+        if plan.sdir.already_done(lock=False):
+            return read_manifest(plan.sdir.out)
+        from recipes.lib import tournament  # lazy: megatron and ModelOpt
+
+        return tournament.candidate_job(int(c.tournament_job[1:]), plan.sdir.join(plan.resumable),
+                                        plan.source, plan.dc, cfg.run.seed, c.search,
+                                        plan.layout, plan.cache)
+    if plan.sdir.already_done():
+        log.info("%s is complete (same config): skipping", plan.sdir.out)
+        return read_manifest(plan.sdir.out)
+    teacher = plan.source.arch
+    if c.searching:
+        log.info("prune %s: %s, search within %s", plan.source.path, constraint(c, teacher),
+                 {k: getattr(c.search, k) for k in ("hparams", "max_width_pruning",
+                                                   "max_depth_pruning", "top_k",
+                                                   "tournament_steps")})
     else:
-        log.info("prune %s: %s -> %s (%s -> %s parameters)", src,
-                 {k: getattr(teacher, k) for k in (*WIDTH_KEYS, "num_layers")},
-                 {k: getattr(student, k) for k in (*WIDTH_KEYS, "num_layers")},
-                 human(teacher.num_params()), human(student.num_params()))
-    if drop:
-        log.info("dropping layers %s (1-indexed) = HF model.layers.%s (0-indexed)", drop,
-                 [x - 1 for x in drop])
-
-    with runtime.distributed(tp, pp, cfg.run.seed):
-        compat.enable_modelopt()
-        import modelopt.torch.prune as mtp
-        from modelopt.torch.prune.plugins import mcore_minitron as MM
-
-        from recipes.lib import model as M
-
+        keys = (*WIDTH_KEYS, "num_layers")
+        log.info("prune %s: %s -> %s (%s -> %s parameters)", plan.source.path,
+                 {k: getattr(teacher, k) for k in keys}, {k: getattr(plan.student, k) for k in keys},
+                 human(teacher.num_params()), human(plan.student.num_params()))
+    with runtime.distributed(plan.layout["tp"], plan.layout["pp"], cfg.run.seed):
         # a tournament is long: its work folder survives a kill and the rerun continues
-        tmp = sdir.begin(resumable=resumable if dc else None)
-
-        def load_teacher():
-            m = M.build(teacher, dtype=c.dtype, spec=c.spec, init=False)
-            checkpoint.load(m, source.weights, teacher.vocab_size)
-            return m
-
-        model = load_teacher()
-        calib = tokens.windows(c.data, "train", c.seq_length, c.calib_samples, cfg.run.seed)
-
-        def forward_loop(m):
-            bar = tqdm(total=c.calib_samples, desc="calibration", unit="seq",
-                       disable=not runtime.is_rank0())
-            for i in range(0, c.calib_samples, c.micro_batch_size * 8):
-                M.forward_loss(m, calib[i: i + c.micro_batch_size * 8], teacher.vocab_size,
-                               c.micro_batch_size)
-                bar.update(min(c.micro_batch_size * 8, c.calib_samples - i))
-            bar.close()
-
-        scores_dir = tmp / "scores"  # ModelOpt writes <dir>/rank<r>.pth (searcher state)
-        scores = scores_dir / f"rank{torch.distributed.get_rank()}.pth"
-        table, found, winner_dir, cached = None, None, None, None
-        if s is not None:
-            t0 = time.time()
-            heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples,
-                                     cfg.run.seed + 1)
-            model, found = search.search(model, teacher, c, s, pp, forward_loop, scores_dir,
-                                         heldout)
-            search_s = time.time() - t0
-            if dc is not None:  # (ModelOpt's note above about a manual KD step: this is it)
-                log.info("tournament: %d candidates x %d steps of distillation from the teacher",
-                         len(found), dc.train_iters)
-                del model
-                model = None
-                folders = []
-                for cand in found:  # each candidate's pruned checkpoint, once
-                    folder = tmp / "candidates" / f"c{cand['candidate']}"
-                    if not (folder / "arch.json").is_file():
-                        m = search.prune_to(load_teacher(), cand["ss_config"], s, scores_dir)
-                        write_pruned(m, search.arch_of(teacher, cand["ss_config"]), folder,
-                                     c.dtype)
-                    folders.append(folder)
-                if c.tournament_job == "prepare":  # the candidates run as jobs of their own
-                    search.run_tournament([], [], source, dc, tmp / "tournament", cfg.run.seed,
-                                          s, layout, cache)
-                    runtime.on_rank0(lambda: stage.atomic_write_text(
-                        tmp / "tournament" / "prepared.json", json.dumps(found, indent=1)))
-                    log.info("prepared %d tournament candidates in %s", len(found), tmp)
-                    return {"prepared": [x["candidate"] for x in found]}
-                cached = search.run_tournament(found, folders, source, dc, tmp / "tournament",
-                                               cfg.run.seed, s, layout, cache)
-            best = search.winner(found, s, dc is not None)
-            winner_dir = tmp / "candidates" / f"c{best['candidate']}" if dc else None
-            for cand in found:
-                cand["winner"] = cand is best
-            student = search.arch_of(teacher, best["ss_config"])
-            n_drop = teacher.num_layers - student.num_layers
-            if n_drop:
-                drop = modelopt_dropped(scores, student.num_layers)
-            log.info("search: %s wins (%s)", best["arch"], "tournament" if dc else "zero-shot")
-        else:
-            if n_drop and c.depth_method == "contiguous":
-                heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples,
-                                         cfg.run.seed + 1)
-                table = contiguous_candidates(model, teacher, n_drop, heldout,
-                                              c.micro_batch_size)
-                box = [table]
-                torch.distributed.broadcast_object_list(box, src=0)
-                table = box[0]
-                best = min(table, key=lambda r: r["loss"])
-                drop = list(range(best["drop_layers"][0], best["drop_layers"][1] + 1))
-                log.info("contiguous: least harmful block %s (held-out loss %.4f)",
-                         best["drop_layers"], best["loss"])
-            export_config = {k: getattr(student, k) for k in WIDTH_KEYS}
-            if n_drop and c.depth_method == "block_influence":
-                export_config["num_layers"] = student.num_layers
-            mode = MM.get_mcore_minitron_config(hidden_size_divisor=1, ffn_hidden_size_divisor=1,
-                                                num_layers_divisor=1)
-            model, _ = mtp.prune(model, mode=[("mcore_minitron", mode)],
-                                 constraints={"export_config": export_config}, dummy_input=None,
-                                 config={"forward_loop": forward_loop,
-                                         "scores_path": str(scores_dir) + "/"})
-            if drop:
-                MM.drop_mcore_language_model_layers(model, layers_to_drop=drop)
-            elif n_drop:  # block_influence
-                drop = modelopt_dropped(scores, student.num_layers)
-
-        summary = runtime.on_rank0(lambda: importance_summary(scores, teacher))
-        if winner_dir is None:
-            write_pruned(model, student, tmp, c.dtype)
-            del model
-        elif runtime.is_rank0():  # the tournament's winner, as pruned (before its short KD)
-            os.replace(winner_dir / "iter_0000000", tmp / "iter_0000000")
-        runtime.barrier()
-
-        def finish():
-            interop.write_layout(tmp, student, 0, dtype=c.dtype, **layout)
-            checkpoint.write_sidecars(tmp, source.hf_config, source.tokenizer)
-            imp, full = summary
-            imp["depth"] = {"method": c.depth_method if n_drop and s is None else
-                            "modelopt search" if n_drop else None,
-                            "drop_layers_1indexed": drop, "hf_layers_dropped_0indexed":
-                            [x - 1 for x in drop] if drop else None, "candidates": table}
-            (tmp / "importance.json").write_text(json.dumps(imp, indent=1) + "\n")
-            torch.save(full, tmp / "importance.pt")
-            shutil.rmtree(scores_dir)
-            if found is not None:
-                (tmp / "search.json").write_text(json.dumps(search.summary(
-                    c, teacher, s, found, search_s, dc, cached), indent=1) + "\n")
-                shutil.rmtree(tmp / "candidates", ignore_errors=True)
-                shutil.rmtree(tmp / "tournament" / "teacher_logits", ignore_errors=True)
-                if not s["keep_tournament"]:
-                    shutil.rmtree(tmp / "tournament", ignore_errors=True)
-            (tmp / "config.yaml").write_text(config.to_yaml(cfg))
-
-        runtime.on_rank0(finish)
-        done = sdir.commit({
-            "input": {**source.provenance(), "data": str(Path(c.data).resolve())},
-            "arch": student.to_dict(), "num_params": student.num_params(),
-            "teacher": {"arch": teacher.to_dict(), "num_params": teacher.num_params()},
-            "dtype": c.dtype, "parallel": {"tp": tp, "pp": pp},
-            "depth": {"method": c.depth_method if n_drop and s is None else
-                      "modelopt search" if n_drop else None, "drop_layers_1indexed": drop,
-                      "hf_layers_dropped_0indexed": [x - 1 for x in drop] if drop else None},
-            "search": None if found is None else {
-                "constraint": search.constraint(c, teacher), "candidates": len(found),
-                "winner": next(x["candidate"] for x in found if x["winner"]),
-                "decided_by": "tournament" if dc else "zero-shot"},
-            "metrics": {"params_ratio": student.num_params() / teacher.num_params(),
-                        "calib_samples": c.calib_samples, "seq_length": c.seq_length}})
-        runtime.on_rank0(lambda: (out / "run.json").unlink(missing_ok=True))  # resume marker
-        return done
+        tmp = plan.sdir.begin(resumable=plan.resumable if plan.dc else None)
+        pruned = (prune_searched if c.searching else prune_fixed)(c, plan, tmp, cfg.run.seed)
+        if pruned.prepared:  # tournament_job=prepare: the candidates run as jobs of their own
+            return {"prepared": [x["candidate"] for x in pruned.found]}
+        return publish(cfg, plan, pruned, tmp)
 
 
-OPERATIONAL = ("tournament_job",)  # how the work is split into jobs, not what it computes
+def load_teacher(c: PruneConfig, plan: Plan):
+    """The teacher, built and loaded in the process groups."""
+    from recipes.lib import model as M  # lazy: megatron (see `run`)
+
+    m = M.build(plan.source.arch, dtype=c.dtype, spec=c.spec, init=False)
+    checkpoint.load(m, plan.source.weights, plan.source.arch.vocab_size)
+    return m
 
 
-def tournament_candidate(c: PruneConfig, cfg: config.Config, sdir: StageDir, resumable: dict,
-                         source, s: dict, dc, layout: dict, cache) -> dict:
-    """prune.tournament_job=c<i>: candidate i's tournament distillation in the work folder the
-    `prepare` job left (its settings and inputs checked), locked for this candidate only; its
-    result.json is what the final prune job reads."""
-    i = int(c.tournament_job[1:])
-    if not cfg.run.force and (sdir.out / "manifest.json").is_file():
-        done = read_manifest(sdir.out)
-        if done.get("fingerprint") == sdir.fp:
-            log.info("%s is complete (same config): nothing left for candidate %d", sdir.out, i)
-            return done
-    tmp = sdir.join(resumable)
-    prepared = tmp / "tournament" / "prepared.json"
-    if not prepared.is_file():
-        raise FileNotFoundError(f"{prepared} is missing: the prune job with "
-                                "prune.tournament_job=prepare has not finished")
-    found = json.loads(prepared.read_text())
-    cand = next((x for x in found if x["candidate"] == i), None)
-    if cand is None:  # the search found fewer shapes than top_k
-        log.info("the search found %d candidates: no candidate %d to train", len(found), i)
-        return {}
-    with runtime.distributed(layout["tp"], layout["pp"], cfg.run.seed):
-        search.run_tournament([cand], [tmp / "candidates" / f"c{i}"], source, dc,
-                              tmp / "tournament", cfg.run.seed, s, layout, cache)
-    return cand
+def calibration(c: PruneConfig, plan: Plan, seed: int):
+    """ModelOpt's `forward_loop`: the calibration windows through the model, with progress."""
+    from recipes.lib import model as M  # lazy: megatron (see `run`)
+
+    calib = tokens.windows(c.data, "train", c.seq_length, c.calib_samples, seed)
+    vocab = plan.source.arch.vocab_size
+
+    def forward_loop(model):
+        step = c.micro_batch_size * 8
+        with tqdm(total=c.calib_samples, desc="calibration", unit="seq",
+                  disable=not runtime.is_rank0()) as bar:
+            for i in range(0, c.calib_samples, step):
+                M.forward_loss(model, calib[i: i + step], vocab, c.micro_batch_size)
+                bar.update(min(step, c.calib_samples - i))
+
+    return forward_loop
 
 
-def modelopt_dropped(scores_file: Path, keep: int) -> list[int]:
-    """The 1-indexed layers ModelOpt dropped to keep `keep`: its lowest block-influence scores."""
-    layer_scores = torch.load(scores_file, map_location="cpu", weights_only=False)["layer_scores"]
-    ranked = sorted(layer_scores, key=lambda k: float(layer_scores[k]), reverse=True)
-    return sorted(int(x) for x in ranked[keep:])
+def prune_searched(c: PruneConfig, plan: Plan, tmp: Path, seed: int) -> Pruned:
+    """ModelOpt's search, then (with a tournament) each candidate written and distilled
+    briefly; the winner. The tournament's `prepare` job stops once the candidates are ready."""
+    from recipes.lib import tournament  # lazy: megatron and ModelOpt (see `run`)
+
+    teacher, t0 = plan.source.arch, time.time()
+    model = load_teacher(c, plan)
+    heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples, seed + 1)
+    model, found = tournament.run_search(model, teacher, c, plan.layout["pp"],
+                                         calibration(c, plan, seed), tmp / "scores", heldout)
+    search_s, cached, winner_dir = time.time() - t0, None, None
+    if plan.dc is not None:  # (ModelOpt's note about a manual KD step before ranking: this is it)
+        log.info("tournament: %d candidates x %d steps of distillation from the teacher",
+                 len(found), plan.dc.train_iters)
+        del model
+        model = None
+        folders = tournament.prepare_candidates(
+            found, lambda: load_teacher(c, plan), teacher, c.search, tmp / "scores",
+            tmp, c.dtype)
+        if c.tournament_job == "prepare":
+            tournament.run_tournament([], [], plan.source, plan.dc, tmp / "tournament", seed,
+                                      c.search, plan.layout, plan.cache)  # the teacher cache
+            runtime.on_rank0(lambda: stage.atomic_write_text(
+                tmp / "tournament" / "prepared.json", json.dumps(found, indent=1)))
+            log.info("prepared %d tournament candidates in %s", len(found), tmp)
+            return Pruned(None, None, None, found=found, prepared=True)
+        cached = tournament.run_tournament(found, folders, plan.source, plan.dc,
+                                           tmp / "tournament", seed, c.search, plan.layout,
+                                           plan.cache)
+    best = tournament.winner(found, c.search, plan.dc is not None)
+    for cand in found:
+        cand["winner"] = cand is best
+    student = arch_of(teacher, best["ss_config"])
+    log.info("search: %s wins (%s)", best["arch"], "tournament" if plan.dc else "zero-shot")
+    if plan.dc is not None:
+        winner_dir = tmp / "candidates" / f"c{best['candidate']}"
+    else:
+        checkpoint.save_pruned(model, student, tmp, c.dtype)
+    drop = importance.modelopt_dropped(importance.scores_file(tmp), student.num_layers) \
+        if student.num_layers < teacher.num_layers else None
+    return Pruned(student, drop, "modelopt search" if drop else None, found=found,
+                  search_s=search_s, cached=cached, winner_dir=winner_dir)
 
 
-def write_pruned(model, arch: Arch, dest: Path, dtype: str) -> None:
-    """The pruned `model` as a torch_dist checkpoint of `arch` at dest/iter_0000000, at the
-    student's own layout: gathered as HF tensors, then written with convert's streaming writer
-    (any PP, even layers); dest/arch.json last (a candidate's "done" mark). Collective."""
-    from recipes.lib import model as M
+def prune_fixed(c: PruneConfig, plan: Plan, tmp: Path, seed: int) -> Pruned:
+    """The sizes the config names: the contiguous block chosen on held-out data (or the listed
+    layers, or ModelOpt's ranking), then ModelOpt's width pruning to the export config."""
+    from recipes.lib import modelopt_local  # lazy: megatron and ModelOpt (see `run`)
 
-    hf = M.gather_hf(model, arch)
-    staging = dest / "staging"
-    runtime.on_rank0(lambda: _write_staging(hf, staging))
-    hf = None  # free the gathered tensors before the streaming save
-    runtime.barrier()
-    reader = checkpoint.HFReader(staging, mapping.hf_names(arch))
-    checkpoint.save_from_hf(arch, reader, interop.iteration_dir(dest, 0), dtype, "save")
-    runtime.barrier()
-    if runtime.is_rank0():
-        shutil.rmtree(staging)
-        (dest / "arch.json").write_text(json.dumps(arch.to_dict()) + "\n")
+    modelopt_local.enable()
+    # lazy: ModelOpt's prune plugin, importable after modelopt_local.enable()
+    import modelopt.torch.prune as mtp
+    from modelopt.torch.prune.plugins import mcore_minitron as MM
+
+    teacher, student, drop, table = plan.source.arch, plan.student, plan.drop, None
+    model = load_teacher(c, plan)
+    n_drop = teacher.num_layers - student.num_layers
+    if n_drop and c.depth_method == "contiguous":
+        heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples, seed + 1)
+        table = importance.contiguous_candidates(model, teacher, n_drop, heldout, c.micro_batch_size)
+        box = [table]
+        torch.distributed.broadcast_object_list(box, src=0)
+        table = box[0]
+        best = min(table, key=lambda r: r["loss"])
+        drop = list(range(best["drop_layers"][0], best["drop_layers"][1] + 1))
+        log.info("contiguous: least harmful block %s (held-out loss %.4f)",
+                 best["drop_layers"], best["loss"])
+    export_config = {k: getattr(student, k) for k in WIDTH_KEYS}
+    if n_drop and c.depth_method == "block_influence":
+        export_config["num_layers"] = student.num_layers
+    mode = [("mcore_minitron", MM.get_mcore_minitron_config(
+        hidden_size_divisor=1, ffn_hidden_size_divisor=1, num_layers_divisor=1))]
+    model, _ = mtp.prune(model, mode=mode, constraints={"export_config": export_config},
+                         dummy_input=None, config={"forward_loop": calibration(c, plan, seed),
+                                                   "scores_path": str(tmp / "scores") + "/"})
+    if drop:
+        MM.drop_mcore_language_model_layers(model, layers_to_drop=drop)
+    elif n_drop:  # block_influence
+        drop = importance.modelopt_dropped(importance.scores_file(tmp), student.num_layers)
+    checkpoint.save_pruned(model, student, tmp, c.dtype)
+    return Pruned(student, drop, c.depth_method if n_drop else None, table=table)
+
+
+def publish(cfg: config.Config, plan: Plan, pruned: Pruned, tmp: Path) -> dict:
+    """The pruned checkpoint with its layout files, sidecars, importance and search records,
+    then the commit (manifest last)."""
+    c: PruneConfig = cfg.prune
+    teacher, student, drop = plan.source.arch, pruned.student, pruned.drop
+    depth = {"method": pruned.method, "drop_layers_1indexed": drop,
+             "hf_layers_dropped_0indexed": [x - 1 for x in drop] if drop else None}
+    summary = runtime.on_rank0(lambda: importance.summary(importance.scores_file(tmp), teacher))
+    if runtime.is_rank0() and pruned.winner_dir is not None:  # the winner as pruned
+        os.replace(pruned.winner_dir / "iter_0000000", tmp / "iter_0000000")
     runtime.barrier()
 
+    def finish():
+        interop.write_layout(tmp, student, 0, dtype=c.dtype, **plan.layout)
+        checkpoint.write_sidecars(tmp, plan.source.hf_config, plan.source.tokenizer)
+        imp, full = summary
+        imp["depth"] = {**depth, "candidates": pruned.table}
+        (tmp / "importance.json").write_text(json.dumps(imp, indent=1) + "\n")
+        torch.save(full, tmp / "importance.pt")
+        shutil.rmtree(tmp / "scores")
+        if pruned.found is not None:
+            from recipes.lib import tournament  # lazy: megatron and ModelOpt (see `run`)
 
-def _write_staging(hf: dict, folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)  # a killed candidate's leftovers
-    folder.mkdir(parents=True)
-    checkpoint.write_hf(hf, folder, 2 << 30)
+            (tmp / "search.json").write_text(json.dumps(tournament.summary(
+                c, teacher, pruned.found, pruned.search_s, plan.dc, pruned.cached),
+                indent=1) + "\n")
+            shutil.rmtree(tmp / "candidates", ignore_errors=True)
+            shutil.rmtree(tmp / "tournament" / "teacher_logits", ignore_errors=True)
+            if not c.search.keep_tournament:
+                shutil.rmtree(tmp / "tournament", ignore_errors=True)
+        (tmp / "config.yaml").write_text(config.to_yaml(cfg))
+
+    runtime.on_rank0(finish)
+    done = plan.sdir.commit({
+        "input": {**plan.source.provenance(), "data": str(Path(c.data).resolve())},
+        "arch": student.to_dict(), "num_params": student.num_params(),
+        "teacher": {"arch": teacher.to_dict(), "num_params": teacher.num_params()},
+        "dtype": c.dtype, "parallel": {"tp": 1, "pp": plan.layout["pp"]}, "depth": depth,
+        "search": None if pruned.found is None else {
+            "constraint": constraint(c, teacher), "candidates": len(pruned.found),
+            "winner": next(x["candidate"] for x in pruned.found if x["winner"]),
+            "decided_by": "tournament" if plan.dc else "zero-shot"},
+        "metrics": {"params_ratio": student.num_params() / teacher.num_params(),
+                    "calib_samples": c.calib_samples, "seq_length": c.seq_length}})
+    runtime.on_rank0(lambda: (plan.sdir.out / "run.json").unlink(missing_ok=True))  # resume mark
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

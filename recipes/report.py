@@ -6,6 +6,8 @@ Reads the manifests and logs the other stages left in <run.dir> (whichever exist
 architecture and parameter table teacher vs student, the evaluation table, training and
 validation curves, per-layer importance and the depth-candidate table, sample generations,
 export parity and wall time per stage. Output: <run.dir>/report/{report.md, *.png, manifest.json}.
+The plots (recipes/lib/plots.py) are imported when the report renders (`# lazy`): every stage's
+config check imports this module, and matplotlib costs a second to import.
 """
 from __future__ import annotations
 
@@ -14,14 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from recipes.lib import config, stage  # noqa: E402
-from recipes.lib.stage import StageDir, fingerprint, read_manifest  # noqa: E402
+from recipes.lib import config, stage
+from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "ce_trained",
           "export_teacher_corrected", "export_pruned", "export_ce_trained", "export", "evaluate",
@@ -60,100 +56,6 @@ def _metrics(stage_dir: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
 
 
-def plot_training(rows: list[dict], path: Path, baseline: list[dict] | None = None) -> None:
-    """KD and LM loss curves of the distillation; `baseline`: the cross-entropy-trained
-    student's LM loss on the same axis."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "kd_loss", "KD loss: KL(teacher || student)"),
-                           (axes[1], "lm_loss", "student LM loss (cross-entropy)")):
-        tr = [(r["tokens"] / 1e3, r[key]) for r in rows if key in r]
-        va = [(r["tokens"] / 1e3, r[f"valid_{key}"]) for r in rows if f"valid_{key}" in r]
-        if tr:
-            ax.plot(*zip(*tr), label="train", lw=1.2)
-        if va:
-            ax.plot(*zip(*va), "o-", label="validation", ms=4)
-        base = [(r["tokens"] / 1e3, r[f"valid_{key}"]) for r in baseline or []
-                if f"valid_{key}" in r]
-        if base:
-            ax.plot(*zip(*base), "s--", label="validation, ce_trained", ms=4)
-        ax.set(title=title, xlabel="training tokens (thousands)", ylabel="loss (nats / token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_importance(imp: dict, student: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    heads = [imp["heads"][k] for k in sorted(imp["heads"], key=int)]
-    if heads:
-        im = axes[0].imshow(list(zip(*heads)), aspect="auto", cmap="viridis")
-        fig.colorbar(im, ax=axes[0], label="L2 of mean |activation|")
-        axes[0].set(title="attention-head importance", xlabel="layer (0-indexed, HF numbering)",
-                    ylabel="query head")
-    q = [imp["neurons_quantiles"][k] for k in sorted(imp["neurons_quantiles"], key=int)]
-    if q:
-        layers = range(len(q))
-        axes[1].fill_between(layers, [x[1] for x in q], [x[3] for x in q], alpha=0.3,
-                             label="25-75 %")
-        axes[1].plot(layers, [x[2] for x in q], label="median")
-        axes[1].plot(layers, [x[4] for x in q], "--", lw=0.8, label="max")
-        axes[1].set(title="MLP neuron importance per layer", xlabel="layer (0-indexed)",
-                    ylabel="L2 of mean |activation| (log)", yscale="log")
-        axes[1].legend()
-    if imp.get("channels"):
-        ch = sorted(imp["channels"], reverse=True)
-        axes[2].plot(range(1, len(ch) + 1), ch)
-        axes[2].axvline(student["hidden_size"], color="red", ls="--",
-                        label=f"kept: {student['hidden_size']}")
-        axes[2].set(title="embedding-channel importance (sorted)", xlabel="channel rank",
-                    ylabel="summed L2 over norms")
-        axes[2].legend()
-    for ax in axes[1:]:
-        ax.grid(alpha=0.3)
-    for ax in axes:  # layers, heads and ranks are whole numbers
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_depth(cands: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"{c['drop_layers'][0]}-{c['drop_layers'][1]}" for c in cands]
-    losses = [c["loss"] for c in cands]
-    best = losses.index(min(losses))
-    ax.bar(labels, losses, color=["C2" if i == best else "C0" for i in range(len(labels))])
-    ax.set(title="teacher held-out loss with a contiguous block removed",
-           xlabel="dropped block (1-indexed layers)", ylabel="loss (nats / token)")
-    ax.tick_params(axis="x", rotation=90)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_search(res: dict, path: Path) -> None:
-    cands = res["candidates"]
-    score = (res.get("settings") or {}).get("score", "kd_loss")
-    key = f"tournament_{score}" if res["decided_by"] == "tournament" else "zero_shot_lm_loss"
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for c in cands:
-        ax.scatter(c["params"] / 1e6, c[key], s=80 if c["winner"] else 30,
-                   color="C2" if c["winner"] else "C0", zorder=3)
-        ax.annotate(f"c{c['candidate']}", (c["params"] / 1e6, c[key]),
-                    textcoords="offset points", xytext=(5, 3))
-    ax.set(title=f"search candidates ({res['decided_by']}; winner green)",
-           xlabel="parameters (M)",
-           ylabel={"kd_loss": "held-out KD loss", "lm_loss": "held-out LM loss",
-                   "lm_eval": "lm-eval score"}[score] + " after the tournament"
-           if key.startswith("tournament") else "zero-shot held-out LM loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 SEARCH_COLUMNS = {"tournament_kd_loss": "tournament KD loss",
                   "tournament_lm_loss": "tournament LM loss",
                   "tournament_lm_eval": "tournament lm-eval"}
@@ -190,19 +92,6 @@ def _teacher(t: dict) -> str:
     return (f"the teacher's logits cached once ({tc['batches']} micro-batches, {tc['mb']:,.1f} MB"
             + (")" if tc["encoding"] == "full" else
                f", top {tc['top_k']}, mean tail mass {tc['tail_mass_mean']:.4f})"))
-
-
-def plot_evaluation(heldout: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = list(heldout)
-    ppl = [heldout[n]["perplexity"] for n in names]
-    bars = ax.bar(names, ppl, color=[f"C{i}" for i in range(len(names))])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set(title="held-out perplexity (test split, lower is better)", ylabel="perplexity (log)",
-           yscale="log", ylim=(min(ppl) / 1.5, max(ppl) * 2))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _throughput(heldout: dict) -> str:
@@ -289,38 +178,75 @@ def speed_lines(res: dict) -> list[str]:
 
 
 def render(run: Path, out: Path, title: str) -> str:
+    """The report's markdown for run directory `run`; the plots are written to `out`."""
     m = _manifests(run)
+    names = described(run)
     lines = [f"# {title}", "", f"Run directory: `{run}`", ""]
-    if "prune" in m:
-        t, s = m["prune"]["teacher"], m["prune"]
-        lines += ["## Architecture", "", "| | teacher | student |", "|---|---|---|"]
-        lines += [f"| {k} | {t['arch'][k]} | {s['arch'][k]} |" for k in ARCH_ROWS]
-        lines += [f"| parameters | {t['num_params'] / 1e6:.1f}M | {s['num_params'] / 1e6:.1f}M "
-                  f"({s['num_params'] / t['num_params']:.1%}) |", ""]
-        depth = s.get("depth", {})
-        if depth.get("drop_layers_1indexed"):
-            lines += [f"Dropped layers ({depth['method']}): {depth['drop_layers_1indexed']} "
-                      f"(1-indexed) = HF `model.layers` {depth['hf_layers_dropped_0indexed']}", ""]
+    lines += architecture_lines(m) + search_sections(run, m, out)
+    lines += evaluation_section(run, m, out, names) + comparison_sections(run, m, names)
+    lines += training_section(run, out) + importance_section(run, m, out)
+    exports = {k: v for k, v in m.items() if k.startswith("export")}
+    if exports:
+        lines += ["## Export parity", "", "| export | max abs logit difference, megatron vs "
+                  "transformers (fp32) |", "|---|---|"]
+        lines += [f"| {k} | {v['metrics'].get('parity_max_abs_diff', float('nan')):.2e} |"
+                  for k, v in exports.items()]
+        lines.append("")
+    lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v.get('wall_s', float('nan')):.1f} |" for k, v in m.items()]
+    return "\n".join(lines) + "\n"
+
+
+def architecture_lines(m: dict) -> list[str]:
+    if "prune" not in m:
+        return []
+    t, s = m["prune"]["teacher"], m["prune"]
+    lines = ["## Architecture", "", "| | teacher | student |", "|---|---|---|"]
+    lines += [f"| {k} | {t['arch'][k]} | {s['arch'][k]} |" for k in ARCH_ROWS]
+    lines += [f"| parameters | {t['num_params'] / 1e6:.1f}M | {s['num_params'] / 1e6:.1f}M "
+              f"({s['num_params'] / t['num_params']:.1%}) |", ""]
+    depth = s.get("depth", {})
+    if depth.get("drop_layers_1indexed"):
+        lines += [f"Dropped layers ({depth['method']}): {depth['drop_layers_1indexed']} "
+                  f"(1-indexed) = HF `model.layers` {depth['hf_layers_dropped_0indexed']}", ""]
+    return lines
+
+
+def search_sections(run: Path, m: dict, out: Path) -> list[str]:
+    from recipes.lib import plots  # lazy: matplotlib (see the module doc)
+
+    lines = []
     for k, v in m.items():
         if v.get("stage") == "prune" and (run / k / "search.json").is_file():
             res = json.loads((run / k / "search.json").read_text())
-            plot_search(res, out / f"search_{k}.png")
+            plots.plot_search(res, out / f"search_{k}.png")
             lines += [f"## Architecture search (`{k}`)", ""] + search_lines(res)
             lines += [f"![search](search_{k}.png)", ""]
-    names = described(run)
-    if "evaluate" in m:
-        res = json.loads((run / "evaluate" / "results.json").read_text())
-        lines += evaluation_lines(res, m["evaluate"], names)
-        plot_evaluation(res["heldout"], out / "evaluation.png")
-        lines += ["", "![held-out perplexity](evaluation.png)", ""]
-        lines += lm_eval_lines(res) + speed_lines(res)
-        if res.get("generations"):
-            lines += ["## Sample generations (greedy)", ""]
-            for i, prompt in enumerate(res["prompts"]):
-                lines += [f"**Prompt:** {prompt}", ""]
-                lines += [f"- *{name}*: {gens[i].strip()!r}"
-                          for name, gens in res["generations"].items()]
-                lines.append("")
+    return lines
+
+
+def evaluation_section(run: Path, m: dict, out: Path, names: dict) -> list[str]:
+    from recipes.lib import plots  # lazy: matplotlib (see the module doc)
+
+    if "evaluate" not in m:
+        return []
+    res = json.loads((run / "evaluate" / "results.json").read_text())
+    lines = evaluation_lines(res, m["evaluate"], names)
+    plots.plot_evaluation(res["heldout"], out / "evaluation.png")
+    lines += ["", "![held-out perplexity](evaluation.png)", ""]
+    lines += lm_eval_lines(res) + speed_lines(res)
+    if res.get("generations"):
+        lines += ["## Sample generations (greedy)", ""]
+        for i, prompt in enumerate(res["prompts"]):
+            lines += [f"**Prompt:** {prompt}", ""]
+            lines += [f"- *{name}*: {gens[i].strip()!r}"
+                      for name, gens in res["generations"].items()]
+            lines.append("")
+    return lines
+
+
+def comparison_sections(run: Path, m: dict, names: dict) -> list[str]:
+    lines = []
     for key, heading, note in (
             ("compare", "Why distillation: the same architecture and token budget, several ways",
              "Each student has the pruned architecture and the same steps, batches and learning "
@@ -335,37 +261,40 @@ def render(run: Path, out: Path, title: str) -> str:
             lines += [f"| {k} | {names.get(k, '')} | {v['params'] / 1e6:.1f}M | {v['loss']:.4f} "
                       f"| {v['perplexity']:.2f} |" for k, v in comp.items()]
             lines.append("")
+    return lines
+
+
+def training_section(run: Path, out: Path) -> list[str]:
+    from recipes.lib import plots  # lazy: matplotlib (see the module doc)
+
     rows = _metrics(run / "distill")
-    if rows:
-        plot_training(rows, out / "training.png", _metrics(run / "ce_trained"))
-        lines += ["## Distillation", "", "![training curves](training.png)", ""]
-        last = rows[-1]
-        lines += [f"{last['step']} steps, {last['tokens']:,} tokens; final train KD loss "
-                  f"{last.get('kd_loss', float('nan')):.4f}, validation KD loss "
-                  f"{last.get('valid_kd_loss', float('nan')):.4f}.", ""]
-    if (run / "prune" / "importance.json").is_file():
-        imp = json.loads((run / "prune" / "importance.json").read_text())
-        plot_importance(imp, m["prune"]["arch"], out / "importance.png")
-        lines += ["## Importance (calibration activations)", "", "![importance](importance.png)",
-                  ""]
-        cands = (imp.get("depth") or {}).get("candidates")
-        if cands:
-            plot_depth(cands, out / "depth_candidates.png")
-            lines += ["![depth candidates](depth_candidates.png)", "",
-                      "| dropped block (1-indexed) | teacher held-out loss |", "|---|---|"]
-            lines += [f"| {c['drop_layers'][0]}-{c['drop_layers'][1]} | {c['loss']:.4f} |"
-                      for c in cands]
-            lines.append("")
-    exports = {k: v for k, v in m.items() if k.startswith("export")}
-    if exports:
-        lines += ["## Export parity", "", "| export | max abs logit difference, megatron vs "
-                  "transformers (fp32) |", "|---|---|"]
-        lines += [f"| {k} | {v['metrics'].get('parity_max_abs_diff', float('nan')):.2e} |"
-                  for k, v in exports.items()]
+    if not rows:
+        return []
+    plots.plot_training(rows, out / "training.png", _metrics(run / "ce_trained"))
+    last = rows[-1]
+    return ["## Distillation", "", "![training curves](training.png)", "",
+            f"{last['step']} steps, {last['tokens']:,} tokens; final train KD loss "
+            f"{last.get('kd_loss', float('nan')):.4f}, validation KD loss "
+            f"{last.get('valid_kd_loss', float('nan')):.4f}.", ""]
+
+
+def importance_section(run: Path, m: dict, out: Path) -> list[str]:
+    from recipes.lib import plots  # lazy: matplotlib (see the module doc)
+
+    if not (run / "prune" / "importance.json").is_file():
+        return []
+    imp = json.loads((run / "prune" / "importance.json").read_text())
+    plots.plot_importance(imp, m["prune"]["arch"], out / "importance.png")
+    lines = ["## Importance (calibration activations)", "", "![importance](importance.png)", ""]
+    cands = (imp.get("depth") or {}).get("candidates")
+    if cands:
+        plots.plot_depth(cands, out / "depth_candidates.png")
+        lines += ["![depth candidates](depth_candidates.png)", "",
+                  "| dropped block (1-indexed) | teacher held-out loss |", "|---|---|"]
+        lines += [f"| {c['drop_layers'][0]}-{c['drop_layers'][1]} | {c['loss']:.4f} |"
+                  for c in cands]
         lines.append("")
-    lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v.get('wall_s', float('nan')):.1f} |" for k, v in m.items()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def run(cfg: config.Config) -> dict:

@@ -21,7 +21,6 @@ import torch
 from recipes.lib import checkpoint, config, stage, train, train_stage
 
 
-
 @dataclasses.dataclass(kw_only=True)
 class TeacherCorrectionConfig(train.TrainConfig):
     """The training settings of recipes/lib/train.py; `input` is the model to train."""
@@ -31,7 +30,7 @@ class TeacherCorrectionConfig(train.TrainConfig):
 
 
 def make_step_fn(vocab_size: int):
-    from recipes.lib.kd import lm_loss
+    from recipes.lib.kd import lm_loss  # lazy: megatron; config checks import this module
 
     def loss_func(labels, mask, output):
         n = mask.sum()
@@ -47,12 +46,12 @@ def run(cfg: config.Config) -> dict:
     src = sources["input"]
 
     def build():
-        from recipes.lib import model as M
+        from recipes.lib import model as M  # lazy: megatron; config checks import this module
 
         model = M.build(src.arch, **{**train_stage.build_kwargs(c), "init": c.random_init})
         if not c.random_init:
             checkpoint.load(model, src.weights, src.arch.vocab_size)
-        return model, make_step_fn(src.arch.vocab_size)
+        return model, make_step_fn(src.arch.vocab_size), None
 
     return train_stage.run("teacher_correction", cfg, c, sources, build, {})
 

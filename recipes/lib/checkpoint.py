@@ -162,6 +162,7 @@ def hf_files(folder: Path) -> list[Path]:
 
 def _dist_ckpt():
     compat.apply()
+    # lazy: megatron after compat.apply(); light stages read this module
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing
@@ -194,6 +195,7 @@ def save_streaming(meta_model, directory: Path,
     chunk's data comes from `materialize(sharded_key, global_offset, chunk_sizes)` at the moment
     torch's serial writer reaches it, one chunk at a time. Collective; loads like `save`."""
     dc = _dist_ckpt()
+    # lazy: megatron, after compat.apply() in _dist_ckpt()
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
         TorchDistSaveShardedStrategy,
@@ -249,6 +251,7 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
     if not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint "
                                 "(no metadata.json); point at a finished stage folder")
+    # lazy: megatron, after compat.apply() in _dist_ckpt()
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     dc = _dist_ckpt()
@@ -339,12 +342,39 @@ def save_from_hf(arch: Arch, reader: HFReader, directory: Path, dtype: str, desc
     """Write the HF tensors `reader` serves as a torch_dist checkpoint of `arch` at the runtime's
     TP/PP, streaming (see the module docstring); collective. The structure comes from a
     meta-device local-spec model: the keys it writes are the TE spec's too."""
-    from recipes.lib import model as M
+    from recipes.lib import model as M  # lazy: megatron (this module is read by light stages)
 
     meta = M.build(arch, dtype=dtype, spec="local", meta=True)
     with tqdm(desc=desc, unit="chunk", disable=not runtime.is_rank0()) as bar:
         save_streaming(meta, directory, materializer(meta, arch, reader, M.DTYPES[dtype], bar),
                        iteration)
+
+
+def save_pruned(model, arch: Arch, dest: Path, dtype: str) -> None:
+    """A model ModelOpt pruned (any PP) as a torch_dist checkpoint of `arch` at
+    dest/iter_0000000, at the student's own layout: gathered as HF tensors, then written with
+    convert's streaming writer (any PP, even layers); dest/arch.json last (a tournament
+    candidate's "done" mark). Collective."""
+    from recipes.lib import model as M  # lazy: megatron (this module is read by light stages)
+
+    hf = M.gather_hf(model, arch)
+    staging = dest / "staging"
+
+    def stage_hf():
+        shutil.rmtree(staging, ignore_errors=True)  # a killed candidate's leftovers
+        staging.mkdir(parents=True)
+        write_hf(hf, staging, 2 << 30)
+
+    runtime.on_rank0(stage_hf)
+    hf = None  # free the gathered tensors before the streaming save
+    runtime.barrier()
+    save_from_hf(arch, HFReader(staging, mapping.hf_names(arch)),
+                 interop.iteration_dir(dest, 0), dtype, "save")
+    runtime.barrier()
+    if runtime.is_rank0():
+        shutil.rmtree(staging)
+        (dest / "arch.json").write_text(json.dumps(arch.to_dict()) + "\n")
+    runtime.barrier()
 
 
 def write_hf(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> list[str]:

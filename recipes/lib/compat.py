@@ -224,7 +224,7 @@ def _wrap(owner, name: str, context) -> None:
     setattr(owner, name, wrapper)
 
 
-def _wrap_cuda_calls(owner, method: str) -> None:
+def wrap_cuda_calls(owner, method: str) -> None:
     """`owner` is a class or a module; callers that look the name up at call time (methods,
     `module.function(...)`) get the wrapped version."""
     _wrap(owner, method, tensor_cuda_is_identity)
@@ -256,7 +256,7 @@ def fused_losses() -> bool:
 
 
 def _sdpa_core_attention(original):
-    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.enums import AttnMaskType  # lazy: patched only in apply()
 
     @functools.wraps(original)
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
@@ -293,218 +293,11 @@ def apply() -> None:
             mod.torch = proxy
         for mod_name, cls_name, method in CUDA_TENSOR_METHODS:
             mod = importlib.import_module(mod_name)
-            _wrap_cuda_calls(getattr(mod, cls_name) if cls_name else mod, method)
+            wrap_cuda_calls(getattr(mod, cls_name) if cls_name else mod, method)
         for mod_name, cls_name, fn in CUDA_TYPE_CHECKING_CALLS:
             mod = importlib.import_module(mod_name)
             _wrap(getattr(mod, cls_name) if cls_name else mod, fn, cpu_float_reports_cuda_type)
+        # lazy: megatron is imported here, in apply(), once the patches above are in
         from megatron.core.transformer.dot_product_attention import DotProductAttention
         DotProductAttention.forward = _sdpa_core_attention(DotProductAttention.forward)
     _APPLIED = True
-
-
-# ---- ModelOpt Minitron pruning without Transformer Engine (local layer spec) -------------------
-# modelopt/torch/nas/plugins/megatron.py imports transformer_engine at module level and registers
-# dynamic modules for TE classes; without TE, `mcore_minitron` is silently not registered
-# (KeyError: 'mcore_minitron'). Its head and hidden-size importance assume the TE layer spec
-# (TEDotProductAttention, fused LayerNorm+Linear). `enable_modelopt()` imports the plugin with a
-# stand-in for TE (stand-in classes that nothing ever instantiates), then teaches it the local
-# spec, reusing ModelOpt's own hparams, slicing and importance math:
-#   - SelfAttention with a local DotProductAttention core and local QKV / projection linears
-#     (a QKV bias is sliced with its heads; per-head Q/K norms act on head_dim and stay whole);
-#   - torch.nn.RMSNorm (the local spec's norm) as a dynamic norm, like ModelOpt's TE norm;
-#   - hidden-size importance from the outputs of the separate norms (the paper's definition; TE
-#     fuses the norm into the next linear, so ModelOpt reads it from there);
-#   - depth pruning's `.cuda()` and a 0-dim all_gather_into_tensor that gloo rejects;
-#   - modelopt/torch/utils/distributed.py broadcast/allgather move their buffers with .cuda().
-# Drop this section when the pinned ModelOpt supports the local spec (or TE exists on CPU).
-_TE_CLASSES = ("TEColumnParallelGroupedLinear", "TEColumnParallelLinear", "TEDotProductAttention",
-               "TELayerNormColumnParallelLinear", "TELinear", "TERowParallelGroupedLinear",
-               "TERowParallelLinear")
-_MODELOPT_ENABLED = False
-
-
-def _import_modelopt_plugins_without_te() -> None:
-    # megatron modules the plugin imports must be imported first, without the stand-in, so
-    # that megatron's own TE probes (get_te_version) never see it
-    for m in ("megatron.core.models.hybrid.hybrid_layer_specs",
-              "megatron.core.models.hybrid.hybrid_model", "megatron.core.models.gpt.moe_module_specs",
-              "megatron.core.ssm.gated_delta_net", "megatron.core.transformer.multi_latent_attention",
-              "megatron.core.transformer.moe.moe_layer", "megatron.core.transformer.moe.experts",
-              "megatron.core.transformer.moe.shared_experts", "megatron.core.transformer.moe.router",
-              "modelopt.torch.nas", "modelopt.torch.prune"):
-        importlib.import_module(m)
-    ext = importlib.import_module("megatron.core.extensions.transformer_engine")
-
-    class _AbsentTE(torch.nn.Module):
-        """Stands in for a Transformer Engine class; never instantiated."""
-
-    te = types.ModuleType("transformer_engine")
-    te.__version__ = "0.0.0"
-    te.pytorch = types.ModuleType("transformer_engine.pytorch")
-    te.pytorch.LayerNorm = type("LayerNorm", (_AbsentTE,), {})
-    te.pytorch.RMSNorm = type("RMSNorm", (_AbsentTE,), {})
-    saved = {n: getattr(ext, n) for n in _TE_CLASSES}
-    sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"] = te, te.pytorch
-    try:
-        for n in _TE_CLASSES:
-            setattr(ext, n, type(n, (_AbsentTE,), {}))
-        importlib.import_module("modelopt.torch.nas.plugins.megatron")
-        importlib.import_module("modelopt.torch.prune.plugins.mcore_minitron")
-    finally:
-        del sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"]
-        for n, v in saved.items():
-            setattr(ext, n, v)
-
-
-def _teach_local_spec() -> None:
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.identity_op import IdentityOp
-    from modelopt.torch.nas.modules import _DynamicLayerNorm
-    from modelopt.torch.nas.plugins import megatron as P
-    from modelopt.torch.opt.dynamic import DynamicModule
-    from modelopt.torch.prune.plugins import mcore_minitron as MM
-
-    class _DynamicTorchRMSNorm(_DynamicLayerNorm):
-        def _setup(self, *, num_features):
-            self._register_hparam("num_features", num_features)
-            self._register_dynamic_attribute("weight", self._cut_to_active_features)
-            self._register_dynamic_attribute("normalized_shape", self._get_normalized_shape)
-
-    if torch.nn.RMSNorm not in P.DMRegistry:  # a later ModelOpt may register it itself
-        P.DMRegistry.register({torch.nn.RMSNorm: "torch.nn.RMSNorm"})(_DynamicTorchRMSNorm)
-
-    te_qkv, te_proj = P._DynamicTEQKVLayerNormColumnParallelLinear, P._DynamicTEProjRowParallelLinear
-
-    class _DynamicLocalQKV(DynamicModule, ColumnParallelLinear):
-        _get_output_size_indices = te_qkv._get_output_size_indices
-
-        def _setup(self, *, num_attention_heads, hidden_size):
-            self._register_hparam("input_size", hidden_size)
-            self._register_hparam("num_attention_heads", num_attention_heads)
-            self._register_dynamic_attribute("output_size", lambda mod, val: (
-                num_attention_heads.active + 2 * mod.config.num_query_groups
-            ) * mod.config.kv_channels)
-            self._register_dynamic_attribute("output_size_per_partition",
-                                             lambda mod, val: mod.output_size)
-            self._register_dynamic_attribute("weight", te_qkv._get_weight)
-            if getattr(self, "bias", None) is not None and self.bias.numel() > 0:  # Qwen2
-                self._register_dynamic_attribute("bias", te_qkv._get_bias)  # rows follow heads
-
-    class _DynamicLocalProj(DynamicModule, RowParallelLinear):
-        _get_input_size_indices = te_proj._get_input_size_indices
-
-        def _setup(self, *, num_attention_heads, hidden_size):
-            self._register_hparam("output_size", hidden_size)
-            self._register_hparam("num_attention_heads", num_attention_heads)
-            self._register_dynamic_attribute(
-                "input_size", lambda mod, val: num_attention_heads.active * mod.config.kv_channels)
-            self._register_dynamic_attribute("input_size_per_partition",
-                                             lambda mod, val: mod.input_size)
-            self._register_dynamic_attribute("weight", te_proj._get_weight)
-
-    te_setup = P._DynamicSelfAttention._setup
-
-    def attention_setup(self, *, hidden_size):
-        if isinstance(self.core_attention, P.TEDotProductAttention) or \
-                not self._prunes_attention_heads():
-            return te_setup(self, hidden_size=hidden_size)
-        heads = P.NumAttentionHeadsHp(self.num_attention_heads_per_partition,
-                                      self.num_query_groups_per_partition)
-        self._register_hparam("num_attention_heads", heads)
-        self._register_dynamic_attribute("num_attention_heads_per_partition",
-                                         lambda mod, val: mod.num_attention_heads)
-        core_cls = type("_DynamicLocalDotProductAttention",
-                        (DynamicModule, type(self.core_attention)), {"_setup": lambda s: None})
-        core_cls.convert(self.core_attention)
-        self.core_attention._register_dynamic_attribute(
-            "num_attention_heads_per_partition", lambda mod, val: heads.active)
-        self.core_attention._register_dynamic_attribute(
-            "hidden_size_per_partition", lambda mod, val: heads.active * mod.config.kv_channels)
-        _DynamicLocalQKV.convert(self.linear_qkv, num_attention_heads=heads, hidden_size=hidden_size)
-        _DynamicLocalProj.convert(self.linear_proj, num_attention_heads=heads,
-                                  hidden_size=hidden_size)
-
-    P._DynamicSelfAttention._setup = attention_setup
-
-    te_hidden_importance = MM._register_hidden_size_importance
-
-    def hidden_size_importance(module, registry):
-        norms = [n for layer in module.decoder.layers
-                 for n in (layer.input_layernorm, layer.pre_mlp_layernorm)
-                 if not isinstance(n, IdentityOp)]
-        if not norms:  # TE spec: norms fused into linears, ModelOpt's own hooks apply
-            return te_hidden_importance(module, registry)
-        module._register_temp_attribute("_activations", {})
-
-        def collect(mod, norm, _inp, out):  # ModelOpt's estimator, on the norm's output
-            act = out.detach().to(torch.float32).abs().mean(dim=0).pow(2).sum(dim=0)
-            prev = mod._activations.get(id(norm))
-            mod._activations[id(norm)] = act if prev is None else prev + act
-
-        def estimate(mod):
-            assert mod._activations, "No activations collected for importance estimation."
-            scores = torch.stack([a.pow(0.5) for a in mod._activations.values()]).sum(dim=0)
-            torch.distributed.all_reduce(scores, op=torch.distributed.ReduceOp.SUM)
-            return scores
-
-        for norm in norms:
-            registry.register_hook(norm, functools.partial(collect, module), hook_type="forward")
-        registry.register_importance(module, "hidden_size", lambda: estimate(module))
-
-    MM._register_hidden_size_importance = hidden_size_importance
-
-    if cuda_available():  # a GPU without TE: the CUDA collectives below work as they are
-        return
-    drop = MM.drop_mcore_language_model_layers
-
-    @functools.wraps(drop)
-    def drop_layers_cpu(model, *, layers_to_drop):
-        with tensor_cuda_is_identity(), _gloo_all_gather_into_tensor():
-            return drop(model, layers_to_drop=layers_to_drop)
-
-    MM.drop_mcore_language_model_layers = drop_layers_cpu
-
-    from modelopt.torch.utils import distributed as modelopt_dist
-
-    for fn in ("broadcast", "allgather"):
-        _wrap_cuda_calls(modelopt_dist, fn)
-
-
-@contextlib.contextmanager
-def _gloo_all_gather_into_tensor():
-    """gloo has no all_gather_into_tensor: emulate it with all_gather, within the block."""
-    import torch.distributed as dist
-
-    original = dist.all_gather_into_tensor
-
-    def emulated(output, inp, group=None, async_op=False):
-        parts = list(output.reshape(dist.get_world_size(group), -1).unbind(0))
-        gathered = [torch.empty_like(p) for p in parts]
-        dist.all_gather(gathered, inp.reshape(-1), group=group)
-        output.copy_(torch.stack(gathered).reshape(output.shape))
-
-    dist.all_gather_into_tensor = emulated
-    try:
-        yield
-    finally:
-        dist.all_gather_into_tensor = original
-
-
-def enable_modelopt() -> None:
-    """Make `mtp.prune(mode="mcore_minitron")` work for both layer specs; idempotent. Without
-    Transformer Engine the plugin is imported with the TE stand-in; with TE it imports as is. In
-    both cases ModelOpt is taught the local spec (so `spec=local` prunes on a GPU machine too),
-    which leaves its own TE-spec handling untouched: each adapter defers to ModelOpt's code when
-    it meets a TE module."""
-    global _MODELOPT_ENABLED
-    if _MODELOPT_ENABLED:
-        return
-    apply()
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        _import_modelopt_plugins_without_te()
-    else:
-        importlib.import_module("modelopt.torch.prune.plugins.mcore_minitron")
-    _teach_local_spec()
-    _MODELOPT_ENABLED = True

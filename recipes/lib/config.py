@@ -55,6 +55,21 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{k}={getattr(self, k)} must be >= 1")
 
 
+@dataclasses.dataclass(kw_only=True)
+class ModelInput:
+    """The fields of a stage that reads one model checkpoint and writes one folder (prune,
+    export, the training stages)."""
+    input: str
+    """The model: one of our checkpoint stage folders (convert, teacher_correction, prune,
+    distill: which ones a stage takes is checked when it runs), or a Megatron-Bridge /
+    Megatron-LM checkpoint folder (recipes/lib/interop.py)."""
+    input_hf_config: str | None = None
+    """Only for a Megatron-LM checkpoint as `input` (or one whose run_config.yaml should be
+    overridden): the model's HF config.json, or an HF folder (its tokenizer is used too)."""
+    output: str | None = None
+    """Output folder; default <run.dir>/<stage>."""
+
+
 # section -> "module:Class"; imported lazily so a stage does not import every other stage.
 SECTIONS = {
     "run": "recipes.lib.config:RunConfig",
@@ -102,14 +117,25 @@ def _section_class(name: str) -> type:
     return getattr(importlib.import_module(mod), cls)
 
 
+def _field_type(hints: dict, key: str):
+    """A field's type, Optional[X] / X | None read as X."""
+    t = hints[key]
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
 def _coerce(cls: type, section: str, values: dict):
+    """`values` checked and converted to the field types of dataclass `cls` (a nested dataclass
+    field from a dict, recursively: `prune.search`); errors name `section.key` and the fix."""
     hints = typing.get_type_hints(cls)
     _check_keys(cls, section, values)
     out = {}
     for k, v in values.items():
-        t = hints[k]
-        if typing.get_origin(t) in (typing.Union, types.UnionType):  # Optional[X] / X | None
-            t = next(a for a in typing.get_args(t) if a is not type(None))
+        t = _field_type(hints, k)
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            out[k] = _coerce(t, f"{section}.{k}", v)
+            continue
         try:
             if v is None or t in (typing.Any, object):
                 out[k] = v
@@ -197,6 +223,11 @@ def _check_keys(cls: type, section: str, values: dict) -> None:
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
                           f"valid keys of '{section}': {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():  # nested sections (prune.search)
+        t = _field_type(hints, k)
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            _check_keys(t, f"{section}.{k}", v)
 
 
 def parse_args(argv: list[str] | None, stage: str, description: str,

@@ -54,7 +54,7 @@ def check_task(task: str, include_paths: list) -> None:
     held-out cloze task is built at run time."""
     if task == CLOZE:
         return
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: seconds, only where a task runs
 
     tm = TaskManager(include_path=[str(p) for p in include_paths] or None)
     if task not in {*tm.all_tasks, *tm.all_groups}:
@@ -100,7 +100,7 @@ def heldout_cloze(data: Path, test_tokens: int, seq_length: int, samples: int, s
                   tokenizer, folder: Path) -> dict:
     """`cloze_task` over up to `samples` windows of `seq_length` tokens from the test split
     (`test_tokens` long, from its manifest) of data stage `data`; returns its spec."""
-    from recipes.lib import tokens
+    from recipes.lib import tokens  # lazy: megatron (tokens imports it on use)
 
     n = min(samples, tokens.available_windows(test_tokens, seq_length))
     windows = tokens.windows(data, "test", seq_length, n, seed).numpy()
@@ -110,6 +110,7 @@ def heldout_cloze(data: Path, test_tokens: int, seq_length: int, samples: int, s
 def run(models: dict, specs: list[dict], include_paths: list, batch_size: int,
         limit: int | None, dtype: str, seed: int) -> dict:
     """{task: {metric, num_fewshot, scores: {model: value}} | {unavailable: reason}}."""
+    # lazy: lm-eval and torch cost seconds, and offline() must come first
     import lm_eval
     import torch
     from lm_eval.models.huggingface import HFLM

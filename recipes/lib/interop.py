@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from recipes.lib.arch import FAMILIES, Arch, read_hf_config
+from recipes.lib.stage import read_manifest
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.yaml"
@@ -260,8 +261,6 @@ def open_source(path: str | Path, key: str, stages: tuple[str, ...],
     """The checkpoint `key` names: our stage folder (one of `stages`), or a Megatron-Bridge /
     Megatron-LM one (architecture from run_config.yaml, else from `hf_config`). Every error
     names the key and the fix; nothing is loaded."""
-    from recipes.lib.stage import read_manifest
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{key}={path} does not exist or is not a folder")

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from recipes.lib import compat
+from recipes.lib import compat, train
+from recipes.lib.train import KDConfig
 
-compat.apply()
+compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
+import modelopt.torch.distill as mtd  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
+from modelopt.torch.distill.plugins import megatron as mkd  # noqa: E402
 from modelopt.torch.distill.plugins.megatron import LogitsKLLoss  # noqa: E402
 
 NEG = -1.0e9  # finite: exp() underflows to 0 and kl_div stays NaN-free
@@ -162,12 +165,10 @@ def reduce_sum(loss_mask: torch.Tensor):
 
 
 # ---- the distillation model (distill, and prune's tournament) ------------------------------
-def distillation_model(student, teacher, c, vocab_size: int):
-    """`c`: a DistillConfig (its KD fields). Wrap the student as ModelOpt's DistillationModel (teacher inside, frozen). Returns it and
-    the logit criterion (None on pipeline stages without the output layer)."""
-    import modelopt.torch.distill as mtd
-    from modelopt.torch.distill.plugins import megatron as mkd
-
+def distillation_model(student, teacher, c: KDConfig, vocab_size: int):
+    """Wrap the student as ModelOpt's DistillationModel (teacher inside, frozen) with `c`'s KD
+    settings. Returns it and the logit criterion (None on pipeline stages without the output
+    layer)."""
     dcfg = mkd.setup_distillation_config(mkd.DistillationConfig(
         intermediate_layer_pairs=[tuple(p) for p in c.intermediate_layer_pairs or []],
         skip_lm_loss=c.skip_lm_loss, kd_loss_scale=c.kd_loss_scale,
@@ -188,8 +189,6 @@ def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: b
     passed to the model: the LM loss is computed here on a masked copy of the logits (see
     recipes/lib/kd.py), or, when only logged and the losses are fused, by the KL criterion `kl`
     in the same pass."""
-    from recipes.lib import train
-
     lm_from_kl = skip_lm_loss and fused()
 
     def loss_func(labels, mask, output):
@@ -214,3 +213,16 @@ def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: b
         return total, n.int(), report
 
     return train.forward_steps(loss_func)
+
+
+def schedule_kwargs(c: KDConfig):
+    """`schedule_kwargs(ddp)` for train.train: under pipeline parallelism ModelOpt sends the
+    teacher's activations beside the student's between stages, so megatron's schedule must
+    size its send / receive buffers for both (ModelOpt's tensor-shape adjustment)."""
+    def build(ddp) -> dict:
+        fn = mkd.get_tensor_shapes_adjust_fn_for_distillation(
+            ddp, seq_length=c.seq_length, micro_batch_size=c.micro_batch_size,
+            decoder_seq_length=c.seq_length)
+        return {} if fn is None else {"adjust_tensor_shapes_fn": fn}
+
+    return build

@@ -30,13 +30,18 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 
-from recipes.lib import runtime
+from recipes.lib import compat, runtime, train, train_stage
 
-log = logging.getLogger("recipes.prune")
+compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 MIN_TOP_K = 16
 BYTES = {"fp32": 4, "bf16": 2}
@@ -138,8 +143,6 @@ class CachedTeacher(torch.nn.Module):
         self.decoder = _NoDecoder()
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, *args, **kwargs):
-        from megatron.core import parallel_state as ps
-
         if not ps.is_pipeline_last_stage():  # [s, b, 1]: the teacher's share of the send
             return torch.zeros(input_ids.shape[1], input_ids.shape[0], 1,
                                dtype=self.config.params_dtype, device=input_ids.device)
@@ -151,17 +154,13 @@ class CachedTeacher(torch.nn.Module):
         return self.output_layer(logits)[0].transpose(0, 1)  # [s, b, v] -> GPTModel's [b, s, v]
 
 
-def record(teacher: tuple, dc, seed: int, folder: Path, top_k: int | None) -> dict:
+def record(teacher: tuple, dc: train.KDConfig, seed: int, folder: Path,
+           top_k: int | None) -> dict:
     """The teacher's logits for every micro-batch a tournament run of `dc` reads, one file per
     batch (`encode`), through megatron's pipeline schedule one global batch at a time, each
     written as its forward finishes on the last stage. Reused when complete for the same
     batches and encoding; a killed recording keeps its finished files. Returns {batches, mb,
     encoding, top_k, tail_mass_mean, tail_mass_max}."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from recipes.lib import train, train_stage
-
     done = folder / "complete.json"
     want = {"train_iters": dc.train_iters, "eval_iters": dc.eval_iters,
             "global_batch_size": dc.global_batch_size, "micro_batch_size": dc.micro_batch_size,
@@ -169,23 +168,11 @@ def record(teacher: tuple, dc, seed: int, folder: Path, top_k: int | None) -> di
     if done.is_file() and json.loads(done.read_text()).get("settings") == want:
         return json.loads(done.read_text())
     runtime.barrier()
-    if runtime.is_rank0():
-        done.unlink(missing_ok=True)
-        enc = folder / "encoding.json"
-        if folder.is_dir() and (not enc.is_file() or json.loads(enc.read_text()) != top_k):
-            import shutil
-
-            shutil.rmtree(folder)  # recorded with another encoding
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "encoding.json").write_text(json.dumps(top_k))
+    runtime.on_rank0(lambda: _prepare(folder, top_k))
     runtime.barrier()
     arch = teacher[0]
     model = train_stage.build_loaded(dc, teacher, dc.teacher_precision)
     model.eval()
-    train_ds, valid_ds = train.build_datasets(dc, seed, folder.parent / "data_index")
-    n_micro = train.check_layout(dc, ps.get_data_parallel_world_size())
-    steps = [train.micro_batches(train_ds, i, dc, n_micro) for i in range(dc.train_iters)]
-    steps += [train.micro_batches(valid_ds, i, dc, n_micro) for i in range(dc.eval_iters)]
 
     def save(tokens, output, non_loss_data=True):
         f = folder / f"{key(tokens)}.pt"
@@ -200,8 +187,38 @@ def record(teacher: tuple, dc, seed: int, folder: Path, top_k: int | None) -> di
         return (m(b["tokens"], b["position_ids"], attention_mask=None),
                 functools.partial(save, b["tokens"]))
 
-    # what is left, decided on every rank before any file is written (a killed recording's
-    # files are kept; a batch met twice is recorded once): the stages of a pipeline agree
+    fb = get_forward_backward_func()
+    with torch.no_grad():
+        for batches in filter(None, _todo(dc, seed, folder)):
+            fb(forward_step_func=step, data_iterator=iter(batches), model=[model],
+               num_microbatches=len(batches), seq_length=dc.seq_length,
+               micro_batch_size=dc.micro_batch_size, forward_only=True,
+               collect_non_loss_data=True)
+    del model
+    runtime.barrier()
+    runtime.on_rank0(lambda: _complete(folder, want, top_k))
+    runtime.barrier()
+    return json.loads(done.read_text())
+
+
+def _prepare(folder: Path, top_k: int | None) -> None:
+    """The cache folder, emptied when it holds another encoding; not complete."""
+    (folder / "complete.json").unlink(missing_ok=True)
+    enc = folder / "encoding.json"
+    if folder.is_dir() and (not enc.is_file() or json.loads(enc.read_text()) != top_k):
+        shutil.rmtree(folder)  # recorded with another encoding
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "encoding.json").write_text(json.dumps(top_k))
+
+
+def _todo(dc: train.KDConfig, seed: int, folder: Path) -> list[list[dict]]:
+    """Per global batch of the tournament (training steps, then validation), the micro-batches
+    still to record. Decided on every rank before any file is written (a killed recording's
+    files are kept; a batch met twice is recorded once): the stages of a pipeline agree."""
+    train_ds, valid_ds = train.build_datasets(dc, seed, folder.parent / "data_index")
+    n_micro = train.check_layout(dc, ps.get_data_parallel_world_size())
+    steps = [train.micro_batches(train_ds, i, dc, n_micro) for i in range(dc.train_iters)]
+    steps += [train.micro_batches(valid_ds, i, dc, n_micro) for i in range(dc.eval_iters)]
     runtime.barrier()
     seen, todo = set(), []
     for batches in steps:
@@ -211,24 +228,18 @@ def record(teacher: tuple, dc, seed: int, folder: Path, top_k: int | None) -> di
             if k not in seen and not (folder / f"{k}.pt").is_file():
                 todo[-1].append(b)
             seen.add(k)
-    fb = get_forward_backward_func()
-    with torch.no_grad():
-        for batches in filter(None, todo):
-            fb(forward_step_func=step, data_iterator=iter(batches), model=[model],
-               num_microbatches=len(batches), seq_length=dc.seq_length,
-               micro_batch_size=dc.micro_batch_size, forward_only=True,
-               collect_non_loss_data=True)
-    del model
-    runtime.barrier()
-    if runtime.is_rank0():
-        files = sorted(folder.glob("*.pt"))
-        tails = [tail_mass(torch.load(f, weights_only=True)) for f in files] if top_k else []
-        tails = torch.cat([t.flatten() for t in tails]) if tails else torch.zeros(1)
-        out = {"settings": want, "batches": len(files), "encoding": "top-k" if top_k else "full",
-               "top_k": top_k, "mb": round(sum(f.stat().st_size for f in files) / 2**20, 1),
-               "tail_mass_mean": float(tails.mean()), "tail_mass_max": float(tails.max())}
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out) + "\n")
-        tmp.replace(done)
-    runtime.barrier()
-    return json.loads(done.read_text())
+    return todo
+
+
+def _complete(folder: Path, want: dict, top_k: int | None) -> None:
+    """complete.json (atomically): the settings recorded, the cache's size and tail mass."""
+    files = sorted(folder.glob("*.pt"))
+    tails = [tail_mass(torch.load(f, weights_only=True)) for f in files] if top_k else []
+    tails = torch.cat([t.flatten() for t in tails]) if tails else torch.zeros(1)
+    out = {"settings": want, "batches": len(files), "encoding": "top-k" if top_k else "full",
+           "top_k": top_k, "mb": round(sum(f.stat().st_size for f in files) / 2**20, 1),
+           "tail_mass_mean": float(tails.mean()), "tail_mass_max": float(tails.max())}
+    done = folder / "complete.json"
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out) + "\n")
+    tmp.replace(done)

@@ -26,6 +26,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def layer_spec(kind: str = "auto", qk_norm: bool = False):
     """The megatron layer spec `resolve_spec(kind)` names (with per-head Q/K norms: Qwen3)."""
     if runtime.resolve_spec(kind) == "te":
+        # lazy: imports Transformer Engine, which only a TE machine has
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -182,6 +183,7 @@ def forward_logits(model: GPTModel, tokens: torch.Tensor, vocab_size: int) -> to
     if ps.is_pipeline_last_stage():
         logits = torch.cat([o.float() for o in outs], dim=0)
         if ps.get_tensor_model_parallel_world_size() > 1 and model.parallel_output:
+            # lazy: only under TP
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
             logits = gather_from_tensor_model_parallel_region(logits)
         result = logits[..., :vocab_size].cpu()
@@ -208,6 +210,7 @@ def forward_loss(model: GPTModel, windows: torch.Tensor, vocab_size: int,
 
         def loss(output, non_loss_data=True):
             if tp > 1 and m.parallel_output:
+                # lazy: only under TP
                 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
                 output = gather_from_tensor_model_parallel_region(output)
             logits = output[..., :vocab_size].float()

@@ -6,16 +6,19 @@ plain single process (a world of one on a free local port). gloo on CPU, NCCL on
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import os
 import random
+import resource
 import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from recipes.lib import compat
+from recipes.lib import compat, quiet
 
 log = logging.getLogger("recipes")
 
@@ -41,8 +44,6 @@ def is_rank0() -> bool:
 def setup_logging(level: str = "INFO") -> None:
     """Rank 0 logs at `level`; other ranks only warnings and errors. Upstream messages the recipe
     expects are dropped (recipes/lib/quiet.py) unless level is DEBUG."""
-    from recipes.lib import quiet
-
     logging.basicConfig(
         level=getattr(logging, level) if is_rank0() else logging.WARNING,
         format=f"%(asctime)s [rank{rank()}] %(levelname)s %(name)s: %(message)s",
@@ -55,6 +56,7 @@ def setup_logging(level: str = "INFO") -> None:
 def init(tp: int, pp: int, seed: int = 1234) -> None:
     """Initialise torch.distributed and megatron's model-parallel groups (TP x PP x DP = world)."""
     compat.apply()
+    # lazy: megatron after compat.apply(); light stages (data, report) import this module
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -90,7 +92,7 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # lazy: as in init()
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -142,17 +144,32 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
+@functools.cache
+def te_installed() -> bool:
+    """Transformer Engine with its PyTorch extension, importable the way megatron needs it
+    (megatron/core/extensions/transformer_engine.py sets HAVE_TE only when
+    `transformer_engine.pytorch` and its fp8 module import). `import transformer_engine` alone
+    proves nothing: it succeeds with only the core library (transformer-engine-cu13) installed,
+    and megatron's TE spec then fails when the model is built."""
+    if importlib.util.find_spec("transformer_engine") is None:
         return False
-    return torch.cuda.is_available()
+    try:
+        # lazy: loads TE's CUDA extension; only asked where TE is installed
+        import transformer_engine.pytorch  # noqa: F401
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, or OSError from a missing CUDA library
+        log.warning("Transformer Engine is installed but its PyTorch extension does not import "
+                    "(%s: %s): using megatron's local layer spec", type(e).__name__, e)
+        return False
+    return True
+
+
+def have_te() -> bool:
+    """Transformer Engine usable here: a CUDA machine and TE's PyTorch extension."""
+    return torch.cuda.is_available() and te_installed()
 
 
 SPECS = ("auto", "local", "te")

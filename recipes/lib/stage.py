@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 from recipes.lib import config, runtime
+from recipes.lib.preempt import EXIT_PREEMPTED, Preempted, ignore_late_signals
 
 PACKAGES = ("torch", "megatron-core", "nvidia-modelopt", "transformers", "safetensors")
 
@@ -135,10 +135,13 @@ class StageDir:
         _refuse_overlap(self.out, self.inputs)
         self.signatures = {k: signature(v, hash_files) for k, v in self.inputs.items()}
 
-    def already_done(self) -> bool:
+    def already_done(self, lock: bool = True) -> bool:
         """True if an identical run finished on the same inputs; raises if the folder holds
-        something else. Takes the folder's lock first (held until commit or exit)."""
-        self.lock()
+        something else. Takes the folder's lock first (held until commit or exit), unless
+        `lock=False`: a job doing one part of the stage beside others (prune's tournament
+        candidates) asks without it."""
+        if lock:
+            self.lock()
         mf = self.out / "manifest.json"
         if mf.is_file():
             prev = json.loads(mf.read_text())
@@ -298,13 +301,6 @@ def short(v, width: int = 120) -> str:
     return text if len(text) < width else text[:width - 3] + "..."
 
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
-
-
-class Preempted(Exception):
-    """A training stage saved a checkpoint and stopped on a signal (exit EXIT_PREEMPTED)."""
-
-
 def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple = ()) -> int:
     """Every stage's entry point: parse `--config` + overrides for `stage`, log on rank 0,
     `run(cfg)`. Exit 0 when finished, EXIT_PREEMPTED when it saved and stopped on a signal (a
@@ -321,20 +317,6 @@ def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple =
     if argv is None:  # a process of its own: see ignore_late_signals
         ignore_late_signals()
     return 0
-
-
-LATE_SIGNALS = ("SIGUSR1", "SIGTERM")
-
-
-def ignore_late_signals() -> None:
-    """The stage's output is committed and the process only winds down (process groups,
-    checkpoint writers, interpreter exit: seconds). Slurm's time-limit SIGUSR1 or a preemption
-    SIGTERM arriving now has nothing left to save; with the default action it would kill the
-    process and turn a finished stage into a failed job that the batch script does not requeue
-    and whose dependants are cancelled. Seen on the real scheduler when a resumed run finished
-    just before its USR1 (tests/stages/test_slurm.py)."""
-    for name in LATE_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _iso(t: float) -> str:

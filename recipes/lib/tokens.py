@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from recipes.lib import compat
+from recipes.lib.stage import read_manifest
 
 
 def split_tokens(data_dir: str | Path, split: str) -> np.ndarray:
     compat.apply()
+    # lazy: megatron after compat.apply(); plan and config checks import this module
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = str(Path(data_dir) / split)
@@ -23,8 +25,6 @@ def split_tokens(data_dir: str | Path, split: str) -> np.ndarray:
 def data_manifest(data_dir: str | Path, vocab_size: int, key: str) -> dict:
     """The manifest of a data stage folder (`key`: the config key naming it), checked against
     the vocabulary of the model that will read it."""
-    from recipes.lib.stage import read_manifest
-
     m = read_manifest(data_dir, ("data",), key)
     if m.get("vocab_size") != vocab_size or m.get("max_token_id", -1) >= vocab_size:
         raise ValueError(

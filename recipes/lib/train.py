@@ -1,18 +1,17 @@
-"""The training loop shared by `distill` and `teacher_correction`, assembled from megatron-core:
-GPTDataset (BlendedMegatronDatasetBuilder, weighted blends), DistributedDataParallel,
-get_megatron_optimizer, OptimizerParamScheduler (warm-up + cosine to min_lr) and the pipeline
-schedules of get_forward_backward_func. A stage supplies the model and a `loss_func` factory.
+"""The training loop shared by `distill` and `teacher_correction` (and prune's tournament),
+assembled from megatron-core: GPTDataset (BlendedMegatronDatasetBuilder, weighted blends),
+DistributedDataParallel, get_megatron_optimizer, OptimizerParamScheduler (warm-up + cosine to
+min_lr) and the pipeline schedules of get_forward_backward_func. A stage supplies the model and a
+`loss_func` factory; checkpoints and resume are recipes/lib/resume.py, signals and injected
+faults recipes/lib/preempt.py.
 
 Data order: global step s consumes dataset samples [s*G, (s+1)*G) (G = global batch), split over
 data-parallel ranks in micro-batches, so the order depends only on (seed, step, G).
-Checkpoints: <work>/checkpoints/iter_NNNNNNN/ (model + optimizer as one torch_dist checkpoint,
-train_state.json with step, scheduler, RNG, global batch), built as `.iter_NNNNNNN.tmp` and
-renamed when complete; the last `keep_last` are kept. A restart with the same command resumes from
-the newest complete one; a half-written one is never read.
-Preemption: SIGUSR1 (Slurm sends it `--signal` seconds before the time limit) or SIGTERM
-(preemption, `scancel`) makes every rank finish its step, save a checkpoint at that step and raise
-`Preempted`; the stage's entry point exits with EXIT_PREEMPTED (75) and a rerun resumes there, so a
-preemption costs one step and one save, not `save_interval` steps.
+A restart with the same command resumes from the newest complete checkpoint (resume.py). On
+SIGUSR1 / SIGTERM every rank finishes its step, saves it and raises `Preempted` (preempt.py).
+
+megatron is imported inside the functions that use it (marked `# lazy`): every stage's config
+check imports this module for TrainConfig, and megatron costs seconds to import.
 """
 from __future__ import annotations
 
@@ -21,24 +20,20 @@ import dataclasses
 import functools
 import json
 import logging
-import os
-import random
-import shutil
 import signal
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from recipes.lib import compat, runtime
-from recipes.lib.stage import Preempted
+from recipes.lib import compat, config, runtime
+from recipes.lib.preempt import Fault, Preempted, StopOnSignal
+from recipes.lib.stage import read_manifest
 
-log = logging.getLogger("recipes.train")
+log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # changing these between restarts does not change the numbers a run produces
@@ -47,19 +42,12 @@ OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "e
 
 
 @dataclasses.dataclass(kw_only=True)
-class TrainConfig:
-    input: str
-    """The model to train: a convert / prune / teacher_correction stage folder, or a
-    Megatron-Bridge / Megatron-LM checkpoint folder (recipes/lib/interop.py)."""
-    input_hf_config: str | None = None
-    """Only for a Megatron-LM checkpoint as `input` (or one whose run_config.yaml should be
-    overridden): the model's HF config.json, or an HF folder (its tokenizer is used too)."""
+class TrainConfig(config.ModelInput):
+    """The training loop's settings; `input` is the model trained."""
     data: list
     """Data stage folders; more than one is a blend."""
     data_weights: list | None = None
     """Blend weights, one per data folder (default: equal)."""
-    output: str | None = None
-    """Output folder; default <run.dir>/<stage>."""
     seq_length: int = 8192
     """Tokens per sequence (the paper: 8192)."""
     micro_batch_size: int = 1
@@ -153,6 +141,40 @@ class TrainConfig:
                                  "numbers; give one weight > 0 per data folder, e.g. [0.7, 0.3]")
 
 
+@dataclasses.dataclass(kw_only=True)
+class KDConfig(TrainConfig):
+    """The training settings plus knowledge distillation's (recipes/lib/kd.py): what `distill`
+    trains with, and each of prune's tournament candidates."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of the logit KL."""
+    skip_lm_loss: bool = True
+    """Train on the KD loss only (the paper); false adds the student's cross-entropy."""
+    kd_loss_scale: float = 1.0
+    """Weight of the KD loss against the LM loss when skip_lm_loss=false (ModelOpt balancer)."""
+    intermediate_layer_pairs: list | None = None
+    """[[student_module, teacher_module, cosine|mse], ...], e.g.
+    [[decoder.final_layernorm, decoder.final_layernorm, cosine]]."""
+    teacher_precision: str | None = None
+    """Precision of the frozen teacher, whose logits are the target: default the student's,
+    except that precision=fp8 keeps the teacher in bf16 unless teacher_precision=fp8."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher_precision is None:
+            self.teacher_precision = "bf16" if self.precision == "fp8" else self.precision
+        if self.teacher_precision not in PRECISIONS:
+            raise ValueError(f"teacher_precision={self.teacher_precision!r}; use one of "
+                             f"{PRECISIONS}")
+        if self.teacher_precision == "fp8" and self.spec == "local":
+            raise ValueError("teacher_precision=fp8 needs the TE spec; use spec=auto (or te)")
+        if self.kd_temperature <= 0 or self.kd_loss_scale <= 0:
+            raise ValueError("kd_temperature and kd_loss_scale must be > 0")
+        for pair in self.intermediate_layer_pairs or []:
+            if len(pair) not in (2, 3) or (len(pair) == 3 and pair[2] not in ("cosine", "mse")):
+                raise ValueError(f"intermediate_layer_pairs entry {pair}: use "
+                                 "[student_module, teacher_module, cosine|mse]")
+
+
 def check_layout(c: TrainConfig, dp: int) -> int:
     """Micro-batches per step; errors when the global batch does not split evenly."""
     if c.global_batch_size % (c.micro_batch_size * dp):
@@ -175,12 +197,11 @@ class _Tok:
 
 def build_datasets(c: TrainConfig, seed: int, cache: Path):
     compat.apply()
+    # lazy: megatron (see the module doc)
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    from recipes.lib.stage import read_manifest
 
     first = read_manifest(c.data[0])
     weights = [float(w) for w in (c.data_weights or [1.0] * len(c.data))]
@@ -221,7 +242,7 @@ def forward_steps(loss_func: Callable) -> Callable:
 
 def micro_batches(ds, step: int, c: TrainConfig, n_micro: int) -> list[dict]:
     """This data-parallel rank's micro-batches of global step `step`."""
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # lazy: megatron (see the module doc)
 
     r = ps.get_data_parallel_rank()
     base = step * c.global_batch_size + r * n_micro * c.micro_batch_size
@@ -236,6 +257,7 @@ def micro_batches(ds, step: int, c: TrainConfig, n_micro: int) -> list[dict]:
 # ---- optimizer ----------------------------------------------------------------------------
 def build_optimizer(model, c: TrainConfig):
     """DDP wrapper, megatron optimizer (distributed on GPU with DP>1) and LR schedule."""
+    # lazy: megatron (see the module doc)
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel as DDP
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
@@ -264,162 +286,6 @@ def build_optimizer(model, c: TrainConfig):
     return ddp, opt, sched
 
 
-# ---- checkpoints --------------------------------------------------------------------------
-INTEGRITY = "integrity.json"  # {file: [size, crc32]} of every file, written before train_state
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """iter_* folders whose train_state.json (written last, then the rename) exists, oldest
-    first. A damaged one is set aside as damaged.iter_* by `newest_good_checkpoint`."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("iter_*")
-                  if p.is_dir() and (p / "train_state.json").is_file())
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def _checked_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.name not in (INTEGRITY, "train_state.json"))
-
-
-def _share(folder: Path, fn) -> dict:
-    """{relative path: fn(path)} for every checked file of `folder`, the files split over the
-    ranks (torch_dist checkpoints live on a filesystem every rank sees); collective."""
-    files = _checked_files(folder)
-    mine = {str(p.relative_to(folder)): fn(p) for p in files[dist.get_rank()::dist.get_world_size()]}
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """What is wrong with a complete checkpoint folder (None: nothing); collective. Compares
-    every file's size and CRC32 with the integrity record written when it was saved."""
-    try:
-        record = json.loads((path / INTEGRITY).read_text())
-        json.loads((path / "train_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable integrity record or train state ({e})"
-
-    def check(p: Path):
-        return [p.stat().st_size, _crc32(p)]
-
-    now = _share(path, check)
-    for name, want in sorted(record.items()):
-        got = now.get(name)
-        if got is None:
-            return f"{name} is missing"
-        if got[0] != want[0]:
-            return f"{name} is {got[0]} bytes, {want[0]} were written"
-        if got != want:
-            return f"{name} has checksum {got[1]:08x}, {want[1]:08x} was written"
-    extra = sorted(set(now) - set(record))
-    return f"unexpected files {extra[:3]}" if extra else None
-
-
-def newest_good_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint that passes `verify_checkpoint`; damaged ones are
-    reported with their path and renamed damaged.iter_* (kept for inspection, never read)."""
-    for ckpt in reversed(complete_checkpoints(root)):
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        aside = ckpt.with_name(f"damaged.{ckpt.name}.{int(time.time())}")
-        log.error("checkpoint %s is damaged: %s; set aside as %s, resuming from the previous "
-                  "complete checkpoint instead", ckpt, problem, aside.name)
-        if runtime.is_rank0():
-            os.replace(ckpt, aside)
-        runtime.barrier()
-    return None
-
-
-def _rng_state() -> dict:
-    """This rank's RNG states as tensors and plain values (torch.load(weights_only=True) reads
-    them back: no pickle)."""
-    from megatron.core import tensor_parallel
-
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                       "gauss": gauss},
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-
-
-def _set_rng_state(s: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    py = s["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    n = s["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(s["tracker"])
-
-
-def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_last: int,
-                    fault: "Fault") -> None:
-    """Model + optimizer (torch_dist), RNG per rank, the integrity record, then train_state.json
-    and the rename that makes it complete; collective."""
-    from megatron.core import dist_checkpointing
-
-    final = root / f"iter_{step:07d}"
-    tmp = root / f".iter_{step:07d}.tmp"
-    if runtime.is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    runtime.barrier()
-    model_sd = ddp.module.sharded_state_dict()
-    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)},
-                            str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
-    runtime.barrier()
-    record = _share(tmp, lambda p: [p.stat().st_size, _crc32(p)])
-    fault.at("kill_in_save", step)
-    if runtime.is_rank0():
-        (tmp / INTEGRITY).write_text(json.dumps(record, indent=1, sort_keys=True))
-        state = {"step": step, "scheduler": sched.state_dict(), **meta}
-        (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():  # a damaged or older save of this step, set aside before this one
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # complete only now
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old)
-    runtime.barrier()
-
-
-def load_checkpoint(path: Path, ddp, opt, sched) -> dict:
-    from megatron.core import dist_checkpointing
-
-    from recipes.lib.checkpoint import check_key_mismatch
-
-    model_sd = ddp.module.sharded_state_dict()
-    state = dist_checkpointing.load({"model": model_sd,
-                                     "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)},
-                                    str(path))
-    result = ddp.module.load_state_dict(state["model"], strict=False)
-    check_key_mismatch(path, result.missing_keys, result.unexpected_keys)
-    opt.load_state_dict(state["optimizer"])
-    train_state = json.loads((path / "train_state.json").read_text())
-    sched.load_state_dict(train_state["scheduler"])
-    _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
-    return train_state
-
-
 # ---- metrics ------------------------------------------------------------------------------
 class Metrics:
     """metrics.jsonl + TensorBoard on rank 0. On resume, rows after the resumed step are dropped
@@ -434,7 +300,7 @@ class Metrics:
             keep = [ln for ln in self.file.read_text().splitlines()
                     if ln and json.loads(ln)["step"] <= resume_step]
             self.file.write_text("".join(ln + "\n" for ln in keep))
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: rank 0 only, ~1 s
 
         self.tb = SummaryWriter(str(logs / "tensorboard"), purge_step=resume_step + 1)
 
@@ -468,9 +334,10 @@ def peak_memory_mb() -> float:
 
 def reduce_report(reports: list[dict]) -> dict | None:
     """Sum {name: [sum, count]} over micro-batches and DP ranks; {name: mean} on global rank 0."""
+    # lazy: megatron (see the module doc)
     from megatron.core import parallel_state as ps
 
-    from recipes.lib.model import last_stage_to_rank0
+    from recipes.lib.model import last_stage_to_rank0  # lazy: megatron
 
     totals = None
     if ps.is_pipeline_last_stage() and reports:
@@ -481,113 +348,28 @@ def reduce_report(reports: list[dict]) -> dict | None:
     return last_stage_to_rank0(totals)
 
 
-# ---- preemption ---------------------------------------------------------------------------
-class Fault:
-    """Fault injection for tests (`fault=KIND:STEP`), one call per place it can strike:
-    kill_after (SIGKILL after step STEP), kill_in_save (SIGKILL once the checkpoint of STEP is
-    written but before it is marked complete), signal_after (the last rank alone sends itself
-    SIGUSR1 after step STEP), kill_in_finish (SIGKILL at point STEP of a training stage's finish,
-    see train_stage)."""
-
-    KINDS = ("kill_after", "kill_in_save", "signal_after", "kill_in_finish")
-
-    def __init__(self, spec: str | None):
-        self.kind, self.step = None, None
-        if spec:
-            kind, _, step = spec.partition(":")
-            if kind not in self.KINDS or not step.isdigit():
-                raise ValueError(f"fault={spec!r}; use KIND:STEP with KIND one of {self.KINDS}")
-            self.kind, self.step = kind, int(step)
-
-    def at(self, kind: str, step: int) -> None:
-        if self.kind != kind or self.step != step:
-            return
-        if kind == "signal_after":
-            if dist.get_rank() == dist.get_world_size() - 1:
-                os.kill(os.getpid(), signal.SIGUSR1)
-        else:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class StopOnSignal:
-    """`with StopOnSignal(names) as stop:` turns those signals into a flag (the handler only sets
-    it; nothing runs inside a collective or a save). `stop.agreed()`, called by every rank at a
-    step boundary, is True when any rank was signalled, so all ranks stop at the same step.
-    The previous handlers come back on exit."""
-
-    def __init__(self, names: list):
-        self.signals = [getattr(signal, n) for n in names]
-        self.received: str | None = None
-        self._old: dict = {}
-
-    def _handle(self, signum, _frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self):
-        for s in self.signals:
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-    def agreed(self) -> bool:
-        """Collective over the world group (one int): did any rank receive a signal? (No
-        collective when no signal is watched: preempt_signals is the same on every rank.)"""
-        if not self.signals or not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.received is not None
-        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([int(self.received is not None)], device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
 # ---- the loop -----------------------------------------------------------------------------
 def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, seed: int,
-          stop: StopOnSignal | None = None) -> dict:
+          stop: StopOnSignal | None = None, schedule_kwargs: Callable | None = None) -> dict:
     """Train `model` (a megatron module, possibly a ModelOpt DistillationModel) for
-    c.train_iters steps, resuming from `work`/checkpoints. `make_step(batches, training)` returns
-    the forward_step_func for megatron's schedule. `stop`: signal handlers the stage installed
-    before loading (a signal during loading then stops after the first step). Returns final
-    metrics."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    c.train_iters steps, resuming from `work`/checkpoints. `make_step(training)` returns the
+    forward_step_func for megatron's schedule; `schedule_kwargs(ddp)` (optional) more arguments
+    for it once the model is wrapped (distillation under PP: kd.schedule_kwargs). `stop`: signal
+    handlers the stage installed before loading (a signal during loading then stops after the
+    first step). Returns the final metrics."""
+    from megatron.core import parallel_state as ps  # lazy: megatron (see the module doc)
 
-    dp = ps.get_data_parallel_world_size()
-    n_micro = check_layout(c, dp)
+    from recipes.lib import resume  # lazy: imports megatron
+
+    n_micro = check_layout(c, ps.get_data_parallel_world_size())
     ddp, opt, sched = build_optimizer(model, c)
     train_ds, valid_ds = build_datasets(c, seed, work / "cache")
     ckpts = work / "checkpoints"
-    step, resumed = 0, newest_good_checkpoint(ckpts)
-    if resumed:
-        prev = json.loads((resumed / "train_state.json").read_text())
-        if prev["global_batch_size"] != c.global_batch_size:
-            raise ValueError(
-                f"{resumed} was trained with global_batch_size={prev['global_batch_size']}, "
-                f"this run asks for {c.global_batch_size}. The data order and LR schedule are "
-                "defined per step of one global batch, so resuming would skip or repeat data. "
-                f"Keep global_batch_size={prev['global_batch_size']}, or start a new run.dir "
-                "from an exported checkpoint")
-        step = load_checkpoint(resumed, ddp, opt, sched)["step"]
-        log.info("resumed from %s (step %d)", resumed, step)
+    step = resume.resume(ckpts, ddp, opt, sched, c.global_batch_size)
     metrics = Metrics(work / "logs", step)
-    fb = get_forward_backward_func()
+    run_step = _scheduled(c, ddp, make_step, schedule_kwargs)
     tokens_per_step = c.global_batch_size * c.seq_length
     fault = Fault(c.fault)
-
-    def run_step(batches, training: bool):
-        kw = {}
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            from modelopt.torch.distill.plugins.megatron import (
-                get_tensor_shapes_adjust_fn_for_distillation,
-            )
-            kw["adjust_tensor_shapes_fn"] = get_tensor_shapes_adjust_fn_for_distillation(
-                ddp, seq_length=c.seq_length, micro_batch_size=c.micro_batch_size,
-                decoder_seq_length=c.seq_length)
-        return fb(forward_step_func=make_step(training), data_iterator=iter(batches),
-                  model=[ddp], num_microbatches=len(batches), seq_length=c.seq_length,
-                  micro_batch_size=c.micro_batch_size, forward_only=not training, **kw)
 
     def validate() -> dict:
         ddp.eval()
@@ -596,8 +378,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             for i in range(c.eval_iters):
                 reports += run_step(micro_batches(valid_ds, i, c, n_micro), training=False)
         ddp.train()
-        out = reduce_report(reports)
-        return {f"valid_{k}": v for k, v in (out or {}).items()}
+        return {f"valid_{k}": v for k, v in (reduce_report(reports) or {}).items()}
 
     final = {}
     bar = tqdm(total=c.train_iters, initial=step, unit="step", disable=not runtime.is_rank0(),
@@ -635,11 +416,28 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             fault.at("signal_after", step)
             stopping = stop.agreed() and step < c.train_iters
             if stopping or step % c.save_interval == 0 or step == c.train_iters:
-                save_checkpoint(ckpts, step, ddp, opt, sched,
-                                {"global_batch_size": c.global_batch_size, **meta},
-                                c.keep_last, fault)
+                resume.save_checkpoint(ckpts, step, ddp, opt, sched,
+                                       {"global_batch_size": c.global_batch_size, **meta},
+                                       c.keep_last, fault)
             if stopping:
                 raise Preempted(
                     f"{stop.received or 'a signal on another rank'}: saved step {step} of "
                     f"{c.train_iters} to {ckpts}; rerun the same command to resume")
     return final or metrics.last()
+
+
+def _scheduled(c: TrainConfig, ddp, make_step: Callable, schedule_kwargs: Callable | None):
+    """`run_step(batches, training)`: one pass of megatron's pipeline schedule over a step's
+    micro-batches (forward and backward, or forward only); returns the loss reports."""
+    # lazy: megatron (see the module doc)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    extra = schedule_kwargs(ddp) if schedule_kwargs else {}
+
+    def run_step(batches: list[dict], training: bool) -> list:
+        return fb(forward_step_func=make_step(training), data_iterator=iter(batches),
+                  model=[ddp], num_microbatches=len(batches), seq_length=c.seq_length,
+                  micro_batch_size=c.micro_batch_size, forward_only=not training, **extra)
+
+    return run_step

@@ -25,9 +25,10 @@ from pathlib import Path
 from recipes.lib import checkpoint, config, interop, runtime, tokens, train
 from recipes.lib.arch import Arch, validate_layout
 from recipes.lib.interop import Source
+from recipes.lib.preempt import Fault, StopOnSignal
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 
-log = logging.getLogger("recipes.train")
+log = logging.getLogger(__name__)
 
 
 def check_precision(c: train.TrainConfig) -> None:
@@ -58,7 +59,7 @@ def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
 def build_loaded(c, model: tuple[Arch, Path], precision: str | None = None):
     """The model (architecture, weights folder) built for `c` in `precision` (default the
     stage's, see build_kwargs) with its weights loaded; inside the process groups."""
-    from recipes.lib import model as M
+    from recipes.lib import model as M  # lazy: megatron (see train.py's module doc)
 
     arch, weights = model
     m = M.build(arch, **build_kwargs(c, precision))
@@ -66,19 +67,19 @@ def build_loaded(c, model: tuple[Arch, Path], precision: str | None = None):
     return m
 
 
-def build_distillation(c, student: tuple[Arch, Path], teacher) -> tuple:
-    """(model, make_step) for train.train: the student (architecture, weights folder) as
-    ModelOpt's DistillationModel around the frozen teacher ((architecture, weights folder), or a
-    module already built: prune's tournament replays cached teacher logits), `c` a
-    DistillConfig; inside the process groups. distill's model, and each tournament candidate's."""
-    from recipes.lib import kd
+def build_distillation(c: train.KDConfig, student: tuple[Arch, Path], teacher) -> tuple:
+    """(model, make_step, schedule_kwargs) for train.train: the student (architecture, weights
+    folder) as ModelOpt's DistillationModel around the frozen teacher ((architecture, weights
+    folder), or a module already built: prune's tournament replays cached teacher logits);
+    inside the process groups. distill's model, and each tournament candidate's."""
+    from recipes.lib import kd  # lazy: megatron and ModelOpt
 
     s_arch = student[0]
     t = build_loaded(c, teacher, c.teacher_precision) if isinstance(teacher, tuple) else teacher
     s = build_loaded(c, student)
     model, kl = kd.distillation_model(s, t, c, s_arch.vocab_size)
-    return model, kd.make_step_fn(model, kl, s_arch.vocab_size, c.skip_lm_loss,
-                                  bool(c.intermediate_layer_pairs))
+    return (model, kd.make_step_fn(model, kl, s_arch.vocab_size, c.skip_lm_loss,
+                                   bool(c.intermediate_layer_pairs)), kd.schedule_kwargs(c))
 
 
 def check_data(c: train.TrainConfig, name: str, vocab_size: int) -> None:
@@ -107,8 +108,8 @@ def read_models(name: str, roles: tuple[str, ...], cfg: config.Config) -> dict[s
 def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, Source],
         build: Callable[[], tuple], manifest: dict) -> dict:
     """The whole training stage: `sources` = {role: checkpoint} (read_models) with role "input"
-    the model trained; `build()` (inside the process groups) returns (model, make_step) for
-    train.train; `manifest` adds the stage's own fields."""
+    the model trained; `build()` (inside the process groups) returns (model, make_step,
+    schedule_kwargs or None) for train.train; `manifest` adds the stage's own fields."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     check_precision(c)
     src = sources["input"]
@@ -128,14 +129,15 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items()
                     if k not in train.OPERATIONAL}, **extra}
     # the signal handlers go in before anything loads: a scheduler may signal early
-    with train.StopOnSignal(c.preempt_signals) as stop, \
+    with StopOnSignal(c.preempt_signals) as stop, \
             runtime.distributed(tp, pp, cfg.run.seed):
         work = stage.begin(resumable=resumable)
-        model, make_step = build()
+        model, make_step, schedule = build()
         log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src.path, c.train_iters,
                  c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
-        final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed, stop)
-        fault = train.Fault(c.fault)
+        final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed, stop,
+                            schedule)
+        fault = Fault(c.fault)
         # ModelOpt hides a KD teacher from the state dict here
         checkpoint.save(model, interop.iteration_dir(work, c.train_iters), c.train_iters)
         fault.at("kill_in_finish", 1)

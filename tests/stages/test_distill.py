@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import distill, export, prune
-from recipes.lib import stage, tokens
+from recipes.lib import preempt, tokens
 from tests.conftest import ROOT, TINY, torchrun
 
 
@@ -117,6 +117,7 @@ def assert_same_history(straight, resumed):
             assert b[s] == pytest.approx(a[s], abs=1e-6), (key, s)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_losses(pruned, straight, tmp_path):
     run_subprocess(args(pruned, tmp_path / "killed", "distill.fault=kill_after:6"), rc=-9)
     work = tmp_path / ".killed.tmp"
@@ -137,10 +138,11 @@ def test_finished_run_ignores_operational_changes_but_not_the_seed(pruned, strai
         distill.main(args(pruned, straight, "run.seed=7"))
 
 
+@pytest.mark.slow
 def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, tmp_path):
     """SIGUSR1 after step 6 (save_interval 4): a checkpoint at 6, exit 75, resume from 6."""
     stderr = run_subprocess(args(pruned, tmp_path / "d", "distill.fault=signal_after:6"),
-                            rc=stage.EXIT_PREEMPTED)
+                            rc=preempt.EXIT_PREEMPTED)
     assert "SIGUSR1: saved step 6 of 8" in stderr
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000004", "iter_0000006"]
@@ -149,6 +151,7 @@ def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, t
     assert_same_history(metrics(straight), metrics(tmp_path / "d"))
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_saves_the_step_it_stops_at(pruned, tmp_path):
     """A real SIGTERM (what a preempting scheduler sends) at an arbitrary moment."""
     p, err = start(args(pruned, tmp_path / "d", "distill.train_iters=400",
@@ -159,7 +162,7 @@ def test_sigterm_from_outside_saves_the_step_it_stops_at(pruned, tmp_path):
         assert p.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
-    stderr = finish(p, err, stage.EXIT_PREEMPTED)
+    stderr = finish(p, err, preempt.EXIT_PREEMPTED)
     last = metrics(tmp_path / ".d.tmp")[-1]["step"]
     assert 2 <= last < 400
     assert f"SIGTERM: saved step {last} of 400" in stderr
@@ -168,6 +171,7 @@ def test_sigterm_from_outside_saves_the_step_it_stops_at(pruned, tmp_path):
     assert (ckpts[0] / "train_state.json").is_file()
 
 
+@pytest.mark.slow
 def test_signal_on_one_rank_stops_all_ranks_at_one_step(pruned, tmp_path):
     """DP=2: only the last rank is signalled after step 3; both save step 3 and stop (no rank
     hangs in the next step's collectives); torchrun's rerun resumes there and finishes."""
@@ -181,6 +185,7 @@ def test_signal_on_one_rank_stops_all_ranks_at_one_step(pruned, tmp_path):
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["metrics"]["step"] == 8
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_resumed(pruned, tmp_path):
     run_subprocess(args(pruned, tmp_path / "d", "distill.fault=kill_in_save:8"),
                    rc=-9)
@@ -245,6 +250,7 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
         assert total.item() / n.item() == pytest.approx(kl, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
 def test_parallel_layouts_match_tp1(pruned, tmp_path, layout):
     base = args(pruned, tmp_path / "one", "distill.train_iters=4", "distill.save_interval=4")
@@ -263,6 +269,7 @@ def test_fp8_without_transformer_engine_fails_first(pruned, tmp_path):
     assert not (tmp_path / ".d.tmp").exists()
 
 
+@pytest.mark.slow
 def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
     """The rendered distill batch script, run by bash with stand-ins for srun (one task, no
     container) and scontrol: the real stage saves on the signal and exits 75, the script asks
@@ -303,6 +310,7 @@ def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["metrics"]["step"] == 8
 
 
+@pytest.mark.slow
 def test_the_log_is_quiet_but_keeps_progress_summaries_and_real_warnings(pruned, tmp_path):
     """At INFO the expected upstream warnings and INFO chatter (recipes/lib/quiet.py) are gone;
     the progress bar, the stage's own lines and an unexpected upstream warning remain; DEBUG

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import export, prune
-from recipes.lib import search
+from recipes.lib import search, tournament
 from recipes.lib.arch import Arch
 from tests.conftest import TINY
 
@@ -109,7 +109,7 @@ def test_search_and_tournament(trained_run, tmp_path):
                         f"export.output={teacher_hf}"]) == 0
     from recipes.lib.config import load
 
-    dc = search.tournament_config(load(TINY, [f"run.dir={run}"], stage="distill").distill, 4)
+    dc = tournament.tournament_config(load(TINY, [f"run.dir={run}"], stage="distill").distill, 4)
     ours = {}
     for cand in cands:
         hf = tmp_path / f"c{cand['candidate']}_hf"
@@ -141,17 +141,17 @@ def test_zero_shot_search_and_resume(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "t"  # a budget in tokens (2 steps of 4 x 64), ranked by held-out LM loss
     argv = prune_args(run, out, "prune.target_params=0.85",
                       f"prune.search={SEARCH % ', tournament_tokens: 400, score: lm_loss'}")
-    real = search.run_tournament
+    real = tournament.run_tournament
 
     def killed_after_one(cands, folders, *a, **k):
         real(cands[:1], folders[:1], *a, **k)
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(search, "run_tournament", killed_after_one)
+    monkeypatch.setattr(tournament, "run_tournament", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         prune.main(argv)
     assert (out.with_name(".t.tmp") / "tournament" / "c1" / "result.json").is_file()
-    monkeypatch.setattr(search, "run_tournament", real)
+    monkeypatch.setattr(tournament, "run_tournament", real)
     from recipes.lib import train
 
     calls, orig = [], train.train
@@ -170,6 +170,7 @@ def test_zero_shot_search_and_resume(trained_run, tmp_path, monkeypatch):
     assert best["winner"] and "LM loss" in res["tournament"]["score"]
 
 
+@pytest.mark.slow
 def test_cached_teacher_logits_equal_online(trained_run, tmp_path):
     """The tournament's teacher logits, recorded once and replayed to every candidate, give the
     KD and LM losses the online teacher gives (fp32), also split over two pipeline stages. A
@@ -205,7 +206,7 @@ def test_cached_teacher_logits_equal_online(trained_run, tmp_path):
     # top-K: the largest power of two that fits 1 MB for these tokens; the KD losses move by
     # about what the tail's flattened spread is worth, the LM losses barely
     top = res["top_k"]["tournament"]["teacher_cache"]
-    dc = search.tournament_config(_distill_cfg(run), 3)
+    dc = tournament.tournament_config(_distill_cfg(run), 3)
     n = (dc.train_iters + dc.eval_iters) * dc.global_batch_size  # sequences = files
     want = logit_cache.choose(n * dc.seq_length, n, 1024, 1001, "fp32", None, 0.001)
     assert top["encoding"] == "top-k" and top["top_k"] == want["top_k"] < 1001
@@ -252,8 +253,9 @@ def test_tournament_ranked_by_an_lm_eval_task(trained_run, tmp_path):
     best = max(res["candidates"], key=lambda x: x["tournament_lm_eval"])
     assert best["winner"] and res["winner"] == best["candidate"]
     from recipes import report  # the report tables the lm-eval column and plots that score
+    from recipes.lib import plots
 
     table = report.search_lines(res)
     assert "| tournament lm-eval |" in table[2] and "ranked by lm-eval next_letter" in table[0]
-    report.plot_search(res, tmp_path / "search.png")
+    plots.plot_search(res, tmp_path / "search.png")
     assert (tmp_path / "search.png").stat().st_size > 0

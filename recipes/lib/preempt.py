@@ -1,0 +1,95 @@
+"""Preemption: what a stage does when the scheduler wants its GPUs back, and the fault injection
+the tests use to kill a stage at every place it can be hit.
+
+SIGUSR1 (Slurm sends it `--signal` seconds before the time limit) or SIGTERM (preemption,
+`scancel`) inside a training loop becomes a flag (`StopOnSignal`): every rank finishes its step,
+the ranks agree on it, save a checkpoint there and raise `Preempted`; the stage's entry point
+exits with EXIT_PREEMPTED (75) and a rerun resumes, so a preemption costs one step and one save.
+Once a stage has committed its output, a late signal is ignored (`ignore_late_signals`).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
+LATE_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+
+class Preempted(Exception):
+    """A training stage saved a checkpoint and stopped on a signal (exit EXIT_PREEMPTED)."""
+
+
+class Fault:
+    """Fault injection for tests (`fault=KIND:STEP`), one call per place it can strike:
+    kill_after (SIGKILL after step STEP), kill_in_save (SIGKILL once the checkpoint of STEP is
+    written but before it is marked complete), signal_after (the last rank alone sends itself
+    SIGUSR1 after step STEP), kill_in_finish (SIGKILL at point STEP of a training stage's finish,
+    see train_stage)."""
+
+    KINDS = ("kill_after", "kill_in_save", "signal_after", "kill_in_finish")
+
+    def __init__(self, spec: str | None):
+        self.kind, self.step = None, None
+        if spec:
+            kind, _, step = spec.partition(":")
+            if kind not in self.KINDS or not step.isdigit():
+                raise ValueError(f"fault={spec!r}; use KIND:STEP with KIND one of {self.KINDS}")
+            self.kind, self.step = kind, int(step)
+
+    def at(self, kind: str, step: int) -> None:
+        if self.kind != kind or self.step != step:
+            return
+        if kind == "signal_after":
+            if dist.get_rank() == dist.get_world_size() - 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StopOnSignal:
+    """`with StopOnSignal(names) as stop:` turns those signals into a flag (the handler only sets
+    it; nothing runs inside a collective or a save). `stop.agreed()`, called by every rank at a
+    step boundary, is True when any rank was signalled, so all ranks stop at the same step.
+    The previous handlers come back on exit."""
+
+    def __init__(self, names: list):
+        self.signals = [getattr(signal, n) for n in names]
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for s in self.signals:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def agreed(self) -> bool:
+        """Collective over the world group (one int): did any rank receive a signal? (No
+        collective when no signal is watched: preempt_signals is the same on every rank.)"""
+        if not self.signals or not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.received is not None
+        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([int(self.received is not None)], device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def ignore_late_signals() -> None:
+    """The stage's output is committed and the process only winds down (process groups,
+    checkpoint writers, interpreter exit: seconds). Slurm's time-limit SIGUSR1 or a preemption
+    SIGTERM arriving now has nothing left to save; with the default action it would kill the
+    process and turn a finished stage into a failed job that the batch script does not requeue
+    and whose dependants are cancelled. Seen on the real scheduler when a resumed run finished
+    just before its USR1 (tests/stages/test_slurm.py)."""
+    for name in LATE_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
