@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from recipes.lib import config, runtime
@@ -232,7 +233,10 @@ class StageDir:
 
     def commit(self, manifest: dict) -> dict:
         runtime.barrier()
-        full = {"stage": self.stage, "fingerprint": self.fp, **manifest,
+        # run_id: a rerun's manifest differs even when it finishes within the same second as
+        # the run it replaces, so its downstream stages see that their input changed
+        full = {"stage": self.stage, "fingerprint": self.fp, "run_id": uuid.uuid4().hex,
+                **manifest,
                 "input_signature": self.signatures,
                 "versions": versions(), "git_rev": git_rev(), "argv": sys.argv,
                 "started": _iso(self.started), "ended": _iso(time.time()),
