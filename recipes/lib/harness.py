@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,17 @@ def task_specs(suite: str | None, tasks: list | None) -> list[dict]:
 
 
 def offline() -> None:
-    """Nothing is downloaded at run time: datasets and the hub read their caches only. Call
-    before transformers / datasets are imported."""
+    """Nothing is downloaded at run time: datasets and the hub read their caches only. The hub
+    and datasets read the environment when first imported; where one already was (a caller's
+    own import, the tests), its flag is set too, or a task whose data is not cached would wait
+    on network retries instead of being reported unavailable at once."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        cfg = sys.modules["datasets"].config
+        cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
 
 
 def check_task(task: str, include_paths: list) -> None:
