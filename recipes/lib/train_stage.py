@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 
 def check_precision(c: train.TrainConfig) -> None:
-    """Before anything is loaded: fp8 needs Transformer Engine on a GPU and the TE layer spec
-    (TrainConfig already refuses fp8 with spec=local)."""
-    if c.precision == "fp8" and runtime.resolve_spec(c.spec) != "te":
+    """Before anything is loaded: the layer spec exists here (spec=te needs Transformer Engine),
+    and fp8 needs Transformer Engine on a GPU and the TE layer spec (TrainConfig already refuses
+    fp8 with spec=local)."""
+    if runtime.resolve_spec(c.spec) != "te" and c.precision == "fp8":
         raise ValueError("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
                          "container, docker/); use precision=bf16 here")
 

@@ -1,8 +1,10 @@
 """Bad input fails before any work, with an error that names the fix, and writes nothing."""
+import importlib.util
 import json
 import shutil
 
 import pytest
+import torch
 
 from recipes import convert, export
 from tests.conftest import TINY
@@ -19,59 +21,52 @@ def assert_nothing_written(tmp_path):
 
 
 def broken_copy(hf_models, tmp_path, variant="gqa"):
+    """A copy of a tiny HF folder to damage."""
     dst = tmp_path / "hf"
     shutil.copytree(hf_models[variant], dst)
     return dst
 
 
-def test_missing_config_json(hf_models, tmp_path):
-    src = broken_copy(hf_models, tmp_path)
+def _no_config(src):
     (src / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="config.json not found: point the stage at a "
-                                                "Hugging Face model folder"):
-        run_convert(tmp_path, src)
-    assert_nothing_written(tmp_path)
 
 
-def test_non_llama_config(hf_models, tmp_path):
-    src = broken_copy(hf_models, tmp_path)
+def _gpt_neox(src):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
-    with pytest.raises(ValueError, match="model_type='gpt_neox' is not supported"):
-        run_convert(tmp_path, src)
-    assert_nothing_written(tmp_path)
 
 
-def test_missing_shard(hf_models, tmp_path):
-    src = broken_copy(hf_models, tmp_path)
-    victim = sorted(src.glob("model-*.safetensors"))[-1]
-    victim.unlink()
-    with pytest.raises(FileNotFoundError, match=f"shard\\(s\\) \\['{victim.name}'\\].*missing; "
-                                                "re-download"):
-        run_convert(tmp_path, src)
-    assert_nothing_written(tmp_path)
-
-
-def test_weights_disagree_with_config(hf_models, tmp_path):
-    src = broken_copy(hf_models, tmp_path)
+def _six_layers(src):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 6}))
-    with pytest.raises(KeyError, match="model.layers.4.* are not in the checkpoint"):
-        run_convert(tmp_path, src)
-    assert_nothing_written(tmp_path)
 
 
-@pytest.mark.parametrize("tp, what", [(3, "num_attention_heads=4"),
-                                      (4, "num_query_groups \\(KV heads\\)=2")])
-def test_tp_must_divide_heads_and_groups(hf_models, tmp_path, tp, what):
-    with pytest.raises(ValueError, match=f"parallel.tp={tp} does not divide {what}"):
-        run_convert(tmp_path, hf_models["gqa"], f"parallel.tp={tp}")
-    assert_nothing_written(tmp_path)
+def _no_last_shard(src):
+    sorted(src.glob("model-*.safetensors"))[-1].unlink()
 
 
-def test_pp_must_divide_layers(hf_models, tmp_path):
-    with pytest.raises(ValueError, match="parallel.pp=3 does not divide num_layers=4"):
-        run_convert(tmp_path, hf_models["gqa"], "parallel.pp=3")
+@pytest.mark.parametrize("damage, args, error, message", [
+    (_no_config, (), FileNotFoundError,
+     "config.json not found: point the stage at a Hugging Face model folder"),
+    (_gpt_neox, (), ValueError, "model_type='gpt_neox' is not supported"),
+    (_no_last_shard, (), FileNotFoundError,
+     r"shard\(s\) \['model-00003-of-00003.safetensors'\].*missing; re-download"),
+    (_six_layers, (), KeyError, "model.layers.4.* are not in the checkpoint"),
+    (None, ("parallel.tp=3",), ValueError, "parallel.tp=3 does not divide num_attention_heads=4"),
+    (None, ("parallel.tp=4",), ValueError,
+     r"parallel.tp=4 does not divide num_query_groups \(KV heads\)=2"),
+    (None, ("parallel.pp=3",), ValueError, "parallel.pp=3 does not divide num_layers=4"),
+], ids=["no-config", "gpt-neox", "missing-shard", "config-vs-weights", "tp-heads", "tp-groups",
+        "pp-layers"])
+def test_bad_checkpoint_or_layout_is_refused_before_work(hf_models, tmp_path, damage, args, error,
+                                                         message):
+    """A broken HF folder or an impossible layout fails naming the fix, and writes nothing."""
+    src = hf_models["gqa"]
+    if damage:
+        src = broken_copy(hf_models, tmp_path)
+        damage(src)
+    with pytest.raises(error, match=message):
+        run_convert(tmp_path, src, *args)
     assert_nothing_written(tmp_path)
 
 
@@ -106,3 +101,22 @@ def test_failed_parity_publishes_nothing(hf_models, tmp_path):
         export.main(["--config", TINY, f"run.dir={tmp_path / 'run'}", "export.dtype=bf16",
                      "export.parity_atol=1e-9"])
     assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None
+                    and torch.cuda.is_available(), reason="a machine with TE builds spec=te")
+@pytest.mark.parametrize("stage", ["prune", "distill", "teacher_correction", "export"])
+def test_every_stage_takes_its_layer_spec_from_its_config(trained_run, tmp_path, stage):
+    """Each stage that computes with a model resolves `<stage>.spec` through runtime.resolve_spec
+    (none hard-codes one): spec=te without Transformer Engine is refused before any output."""
+    from recipes import distill, prune, teacher_correction
+
+    mod = {"prune": prune, "distill": distill, "teacher_correction": teacher_correction,
+           "export": export}[stage]
+    inputs = {"distill": f"distill.input={trained_run['run'] / 'convert'}",
+              "export": f"export.input={trained_run['run'] / 'convert'}"}
+    with pytest.raises(ValueError, match="spec=te needs Transformer Engine on a CUDA GPU"):
+        mod.main(["--config", TINY, f"run.dir={trained_run['run']}", f"{stage}.spec=te",
+                  f"{stage}.output={tmp_path / stage}", *([inputs[stage]] if stage in inputs
+                                                          else [])])
+    assert not (tmp_path / stage).exists() and not (tmp_path / f".{stage}.tmp").exists()

@@ -22,15 +22,6 @@ def test_auto_is_local_without_te_and_te_is_refused():
         runtime.resolve_spec("fast")
 
 
-def test_every_stage_resolves_its_spec_through_runtime():
-    """No stage hard-codes a spec for a model it computes with (convert's meta-device writer
-    excepted: it only supplies checkpoint keys, which both specs share)."""
-    for stage in ("prune", "export"):
-        text = (ROOT / "recipes" / f"{stage}.py").read_text()
-        assert 'spec="local"' not in text, stage
-        assert "spec=c.spec" in text and "runtime.resolve_spec(c.spec)" in text, stage
-
-
 def tc(**kw):
     return train.TrainConfig(input="-", data=["-"], train_iters=4, warmup_iters=1, **kw)
 
