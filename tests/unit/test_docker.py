@@ -1,25 +1,47 @@
 """docker/Dockerfile: a pinned NVIDIA base, the project's pinned requirements, torch untouched;
 `make <stage> LAUNCH=docker` and `make help`.
 (No Docker engine or NVIDIA registry here; `make docker-build` builds it where they exist.)"""
+import os
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_dockerfile_pins_and_installs():
+def test_dockerfile_pins_its_base_and_runs_the_install_script():
     text = (ROOT / "docker" / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)$", text, re.M).group(1)
     assert re.fullmatch(r"nvcr\.io/nvidia/(nemo|pytorch):\d{2}\.\d{2}(-py3)?(@sha256:\w+)?", base)
-    assert "pip install --no-cache-dir -c /tmp/image-constraints.txt -r /tmp/requirements.txt" \
-        in text  # the image's torch is a constraint: a pin needing another torch fails the build
-    assert "print(f'torch=={torch.__version__}')\" > /tmp/image-constraints.txt" in text
-    assert "grep -v '^torch==' requirements.txt" in text  # keep the image's CUDA torch
-    assert "--no-deps -r requirements-engine.txt" in text
+    assert re.search(r"^RUN bash docker/install.sh$", text, re.M)
     pins = [ln for ln in (ROOT / "requirements.txt").read_text().splitlines()
             if ln and not ln.startswith("#")]
     assert pins and all("==" in ln for ln in pins)
-    assert "megatron-core==0.19.2" in (ROOT / "requirements-engine.txt").read_text()
+
+
+def test_the_install_keeps_the_image_torch(tmp_path):
+    """docker/install.sh, run against a stand-in for the image's python (which records what pip
+    is asked): the image's torch version is a constraint of every pinned install, no torch pin of
+    ours reaches pip, and the engine (megatron-core, ModelOpt) installs without dependencies."""
+    (tmp_path / "requirements.txt").write_text("torch==2.13.0\nomegaconf==2.3.0\n")
+    (tmp_path / "requirements-engine.txt").write_text("megatron-core==0.19.2\n")
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -c ]; then echo "torch==2.9.0a0+nv25.09"; exit 0; fi
+echo "$@" >> {log}
+for f in "$@"; do [ -f "$f" ] && {{ echo "== $f"; cat "$f"; }} >> {log}; done
+exit 0
+""")
+    fake.chmod(0o755)
+    subprocess.run(["bash", str(ROOT / "docker" / "install.sh")], cwd=tmp_path, check=True,
+                   env={**os.environ, "PYTHON": str(fake)})
+    calls = log.read_text().split("-m pip install")[1:]
+    assert len(calls) == 2
+    pinned, engine = calls
+    assert " -c " in pinned and "torch==2.9.0a0+nv25.09" in pinned  # the image's torch
+    assert "omegaconf==2.3.0" in pinned and "torch==2.13.0" not in pinned
+    assert "--no-deps" in engine and "megatron-core==0.19.2" in engine and " -c " not in engine
 
 
 def test_make_stage_launch_docker_mounts_repo_and_data():
