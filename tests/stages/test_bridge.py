@@ -22,10 +22,10 @@ from tests.conftest import ROOT, TINY
 from tests.stages.test_convert_export import hf_state, logits
 
 BRIDGE = ROOT / ".bridge"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (BRIDGE / "megatron" / "bridge").is_dir(),
     reason="Megatron-Bridge is not installed: `make bridge-env` (scripts/bridge_env.sh) puts "
-           "the pinned wheel into .bridge/")
+           "the pinned wheel into .bridge/")]
 
 
 def bridge(*args: str) -> None:

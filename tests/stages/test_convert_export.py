@@ -53,6 +53,7 @@ def test_round_trip_single_process(hf_models, tmp_path, variant):
     assert_round_trip(src, tmp_path)
 
 
+@pytest.mark.slow
 def test_tp2_convert_then_tp1_export(hf_models, tmp_path):
     src = hf_models["gqa"]
     torchrun("recipes.convert", "--config", TINY, f"run.dir={tmp_path}",
@@ -62,6 +63,7 @@ def test_tp2_convert_then_tp1_export(hf_models, tmp_path):
     assert_round_trip(src, tmp_path)
 
 
+@pytest.mark.slow
 def test_tp1_convert_then_tp2_export(hf_models, tmp_path):
     src = hf_models["gqa"]
     convert.main(["--config", TINY, f"run.dir={tmp_path}", f"convert.hf_path={src}"])
@@ -69,6 +71,7 @@ def test_tp1_convert_then_tp2_export(hf_models, tmp_path):
     assert_round_trip(src, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["gqa", "tied"])
 def test_pp2_convert_and_export(hf_models, tmp_path, variant):
     src = hf_models[variant]

@@ -118,6 +118,7 @@ def test_every_stage(family, models, corpus, tmp_path):
     assert report.main(a) == 0 and (run / "report" / "report.md").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_VARIANTS)
 def test_tp2_and_pp2_round_trips(family, models, tmp_path):
     hf = models[family]

@@ -112,6 +112,7 @@ def test_a_rerun_upstream_stage_invalidates_its_downstream_output(hf_models, tmp
 
 
 # ---- 3. one run per stage folder ----------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_distill_on_a_folder_being_written_fails_at_once(pruned, tmp_path):  # noqa: F811
     out = tmp_path / "d"
     p, err = start(args(pruned, out, "distill.train_iters=400", "distill.eval_interval=400",
@@ -151,6 +152,7 @@ def test_data_refuses_a_locked_folder_and_writes_nothing(trained_run, tmp_path):
 
 
 # ---- 4. a damaged newest checkpoint ----------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_a_damaged_newest_checkpoint_is_reported_and_skipped(pruned, straight, tmp_path,  # noqa: F811
                                                              how):
@@ -173,6 +175,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_skipped(pruned, straight, t
 
 
 # ---- 5. a kill at any point of the finish --------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("point", [1, 2, 3])
 def test_a_kill_at_any_point_of_the_finish_loses_nothing(pruned, straight, tmp_path,  # noqa: F811
                                                          point):
@@ -286,6 +289,7 @@ def test_a_config_json_missing_a_field_is_named(hf_models, tmp_path):
 
 
 # ---- 8. memory does not grow with the document -----------------------------------------------------
+@pytest.mark.slow
 def test_a_long_document_is_tokenised_in_bounded_memory(hf_models, tmp_path):
     """A 24 MB single-document .txt: peak RSS of the stage and its tokeniser workers stays
     bounded (it grew ~400 bytes per character before), and the tokens equal the whole

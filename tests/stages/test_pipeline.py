@@ -3,20 +3,16 @@ exports, evaluate, report. The report and its plots exist and its tables hold nu
 import json
 import re
 
-from recipes import convert, data, distill, evaluate, export, prune, report
+from recipes import distill, evaluate, export, prune, report
 from tests.conftest import TINY
 
 
-def test_pipeline_to_report(hf_models, tmp_path):
-    from tests.conftest import train_tiny
-    from tests.corpus import write_corpus
-
-    corpus = write_corpus(tmp_path / "corpus")
-    hf = train_tiny(hf_models["gqa"], tmp_path / "hf", corpus, steps=120)
-    run = tmp_path / "run"
-    common = ["--config", TINY, f"run.dir={run}", f"convert.hf_path={hf}"]
-    data.main([*common, f"data.input={corpus}"])
-    convert.main(common)
+def test_pipeline_to_report(trained_run, tmp_path):
+    run = tmp_path / "run"  # the shared trained teacher's data and convert, then the rest here
+    run.mkdir()
+    for done in ("data", "convert"):
+        (run / done).symlink_to(trained_run["run"] / done)
+    common = ["--config", TINY, f"run.dir={run}", f"convert.hf_path={trained_run['hf']}"]
     prune.main([*common, "prune.num_layers=3"])  # width and contiguous depth
     distill.main([*common, "distill.train_iters=12", "distill.save_interval=12"])
     export.main([*common, f"export.input={run / 'prune'}", f"export.output={run / 'export_pruned'}"])

@@ -162,6 +162,7 @@ def test_drop_layers_and_block_influence(trained_run, tmp_path):
     assert int(min(scores, key=scores.get)) == dropped[0] + 1
 
 
+@pytest.mark.slow
 def test_pp2_gives_the_same_pruned_weights(trained_run, tmp_path):
     run_prune(trained_run, tmp_path / "pp1", "prune.num_layers=2")
     run_prune(trained_run, tmp_path / "pp2", "prune.num_layers=2", "parallel.pp=2", nproc=2)

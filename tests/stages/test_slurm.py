@@ -21,8 +21,8 @@ from tests.corpus import write_corpus
 SBIN = "/usr/sbin"
 HAVE_SLURM = all(shutil.which(b, path=f"{os.environ.get('PATH', '')}:{SBIN}")
                  for b in ("slurmctld", "slurmd", "sbatch", "scontrol", "munged"))
-pytestmark = pytest.mark.skipif(not HAVE_SLURM, reason="Slurm is not installed here (Debian: "
-                                "apt-get install slurmctld slurmd slurm-client munge)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_SLURM, reason="Slurm is not installed here (Debian: "
+                                "apt-get install slurmctld slurmd slurm-client munge)")]
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
         "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 

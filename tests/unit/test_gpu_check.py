@@ -19,6 +19,7 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == {"skipped": "no CUDA device"}
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
     p = subprocess.run([sys.executable, "bench/gpu_distill.py", "--tiny", "--json",
                         str(tmp_path / "o.json"), "--seq", "32", "--steps", "2"], cwd=ROOT,
