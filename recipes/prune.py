@@ -42,7 +42,7 @@ from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch
 from recipes.lib.search import SearchConfig, arch_of, cache_plan, constraint, tournament_steps
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("recipes.prune")
 OPERATIONAL = ("tournament_job",)  # how the work is split into jobs, not what it computes
 
 

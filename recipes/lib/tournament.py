@@ -149,14 +149,17 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: interop
         log.info("tournament: the teacher runs online for each candidate (%s)", cache["why"])
     for cand, folder in zip(candidates, folders):
         done = work / f"c{cand['candidate']}" / "result.json"
-        if not done.is_file():
+        trained = not done.is_file()  # else finished before (a rerun, or a job of its own)
+        if trained:
             _train_candidate(cand, folder, teacher, dc, work, seed, s, layout, recorded)
         result = json.loads(done.read_text())
         cand.update(result)
-        log.info("tournament c%d %s: held-out KD loss %.4f, LM loss %.4f%s (%.0f s)",
-                 cand["candidate"], cand["arch"], result["tournament_kd_loss"],
-                 result["tournament_lm_loss"], f", lm-eval {result['tournament_lm_eval']:.4f}"
-                 if "tournament_lm_eval" in result else "", result["tournament_s"])
+        if trained:
+            log.info("tournament c%d %s: held-out KD loss %.4f, LM loss %.4f%s (%.0f s)",
+                     cand["candidate"], cand["arch"], result["tournament_kd_loss"],
+                     result["tournament_lm_loss"], f", lm-eval "
+                     f"{result['tournament_lm_eval']:.4f}" if "tournament_lm_eval" in result
+                     else "", result["tournament_s"])
     return recorded
 
 

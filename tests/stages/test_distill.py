@@ -322,7 +322,7 @@ def test_the_log_is_quiet_but_keeps_progress_summaries_and_real_warnings(pruned,
                                    "distill.save_interval=2", *extra))
 
     text = log(tmp_path / "d")
-    assert "distill: 100%" in text and "INFO recipes.train: distill" in text
+    assert "distill: 100%" in text and "INFO recipes.lib.train_stage: distill" in text
     assert "Warning" not in text and "warnings.warn" not in text, text[-3000:]
     assert "INFO megatron" not in text and "INFO lm_eval" not in text
     for _prefix, pattern, _why in quiet.EXPECTED_LOGS:
