@@ -38,11 +38,11 @@ def run(cfg: config.Config) -> dict:
         raise ValueError(f"student vocab {student_arch.vocab_size} != teacher vocab "
                          f"{teacher_arch.vocab_size}: distillation needs one tokenizer")
 
-    def build():
+    def build(c: DistillConfig):
         return train_stage.build_distillation(c, (student_arch, sources["input"].weights),
                                               (teacher_arch, sources["teacher"].weights))
 
-    return train_stage.run("distill", cfg, c, sources, build, {
+    return train_stage.run("distill", cfg, c, sources, build, lambda c: {
         "teacher": {"arch": teacher_arch.to_dict(), "num_params": teacher_arch.num_params(),
                     "precision": c.teacher_precision}})
 

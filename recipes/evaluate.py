@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import checkpoint, config, harness, speed, stage, tokens
+from recipes.lib import checkpoint, config, harness, runtime, speed, stage, tokens
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.evaluate")
@@ -48,10 +48,11 @@ class EvaluateConfig:
     """Upper bound on test windows (all available if fewer)."""
     batch_size: int = 4
     """Windows per forward pass."""
-    dtype: str = "bf16"
-    """bf16 | fp32: the models' weights and compute, for every measurement. bf16 is ~1.7x faster
-    on a CPU with bf16 instructions and gave the demo teacher's held-out loss within 2e-5 of
-    fp32's; fp32 for the exact figures."""
+    dtype: str = "auto"
+    """auto | bf16 | fp32: the models' weights and compute, for every measurement. bf16 is ~1.7x
+    faster on a CPU with bf16 instructions and gave the demo teacher's held-out loss within 2e-5
+    of fp32's, and ~8x slower on one without; auto chooses as training's precision=auto does
+    (runtime.auto_precision, recorded in results.json and the manifest)."""
     prompts: list | None = None
     """Prompts for sample generations (greedy)."""
     max_new_tokens: int = 40
@@ -101,8 +102,9 @@ class EvaluateConfig:
         if self.reference not in self.models:
             raise ValueError(f"evaluate.reference={self.reference!r} is not one of the models "
                              f"{sorted(self.models)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"evaluate.dtype={self.dtype!r}; use one of {sorted(DTYPES)}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"evaluate.dtype={self.dtype!r}; use auto or one of "
+                             f"{sorted(DTYPES)}")
         if self.suite is not None and self.suite not in harness.SUITES:
             raise ValueError(f"evaluate.suite={self.suite!r}; use one of {sorted(harness.SUITES)} "
                              "or null")
@@ -154,6 +156,13 @@ def model_input(folder: Path):
     return folder if (folder / "manifest.json").is_file() else checkpoint.hf_files(folder)
 
 
+def speedups(speed: dict, reference: str) -> dict:
+    """Each model's decode tokens/s over the reference's, per batch size."""
+    ref = speed[reference]
+    return {name: {b: s[b]["decode_tokens_per_s"] / ref[b]["decode_tokens_per_s"]
+                   for b in s if b.startswith("batch_")} for name, s in speed.items()}
+
+
 def run(cfg: config.Config) -> dict:
     harness.offline()  # before transformers is imported: nothing is downloaded at run time
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: after offline()
@@ -175,17 +184,22 @@ def run(cfg: config.Config) -> dict:
     if sdir.already_done():
         return read_manifest(out)
     tmp = sdir.begin()
+    dtype, auto = c.dtype, None
+    if dtype == "auto":
+        auto = runtime.auto_precision(cfg.run.dir)
+        dtype = auto["precision"]
+        log.info("evaluate.dtype=auto: %s (%s)", dtype, auto["why"])
     windows = tokens.windows(c.data, "test", c.seq_length, min(avail, c.max_windows),
                              cfg.run.seed)
-    results = {"reference": c.reference, "dtype": c.dtype, "heldout": {}, "generations": {},
-               "prompts": c.prompts or [], "speed": {}}
+    results = {"reference": c.reference, "dtype": dtype, "dtype_auto": auto, "heldout": {},
+               "generations": {}, "prompts": c.prompts or [], "speed": {}}
     for name, path in tqdm(c.models.items(), desc="evaluate", unit="model"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[c.dtype]).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
         results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),
                                     "params": sum(p.numel() for p in model.parameters())}
         h = results["heldout"][name]
         log.info("%s: held-out loss %.4f, perplexity %.2f (%s, %.0f tokens/s)", name,
-                 h["loss"], h["perplexity"], c.dtype, h["tokens_per_s"])
+                 h["loss"], h["perplexity"], dtype, h["tokens_per_s"])
         if c.prompts:
             tok = AutoTokenizer.from_pretrained(path)
             results["generations"][name] = generate(model, tok, c.prompts, c.max_new_tokens)
@@ -197,10 +211,7 @@ def run(cfg: config.Config) -> dict:
                                       if k.startswith("batch_")})
         del model
     if results["speed"]:
-        ref = results["speed"][c.reference]
-        results["speedup"] = {name: {b: s[b]["decode_tokens_per_s"] / ref[b]["decode_tokens_per_s"]
-                                     for b in s if b.startswith("batch_")}
-                              for name, s in results["speed"].items()}
+        results["speedup"] = speedups(results["speed"], c.reference)
     specs = harness.task_specs(c.suite, c.tasks)
     paths = list(c.task_paths or [])
     if c.cloze:
@@ -211,7 +222,7 @@ def run(cfg: config.Config) -> dict:
         paths.append(tmp / "cloze")
     if specs:
         results["lm_eval"] = harness.run(c.models, specs, paths, c.lm_eval_batch_size,
-                                         c.lm_eval_limit, str(DTYPES[c.dtype]).removeprefix(
+                                         c.lm_eval_limit, str(DTYPES[dtype]).removeprefix(
                                              "torch."), cfg.run.seed)
         harness.retention(results["lm_eval"], c.reference)
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -224,7 +235,7 @@ def run(cfg: config.Config) -> dict:
                                      results.get("lm_eval", {}).items()},
                          "speedup": results.get("speedup"),
                          "windows": len(windows), "seq_length": c.seq_length,
-                         "dtype": c.dtype})
+                         "dtype": dtype, "dtype_auto": auto})
 
 
 def main(argv: list[str] | None = None) -> int:

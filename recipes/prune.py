@@ -211,16 +211,18 @@ def resolve(cfg: config.Config) -> Plan:
         plan = {"student": student, "drop": drop}
     extra = {"pp": pp, "seed": cfg.run.seed}
     inputs = {"input": source.input(), "data": c.data}
-    if plan.get("dc") is not None:  # the tournament's settings and data decide its result too
-        # (not the distill stage's own input, teacher or output: the tournament's are prune's)
-        extra["tournament"] = {k: v for k, v in dataclasses.asdict(plan["dc"]).items() if k not in
-                               {"input", "input_hf_config", "teacher", "teacher_hf_config",
-                                *train.OPERATIONAL}}
+    if "dc" in plan:  # the tournament's settings and data decide its result too (not the
+        # distill stage's own input, teacher or output: the tournament's are prune's)
+        extra["tournament"] = {k: v for k, v in dataclasses.asdict(plan.pop("configured")).items()
+                               if k not in {"input", "input_hf_config", "teacher",
+                                            "teacher_hf_config", *train.OPERATIONAL}}
         inputs.update({f"distill.data.{i}": d for i, d in enumerate(plan["dc"].data)})
     sdir = StageDir("prune", Path(c.output or Path(cfg.run.dir) / "prune"),
                     fingerprint(c, extra, ignore=OPERATIONAL), cfg.run.force, inputs=inputs)
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in OPERATIONAL},
                  **extra}
+    if plan.get("dc") is not None and plan["dc"].precision != extra["tournament"]["precision"]:
+        resumable["precision_auto"] = plan["dc"].precision  # a resume may not switch it
     return Plan(source, sdir, resumable, layout, **plan)
 
 
@@ -234,12 +236,13 @@ def resolve_tournament(cfg: config.Config, source: interop.Source) -> dict:
         raise ValueError("prune.search.tournament_steps / tournament_tokens need the distill "
                          "section (the tournament distils each candidate with its settings)")
     d = cfg.typed("distill")
-    dc = tournament.tournament_config(d, tournament_steps(c.search, d.global_batch_size,
-                                                          d.seq_length))
+    configured = tournament.tournament_config(d, tournament_steps(
+        c.search, d.global_batch_size, d.seq_length))
+    dc, _ = train.resolve_precision(configured, cfg.run.dir)  # precision=auto, for this machine
     train_stage.check_data(dc, "distill", source.arch.vocab_size)
     if c.search.score == "lm_eval":
         tournament.check_lm_eval(c.search, dc, source)
-    return {"dc": dc, "cache": cache_plan(c.search, dc, source.arch)}
+    return {"dc": dc, "configured": configured, "cache": cache_plan(c.search, dc, source.arch)}
 
 
 def run(cfg: config.Config) -> dict:

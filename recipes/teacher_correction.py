@@ -45,7 +45,7 @@ def run(cfg: config.Config) -> dict:
     sources = train_stage.read_models("teacher_correction", ("input",), cfg)
     src = sources["input"]
 
-    def build():
+    def build(c: TeacherCorrectionConfig):
         from recipes.lib import model as M  # lazy: megatron; config checks import this module
 
         model = M.build(src.arch, **{**train_stage.build_kwargs(c), "init": c.random_init})
@@ -53,7 +53,7 @@ def run(cfg: config.Config) -> dict:
             checkpoint.load(model, src.weights, src.arch.vocab_size)
         return model, make_step_fn(src.arch.vocab_size), None
 
-    return train_stage.run("teacher_correction", cfg, c, sources, build, {})
+    return train_stage.run("teacher_correction", cfg, c, sources, build, lambda c: {})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from recipes.lib.preempt import Fault, Preempted, StopOnSignal
 from recipes.lib.stage import read_manifest
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "bf16", "fp8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # changing these between restarts does not change the numbers a run produces
 OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
@@ -68,8 +68,10 @@ class TrainConfig(config.ModelInput):
     """AdamW beta2."""
     clip_grad: float = 1.0
     """Gradient-norm clipping (0: off)."""
-    precision: str = "bf16"
-    """fp32 | bf16 | fp8 (Transformer Engine, GPU only: bf16 parameters, fp8 matmuls)."""
+    precision: str = "auto"
+    """auto | fp32 | bf16 | fp8 (Transformer Engine, GPU only: bf16 parameters, fp8 matmuls).
+    auto: bf16 on a GPU; on a CPU bf16 only where it is natively fast (runtime.auto_precision),
+    else fp32; decided once per run directory, recorded in the manifest."""
     spec: str = "auto"
     """Layer spec: auto (TE when present) | local | te."""
     fp8_recipe: str = "delayed"
@@ -155,8 +157,9 @@ class KDConfig(TrainConfig):
     """[[student_module, teacher_module, cosine|mse], ...], e.g.
     [[decoder.final_layernorm, decoder.final_layernorm, cosine]]."""
     teacher_precision: str | None = None
-    """Precision of the frozen teacher, whose logits are the target: default the student's,
-    except that precision=fp8 keeps the teacher in bf16 unless teacher_precision=fp8."""
+    """Precision of the frozen teacher, whose logits are the target: default the student's
+    (auto included), except that precision=fp8 keeps the teacher in bf16 unless
+    teacher_precision=fp8."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -173,6 +176,18 @@ class KDConfig(TrainConfig):
             if len(pair) not in (2, 3) or (len(pair) == 3 and pair[2] not in ("cosine", "mse")):
                 raise ValueError(f"intermediate_layer_pairs entry {pair}: use "
                                  "[student_module, teacher_module, cosine|mse]")
+
+
+def resolve_precision(c: TrainConfig, run_dir: str | Path) -> tuple[TrainConfig, dict | None]:
+    """`c` with `auto` precisions (the student's, a KD teacher's) made concrete for this machine
+    (runtime.auto_precision: one choice per run directory), and that choice with its reason;
+    None when nothing was auto."""
+    auto = [k for k in ("precision", "teacher_precision") if getattr(c, k, None) == "auto"]
+    if not auto:
+        return c, None
+    choice = runtime.auto_precision(run_dir)
+    log.info("precision=auto: %s (%s)", choice["precision"], choice["why"])
+    return dataclasses.replace(c, **dict.fromkeys(auto, choice["precision"])), choice
 
 
 def check_layout(c: TrainConfig, dp: int) -> int:

@@ -107,10 +107,12 @@ def read_models(name: str, roles: tuple[str, ...], cfg: config.Config) -> dict[s
 
 
 def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, Source],
-        build: Callable[[], tuple], manifest: dict) -> dict:
+        build: Callable[[train.TrainConfig], tuple],
+        manifest: Callable[[train.TrainConfig], dict]) -> dict:
     """The whole training stage: `sources` = {role: checkpoint} (read_models) with role "input"
-    the model trained; `build()` (inside the process groups) returns (model, make_step,
-    schedule_kwargs or None) for train.train; `manifest` adds the stage's own fields."""
+    the model trained; `build(c)` (inside the process groups) returns (model, make_step,
+    schedule_kwargs or None) for train.train; `manifest(c)` the stage's own manifest fields.
+    Both get `c` with precision=auto made concrete (train.resolve_precision)."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     check_precision(c)
     src = sources["input"]
@@ -129,11 +131,14 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
         return read_manifest(out)
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items()
                     if k not in train.OPERATIONAL}, **extra}
+    c, auto = train.resolve_precision(c, cfg.run.dir)
+    if auto:  # a resume on a machine that would choose otherwise is refused, not mixed
+        resumable["precision_auto"] = c.precision
     # the signal handlers go in before anything loads: a scheduler may signal early
     with StopOnSignal(c.preempt_signals) as stop, \
             runtime.distributed(tp, pp, cfg.run.seed):
         work = stage.begin(resumable=resumable)
-        model, make_step, schedule = build()
+        model, make_step, schedule = build(c)
         log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src.path, c.train_iters,
                  c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
         final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed, stop,
@@ -158,9 +163,9 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
                          for r, s in sources.items()},
                       "data": [str(Path(d).resolve()) for d in c.data]},
             "arch": arch.to_dict(), "num_params": arch.num_params(),
-            "dtype": build_kwargs(c)["dtype"], "precision": c.precision,
+            "dtype": build_kwargs(c)["dtype"], "precision": c.precision, "precision_auto": auto,
             "fp8": fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
-            "parallel": {"tp": tp, "pp": pp}, **manifest, "metrics": final})
+            "parallel": {"tp": tp, "pp": pp}, **manifest(c), "metrics": final})
         fault.at("kill_in_finish", 3)
         runtime.on_rank0(lambda: cleanup(out, c.keep_checkpoints))
         return done

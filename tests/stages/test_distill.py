@@ -335,3 +335,26 @@ def test_the_log_is_quiet_but_keeps_progress_summaries_and_real_warnings(pruned,
                           "warnings.warn('Transformer Engine exploded')"], cwd=ROOT,
                          capture_output=True, text=True)
     assert "Transformer Engine exploded" in out.stderr
+
+
+def test_precision_auto_follows_the_machine_and_is_recorded(pruned, tmp_path, monkeypatch):
+    """precision=auto on a CPU without native bf16 (flags and probe stood in for) trains in fp32,
+    says why in the manifest; a later run in the same run directory on a machine that would
+    choose bf16 keeps fp32 (one choice per run)."""
+    from recipes.lib import runtime
+
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda *a, **k: 0.12)
+    run = tmp_path / "run"  # its own run directory: the choice is kept there
+    a = ["--config", TINY, f"run.dir={run}", f"distill.input={pruned['run'] / 'prune'}",
+         f"distill.teacher={pruned['run'] / 'convert'}", f"distill.data=[{pruned['run'] / 'data'}]",
+         "distill.precision=auto", "distill.train_iters=2", "distill.eval_interval=2"]
+    assert distill.main(a) == 0
+    m = json.loads((run / "distill" / "manifest.json").read_text())
+    assert m["precision"] == "fp32" == m["dtype"] == m["teacher"]["precision"]
+    assert "without native bf16" in m["precision_auto"]["why"]
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda *a, **k: 3.0)
+    assert distill.main([*a, "distill.output=" + str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["precision"] == "fp32"
