@@ -161,10 +161,7 @@ def search_preview(teacher: Arch, c, cfg: config.Config, p: PlanConfig) -> dict:
     """What prune's search would consider (recipes/lib/search.py) and its tournament's cost."""
     s = c.search
     target = search.constraint(c, teacher)
-    space, shapes = search.grid(teacher, s, target, cfg.parallel.pp)
-    if not shapes:
-        raise ValueError(f"no shape in the search space fits {target}: raise the target or "
-                         "prune.search.max_width_pruning / max_depth_pruning")
+    space, shapes = search.check_target(c, teacher, cfg.parallel.pp)
     top = shapes[:s.top_k]
     d = cfg.get("distill")
     d = d if isinstance(d, dict) else {}

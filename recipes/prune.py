@@ -39,7 +39,8 @@ from tqdm import tqdm
 from recipes.lib import (checkpoint, config, importance, interop, runtime, stage, tokens, train,
                          train_stage)
 from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch, validate_layout
-from recipes.lib.search import SearchConfig, arch_of, cache_plan, constraint, tournament_steps
+from recipes.lib.search import (SearchConfig, arch_of, cache_plan, check_target, constraint,
+                                tournament_steps)
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.prune")
@@ -197,6 +198,7 @@ def resolve(cfg: config.Config) -> Plan:
     layout = {"tp": tp, "pp": pp, "spec": runtime.resolve_spec(c.spec)}  # spec=te without TE
     plan = {}
     if c.searching:  # the architecture is what the search finds
+        check_target(c, teacher, pp)  # a budget the grid cannot meet fails here, not in ModelOpt
         check_data(c, data_manifest, need_valid=True)  # zero-shot scores on the valid split
         if c.tournament:
             plan = resolve_tournament(cfg, source)

@@ -162,11 +162,38 @@ def candidate_filter(teacher: Arch, pp: int):
     return ok
 
 
-def grid(teacher: Arch, s: SearchConfig, target: dict, pp: int) -> tuple[dict, list[Arch]]:
-    """Before any weights (plan): the search space ModelOpt builds for `teacher` (its hparam
-    choices on the divisor grid, cut by ModelOpt's own max_*_pruning rule) and the shapes that
-    pass the filter and fit a `params` target by our count, largest first. ModelOpt counts the
-    padded vocabulary, so near the target its list can differ by a shape."""
+def modelopt_view(arch: Arch):
+    """What ModelOpt's analytic counters (megatron_model_stats) read of a megatron config."""
+    return types.SimpleNamespace(
+        hidden_size=arch.hidden_size, num_layers=arch.num_layers, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim, gated_linear_unit=True, add_bias_linear=False,
+        normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+
+
+def measure(teacher: Arch, target: dict, ss_config: dict) -> float:
+    """A shape (ModelOpt's ss_config over the teacher; {} is the teacher) as ModelOpt measures it
+    for the constraint: its parameter count (the padded vocabulary) or its memory estimate (bf16
+    weights + the KV cache of one 4096-token sequence, the searcher's defaults)."""
+    # lazy: ModelOpt, importable after modelopt_local.enable() (in grid)
+    from modelopt.torch.nas.plugins.megatron_model_stats import (
+        mcore_memory_footprint_mb,
+        mcore_param_count,
+    )
+
+    args = (modelopt_view(teacher), teacher.padded_vocab_size, teacher.tie_embeddings)
+    shape = {k: ss_config[k] for k in HPARAMS if k in ss_config}
+    if "params" in target:
+        return float(mcore_param_count(*args, **shape)[0])
+    return float(mcore_memory_footprint_mb(*args, dtype_bytes=2, sequence_length=4096,
+                                           batch_size=1, **shape)[3])
+
+
+def grid(teacher: Arch, s: SearchConfig, target: dict, pp: int) -> tuple[dict, list, list]:
+    """Before any weights (plan, and prune before calibration): the search space ModelOpt builds
+    for `teacher` (its hparam choices on the divisor grid, cut by ModelOpt's own max_*_pruning
+    rule); the shapes that pass the filter and fit the target as ModelOpt measures it, largest
+    first; and every shape that passes the filter, as (measure, Arch), smallest first."""
     from recipes.lib import modelopt_local  # lazy: megatron and ModelOpt (see the module doc)
 
     modelopt_local.enable()  # ModelOpt's megatron plugin, with or without TE
@@ -185,6 +212,44 @@ def grid(teacher: Arch, s: SearchConfig, target: dict, pp: int) -> tuple[dict, l
         choices, s.max_width_pruning, s.max_depth_pruning, s.skipped)
     space = {k: sorted({c[k] for c in combos if k in c}) for k in HPARAMS}
     ok = candidate_filter(teacher, pp)
-    fits = [a for c in combos if ok(c) and (a := arch_of(teacher, c)) is not None
-            and ("params" not in target or a.num_params() <= target["params"])]
-    return space, sorted(fits, key=lambda a: -a.num_params())
+    key = next(iter(target))
+    loadable = sorted(((measure(teacher, target, c), a) for c in combos
+                       if ok(c) and (a := arch_of(teacher, c)) is not None),
+                      key=lambda x: x[0])
+    fits = [a for m, a in loadable if m <= target[key]]
+    return space, sorted(fits, key=lambda a: -a.num_params()), loadable
+
+
+def check_target(c, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
+    """The budget of PruneConfig `c` against what the search can reach, before any weights:
+    refused when it is at or above the teacher (nothing to prune) or when no shape on the grid
+    meets it (naming the smallest reachable size and the settings that widen the grid).
+    Returns grid()'s space and fitting shapes."""
+    target = constraint(c, teacher)
+    key, name = next(iter(target)), ("prune.target_params" if c.target_params is not None
+                                     else "prune.target_memory_mb")
+    unit = (lambda v: f"{v:,.0f} parameters") if key == "params" else (lambda v: f"{v:,.1f} MB")
+    mine = measure(teacher, target, {})
+    if target[key] >= mine:
+        raise ValueError(f"{name}={getattr(c, name.split('.')[1]):g} asks for {unit(target[key])}"
+                         f", at or above the teacher's own {unit(mine)} (as ModelOpt counts "
+                         "it): nothing to prune; give a smaller target (a fraction < 1 of the "
+                         "teacher's, or an absolute size)")
+    space, fits, loadable = grid(teacher, c.search, target, pp)
+    if not fits:
+        size, arch = loadable[0]
+        fixed = [k for k in HPARAMS if k in c.search.hparams
+                 and space[k] in ([], [getattr(teacher, k)])]
+        raise ValueError(
+            f"no shape on the search grid meets {name} ({unit(target[key])}): the smallest "
+            f"reachable is {unit(size)} ({', '.join(f'{k} {getattr(arch, k)}' for k in HPARAMS)})"
+            f". Raise the target to at least that, or widen the grid: prune.search."
+            f"max_width_pruning={c.search.max_width_pruning} / max_depth_pruning="
+            f"{c.search.max_depth_pruning}, the divisors (hidden_size_divisor="
+            f"{c.search.hidden_size_divisor}, ffn_hidden_size_divisor="
+            f"{c.search.ffn_hidden_size_divisor}, num_layers_divisor="
+            f"{c.search.num_layers_divisor})"
+            + (f"; {', '.join(fixed)} cannot shrink on this grid at all (a divisor at least "
+               "the size, or a max_*_pruning too small to reach the next choice)" if fixed
+               else ""))
+    return space, fits

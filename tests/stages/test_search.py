@@ -48,9 +48,16 @@ def test_settings_and_targets_are_checked_before_work(trained_run, tmp_path):
             (["prune.target_params=0.8", "prune.search={score: mmlu}"], "kd_loss"),
             (["prune.target_params=0.8", "prune.search={teacher_cache_top_k: 0}"], ">= 1"),
             (["prune.target_params=0.8", "prune.search={score: lm_eval}"], "go together"),
-            (["prune.target_params=0.8", "prune.search={tournament_steps: 2, score: lm_eval, "
-              "lm_eval_task: no_such_task}"], "lm-eval has no task 'no_such_task'"),
-            (["prune.target_params=-1"], "must be > 0")):
+            (["prune.target_params=0.8", "prune.search=" + SEARCH % (
+                ", tournament_steps: 2, score: lm_eval, lm_eval_task: no_such_task")],
+             "lm-eval has no task 'no_such_task'"),
+            (["prune.target_params=-1"], "must be > 0"),
+            (["prune.target_params=5e9"], "at or above the teacher's own .*nothing to prune"),
+            (["prune.target_memory_mb=1e6"], "at or above the teacher's own .*nothing to prune"),
+            (["prune.target_params=0.05", f"prune.search={SEARCH % ''}"],
+             "no shape on the search grid meets prune.target_params .*the smallest reachable is"),
+            (["prune.target_params=0.85"],  # ModelOpt's default grid: 256 / 512 on a 64 / 96 model
+             "hidden_size, ffn_hidden_size, num_attention_heads, num_layers cannot shrink")):
         with pytest.raises(Exception, match=msg):
             prune.main(["--config", TINY, f"run.dir={run}", f"prune.output={tmp_path / 'p'}",
                         *(x for x in NO_SIZES if x.split("=")[0] not in
