@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from recipes.lib import config
+from recipes.lib.stage import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "scripts" / "slurm" / "stage.sbatch.in"
@@ -287,12 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status", action="store_true", help="the submitted chain's state")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
-    cfg = config.load(a.config, a.overrides, stage="cluster")
-    if a.status:
-        print(status(cfg.cluster, cfg.run.dir))
-    else:
-        submit(cfg.cluster, a.config, cfg.run.dir, a.overrides, a.dry_run, cfg)
-    return 0
+
+    def go() -> int:
+        cfg = config.load(a.config, a.overrides, stage="cluster")
+        if a.status:
+            print(status(cfg.cluster, cfg.run.dir))
+        else:
+            submit(cfg.cluster, a.config, cfg.run.dir, a.overrides, a.dry_run, cfg)
+        return 0
+
+    return cli(go, "launch") if argv is None else go()
 
 
 if __name__ == "__main__":

@@ -194,13 +194,15 @@ def load(config_file: str | None, overrides: list[str], stage: str | None = None
         raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
     if "run" not in raw:
         raise ConfigError("no 'run' section: pass run.dir=runs/<name>")
+    for name in SECTIONS:  # every key of every section first: a typo is named as a typo
+        if name in raw:
+            _check_keys(_section_class(name), name, raw[name] or {})
     out = Config()
     out.merged = merged
     for name in SECTIONS:
         if name in ("run", "parallel") or name == stage or (name in also and name in raw):
             out[name] = _coerce(_section_class(name), name, _resolved(merged, name))
         elif name in raw:  # other stages: keys only, values resolved when that stage runs
-            _check_keys(_section_class(name), name, raw[name] or {})
             out[name] = raw[name]
     return out
 

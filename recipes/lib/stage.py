@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import linecache
 import logging
 import os
 import shutil
@@ -308,19 +309,64 @@ def short(v, width: int = 120) -> str:
 def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple = ()) -> int:
     """Every stage's entry point: parse `--config` + overrides for `stage`, log on rank 0,
     `run(cfg)`. Exit 0 when finished, EXIT_PREEMPTED when it saved and stopped on a signal (a
-    scheduler requeues; the rerun resumes)."""
-    cfg = config.parse_args(argv, stage, doc, also)
-    runtime.setup_logging(cfg.run.log_level)
+    scheduler requeues; the rerun resumes). As a process of its own (argv None) a refusal of bad
+    input is one line on stderr and exit EXIT_REFUSED (`cli`); called with argv (tests, Python
+    callers) it raises."""
+    def go() -> int:
+        cfg = config.parse_args(argv, stage, doc, also)
+        runtime.setup_logging(cfg.run.log_level)
+        try:
+            run(cfg)
+        except Preempted as e:
+            logging.getLogger(f"recipes.{stage}").warning("stopped: %s", e)
+            return EXIT_PREEMPTED
+        finally:
+            release_locks()
+        if argv is None:  # a process of its own: see ignore_late_signals
+            ignore_late_signals()
+        return 0
+
+    return cli(go, stage) if argv is None else go()
+
+
+EXIT_REFUSED = 2  # bad input, refused with a message that names the fix (as argparse exits)
+PACKAGE = str(Path(__file__).resolve().parents[1])  # recipes/
+
+
+def refusal(e: BaseException) -> str | None:
+    """The message of a refusal of bad input: an exception our own code raised on purpose (a
+    `raise` statement in recipes/, whose message names the value and the fix), config errors
+    included. Anything else (an upstream error, an implicit KeyError of ours) is a bug and
+    keeps its traceback."""
+    if not isinstance(e, (ValueError, LookupError, OSError, RuntimeError)):
+        return None
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not tb.tb_frame.f_code.co_filename.startswith(PACKAGE):
+        return None
+    if not linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip() \
+            .startswith("raise"):
+        return None
+    return e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+
+
+def cli(fn, name: str) -> int:
+    """`fn()` as a command: a refusal (`refusal`) prints `<name>: <message>` on stderr, no
+    traceback, and exits EXIT_REFUSED; a bug raises with its traceback. run.log_level=DEBUG
+    (on the command line, or in the recipe once it is read) shows the traceback of a refusal
+    too."""
     try:
-        run(cfg)
-    except Preempted as e:
-        logging.getLogger(f"recipes.{stage}").warning("stopped: %s", e)
-        return EXIT_PREEMPTED
-    finally:
-        release_locks()
-    if argv is None:  # a process of its own: see ignore_late_signals
-        ignore_late_signals()
-    return 0
+        return fn()
+    except Exception as e:
+        debug = any(a.lower() == "run.log_level=debug" for a in sys.argv) or \
+            logging.getLogger().level == logging.DEBUG
+        msg = None if debug else refusal(e)
+        if msg is None:
+            raise
+        rank = f"[rank {runtime.rank()}] " if runtime.world_size() > 1 else ""
+        print(f"{rank}{name}: {msg}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 def _iso(t: float) -> str:
