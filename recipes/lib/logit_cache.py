@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.lib import compat, runtime, train, train_stage
+from recipes.lib import batches, compat, runtime, train, train_stage
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
 from megatron.core import parallel_state as ps  # noqa: E402
@@ -215,15 +215,15 @@ def _todo(dc: train.KDConfig, seed: int, folder: Path) -> list[list[dict]]:
     """Per global batch of the tournament (training steps, then validation), the micro-batches
     still to record. Decided on every rank before any file is written (a killed recording's
     files are kept; a batch met twice is recorded once): the stages of a pipeline agree."""
-    train_ds, valid_ds = train.build_datasets(dc, seed, folder.parent / "data_index")
+    train_ds, valid_ds = batches.datasets(dc, seed, folder.parent / "data_index")
     n_micro = train.check_layout(dc, ps.get_data_parallel_world_size())
-    steps = [train.micro_batches(train_ds, i, dc, n_micro) for i in range(dc.train_iters)]
-    steps += [train.micro_batches(valid_ds, i, dc, n_micro) for i in range(dc.eval_iters)]
+    steps = [batches.micro_batches(train_ds, i, dc, n_micro) for i in range(dc.train_iters)]
+    steps += [batches.micro_batches(valid_ds, i, dc, n_micro) for i in range(dc.eval_iters)]
     runtime.barrier()
     seen, todo = set(), []
-    for batches in steps:
+    for step in steps:
         todo.append([])
-        for b in batches:
+        for b in step:
             k = key(b["tokens"])
             if k not in seen and not (folder / f"{k}.pt").is_file():
                 todo[-1].append(b)

@@ -29,9 +29,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from recipes.lib import compat, config, runtime
+from recipes.lib import config, runtime
 from recipes.lib.preempt import Fault, Preempted, StopOnSignal
-from recipes.lib.stage import read_manifest
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
@@ -198,40 +197,7 @@ def check_layout(c: TrainConfig, dp: int) -> int:
     return c.global_batch_size // (c.micro_batch_size * dp)
 
 
-# ---- data ----------------------------------------------------------------------------------
-class _Tok:
-    """What GPTDataset needs of a tokenizer (the data stage already tokenised)."""
-
-    def __init__(self, eod: int, vocab_size: int):
-        # pad: megatron's own "no pad token" id (packed windows are never padded); eod would
-        # collide with a special token and megatron would replace it with this, warning
-        self.eod, self.vocab_size, self.pad = eod, vocab_size, -1
-        # megatron hashes this into the dataset cache key
-        self.unique_identifiers = {"class": "pretokenized", "eod": eod, "vocab_size": vocab_size}
-
-
-def build_datasets(c: TrainConfig, seed: int, cache: Path):
-    compat.apply()
-    # lazy: megatron (see the module doc)
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    first = read_manifest(c.data[0])
-    weights = [float(w) for w in (c.data_weights or [1.0] * len(c.data))]
-    blend = lambda split: ([str(Path(d) / split) for d in c.data], weights)  # noqa: E731
-    cfg = GPTDatasetConfig(
-        random_seed=seed, sequence_length=c.seq_length,
-        blend_per_split=[blend("train"), blend("valid"), None],
-        tokenizer=_Tok(first["eod"], first["vocab_size"]), reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        path_to_cache=str(cache), mmap_bin_files=True)
-    sizes = [c.train_iters * c.global_batch_size, c.eval_iters * c.global_batch_size, None]
-    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
-    return train, valid
-
-
+# ---- steps ---------------------------------------------------------------------------------
 def on_device(batch: dict, module) -> dict:
     """A micro-batch's tensors on the module's device; loss_mask as float."""
     dev = next(module.parameters()).device
@@ -253,20 +219,6 @@ def forward_steps(loss_func: Callable) -> Callable:
         return step
 
     return make_step
-
-
-def micro_batches(ds, step: int, c: TrainConfig, n_micro: int) -> list[dict]:
-    """This data-parallel rank's micro-batches of global step `step`."""
-    from megatron.core import parallel_state as ps  # lazy: megatron (see the module doc)
-
-    r = ps.get_data_parallel_rank()
-    base = step * c.global_batch_size + r * n_micro * c.micro_batch_size
-    out = []
-    for m in range(n_micro):
-        items = [ds[base + m * c.micro_batch_size + i] for i in range(c.micro_batch_size)]
-        out.append({k: torch.stack([torch.as_tensor(x[k]) for x in items])
-                    for k in ("tokens", "labels", "loss_mask", "position_ids")})
-    return out
 
 
 # ---- optimizer ----------------------------------------------------------------------------
@@ -374,11 +326,11 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     first step). Returns the final metrics."""
     from megatron.core import parallel_state as ps  # lazy: megatron (see the module doc)
 
-    from recipes.lib import resume  # lazy: imports megatron
+    from recipes.lib import batches, resume  # lazy: they import megatron
 
     n_micro = check_layout(c, ps.get_data_parallel_world_size())
     ddp, opt, sched = build_optimizer(model, c)
-    train_ds, valid_ds = build_datasets(c, seed, work / "cache")
+    train_ds, valid_ds = batches.datasets(c, seed, work / "cache")
     ckpts = work / "checkpoints"
     step = resume.resume(ckpts, ddp, opt, sched, c.global_batch_size)
     metrics = Metrics(work / "logs", step)
@@ -391,7 +343,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
         with torch.no_grad():
             reports = []
             for i in range(c.eval_iters):
-                reports += run_step(micro_batches(valid_ds, i, c, n_micro), training=False)
+                reports += run_step(batches.micro_batches(valid_ds, i, c, n_micro), training=False)
         ddp.train()
         return {f"valid_{k}": v for k, v in (reduce_report(reports) or {}).items()}
 
@@ -404,12 +356,12 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             metrics.log({"step": 0, "tokens": 0, **validate()})
         ddp.train()
         while step < c.train_iters:
-            batches = micro_batches(train_ds, step, c, n_micro)
+            step_batches = batches.micro_batches(train_ds, step, c, n_micro)
             t0 = time.time()
             ddp.zero_grad_buffer()
             opt.zero_grad()
             lr = opt.param_groups[0]["lr"]  # the rate this step uses
-            reports = run_step(batches, training=True)
+            reports = run_step(step_batches, training=True)
             ok, grad_norm, _ = opt.step()
             sched.step(increment=1)
             step += 1

@@ -68,13 +68,13 @@ def test_settings_and_targets_are_checked_before_work(trained_run, tmp_path):
 def kd_loss_with_transformers(teacher_dir, student_dir, dc, seed, cache):
     """The held-out KD loss of the tournament (the validation batches distill's loop uses), with
     transformers models and plain torch: KL(teacher || student) per token over the real vocab."""
-    from recipes.lib import runtime, train
+    from recipes.lib import batches, runtime, train
 
     t = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     s = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     with runtime.distributed(1, 1):
-        _, valid = train.build_datasets(dc, seed, cache)
-        batches = [b for i in range(dc.eval_iters) for b in train.micro_batches(
+        _, valid = batches.datasets(dc, seed, cache)
+        batches = [b for i in range(dc.eval_iters) for b in batches.micro_batches(
             valid, i, dc, train.check_layout(dc, 1))]
     total, n = 0.0, 0
     with torch.no_grad():
