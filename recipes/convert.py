@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from recipes.lib import checkpoint, config, interop, mapping, runtime, stage
+from recipes.lib import checkpoint, config, disk, interop, mapping, runtime, stage
 from recipes.lib.arch import Arch, human, read_hf_config, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -63,7 +63,7 @@ def run(cfg: config.Config) -> dict:
     with runtime.distributed(tp, pp, cfg.run.seed):
         log.info("convert %s -> %s at TP=%d PP=%d, %s\n%s", hf_path, out, tp, pp, c.dtype,
                  config.to_yaml(cfg))
-        tmp = sdir.begin()
+        tmp = sdir.begin(need=disk.nbytes(arch, c.dtype))
         checkpoint.save_from_hf(arch, reader, interop.iteration_dir(tmp, 0), c.dtype, "convert")
         if runtime.is_rank0():
             interop.write_layout(tmp, arch, 0, tp=tp, pp=pp, dtype=c.dtype,

@@ -225,8 +225,9 @@ def run(cfg: config.Config) -> dict:
     compat.apply()  # megatron after it (recipes/lib/compat.py)
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 
-    tmp = sdir.begin()
     dtype = np.uint16 if vocab_size < 65500 else np.int32
+    # tokens take itemsize bytes where the text took >= 2 bytes each (a generous estimate)
+    tmp = sdir.begin(need=sum(f.stat().st_size for f in files) * np.dtype(dtype).itemsize // 2)
     builders = {s: IndexedDatasetBuilder(str(tmp / f"{s}.bin"), dtype=dtype) for s in SPLITS}
     docs, tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     max_id = -1

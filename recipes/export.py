@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.lib import checkpoint, config, interop, runtime, stage
+from recipes.lib import checkpoint, config, disk, interop, runtime, stage
 from recipes.lib.arch import validate_layout
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 
@@ -76,7 +76,7 @@ def run(cfg: config.Config) -> dict:
         return read_manifest(out)
 
     with runtime.distributed(tp, pp, cfg.run.seed):
-        tmp = sdir.begin()
+        tmp = sdir.begin(need=disk.nbytes(arch, c.dtype, padded=False))
         from recipes.lib import model as M  # lazy: megatron; config checks import this module
 
         m = M.build(arch, dtype="fp32", spec=c.spec, init=False)

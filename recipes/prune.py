@@ -36,11 +36,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import (checkpoint, config, importance, interop, runtime, stage, tokens, train,
-                         train_stage)
+from recipes.lib import (checkpoint, config, disk, importance, interop, runtime, stage, tokens,
+                         train)
 from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch, validate_layout
-from recipes.lib.search import (SearchConfig, arch_of, cache_plan, check_target, constraint,
-                                tournament_steps)
+from recipes.lib.search import SearchConfig, arch_of, check_target, constraint
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.prune")
@@ -201,7 +200,9 @@ def resolve(cfg: config.Config) -> Plan:
         check_target(c, teacher, pp)  # a budget the grid cannot meet fails here, not in ModelOpt
         check_data(c, data_manifest, need_valid=True)  # zero-shot scores on the valid split
         if c.tournament:
-            plan = resolve_tournament(cfg, source)
+            from recipes.lib import tournament  # lazy: megatron and ModelOpt (see `run`)
+
+            plan = tournament.resolve(cfg, source)
     else:
         student, drop = pruned_arch(teacher, c)
         check_data(c, data_manifest, need_valid=student.num_layers < teacher.num_layers
@@ -226,25 +227,6 @@ def resolve(cfg: config.Config) -> Plan:
     if plan.get("dc") is not None and plan["dc"].precision != extra["tournament"]["precision"]:
         resumable["precision_auto"] = plan["dc"].precision  # a resume may not switch it
     return Plan(source, sdir, resumable, layout, **plan)
-
-
-def resolve_tournament(cfg: config.Config, source: interop.Source) -> dict:
-    """The tournament's distillation settings (distill's, fitted to its steps), its data and
-    teacher cache, and an lm-eval score's task: checked before any work."""
-    from recipes.lib import tournament  # lazy: megatron and ModelOpt (see `run`)
-
-    c: PruneConfig = cfg.prune
-    if "distill" not in cfg:
-        raise ValueError("prune.search.tournament_steps / tournament_tokens need the distill "
-                         "section (the tournament distils each candidate with its settings)")
-    d = cfg.typed("distill")
-    configured = tournament.tournament_config(d, tournament_steps(
-        c.search, d.global_batch_size, d.seq_length))
-    dc, _ = train.resolve_precision(configured, cfg.run.dir)  # precision=auto, for this machine
-    train_stage.check_data(dc, "distill", source.arch.vocab_size)
-    if c.search.score == "lm_eval":
-        tournament.check_lm_eval(c.search, dc, source)
-    return {"dc": dc, "configured": configured, "cache": cache_plan(c.search, dc, source.arch)}
 
 
 def run(cfg: config.Config) -> dict:
@@ -277,11 +259,27 @@ def run(cfg: config.Config) -> dict:
                  human(teacher.num_params()), human(plan.student.num_params()))
     with runtime.distributed(plan.layout["tp"], plan.layout["pp"], cfg.run.seed):
         # a tournament is long: its work folder survives a kill and the rerun continues
-        tmp = plan.sdir.begin(resumable=plan.resumable if plan.dc else None)
+        tmp = plan.sdir.begin(resumable=plan.resumable if plan.dc else None, need=nbytes(c, plan))
         pruned = (prune_searched if c.searching else prune_fixed)(c, plan, tmp, cfg.run.seed)
         if pruned.prepared:  # tournament_job=prepare: the candidates run as jobs of their own
             return {"prepared": [x["candidate"] for x in pruned.found]}
         return publish(cfg, plan, pruned, tmp)
+
+
+def nbytes(c: PruneConfig, plan: Plan) -> int:
+    """The most prune holds on disk at once: the pruned checkpoint and its HF staging copy; with
+    a tournament every candidate's checkpoint, one's training checkpoint and the teacher cache
+    (a searched shape is at most the target's share of the teacher)."""
+    if plan.student is not None:
+        return 2 * disk.nbytes(plan.student, c.dtype)
+    t = plan.source.arch
+    share = min(1.0, constraint(c, t).get("params", t.num_params()) / t.num_params())
+    if plan.dc is None:
+        return int(2 * share * disk.nbytes(t, c.dtype))
+    train_dtype = "fp32" if plan.dc.precision == "fp32" else "bf16"
+    return int(share * ((c.search.top_k + 2) * disk.nbytes(t, c.dtype)
+                        + disk.training_nbytes(t, train_dtype))
+               + (plan.cache or {}).get("mb", 0) * 2**20)
 
 
 def load_teacher(c: PruneConfig, plan: Plan):

@@ -31,7 +31,7 @@ import time
 import uuid
 from pathlib import Path
 
-from recipes.lib import config, runtime
+from recipes.lib import config, disk, runtime
 from recipes.lib.preempt import EXIT_PREEMPTED, Preempted, ignore_late_signals
 
 PACKAGES = ("torch", "megatron-core", "nvidia-modelopt", "transformers", "safetensors")
@@ -185,12 +185,18 @@ class StageDir:
         """Rank 0: an exclusive flock on `.<out>.lock`, or an error naming its holder."""
         lock(self.out, self.stage)
 
-    def begin(self, resumable: dict | None = None) -> Path:
+    def begin(self, resumable: dict | None = None, need: int = 0) -> Path:
         """Start work in `tmp`. Non-resumable stages start afresh (a leftover is a crashed run).
         Training stages pass `resumable` (their config minus operational keys): an unfinished
         run with the same values is continued, one with other values is refused with the
-        differences named (or wiped with run.force=true)."""
+        differences named (or wiped with run.force=true). `need`: the bytes the stage will
+        write, checked against the free space first (what a resumed run already wrote counts)."""
         self.lock()
+        self.resumable = resumable is not None
+        if need:  # collective: every rank refuses together
+            runtime.on_rank0(lambda: disk.check(self.out.parent, need - (
+                disk.size(self.tmp) if self.resumable and (self.tmp / "run.json").is_file()
+                else 0), f"stage {self.stage}"))
         if resumable is not None:
             resumable = {**resumable, "input_signature": self.signatures}
 
@@ -209,6 +215,7 @@ class StageDir:
 
         runtime.on_rank0(prepare)
         runtime.barrier()
+        _WORKING.append(self)
         return self.tmp
 
     def join(self, resumable: dict) -> Path:
@@ -250,12 +257,27 @@ class StageDir:
                 os.replace(self.out, old)
             os.replace(self.tmp, self.out)
             shutil.rmtree(old, ignore_errors=True)
+        if self in _WORKING:
+            _WORKING.remove(self)
         release_locks()
         runtime.barrier()
         return full
 
 
 _HELD: dict[str, int] = {}  # output folder -> the lock's file descriptor (this process)
+_WORKING: list[StageDir] = []  # begun and not yet committed by this process
+
+
+def no_space(e: BaseException) -> None:
+    """Raise disk.NoSpace from `e` when `e` is a write that failed for want of space under a stage
+    folder this process is writing, after removing its unfinished work (rank 0; disk.discard)."""
+    for sdir in _WORKING:
+        if disk.out_of_space(e, sdir.tmp):
+            done = disk.discard(sdir.tmp, sdir.resumable) if runtime.is_rank0() else \
+                "rank 0 removes the unfinished work"
+            raise disk.NoSpace(f"no space left on {disk.device(sdir.tmp)} while writing "
+                               f"{disk.os_path_of(e) or sdir.tmp}: {done}; free some space and "
+                               "rerun, or choose another run.dir") from e
 
 
 def lock(out: Path, what: str) -> None:
@@ -320,8 +342,12 @@ def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple =
         except Preempted as e:
             logging.getLogger(f"recipes.{stage}").warning("stopped: %s", e)
             return EXIT_PREEMPTED
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            no_space(e)  # a full disk is named as such, and the half-written output removed
+            raise
         finally:
             release_locks()
+            _WORKING.clear()
         if argv is None:  # a process of its own: see ignore_late_signals
             ignore_late_signals()
         return 0

@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from recipes.lib import checkpoint, harness, interop, logit_cache, modelopt_local, runtime, stage
+from recipes.lib import (checkpoint, config, harness, interop, logit_cache, modelopt_local,
+                         runtime, stage)
 from recipes.lib import model as M
 from recipes.lib import tokens, train, train_stage
 from recipes.lib.arch import Arch
-from recipes.lib.search import (HPARAMS, SCORE_NAMES, SearchConfig, arch_of, candidate_filter,
-                                constraint)
+from recipes.lib.search import (HPARAMS, SCORE_NAMES, SearchConfig, arch_of, cache_plan,
+                                candidate_filter, constraint, tournament_steps)
 from recipes.lib.train import KDConfig
 
 modelopt_local.enable()  # before ModelOpt's prune plugin (recipes/lib/modelopt_local.py)
@@ -45,6 +46,23 @@ from modelopt.torch.prune.plugins import mcore_minitron as MM  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+
+def resolve(cfg: config.Config, source: interop.Source) -> dict:
+    """Before any work: the tournament's distillation settings (the distill section's, fitted to
+    its steps; `configured` as written, `dc` with precision=auto made concrete), its data and
+    teacher cache, and an lm-eval score's task."""
+    s: SearchConfig = cfg.prune.search
+    if "distill" not in cfg:
+        raise ValueError("prune.search.tournament_steps / tournament_tokens need the distill "
+                         "section (the tournament distils each candidate with its settings)")
+    d = cfg.typed("distill")
+    configured = tournament_config(d, tournament_steps(s, d.global_batch_size, d.seq_length))
+    dc, _ = train.resolve_precision(configured, cfg.run.dir)
+    train_stage.check_data(dc, "distill", source.arch.vocab_size)
+    if s.score == "lm_eval":
+        check_lm_eval(s, dc, source)
+    return {"dc": dc, "configured": configured, "cache": cache_plan(s, dc, source.arch)}
 
 
 def modelopt_mode(s: SearchConfig) -> list:

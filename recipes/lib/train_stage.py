@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from recipes.lib import checkpoint, config, interop, runtime, tokens, train
+from recipes.lib import checkpoint, config, disk, interop, runtime, tokens, train
 from recipes.lib.arch import Arch, validate_layout
 from recipes.lib.interop import Source
 from recipes.lib.preempt import Fault, StopOnSignal
@@ -137,7 +137,9 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
     # the signal handlers go in before anything loads: a scheduler may signal early
     with StopOnSignal(c.preempt_signals) as stop, \
             runtime.distributed(tp, pp, cfg.run.seed):
-        work = stage.begin(resumable=resumable)
+        arch, dtype = src.arch, build_kwargs(c)["dtype"]  # the final model + keep_last + 1 saves
+        work = stage.begin(resumable=resumable, need=disk.nbytes(arch, dtype) + (
+            c.keep_last + 1) * disk.training_nbytes(arch, dtype))
         model, make_step, schedule = build(c)
         log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src.path, c.train_iters,
                  c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
@@ -147,7 +149,6 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
         # ModelOpt hides a KD teacher from the state dict here
         checkpoint.save(model, interop.iteration_dir(work, c.train_iters), c.train_iters)
         fault.at("kill_in_finish", 1)
-        arch = src.arch
 
         def sidecars():
             interop.write_layout(work, arch, c.train_iters, tp=tp, pp=pp,
