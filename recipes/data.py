@@ -1,22 +1,31 @@
-"""Stage `data`: text files / JSONL -> megatron indexed datasets (train, valid, test).
+"""Stage `data`: text, JSONL (plain, .gz, .zst), Parquet or chat data -> megatron indexed
+datasets (train, valid, test).
 
     python -m recipes.data --config conf/tiny.yaml run.dir=runs/x data.input=corpus/ \
         data.tokenizer=HF_DIR
 
-A `.txt` file is one document; each line of a `.jsonl` file is one document (its
-`data.text_field`). A directory is searched recursively for both. Documents are tokenised with the
-teacher's HF tokenizer in `data.workers` processes, EOD (the tokenizer's eos) appended, and
-assigned to splits by a seeded permutation of document indices (deterministic, document-level).
-Memory does not grow with a document: a long one is tokenised in pieces of at most ~256k
-characters, cut at a paragraph, line or word break, and streamed into the .bin file as one
-sequence (its tokens can differ from a whole-document tokenisation only where a piece ends).
-Output: <run.dir>/data/{train,valid,test}.{bin,idx} and a manifest with documents and tokens per
-split.
+Inputs (recipes/lib/documents.py): a `.txt` file is one document; each line of a `.jsonl`,
+`.jsonl.gz` or `.jsonl.zst` file and each row of a `.parquet` file is one (`data.text_field`);
+a directory is searched recursively and may mix them. A record with `messages` instead
+(`data.messages_field`: [{role, content}, ...]) is a chat: rendered with the tokenizer's chat
+template, its tokens carry a loss mask that is 1 on the assistant turns only, stored beside the
+tokens (`<split>_mask.bin/.idx`) and honoured by distill's KD and LM losses and by
+teacher_correction. A bad row is refused naming the file and the row, or skipped and counted
+(`data.on_bad_row=skip`).
+Before any work the tokenizer is checked on a sample of the real input (text that encodes to no
+tokens, unknown tokens, text that does not decode back, ids outside the vocabulary: refused
+naming the tokenizer and the sample), and a dataset whose documents encode to nothing is never
+published. Documents are tokenised in `data.workers` processes, EOD (the tokenizer's eos)
+appended, and assigned to splits by a seeded permutation of document indices (deterministic,
+document-level). Memory does not grow with a document: a long one is tokenised in pieces of at
+most ~256k characters cut at a paragraph, line or word break, and streamed into the .bin file as
+one sequence. Output: <run.dir>/data/{train,valid,test}.{bin,idx} and a manifest with documents
+and tokens per split.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import logging
 import multiprocessing as mp
 import sys
@@ -25,24 +34,31 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from recipes.lib import compat, config, stage
+from recipes.lib import compat, config, documents, stage, tokens
 from recipes.lib.arch import read_hf_config
-from recipes.lib.stage import StageDir, fingerprint, read_manifest, short
+from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.data")
 SPLITS = ("train", "valid", "test")
+EMPTY_MAX = 0.01   # more documents than this that encode to nothing: the dataset is refused
+SAMPLE_DOCS = 32   # documents of the input the tokenizer is checked on before any work
 
 
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
     input: str
-    """A .txt / .jsonl file or a directory of them."""
+    """A .txt / .jsonl / .jsonl.gz / .jsonl.zst / .parquet file, or a directory of them."""
     tokenizer: str
     """HF folder with the teacher's tokenizer and config.json (its vocab_size is checked)."""
     output: str | None = None
     """Output folder; default <run.dir>/data."""
     text_field: str = "text"
-    """JSONL field holding the document text."""
+    """JSONL field / Parquet column holding a document's text."""
+    messages_field: str = "messages"
+    """JSONL field / Parquet column holding a chat ([{role, content}, ...]) where a record has
+    no text: rendered with the tokenizer's chat template, loss on the assistant turns only."""
+    on_bad_row: str = "fail"
+    """fail | skip: a row that is not a document (not JSON, no field, null or not a string)."""
     split: str = "98,1,1"
     """train,valid,test proportions (documents)."""
     workers: int = 2
@@ -58,91 +74,13 @@ class DataConfig:
                              "train,valid,test such as 98,1,1")
         if self.workers < 1:
             raise ValueError("data.workers must be >= 1")
+        if self.on_bad_row not in ("fail", "skip"):
+            raise ValueError(f"data.on_bad_row={self.on_bad_row!r}; use fail or skip")
 
     @property
     def proportions(self) -> list[float]:
         p = [float(x) for x in self.split.split(",")]
         return [x / sum(p) for x in p]
-
-
-def find_files(path: Path) -> list[Path]:
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-    else:
-        raise FileNotFoundError(f"data.input={path} does not exist")
-    bad = [f for f in files if f.suffix not in (".txt", ".jsonl")]
-    if bad:
-        raise ValueError(f"{bad[0]}: unsupported file type; use .txt (one document per file) or "
-                         ".jsonl (one document per line)")
-    if not files:
-        raise ValueError(f"data.input={path} holds no .txt or .jsonl files")
-    return files
-
-
-CHUNK_CHARS = 1 << 18  # a long document is tokenised in pieces of at most ~256k characters
-
-
-def iter_documents(files: list[Path], text_field: str, min_chars: int):
-    """Yield each document as an iterator of text pieces of at most ~CHUNK_CHARS characters (a
-    .txt file is read piece by piece, never whole)."""
-    for f in files:
-        try:
-            if f.suffix == ".txt":
-                if _has_chars(f, min_chars):
-                    yield _read_pieces(f)
-                continue
-            with open(f, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[text_field]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{f}:{n}: not a JSON object with a "
-                                         f"'{text_field}' field ({e}); fix the line or set "
-                                         "data.text_field") from e
-                    if not isinstance(text, str):
-                        raise ValueError(f"{f}:{n}: '{text_field}' is {type(text).__name__} "
-                                         f"{short(text, 40)}, not a string; fix or drop the line")
-                    if len(text.strip()) >= min_chars:
-                        yield _split(text)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f} is not UTF-8 text ({e}); convert it or leave it out") from e
-
-
-def _split(text: str):
-    """Pieces of at most ~CHUNK_CHARS, cut after a paragraph break, else a line break, else a
-    space (tokenisers split words there anyway), else hard."""
-    while len(text) > CHUNK_CHARS:
-        cut = CHUNK_CHARS
-        for sep in ("\n\n", "\n", " "):
-            at = text.rfind(sep, CHUNK_CHARS // 2, CHUNK_CHARS)
-            if at >= 0:
-                cut = at + len(sep)
-                break
-        yield text[:cut]
-        text = text[cut:]
-    yield text
-
-
-def _read_pieces(f: Path):
-    with open(f, encoding="utf-8") as fh:
-        rest = ""
-        while block := fh.read(CHUNK_CHARS):
-            *whole, rest = _split(rest + block)
-            yield from whole
-        yield rest
-
-
-def _has_chars(f: Path, min_chars: int) -> bool:
-    """Whether a .txt file holds at least `min_chars` non-blank characters (read in blocks)."""
-    n = 0
-    with open(f, encoding="utf-8") as fh:
-        while n < min_chars and (block := fh.read(CHUNK_CHARS)):
-            n += len(block.strip())
-    return n >= min_chars
 
 
 def split_assignment(n_docs: int, proportions: list[float], seed: int) -> np.ndarray:
@@ -157,25 +95,67 @@ def split_assignment(n_docs: int, proportions: list[float], seed: int) -> np.nda
     return out
 
 
+def open_tokenizer(c: DataConfig):
+    """The teacher's tokenizer (files checked), its model's vocab_size and its EOD id."""
+    vocab_size = read_hf_config(Path(c.tokenizer))["vocab_size"]
+    tok = tokens.load_tokenizer(c.tokenizer, "data.tokenizer")
+    eod = tok.eos_token_id
+    if eod is None or eod >= vocab_size or len(tok) > vocab_size + 256:
+        raise ValueError(f"tokenizer in {c.tokenizer} ({len(tok)} entries, eos={eod}) does not "
+                         f"match the teacher's vocab_size={vocab_size}; use the teacher's own "
+                         "tokenizer (data.tokenizer=<teacher HF folder>)")
+    return tok, vocab_size, eod
+
+
+def survey(reader: documents.Reader, tok, vocab_size: int, c: DataConfig) -> dict:
+    """One pass over the input before any work: documents (chats among them), and the tokenizer
+    checked on the first SAMPLE_DOCS documents (recipes/lib/tokens.py check_tokenizer; a chat
+    needs a chat template and is encoded once)."""
+    n_docs, n_chat, sample = 0, 0, []
+    for doc in reader:
+        n_docs += 1
+        if doc.messages is not None:
+            if n_chat == 0 and not tok.chat_template:
+                raise ValueError(f"{doc.where} is a chat ('{c.messages_field}'), but the "
+                                 f"tokenizer {c.tokenizer} has no chat template: use the "
+                                 "instruct model's tokenizer, or give text instead")
+            if n_chat == 0:
+                tokens.encode_chat(tok, doc.messages)  # a template that cannot place the mask
+            n_chat += 1
+            if len(sample) < SAMPLE_DOCS:
+                sample.append("\n".join(m["content"] for m in doc.messages))
+        elif len(sample) < SAMPLE_DOCS:
+            sample.append("".join(itertools.islice(doc.pieces, 1)))
+    if n_docs == 0:
+        raise ValueError(f"data.input={c.input}: no documents of at least {c.min_chars} chars")
+    checked = tokens.check_tokenizer(tok, sample, vocab_size, c.tokenizer)
+    return {"documents": n_docs, "chats": n_chat, "tokenizer_check": checked,
+            "skipped_rows": dict(reader.skipped)}
+
+
 _TOK = None
 
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOK
-    from transformers import AutoTokenizer  # lazy: seconds; config checks import this module
-
-    _TOK = AutoTokenizer.from_pretrained(tokenizer_path)
+    _TOK = tokens.load_tokenizer(tokenizer_path, "data.tokenizer")
 
 
-def _encode(text: str) -> np.ndarray:
-    return np.asarray(_TOK(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+def _encode(item) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids, loss mask or None) of a text piece or a chat."""
+    if isinstance(item, str):
+        return np.asarray(_TOK(item, add_special_tokens=False)["input_ids"], dtype=np.int32), None
+    return tokens.encode_chat(_TOK, item)
 
 
-def _pieces(docs):
-    """(document number, is its last piece, text) for every piece of every document."""
-    for i, pieces in enumerate(docs):
-        cur = next(pieces)
-        for nxt in pieces:
+def _items(reader: documents.Reader):
+    """(document number, is its last item, text piece or chat messages) for every document."""
+    for i, doc in enumerate(reader):
+        if doc.messages is not None:
+            yield i, True, doc.messages
+            continue
+        cur = next(doc.pieces)
+        for nxt in doc.pieces:
             yield i, False, cur
             cur = nxt
         yield i, True, cur
@@ -192,18 +172,79 @@ def _batched(it, n: int):
         yield batch
 
 
+class Writer:
+    """The split datasets being written: tokens (and, for chat data, a loss mask of the same
+    lengths), a document's pieces streamed into the .bin file as one sequence: exactly what
+    megatron's `IndexedDatasetBuilder.add_document(tensor, [length])` writes, without holding
+    the document."""
+
+    def __init__(self, tmp: Path, dtype, masks: bool):
+        compat.apply()
+        # lazy: megatron after compat.apply(); every stage's config check imports this module
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.tmp, self.dtype = tmp, dtype
+        self.tokens = {s: IndexedDatasetBuilder(str(tmp / f"{s}.bin"), dtype=dtype)
+                       for s in SPLITS}
+        self.masks = {s: IndexedDatasetBuilder(str(tmp / f"{s}_mask.bin"), dtype=np.uint8)
+                      for s in SPLITS} if masks else None
+
+    def piece(self, split: str, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        self.tokens[split].data_file.write(ids.astype(self.dtype, copy=False).tobytes())
+        if self.masks is not None:
+            m = np.ones(ids.size, np.uint8) if mask is None else mask
+            self.masks[split].data_file.write(m.astype(np.uint8, copy=False).tobytes())
+
+    def end_document(self, split: str, length: int) -> None:
+        for b in (self.tokens[split], *([self.masks[split]] if self.masks else [])):
+            b.sequence_lengths.append(length)
+            b.document_indices.append(len(b.sequence_lengths))
+
+    def finalize(self) -> None:
+        for s in SPLITS:
+            self.tokens[s].finalize(str(self.tmp / f"{s}.idx"))
+            if self.masks:
+                self.masks[s].finalize(str(self.tmp / f"{s}_mask.idx"))
+
+
+def tokenize(c: DataConfig, reader, assign, n_docs: int, vocab_size: int, eod: int,
+             writer: Writer) -> dict:
+    """Every document through the worker pool into its split; counts per split."""
+    docs, toks = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    max_id, empty, doc_len = -1, 0, 0
+    bar = tqdm(total=n_docs, desc="tokenize", unit="doc")
+    with mp.get_context("spawn").Pool(c.workers, initializer=_init_worker,
+                                      initargs=(c.tokenizer,)) as pool, bar:
+        # bounded: at most 4 pieces per worker in flight (Pool.imap would read the whole
+        # corpus into its queue); a document's pieces go straight to the .bin file
+        for batch in _batched(_items(reader), 4 * c.workers):
+            for (i, last, _), (ids, mask) in zip(batch, pool.map(_encode, [x for *_, x in batch])):
+                max_id = max(max_id, int(ids.max()) if ids.size else -1)
+                if max_id >= vocab_size:
+                    raise ValueError(f"document {i} has token id {max_id} >= vocab_size "
+                                     f"{vocab_size}: tokenizer and teacher do not match")
+                split = SPLITS[assign[i]]
+                if last:  # EOD: a target of a text document, not of a chat's last turn
+                    ids = np.append(ids, np.int32(eod))
+                    mask = None if mask is None else np.append(mask, np.uint8(0))
+                writer.piece(split, ids, mask)
+                doc_len += ids.size
+                if last:
+                    writer.end_document(split, doc_len)
+                    docs[split] += 1
+                    toks[split] += doc_len
+                    empty += doc_len == 1
+                    doc_len = 0
+                    bar.update()
+    writer.finalize()
+    return {"documents": docs, "tokens": toks, "max_token_id": max_id, "empty": empty}
+
+
 def run(cfg: config.Config) -> dict:
     c: DataConfig = cfg.data
     out = Path(c.output or Path(cfg.run.dir) / "data")
-    files = find_files(Path(c.input))
-    vocab_size = read_hf_config(Path(c.tokenizer))["vocab_size"]
-    _init_worker(c.tokenizer)
-    tok = _TOK
-    eod = tok.eos_token_id
-    if eod is None or eod >= vocab_size or len(tok) > vocab_size + 256:
-        raise ValueError(f"tokenizer in {c.tokenizer} ({len(tok)} entries, eos={eod}) does not "
-                         f"match the teacher's vocab_size={vocab_size}; use the teacher's own "
-                         "tokenizer (data.tokenizer=<teacher HF folder>)")
+    files = documents.find_files(Path(c.input))
+    tok, vocab_size, eod = open_tokenizer(c)
     tok_files = [Path(c.tokenizer) / f for f in ("config.json", "tokenizer.json",
                                                  "tokenizer_config.json", "tokenizer.model")
                  if (Path(c.tokenizer) / f).is_file()]
@@ -213,71 +254,33 @@ def run(cfg: config.Config) -> dict:
     if sdir.already_done():
         log.info("%s is complete (same inputs and config): skipping", out)
         return read_manifest(out)
-    n_docs = sum(1 for _ in iter_documents(files, c.text_field, c.min_chars))
-    if n_docs == 0:
-        raise ValueError(f"data.input={c.input}: no documents of at least {c.min_chars} chars")
+    reader = documents.Reader(files, c.text_field, c.messages_field, c.min_chars, c.on_bad_row)
+    found = survey(reader, tok, vocab_size, c)
+    n_docs = found["documents"]
     assign = split_assignment(n_docs, c.proportions, cfg.run.seed)
     for i, name in enumerate(SPLITS):
         if c.proportions[i] > 0 and not (assign == i).any():
             raise ValueError(f"split '{name}' got no documents ({n_docs} documents, split "
                              f"{c.split}); add documents or set data.split with {name}=0")
-
-    compat.apply()  # megatron after it (recipes/lib/compat.py)
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
-
     dtype = np.uint16 if vocab_size < 65500 else np.int32
     # tokens take itemsize bytes where the text took >= 2 bytes each (a generous estimate)
     tmp = sdir.begin(need=sum(f.stat().st_size for f in files) * np.dtype(dtype).itemsize // 2)
-    builders = {s: IndexedDatasetBuilder(str(tmp / f"{s}.bin"), dtype=dtype) for s in SPLITS}
-    docs, tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-    max_id = -1
-    ctx = mp.get_context("spawn")
-    bar = tqdm(total=n_docs, desc="tokenize", unit="doc")
-    with ctx.Pool(c.workers, initializer=_init_worker, initargs=(c.tokenizer,)) as pool, bar:
-        # bounded: at most 4 pieces per worker in flight (Pool.imap would read the whole
-        # corpus into its queue); a document's pieces go straight to the .bin file
-        doc_len = 0
-        for batch in _batched(_pieces(iter_documents(files, c.text_field, c.min_chars)),
-                              4 * c.workers):
-            for (i, last, _), ids in zip(batch, pool.map(_encode, [t for *_, t in batch])):
-                if ids.size:
-                    max_id = max(max_id, int(ids.max()))
-                if max_id >= vocab_size:
-                    raise ValueError(f"document {i} has token id {max_id} >= vocab_size "
-                                     f"{vocab_size}: tokenizer and teacher do not match")
-                split = SPLITS[assign[i]]
-                if last:
-                    ids = np.append(ids, np.int32(eod))
-                _write_piece(builders[split], ids, dtype)
-                doc_len += ids.size
-                if last:
-                    _end_document(builders[split], doc_len)
-                    docs[split] += 1
-                    tokens[split] += doc_len
-                    doc_len = 0
-                    bar.update()
-    for s, b in builders.items():
-        b.finalize(str(tmp / f"{s}.idx"))
+    res = tokenize(c, reader, assign, n_docs, vocab_size, eod, Writer(tmp, dtype, found["chats"]))
+    if res["empty"] > EMPTY_MAX * n_docs:
+        raise ValueError(f"{res['empty']} of {n_docs} documents encoded to no tokens with the "
+                         f"tokenizer {c.tokenizer}: the dataset is not published; use the "
+                         "model's own tokenizer")
     (tmp / "config.yaml").write_text(config.to_yaml(cfg))
-    log.info("documents %s, tokens %s", docs, tokens)
-    return sdir.commit({"input": {"files": [str(f) for f in files]}, "tokenizer": str(Path(c.tokenizer).resolve()),
-                         "vocab_size": vocab_size, "max_token_id": max_id, "eod": eod,
-                         "dtype": np.dtype(dtype).name,
-                         "documents": docs, "tokens": tokens,
-                         "metrics": {"documents": sum(docs.values()),
-                                     "tokens": sum(tokens.values())}})
-
-
-def _write_piece(builder, ids: np.ndarray, dtype) -> None:
-    """Append tokens of the current document to megatron's builder's .bin file (its public
-    `data_file`); `_end_document` records them as one sequence and one document, exactly what
-    `IndexedDatasetBuilder.add_document(tensor, [length])` writes, without holding the document."""
-    builder.data_file.write(ids.astype(dtype, copy=False).tobytes(order="C"))
-
-
-def _end_document(builder, length: int) -> None:
-    builder.sequence_lengths.append(length)
-    builder.document_indices.append(len(builder.sequence_lengths))
+    log.info("documents %s, tokens %s%s", res["documents"], res["tokens"],
+             f", {found['chats']} chats (loss on assistant turns)" if found["chats"] else "")
+    return sdir.commit({
+        "input": {"files": [str(f) for f in files]}, "tokenizer": str(Path(c.tokenizer).resolve()),
+        "vocab_size": vocab_size, "max_token_id": res["max_token_id"], "eod": eod,
+        "dtype": np.dtype(dtype).name, "documents": res["documents"], "tokens": res["tokens"],
+        "loss_mask": bool(found["chats"]), "chats": found["chats"],
+        "skipped_rows": found["skipped_rows"], "tokenizer_check": found["tokenizer_check"],
+        "metrics": {"documents": sum(res["documents"].values()),
+                    "tokens": sum(res["tokens"].values())}})
 
 
 def main(argv: list[str] | None = None) -> int:

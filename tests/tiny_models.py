@@ -62,7 +62,8 @@ def _write_tokenizer(path: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"<{i}>": i for i in range(3)} | {chr(33 + i): 3 + i for i in range(90)}
+    vocab = {f"<{i}>": i for i in range(3)} | {chr(33 + i): 3 + i for i in range(90)} \
+        | {" ": 93, "\n": 94}  # whitespace too: text with spaces is no unknown token
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>",

@@ -3,13 +3,16 @@ loss). A split's documents lie back to back in its .bin file (EOD between them);
 `seq_length + 1` tokens are cut at aligned offsets and chosen by a seeded permutation."""
 from __future__ import annotations
 
+import difflib
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from recipes.lib import compat
-from recipes.lib.stage import read_manifest
+from recipes.lib.stage import read_manifest, short
 
 
 def split_tokens(data_dir: str | Path, split: str) -> np.ndarray:
@@ -51,3 +54,100 @@ def windows(data_dir: str | Path, split: str, seq_length: int, n: int, seed: int
     w = seq_length + 1
     return torch.from_numpy(np.stack([np.asarray(toks[i * w:(i + 1) * w]) for i in idx])
                             .astype(np.int64))
+
+
+# ---- tokenizers ----------------------------------------------------------------------------
+UNKNOWN_MAX = 0.01      # more unknown tokens than this in a sample: not the text's tokenizer
+ROUND_TRIP_MIN = 0.95   # decoded text at least this similar to the text (whitespace removed)
+SAMPLE_CHARS = 4000     # characters of each sampled document that are checked
+
+
+def load_tokenizer(path: str | Path, key: str):
+    """The HF tokenizer in folder `path` (`key`: the config key naming it), its files checked
+    first: an empty or unreadable tokenizer.json / tokenizer_config.json, and a tokenizer
+    transformers cannot build, are refused naming the file and the fix."""
+    from transformers import AutoTokenizer  # lazy: seconds; light stages import this module
+
+    path = Path(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file() and f.stat().st_size == 0:
+            raise ValueError(f"{key}: {f} is empty (0 bytes), a failed download or copy; "
+                             "restore the model's tokenizer files")
+        if f.is_file():
+            try:
+                json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{key}: {f} is not valid JSON ({e}); restore the model's "
+                                 "tokenizer files") from e
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, named with the fix
+        raise ValueError(f"{key}={path}: transformers cannot load its tokenizer "
+                         f"({type(e).__name__}: {short(str(e), 200)}); point {key} at the "
+                         "model's HF folder with its tokenizer files") from e
+
+
+def check_tokenizer(tok, texts: list[str], vocab_size: int, name: str) -> dict:
+    """Encode a sample of the real input with `tok` and refuse, naming the tokenizer (`name`)
+    and a sample, when documents with text encode to no tokens, more than UNKNOWN_MAX of the
+    tokens are unknown, decoding does not give the text back (whitespace removed), or ids fall
+    outside the model's vocabulary. Returns what was checked (for the manifest)."""
+    unk, n_tok, n_unk, checked = tok.unk_token_id, 0, 0, 0
+    for text in texts:
+        text = text[:SAMPLE_CHARS]
+        if not text.strip():
+            continue
+        checked += 1
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"the tokenizer {name} encodes text to no tokens ({short(text, 60)} "
+                             "-> []): it is not the tokenizer this text and model need, or "
+                             "transformers rebuilt it as another kind (check its "
+                             "tokenizer_class); use the model's own tokenizer")
+        if max(ids) >= vocab_size:
+            raise ValueError(f"the tokenizer {name} gives id {max(ids)} for {short(text, 60)}, "
+                             f"outside the model's vocabulary ({vocab_size}): use the model's "
+                             "own tokenizer")
+        unknown = ids.count(unk) if unk is not None else 0
+        n_tok, n_unk = n_tok + len(ids), n_unk + unknown
+        if unknown > UNKNOWN_MAX * len(ids):
+            raise ValueError(f"the tokenizer {name} maps {unknown / len(ids):.1%} of a sample's "
+                             f"tokens to its unknown token {tok.unk_token!r} (in "
+                             f"{short(text, 60)}): it does not cover this text; use the "
+                             "model's own tokenizer")
+        back = tok.decode(ids, skip_special_tokens=True)
+        a, b = re.sub(r"\s+", "", text), re.sub(r"\s+", "", back)
+        if a != b and difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() < ROUND_TRIP_MIN:
+            raise ValueError(f"the tokenizer {name} does not give the text back: "
+                             f"{short(text, 60)} decodes to {short(back, 60)}; use the "
+                             "model's own tokenizer (or one that covers this text)")
+    return {"documents": checked, "tokens": n_tok,
+            "unknown_fraction": round(n_unk / n_tok, 6) if n_tok else 0.0}
+
+
+def encode_chat(tok, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """A chat rendered with the tokenizer's chat template: its token ids and a 0/1 mask that is
+    1 on the assistant turns (their content and the end-of-turn tokens the template puts after
+    it), found by rendering each prefix of the conversation (with the generation prompt before
+    an assistant turn) and mapping the characters to tokens by their offsets. A template whose
+    rendering of a prefix is not a prefix of the whole (some drop earlier turns' reasoning) is
+    refused: the mask could not be placed."""
+    def render(msgs, prompt=False):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt) \
+            if msgs or prompt else ""
+
+    full, spans = render(messages), []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto = render(messages[:k], prompt=True), render(messages[:k + 1])
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ValueError(f"the chat template of {tok.name_or_path} renders a conversation's "
+                             "beginning differently from the whole conversation, so the "
+                             "assistant turns cannot be located for the loss mask; use a "
+                             "template without that (or single-turn chats)")
+        spans.append((len(before), len(upto)))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a <= (s + e) / 2 < b for a, b in spans)) for s, e in enc["offset_mapping"]]
+    return np.asarray(enc["input_ids"], dtype=np.int32), np.asarray(mask, dtype=np.uint8)

@@ -48,11 +48,11 @@ def test_split_assignment_is_document_level_and_exact():
 
 @pytest.mark.parametrize("make, message", [
     (lambda d: None, "does not exist"),
-    (lambda d: d.mkdir(), "holds no .txt or .jsonl files"),
+    (lambda d: d.mkdir(), "holds no .txt / .jsonl / .jsonl.gz / .jsonl.zst / .parquet files"),
     (lambda d: (d.mkdir(), (d / "a.txt").write_text("   \n")), "no documents"),
     (lambda d: (d.mkdir(), (d / "a.txt").write_bytes(b"\xff\xfe\xfa")), "is not UTF-8"),
     (lambda d: (d.mkdir(), (d / "a.jsonl").write_text('{"body": "x"}\n')),
-     "not a JSON object with a 'text' field"),
+     "a.jsonl:1: no 'text' \\(or 'messages'\\) field; set data.text_field"),
 ])
 def test_bad_input(hf_models, tmp_path, make, message):
     make(tmp_path / "in")

@@ -315,9 +315,10 @@ def test_a_long_document_is_tokenised_in_bounded_memory(hf_models, tmp_path):
     m = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
     split = max(m["tokens"], key=m["tokens"].get)
     got = np.asarray(tokens.split_tokens(tmp_path / "run" / "data", split))
-    # the tiny tokenizer: one token per character, '!'..'z' -> 3.., anything else -> unk (0)
+    # the tiny tokenizer: one token per character, '!'..'z' -> 3.., ' ' 93, newline 94
     chars = np.frombuffer(big.encode(), dtype=np.uint8).astype(np.int64)
-    want = np.where((chars >= 33) & (chars < 33 + 90), chars - 30, 0)
+    want = np.where((chars >= 33) & (chars < 33 + 90), chars - 30,
+                    np.where(chars == 32, 93, np.where(chars == 10, 94, 0)))
     assert len(got) == len(big) + 1 and got[-1] == 2  # EOD once, at the end
     assert np.array_equal(got[:-1], want)
 

@@ -27,7 +27,7 @@ def cases(tmp_path, hf):
         (("data", run, "data.inptu=x"), "data: unknown key(s) data.inptu; valid keys"),
         (("export", run, f"export.input={mlm}"), f"export: export.input: {mlm}"),
         (("data", run, f"data.input={corpus}", f"data.tokenizer={hf}"),
-         f"data: {corpus / 'a.jsonl'}:2: not a JSON object with a 'text' field"),
+         f"data: {corpus / 'a.jsonl'}:2: not a JSON object"),
         (("convert", run, f"convert.hf_path={tmp_path / 'nowhere'}"), "convert: "),
         (("prune", run, "parallel.tp=2"), "prune: parallel.tp=2: ModelOpt Minitron pruning "
                                           "requires TP=1"),

@@ -1,0 +1,253 @@
+"""Documents from the files a user brings, streamed so that memory stays flat as a file grows.
+
+    .txt                          one document per file, read in pieces
+    .jsonl / .jsonl.gz / .jsonl.zst   one document per line: a JSON object with the text field
+                                  (`text`), or a chat with the messages field (`messages`: a list
+                                  of {role, content})
+    .parquet                      one document per row of the text column (or messages column),
+                                  read one record batch at a time
+
+A directory is searched recursively and may mix formats. A bad row (not JSON, no text or
+messages field, a null or non-string cell, malformed messages) is refused naming the file and
+the row, or with `on_bad_row=skip` left out and counted (`Reader.skipped`, in the manifest). A
+corrupt file (a truncated .gz, a damaged Parquet footer) is refused naming the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from recipes.lib.stage import short
+
+FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+CHUNK_CHARS = 1 << 18  # a long document is tokenised in pieces of at most ~256k characters
+PARQUET_BATCH = 1024   # rows per Parquet record batch read
+
+
+def file_format(path: Path) -> str | None:
+    """The format a file's name says (the longest matching suffix), None for others."""
+    name = path.name.lower()
+    return max((f for f in FORMATS if name.endswith(f)), key=len, default=None)
+
+
+def find_files(path: Path) -> list[Path]:
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p))
+    else:
+        raise FileNotFoundError(f"data.input={path} does not exist")
+    bad = [f for f in files if not file_format(f)]
+    if bad:
+        raise ValueError(f"{bad[0]}: unsupported file type; use {', '.join(FORMATS)}")
+    if not files:
+        raise ValueError(f"data.input={path} holds no {' / '.join(FORMATS)} files")
+    return files
+
+
+@dataclasses.dataclass
+class Document:
+    where: str                          # file:row, for messages
+    pieces: Iterator[str] | None = None  # text, in pieces of at most ~CHUNK_CHARS
+    messages: list | None = None         # a chat: [{role, content}, ...]
+
+
+class BadRow(ValueError):
+    """A row that is not a document."""
+
+
+class Reader:
+    """The documents of `files`, in order, each time it is iterated. `skipped` counts the bad
+    rows left out per file (on_bad_row=skip) in the last pass."""
+
+    def __init__(self, files: list[Path], text_field: str, messages_field: str, min_chars: int,
+                 on_bad_row: str):
+        self.files, self.text_field, self.messages_field = files, text_field, messages_field
+        self.min_chars, self.on_bad_row = min_chars, on_bad_row
+        self.skipped: Counter = Counter()
+
+    def __iter__(self) -> Iterator[Document]:
+        self.skipped = Counter()
+        for f in self.files:
+            try:
+                if file_format(f) == ".txt":
+                    if _has_chars(f, self.min_chars):
+                        yield Document(str(f), pieces=_read_pieces(f))
+                    continue
+                rows = _parquet_rows(f, self.text_field, self.messages_field) \
+                    if file_format(f) == ".parquet" else _json_rows(f)
+                for n, row in rows:
+                    doc = self._document(f, n, row)
+                    if doc is not None:
+                        yield doc
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{f} is not UTF-8 text ({e}); convert it or leave it out") \
+                    from e
+
+    def _document(self, f: Path, n: int, row) -> Document | None:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            if not isinstance(row, dict):
+                raise BadRow(f"not a JSON object ({short(row, 40)})")
+            if row.get(self.messages_field) is not None and row.get(self.text_field) is None:
+                messages = check_messages(row[self.messages_field], self.messages_field)
+                if sum(len(m["content"]) for m in messages) < self.min_chars:
+                    return None
+                return Document(f"{f}:{n}", messages=messages)
+            if self.text_field not in row:
+                raise BadRow(f"no '{self.text_field}' (or '{self.messages_field}') field; set "
+                             "data.text_field")
+            text = row[self.text_field]
+            if not isinstance(text, str):
+                raise BadRow(f"'{self.text_field}' is {type(text).__name__} "
+                             f"{short(text, 40)}, not a string")
+        except BadRow as e:
+            if self.on_bad_row == "skip":
+                self.skipped[str(f)] += 1
+                return None
+            raise ValueError(f"{f}:{n}: {e}; fix or drop the row, or set data.on_bad_row=skip "
+                             "to leave such rows out (counted in the manifest)") from None
+        if len(text.strip()) < self.min_chars:
+            return None
+        return Document(f"{f}:{n}", pieces=split(text))
+
+
+def check_messages(messages, field: str) -> list[dict]:
+    """A chat's messages: a non-empty list of {role: str, content: str} with an assistant turn."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages):
+        raise BadRow(f"'{field}' is not a list of {{role, content}} with string values "
+                     f"({short(messages, 60)})")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow(f"'{field}' has no assistant turn: nothing to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+class _Zstd(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame; a file that ends inside a frame (a
+    truncated download) raises EOFError instead of ending early, as gzip does."""
+
+    def __init__(self, f: Path):
+        import zstandard  # lazy: only for .zst input
+
+        self._zstd, self._fh, self._rest = zstandard, open(f, "rb"), b""
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._rest:
+            chunk = self._fh.read(1 << 20)
+            if not chunk:
+                if not self._d.eof:
+                    raise EOFError("the file ends inside a compressed frame")
+                return 0
+            while chunk:
+                if self._d.eof:  # the next frame
+                    self._d = self._zstd.ZstdDecompressor().decompressobj()
+                self._rest += self._d.decompress(chunk)
+                chunk = self._d.unused_data
+        n = min(len(b), len(self._rest))
+        b[:n], self._rest = self._rest[:n], self._rest[n:]
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _open_text(f: Path):
+    fmt = file_format(f)
+    if fmt == ".jsonl.gz":
+        return gzip.open(f, "rt", encoding="utf-8")
+    if fmt == ".jsonl.zst":
+        return io.TextIOWrapper(io.BufferedReader(_Zstd(f)), encoding="utf-8")
+    return open(f, encoding="utf-8")
+
+
+def _json_rows(f: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object or BadRow) per non-blank line; a corrupt compressed file is
+    refused naming it and the line it broke at."""
+    n = 0
+    try:
+        with _open_text(f) as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, BadRow(f"not a JSON object ({e})")
+    except Exception as e:  # EOFError / OSError (gzip), EOFError / ZstdError (zstandard)
+        if not isinstance(e, (EOFError, OSError)) and type(e).__name__ != "ZstdError":
+            raise
+        raise ValueError(f"{f} is damaged after line {n} ({type(e).__name__}: {e}); "
+                         "re-download or re-compress it") from e
+
+
+def _parquet_rows(f: Path, text_field: str, messages_field: str):
+    """(row number, {column: value}) per row of the text column, or of the messages column when
+    the file has no text column; one record batch in memory at a time."""
+    import pyarrow as pa  # lazy: only for Parquet input
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{f} is not a readable Parquet file ({e}); re-download it") from e
+    names = pf.schema_arrow.names
+    column = text_field if text_field in names else messages_field if messages_field in names \
+        else None
+    if column is None:
+        raise ValueError(f"{f} has no column '{text_field}' (columns: {names[:10]}); set "
+                         "data.text_field to the column holding the text")
+    n = 0
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                n += 1
+                yield n, {column: value} if value is not None else BadRow(
+                    f"'{column}' is null")
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{f} is damaged at row {n + 1} ({e}); re-download it") from e
+
+
+def split(text: str) -> Iterator[str]:
+    """Pieces of at most ~CHUNK_CHARS, cut after a paragraph break, else a line break, else a
+    space (tokenisers split words there anyway), else hard."""
+    while len(text) > CHUNK_CHARS:
+        cut = CHUNK_CHARS
+        for sep in ("\n\n", "\n", " "):
+            at = text.rfind(sep, CHUNK_CHARS // 2, CHUNK_CHARS)
+            if at >= 0:
+                cut = at + len(sep)
+                break
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def _read_pieces(f: Path) -> Iterator[str]:
+    with open(f, encoding="utf-8") as fh:
+        rest = ""
+        while block := fh.read(CHUNK_CHARS):
+            *whole, rest = split(rest + block)
+            yield from whole
+        yield rest
+
+
+def _has_chars(f: Path, min_chars: int) -> bool:
+    """Whether a .txt file holds at least `min_chars` non-blank characters (read in blocks)."""
+    n = 0
+    with open(f, encoding="utf-8") as fh:
+        while n < min_chars and (block := fh.read(CHUNK_CHARS)):
+            n += len(block.strip())
+    return n >= min_chars
