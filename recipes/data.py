@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from recipes.lib import compat, config, documents, stage, tokens
+from recipes.lib import compat, config, documents, megatron_data, stage, tokens
 from recipes.lib.arch import read_hf_config
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -47,7 +47,8 @@ SAMPLE_DOCS = 32   # documents of the input the tokenizer is checked on before a
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
     input: str
-    """A .txt / .jsonl / .jsonl.gz / .jsonl.zst / .parquet file, or a directory of them."""
+    """A .txt / .jsonl / .jsonl.gz / .jsonl.zst / .parquet file, or a directory of them; or an
+    existing Megatron dataset's prefix (<prefix>.bin / .idx), imported without copying."""
     tokenizer: str
     """HF folder with the teacher's tokenizer and config.json (its vocab_size is checked)."""
     output: str | None = None
@@ -243,6 +244,11 @@ def tokenize(c: DataConfig, reader, assign, n_docs: int, vocab_size: int, eod: i
 def run(cfg: config.Config) -> dict:
     c: DataConfig = cfg.data
     out = Path(c.output or Path(cfg.run.dir) / "data")
+    if megatron_data.is_prefix(c.input):  # an existing Megatron dataset: imported, not copied
+        _, vocab_size, eod = open_tokenizer(c)
+        return megatron_data.import_stage(
+            c.input, out, c.proportions, vocab_size, eod, str(Path(c.tokenizer).resolve()),
+            "data.input", cfg.run.force, {"seed": cfg.run.seed})
     files = documents.find_files(Path(c.input))
     tok, vocab_size, eod = open_tokenizer(c)
     tok_files = [Path(c.tokenizer) / f for f in ("config.json", "tokenizer.json",

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import (checkpoint, config, disk, importance, interop, runtime, stage, tokens,
-                         train)
+from recipes.lib import (checkpoint, config, disk, importance, interop, megatron_data, runtime,
+                         stage, tokens, train)
 from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch, validate_layout
 from recipes.lib.search import SearchConfig, arch_of, check_target, constraint
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
@@ -51,7 +51,8 @@ class PruneConfig(config.ModelInput):
     """`input` is the teacher (a convert or teacher_correction stage folder, or a Bridge /
     Megatron-LM checkpoint)."""
     data: str
-    """The data stage folder (calibration from train, depth candidates from valid)."""
+    """The data stage folder (calibration from train, depth candidates from valid), or a Megatron
+    dataset prefix (imported on first use, recipes/lib/megatron_data.py)."""
     hidden_size: int | None = None
     """Target embedding channels (None: keep)."""
     ffn_hidden_size: int | None = None
@@ -69,11 +70,9 @@ class PruneConfig(config.ModelInput):
     search: SearchConfig | None = None
     """The search and its tournament (recipes/lib/search.py SearchConfig); with a target."""
     tournament_job: str | None = None
-    """Set by the Slurm launcher with cluster.tournament_jobs (recipes/launch.py), which runs
-    the tournament's candidates as jobs of their own: `prepare` = the search, the candidates'
-    checkpoints and the teacher-logit cache, then stop (nothing published); `c<i>` = candidate
-    i's tournament distillation only, beside the other candidates' jobs; unset = what is left,
-    then the winner and the output. Not part of the result."""
+    """Set by the Slurm launcher (cluster.tournament_jobs): `prepare` = the search, candidates
+    and teacher cache, then stop; `c<i>` = candidate i's tournament run only, beside the other
+    candidates' jobs; unset = what is left, then the winner and the output."""
     depth_method: str = "contiguous"
     """drop_layers | contiguous | block_influence."""
     drop_layers: list | None = None
@@ -191,6 +190,8 @@ def resolve(cfg: config.Config) -> Plan:
     source = interop.open_source(c.input, "prune.input", ("convert", "teacher_correction"),
                                  c.input_hf_config)
     teacher = source.arch
+    c.data = megatron_data.as_folders([c.data], cfg.run.dir, teacher.vocab_size,  # a prefix:
+                                      source.hf_config.get("eos_token_id"), "prune.data")[0]
     data_manifest = tokens.data_manifest(c.data, teacher.vocab_size, "prune.data")
     validate_layout(teacher, tp, pp)
     teacher.check_seq_length(c.seq_length, "prune.seq_length")

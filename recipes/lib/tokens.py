@@ -16,13 +16,20 @@ from recipes.lib.stage import read_manifest, short
 
 
 def split_tokens(data_dir: str | Path, split: str) -> np.ndarray:
+    """The tokens of a split, back to back (a memmap): from byte 0 of its .bin for the data
+    stage's own output, from the split's first document for an imported Megatron dataset
+    (recipes/lib/megatron_data.py: its .bin is the whole original)."""
     compat.apply()
     # lazy: megatron after compat.apply(); plan and config checks import this module
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = str(Path(data_dir) / split)
-    dtype = IndexedDataset(prefix).index.dtype
-    return np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    idx = IndexedDataset(prefix).index
+    count = int(np.asarray(idx.sequence_lengths, dtype=np.int64).sum())
+    if count == 0:
+        return np.zeros(0, dtype=idx.dtype)
+    return np.memmap(prefix + ".bin", dtype=idx.dtype, mode="r",
+                     offset=int(idx.sequence_pointers[0]), shape=(count,))
 
 
 def data_manifest(data_dir: str | Path, vocab_size: int, key: str) -> dict:

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from recipes.lib import (checkpoint, config, harness, interop, logit_cache, modelopt_local,
-                         runtime, stage)
+from recipes.lib import (checkpoint, config, harness, interop, logit_cache, megatron_data,
+                         modelopt_local, runtime, stage)
 from recipes.lib import model as M
 from recipes.lib import tokens, train, train_stage
 from recipes.lib.arch import Arch
@@ -57,6 +57,9 @@ def resolve(cfg: config.Config, source: interop.Source) -> dict:
         raise ValueError("prune.search.tournament_steps / tournament_tokens need the distill "
                          "section (the tournament distils each candidate with its settings)")
     d = cfg.typed("distill")
+    d = dataclasses.replace(d, data=megatron_data.as_folders(
+        d.data, cfg.run.dir, source.arch.vocab_size, source.hf_config.get("eos_token_id"),
+        "distill.data"))
     configured = tournament_config(d, tournament_steps(s, d.global_batch_size, d.seq_length))
     dc, _ = train.resolve_precision(configured, cfg.run.dir)
     train_stage.check_data(dc, "distill", source.arch.vocab_size)

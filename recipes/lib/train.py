@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from recipes.lib import config, runtime
+from recipes.lib import config, megatron_data, runtime
 from recipes.lib.preempt import Fault, Preempted, StopOnSignal
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "e
 class TrainConfig(config.ModelInput):
     """The training loop's settings; `input` is the model trained."""
     data: list
-    """Data stage folders; more than one is a blend."""
+    """Data stage folders or Megatron dataset prefixes (<prefix>.bin/.idx, imported on first use
+    into <run.dir>/data_import/); more than one is a blend; a Megatron-LM blend [0.7, /data/a,
+    0.3, /data/b] gives its weights."""
     data_weights: list | None = None
     """Blend weights, one per data folder (default: equal)."""
     seq_length: int = 8192
@@ -125,6 +127,12 @@ class TrainConfig(config.ModelInput):
             raise ValueError(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
         if isinstance(self.data, str):
             self.data = [self.data]
+        paths, weights = megatron_data.parse_blend(self.data)  # [w, path, w, path, ...]
+        if weights is not None:
+            if self.data_weights is not None:
+                raise ValueError("data is a Megatron-LM blend [weight, path, ...] and "
+                                 "data_weights is set too: give the weights once")
+            self.data, self.data_weights = paths, weights
         bad = [x for x in self.preempt_signals if x in ("SIGKILL", "SIGSTOP")
                or not isinstance(getattr(signal, str(x), None), signal.Signals)]
         if bad:

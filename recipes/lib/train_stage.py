@@ -22,7 +22,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from recipes.lib import checkpoint, config, disk, interop, runtime, tokens, train
+from recipes.lib import (checkpoint, config, disk, interop, megatron_data, runtime, tokens,
+                         train)
 from recipes.lib.arch import Arch, validate_layout
 from recipes.lib.interop import Source
 from recipes.lib.preempt import Fault, StopOnSignal
@@ -116,6 +117,9 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     check_precision(c)
     src = sources["input"]
+    c = dataclasses.replace(c, data=megatron_data.as_folders(  # Megatron prefixes, imported
+        c.data, cfg.run.dir, src.arch.vocab_size, src.hf_config.get("eos_token_id"),
+        f"{name}.data"))
     check_data(c, name, src.arch.vocab_size)
     train.check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
     out = Path(c.output or Path(cfg.run.dir) / name)

@@ -1,0 +1,176 @@
+"""Existing Megatron indexed datasets (`<prefix>.bin` / `<prefix>.idx`, as Megatron-LM's
+preprocess_data.py writes them) as data for our stages, without copying a token.
+
+A prefix has no splits of its own. `import_prefix` makes it a data stage folder: its documents
+are cut into train / valid / test by the split proportions, in order (the first documents train,
+then valid, then test: Megatron's own split string does the same), and each split is an index
+file of its own whose sequence pointers point into the original .bin (each split's `.bin` is a
+symbolic link to it). Before that: the .idx must describe the .bin exactly (its size), and the
+token ids of a sample spread over the .bin (SAMPLE_CHUNKS x CHUNK_TOKENS) must lie inside the
+model's vocabulary; the manifest says both were checked, and how the splits were chosen.
+
+In `distill.data` / `teacher_correction.data` / `prune.data` a prefix is imported on first use
+into <run.dir>/data_import/<name> (`as_folders`); a Megatron-LM-style blend
+["0.7", "/data/a_text_document", "0.3", "/data/b_text_document"] gives the weights
+(`parse_blend`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recipes.lib import compat, runtime
+from recipes.lib.stage import StageDir, fingerprint, read_manifest
+
+SAMPLE_CHUNKS, CHUNK_TOKENS = 64, 1 << 16
+IMPORT_SPLIT = "98,1,1"  # of a prefix named directly in a training / prune stage
+
+
+def is_prefix(path: str | Path) -> bool:
+    return Path(f"{path}.bin").is_file() and Path(f"{path}.idx").is_file()
+
+
+def parse_blend(entries: list) -> tuple[list, list | None]:
+    """(paths, weights or None) of a data list: plain paths, or Megatron-LM's alternating
+    [weight, path, weight, path, ...]."""
+    def number(x):
+        try:
+            return float(x) if not isinstance(x, bool) else None
+        except (TypeError, ValueError):
+            return None
+
+    if len(entries) >= 2 and len(entries) % 2 == 0 and all(
+            number(w) is not None for w in entries[0::2]) and all(
+            number(p) is None for p in entries[1::2]):
+        return [str(p) for p in entries[1::2]], [number(w) for w in entries[0::2]]
+    return [str(e) for e in entries], None
+
+
+def _index(prefix: str):
+    compat.apply()
+    # lazy: megatron after compat.apply(); light modules import this one
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(str(prefix), multimodal=False, mmap=True)
+
+
+def check(prefix: str, vocab_size: int, key: str) -> dict:
+    """The prefix's index against its .bin, and a sample of its ids against the vocabulary;
+    what was checked (the manifest's)."""
+    ds = _index(prefix)
+    idx, itemsize = ds.index, np.dtype(ds.index.dtype).itemsize
+    end = int(idx.sequence_pointers[-1]) + int(idx.sequence_lengths[-1]) * itemsize \
+        if len(idx) else 0
+    size = Path(f"{prefix}.bin").stat().st_size
+    if size != end:
+        raise ValueError(f"{key}={prefix}: {prefix}.bin is {size} bytes, its .idx describes "
+                         f"{end}: a truncated or mismatched pair; re-copy both files")
+    tokens = np.memmap(f"{prefix}.bin", dtype=idx.dtype, mode="r")
+    starts = np.linspace(0, max(len(tokens) - CHUNK_TOKENS, 0), SAMPLE_CHUNKS).astype(np.int64)
+    top = max(int(tokens[s: s + CHUNK_TOKENS].max()) for s in np.unique(starts)) \
+        if len(tokens) else -1
+    if top >= vocab_size:
+        raise ValueError(f"{key}={prefix} holds token id {top}, outside the model's vocabulary "
+                         f"({vocab_size}): it was tokenised for another model; re-tokenise it "
+                         "with the teacher's tokenizer")
+    return {"max_token_id_sampled": top, "sampled_tokens": int(min(
+        len(tokens), SAMPLE_CHUNKS * CHUNK_TOKENS)), "bytes": size}
+
+
+def import_prefix(prefix: str, out: Path, proportions: list[float]) -> dict:
+    """Split files for `prefix` in folder `out` (which exists): per split an index of its
+    documents pointing into the original .bin (symlinked); returns documents and tokens per
+    split, for the manifest."""
+    compat.apply()
+    # lazy: megatron after compat.apply() (a private writer class of megatron-core 0.19)
+    from megatron.core.datasets.indexed_dataset import _IndexWriter
+
+    class _Writer(_IndexWriter):
+        pointers = None
+
+        def _sequence_pointers(self, sequence_lengths):
+            return self.pointers
+
+    idx = _index(prefix).index
+    docs = np.asarray(idx.document_indices)
+    n = len(docs) - 1
+    cuts = np.round(np.cumsum([0.0, *proportions]) * n).astype(np.int64)
+    out_docs, out_tokens = {}, {}
+    for split, d0, d1 in zip(("train", "valid", "test"), cuts[:-1], cuts[1:]):
+        s0, s1 = int(docs[d0]), int(docs[d1])
+        w = _Writer(str(out / f"{split}.idx"), idx.dtype)
+        w.pointers = np.asarray(idx.sequence_pointers[s0:s1], dtype=np.int64)
+        with w:
+            w.write(np.asarray(idx.sequence_lengths[s0:s1]), None, docs[d0:d1 + 1] - docs[d0])
+        os.symlink(Path(f"{prefix}.bin").resolve(), out / f"{split}.bin")
+        out_docs[split] = int(d1 - d0)
+        out_tokens[split] = int(np.asarray(idx.sequence_lengths[s0:s1], dtype=np.int64).sum())
+    return {"documents": out_docs, "tokens": out_tokens, "dtype": np.dtype(idx.dtype).name}
+
+
+def import_name(prefix: str) -> str:
+    p = Path(prefix).resolve()
+    return f"{p.name}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+
+
+@dataclasses.dataclass
+class Import:
+    """What an import's result depends on (its fingerprint)."""
+    prefix: str
+    proportions: list
+    vocab_size: int
+    eod: int
+
+
+def import_stage(prefix: str, out: Path, proportions: list[float], vocab_size: int, eod: int,
+                 tokenizer: str | None, key: str, force: bool = False, extra: dict | None = None):
+    """`prefix` as a finished data stage folder at `out` (made once; reused while the prefix's
+    files are unchanged): checked, split, committed with a manifest like the data stage's."""
+    files = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx")]
+    spec = Import(prefix=str(Path(prefix).resolve()), proportions=proportions,
+                  vocab_size=vocab_size, eod=eod)
+    # the prefix is signed by size and mtime: hashing a corpus of this size is what importing
+    # without copying avoids
+    sdir = StageDir("data", out, fingerprint(spec, extra), force, inputs={"prefix": files})
+    if sdir.already_done():
+        return read_manifest(out)
+    checked = check(prefix, vocab_size, key)
+    tmp = sdir.begin()
+    res = import_prefix(prefix, tmp, proportions)
+    return sdir.commit({
+        "input": {"prefix": spec.prefix}, "tokenizer": tokenizer, "vocab_size": vocab_size,
+        "max_token_id": checked["max_token_id_sampled"], "eod": eod, "dtype": res["dtype"],
+        "documents": res["documents"], "tokens": res["tokens"], "loss_mask": False,
+        "import": {**checked, "splits": "documents in order: the first train, then valid, "
+                   "then test, by the proportions " + ",".join(f"{p:g}" for p in proportions),
+                   "copied": False},
+        "metrics": {"documents": sum(res["documents"].values()),
+                    "tokens": sum(res["tokens"].values())}})
+
+
+def as_folders(entries: list[str], run_dir: str | Path, vocab_size: int, eod, key: str,
+               wait_s: float = 1800) -> list[str]:
+    """Data entries with each Megatron prefix replaced by its import under
+    <run_dir>/data_import/ (made on first use by rank 0; the other ranks wait for it); stage
+    folders as they are. `eod`: the model's eos id (an int, a list of them, or None)."""
+    out = []
+    for e in entries:
+        if is_prefix(e) and not (Path(e) / "manifest.json").is_file():
+            folder = Path(run_dir) / "data_import" / import_name(e)
+            props = [float(x) for x in IMPORT_SPLIT.split(",")]
+            eod = eod[0] if isinstance(eod, list) and eod else eod
+            if runtime.rank() == 0:
+                import_stage(e, folder, [p / sum(props) for p in props], vocab_size,
+                             -1 if eod is None else int(eod), None, key)
+            else:
+                deadline = time.time() + wait_s
+                while not (folder / "manifest.json").is_file() and time.time() < deadline:
+                    time.sleep(1)
+            e = str(folder)
+        out.append(e)
+    return out

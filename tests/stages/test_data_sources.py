@@ -1,0 +1,129 @@
+"""Training data beyond our own text folders: chat data whose loss mask training honours
+(a masked token contributes exactly nothing; the loss equals an independent computation), and
+existing Megatron indexed datasets (prefixes) imported without copying, named directly in a
+training stage, blended Megatron-LM style, and refused when they do not fit the model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from recipes import data, distill, teacher_correction
+from recipes.lib import runtime, tokens
+from tests.conftest import TINY
+from tests.stages.test_data_formats import chat_tokenizer
+
+
+def chats(n=40):
+    return [[{"role": "user", "content": "abcde" * (1 + i % 3)},
+             {"role": "assistant", "content": "vwxyz" * (2 + i % 4)},
+             {"role": "user", "content": "fgh"}, {"role": "assistant", "content": "stuv"}]
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def chat_data(trained_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("chat")
+    (base / "in").mkdir()
+    (base / "in" / "c.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n"
+                                                 for m in chats()))
+    tok = chat_tokenizer(trained_run["hf"], base / "tok")
+    data.main(["--config", TINY, f"run.dir={base / 'run'}", f"data.input={base / 'in'}",
+               f"data.tokenizer={tok}", "data.split=70,30,0"])
+    return base / "run" / "data"
+
+
+def masked_lm_loss(hf, batches, masked=True):
+    """Mean next-token cross-entropy over the batches' loss_mask (or every token)."""
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    total, n = 0.0, 0.0
+    with torch.no_grad():
+        for b in batches:
+            ce = torch.nn.functional.cross_entropy(
+                model(b["tokens"]).logits.float().transpose(1, 2), b["labels"], reduction="none")
+            mask = b["loss_mask"].float() if masked else torch.ones_like(ce)
+            total, n = total + (ce * mask).sum().item(), n + mask.sum().item()
+    return total / n
+
+
+def test_training_honours_the_chat_loss_mask(trained_run, chat_data, tmp_path):
+    """teacher_correction on chat data: its first validation LM loss is the masked mean an
+    independent transformers computation gives on the same batches; the unmasked mean differs,
+    so the mask decides; and every masked label is a user or template token."""
+    from recipes.lib import batches, train
+
+    run = trained_run["run"]
+    out = tmp_path / "tc"
+    assert teacher_correction.main([
+        "--config", TINY, f"run.dir={run}", f"teacher_correction.data=[{chat_data}]",
+        f"teacher_correction.output={out}", "teacher_correction.train_iters=2",
+        "teacher_correction.eval_interval=2"]) == 0
+    first = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+    c = train.TrainConfig(input="-", data=[str(chat_data)], seq_length=64, global_batch_size=4,
+                          train_iters=2, warmup_iters=1, eval_iters=1)
+    with runtime.distributed(1, 1):
+        _, valid = batches.datasets(c, 1234, tmp_path / "cache")
+        val = batches.micro_batches(valid, 0, c, train.check_layout(c, 1))
+    mask = torch.cat([b["loss_mask"] for b in val])
+    assert 0 < mask.mean() < 1  # both kinds of token in the validation batches
+    want = masked_lm_loss(trained_run["hf"], val)
+    assert first["valid_lm_loss"] == pytest.approx(want, rel=1e-4)
+    assert abs(masked_lm_loss(trained_run["hf"], val, masked=False) - want) > 1e-2
+    labels = torch.cat([b["labels"] for b in val])[mask > 0]
+    assert set(labels.tolist()) <= set(range(3, 120))  # content and end-of-turn characters
+
+
+def write_prefix(src_folder, prefix, split="train", vocab_cap=None):
+    """A Megatron-LM style prefix (one .bin/.idx pair) holding a data folder's split."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    ds = IndexedDataset(str(src_folder / split))
+    b = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for i in range(len(ds)):
+        doc = np.asarray(ds[i], dtype=np.int64)
+        if vocab_cap is not None:
+            doc = np.minimum(doc + vocab_cap, 65000)
+        b.add_document(torch.from_numpy(doc), [len(doc)])
+    b.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def test_a_megatron_prefix_is_imported_without_copying(trained_run, tmp_path):
+    run = trained_run["run"]
+    prefix = write_prefix(run / "data", tmp_path / "corpus_text_document")
+    m_out = tmp_path / "imp"
+    data.main(["--config", TINY, f"run.dir={tmp_path}", f"data.input={prefix}",
+               f"data.tokenizer={trained_run['hf']}", f"data.output={m_out}", "data.split=80,20,0"])
+    m = json.loads((m_out / "manifest.json").read_text())
+    assert m["import"]["copied"] is False and "the first train, then valid" in m["import"]["splits"]
+    assert (m_out / "train.bin").is_symlink() and (m_out / "valid.bin").is_symlink()
+    whole = np.asarray(tokens.split_tokens(run / "data", "train"))
+    got = [np.asarray(tokens.split_tokens(m_out, s)) for s in ("train", "valid")]
+    assert np.array_equal(np.concatenate(got), whole)  # the documents in order, none lost
+    assert m["documents"]["valid"] == round(0.2 * sum(m["documents"].values()))
+    # named directly in a training stage, and blended Megatron-LM style with a data folder
+    out = tmp_path / "d"
+    assert distill.main(["--config", TINY, f"run.dir={run}", f"distill.input={run / 'convert'}",
+                         f"distill.output={out}", "distill.train_iters=2",
+                         "distill.eval_interval=2", f"distill.data=[0.7, {prefix}, 0.3, "
+                         f"{run / 'data'}]"]) == 0
+    d = json.loads((out / "manifest.json").read_text())
+    imported = run / "data_import"
+    assert len(d["input"]["data"]) == 2 and str(imported) in d["input"]["data"][0]
+    assert json.loads(next(imported.glob("*/manifest.json")).read_text())["import"]
+
+
+def test_a_prefix_that_does_not_fit_the_model_is_refused(trained_run, tmp_path):
+    run = trained_run["run"]
+    big = write_prefix(run / "data", tmp_path / "other_text_document", vocab_cap=2000)
+    args = ["--config", TINY, f"run.dir={tmp_path}", f"data.tokenizer={trained_run['hf']}"]
+    with pytest.raises(ValueError, match="holds token id .* outside the model's vocabulary "
+                                         r"\(1001\): it was tokenised for another model"):
+        data.main([*args, f"data.input={big}"])
+    cut = write_prefix(run / "data", tmp_path / "cut_text_document")
+    with open(f"{cut}.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 10)
+    with pytest.raises(ValueError, match=r"cut_text_document.bin is \d+ bytes, its .idx "
+                                         r"describes \d+: a truncated or mismatched pair"):
+        data.main([*args, f"data.input={cut}", f"data.output={tmp_path / 'o2'}"])
