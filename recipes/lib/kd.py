@@ -18,6 +18,8 @@ unfused path.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from recipes.lib import compat, train
@@ -35,12 +37,15 @@ CHUNK_TOKENS = 16  # rows per chunk of the fused losses: ~3 MB of fp32 at a 49k 
 # the ~8 passes over a chunk hit the cache (2.5x faster than 256 rows on the demo's CPU)
 
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A copy of vocab-parallel `logits` [..., v_local] with padded entries set to NEG."""
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, copy: bool = False) -> torch.Tensor:
+    """Vocab-parallel `logits` [..., v_local] with the entries past `vocab_size` set to NEG (a
+    new tensor); where nothing is padded, `logits` itself, or a copy with `copy`."""
     v_local = logits.shape[-1]
     start = ps.get_tensor_model_parallel_rank() * v_local
     pad = torch.arange(start, start + v_local, device=logits.device) >= vocab_size
-    return logits.masked_fill(pad, NEG) if pad.any() else logits.clone()
+    if pad.any():
+        return logits.masked_fill(pad, NEG)
+    return logits.clone() if copy else logits
 
 
 def fused() -> bool:
@@ -109,16 +114,20 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torc
     """Per-token next-token cross-entropy [b, s] from vocab-parallel logits [b, s, v_local]."""
     if fused():
         return token_losses(logits, None, labels, vocab_size)[1]
-    masked = mask_padded_vocab(logits, vocab_size).float()
+    # megatron's cross-entropy works in place on fp32 logits: never on the ones KD reads (a
+    # bf16 tensor's .float() is a copy already)
+    masked = mask_padded_vocab(logits, vocab_size, copy=logits.dtype == torch.float32).float()
     return tensor_parallel.vocab_parallel_cross_entropy(
         masked.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()
     ).transpose(0, 1)
 
 
 class VocabLogitsKLLoss(LogitsKLLoss):
-    """ModelOpt's forward KL(teacher || student) on logits, over the real vocabulary only.
-    Fused path: set `labels` ([b, s]) before ModelOpt calls the loss and read the student's
-    per-token NLL [b, s] (detached) from `nll` afterwards."""
+    """ModelOpt's forward KL(teacher || student) on logits, over the first `vocab_size` columns
+    (the real vocabulary, or the one a teacher and student of different padded vocabularies
+    share; the wider side's extra columns are cut off, TP=1). Fused path: set `labels` ([b, s])
+    before ModelOpt calls the loss and read the student's per-token NLL [b, s] (detached) from
+    `nll` afterwards."""
 
     def __init__(self, model_config, vocab_size: int, temperature: float = 1.0):
         super().__init__(model_config, temperature=temperature)
@@ -128,8 +137,9 @@ class VocabLogitsKLLoss(LogitsKLLoss):
 
     def pre_forward(self, predictions, targets):
         predictions, targets = super().pre_forward(predictions, targets)
-        return (mask_padded_vocab(predictions, self._vocab_size),
-                mask_padded_vocab(targets, self._vocab_size))
+        width = min(predictions.shape[-1], targets.shape[-1])  # differently padded vocabularies
+        return (mask_padded_vocab(predictions[..., :width], self._vocab_size),
+                mask_padded_vocab(targets[..., :width], self._vocab_size))
 
     def forward(self, predictions, targets):
         if not fused():
@@ -167,8 +177,8 @@ def reduce_sum(loss_mask: torch.Tensor):
 # ---- the distillation model (distill, and prune's tournament) ------------------------------
 def distillation_model(student, teacher, c: KDConfig, vocab_size: int):
     """Wrap the student as ModelOpt's DistillationModel (teacher inside, frozen) with `c`'s KD
-    settings. Returns it and the logit criterion (None on pipeline stages without the output
-    layer)."""
+    settings, the logit KL over the first `vocab_size` columns. Returns it and the logit
+    criterion (None on pipeline stages without the output layer)."""
     dcfg = mkd.setup_distillation_config(mkd.DistillationConfig(
         intermediate_layer_pairs=[tuple(p) for p in c.intermediate_layer_pairs or []],
         skip_lm_loss=c.skip_lm_loss, kd_loss_scale=c.kd_loss_scale,
@@ -184,21 +194,24 @@ def distillation_model(student, teacher, c: KDConfig, vocab_size: int):
     return model, kl
 
 
-def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: bool):
+def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: bool,
+                 kd_vocab: int | None = None):
     """forward_step_func maker for megatron's schedule (train.forward_steps). Labels are never
-    passed to the model: the LM loss is computed here on a masked copy of the logits (see
-    recipes/lib/kd.py), or, when only logged and the losses are fused, by the KL criterion `kl`
-    in the same pass."""
-    lm_from_kl = skip_lm_loss and fused()
+    passed to the model: the LM loss (over the student's `vocab_size`) is computed here on a
+    masked copy of the logits (see recipes/lib/kd.py), without a graph when it is only logged,
+    or, when only logged and the losses are fused over the same columns, by the KL criterion
+    `kl` in the same pass."""
+    lm_from_kl = skip_lm_loss and fused() and kd_vocab in (None, vocab_size)
 
     def loss_func(labels, mask, output):
         n = mask.sum()
         if lm_from_kl:
             kl.labels = labels
             student_loss = torch.zeros((), device=output.device)  # ignored: skip_lm_loss
-        else:
-            lm_sum = (lm_loss(output, labels, vocab_size) * mask).sum()
-            student_loss = lm_sum if not skip_lm_loss else lm_sum.detach()
+        else:  # only logged (skip_lm_loss): no graph, and no memory kept for one
+            with torch.no_grad() if skip_lm_loss else contextlib.nullcontext():
+                lm_sum = (lm_loss(output, labels, vocab_size) * mask).sum()
+            student_loss = lm_sum
         losses = model.compute_kd_loss(student_loss=student_loss,
                                        loss_reduction_fn=reduce_sum(mask))
         if lm_from_kl:

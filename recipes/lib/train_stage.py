@@ -69,19 +69,23 @@ def build_loaded(c, model: tuple[Arch, Path], precision: str | None = None):
     return m
 
 
-def build_distillation(c: train.KDConfig, student: tuple[Arch, Path], teacher) -> tuple:
+def build_distillation(c: train.KDConfig, student: tuple[Arch, Path], teacher,
+                       kd_vocab: int | None = None) -> tuple:
     """(model, make_step, schedule_kwargs) for train.train: the student (architecture, weights
     folder) as ModelOpt's DistillationModel around the frozen teacher ((architecture, weights
     folder), or a module already built: prune's tournament replays cached teacher logits);
-    inside the process groups. distill's model, and each tournament candidate's."""
+    inside the process groups. `kd_vocab`: the columns the KD loss compares (default the
+    student's vocabulary). distill's model, and each tournament candidate's."""
     from recipes.lib import kd  # lazy: megatron and ModelOpt
 
     s_arch = student[0]
+    kd_vocab = kd_vocab or s_arch.vocab_size
     t = build_loaded(c, teacher, c.teacher_precision) if isinstance(teacher, tuple) else teacher
     s = build_loaded(c, student)
-    model, kl = kd.distillation_model(s, t, c, s_arch.vocab_size)
+    model, kl = kd.distillation_model(s, t, c, kd_vocab)
     return (model, kd.make_step_fn(model, kl, s_arch.vocab_size, c.skip_lm_loss,
-                                   bool(c.intermediate_layer_pairs)), kd.schedule_kwargs(c))
+                                   bool(c.intermediate_layer_pairs), kd_vocab),
+            kd.schedule_kwargs(c))
 
 
 def check_data(c: train.TrainConfig, name: str, vocab_size: int) -> None:
@@ -117,10 +121,11 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     check_precision(c)
     src = sources["input"]
+    tokenized = sources.get("teacher", src)  # the data speak the teacher's tokenizer (distill)
     c = dataclasses.replace(c, data=megatron_data.as_folders(  # Megatron prefixes, imported
-        c.data, cfg.run.dir, src.arch.vocab_size, src.hf_config.get("eos_token_id"),
-        f"{name}.data"))
-    check_data(c, name, src.arch.vocab_size)
+        c.data, cfg.run.dir, tokenized.arch.vocab_size,
+        tokenized.hf_config.get("eos_token_id"), f"{name}.data"))
+    check_data(c, name, tokenized.arch.vocab_size)
     train.check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
     out = Path(c.output or Path(cfg.run.dir) / name)
     inputs = {**{r: s.input() for r, s in sources.items()},
