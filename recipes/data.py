@@ -15,8 +15,8 @@ teacher_correction. A bad row is refused naming the file and the row, or skipped
 Before any work the tokenizer is checked on a sample of the real input (text that encodes to no
 tokens, unknown tokens, text that does not decode back, ids outside the vocabulary: refused
 naming the tokenizer and the sample), and a dataset whose documents encode to nothing is never
-published. Documents are tokenised in `data.workers` processes, EOD (the tokenizer's eos)
-appended, and assigned to splits by a seeded permutation of document indices (deterministic,
+published. Documents are tokenised in batches of ~4 MB of text on `data.workers` threads,
+EOD (the tokenizer's eos) appended, and assigned to splits by a seeded permutation of document indices (deterministic,
 document-level). Memory does not grow with a document: a long one is tokenised in pieces of at
 most ~256k characters cut at a paragraph, line or word break, and streamed into the .bin file as
 one sequence. Output: <run.dir>/data/{train,valid,test}.{bin,idx} and a manifest with documents
@@ -27,14 +27,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import multiprocessing as mp
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from recipes.lib import compat, config, documents, megatron_data, stage, tokens
+from recipes.lib import config, documents, megatron_data, stage, tokens
 from recipes.lib.arch import read_hf_config
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -63,7 +63,7 @@ class DataConfig:
     split: str = "98,1,1"
     """train,valid,test proportions (documents)."""
     workers: int = 2
-    """Tokeniser processes."""
+    """Tokeniser threads (the Rust tokenizer's batch encode)."""
     min_chars: int = 1
     """Documents shorter than this (after stripping) are skipped."""
 
@@ -97,7 +97,11 @@ def split_assignment(n_docs: int, proportions: list[float], seed: int) -> np.nda
 
 
 def open_tokenizer(c: DataConfig):
-    """The teacher's tokenizer (files checked), its model's vocab_size and its EOD id."""
+    """The teacher's tokenizer (files checked), its model's vocab_size and its EOD id. Its batch
+    encodes run on data.workers threads (the Rust tokenizer's thread pool, set before first
+    use)."""
+    os.environ["RAYON_NUM_THREADS"] = str(c.workers)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     vocab_size = read_hf_config(Path(c.tokenizer))["vocab_size"]
     tok = tokens.load_tokenizer(c.tokenizer, "data.tokenizer")
     eod = tok.eos_token_id
@@ -134,19 +138,7 @@ def survey(reader: documents.Reader, tok, vocab_size: int, c: DataConfig) -> dic
             "skipped_rows": dict(reader.skipped)}
 
 
-_TOK = None
-
-
-def _init_worker(tokenizer_path: str) -> None:
-    global _TOK
-    _TOK = tokens.load_tokenizer(tokenizer_path, "data.tokenizer")
-
-
-def _encode(item) -> tuple[np.ndarray, np.ndarray | None]:
-    """(ids, loss mask or None) of a text piece or a chat."""
-    if isinstance(item, str):
-        return np.asarray(_TOK(item, add_special_tokens=False)["input_ids"], dtype=np.int32), None
-    return tokens.encode_chat(_TOK, item)
+BATCH_CHARS = 4 << 20  # text per batch encode (bounded memory; ~16 pieces of the longest)
 
 
 def _items(reader: documents.Reader):
@@ -162,64 +154,75 @@ def _items(reader: documents.Reader):
         yield i, True, cur
 
 
-def _batched(it, n: int):
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
+def _batches(items, chars: int = BATCH_CHARS):
+    """Runs of items of about `chars` characters of text (a chat counts as one)."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item[2]) if isinstance(item[2], str) else 1
+        if size >= chars:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 
 
+def encode(tok, batch: list) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids, loss mask or None) of each item of a batch: the text pieces in one batch encode
+    (the Rust tokenizer spreads it over data.workers threads), the chats one by one."""
+    texts = [x for *_, x in batch if isinstance(x, str)]
+    backend = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer tok() calls
+    if not texts:
+        ids = iter(())
+    elif backend is not None:  # the same ids, without transformers' per-encoding conversion
+        ids = (e.ids for e in backend.encode_batch(texts, add_special_tokens=False))
+    else:
+        ids = iter(tok(texts, add_special_tokens=False)["input_ids"])
+    return [(np.array(next(ids), dtype=np.int32), None) if isinstance(x, str)
+            else tokens.encode_chat(tok, x) for *_, x in batch]
+
+
 class Writer:
-    """The split datasets being written: tokens (and, for chat data, a loss mask of the same
-    lengths), a document's pieces streamed into the .bin file as one sequence: exactly what
-    megatron's `IndexedDatasetBuilder.add_document(tensor, [length])` writes, without holding
-    the document."""
+    """The split datasets being written in megatron's indexed format: tokens (and, for chat
+    data, a loss mask of the same lengths), a document's pieces streamed into the .bin file as
+    one sequence, without holding the document; the .idx written at the end
+    (megatron_data.write_index)."""
 
     def __init__(self, tmp: Path, dtype, masks: bool):
-        compat.apply()
-        # lazy: megatron after compat.apply(); every stage's config check imports this module
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
         self.tmp, self.dtype = tmp, dtype
-        self.tokens = {s: IndexedDatasetBuilder(str(tmp / f"{s}.bin"), dtype=dtype)
-                       for s in SPLITS}
-        self.masks = {s: IndexedDatasetBuilder(str(tmp / f"{s}_mask.bin"), dtype=np.uint8)
-                      for s in SPLITS} if masks else None
+        self.bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+        self.masks = {s: open(tmp / f"{s}_mask.bin", "wb") for s in SPLITS} if masks else None
+        self.lengths: dict = {s: [] for s in SPLITS}
 
     def piece(self, split: str, ids: np.ndarray, mask: np.ndarray | None) -> None:
-        self.tokens[split].data_file.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.bins[split].write(ids.astype(self.dtype, copy=False).tobytes())
         if self.masks is not None:
             m = np.ones(ids.size, np.uint8) if mask is None else mask
-            self.masks[split].data_file.write(m.astype(np.uint8, copy=False).tobytes())
+            self.masks[split].write(m.astype(np.uint8, copy=False).tobytes())
 
     def end_document(self, split: str, length: int) -> None:
-        for b in (self.tokens[split], *([self.masks[split]] if self.masks else [])):
-            b.sequence_lengths.append(length)
-            b.document_indices.append(len(b.sequence_lengths))
+        self.lengths[split].append(length)
 
     def finalize(self) -> None:
         for s in SPLITS:
-            self.tokens[s].finalize(str(self.tmp / f"{s}.idx"))
+            n = len(self.lengths[s])
+            self.bins[s].close()
+            megatron_data.write_index(self.tmp / f"{s}.idx", self.dtype, self.lengths[s],
+                                      range(n + 1))
             if self.masks:
-                self.masks[s].finalize(str(self.tmp / f"{s}_mask.idx"))
+                self.masks[s].close()
+                megatron_data.write_index(self.tmp / f"{s}_mask.idx", np.uint8,
+                                          self.lengths[s], range(n + 1))
 
 
-def tokenize(c: DataConfig, reader, assign, n_docs: int, vocab_size: int, eod: int,
+def tokenize(c: DataConfig, tok, reader, assign, n_docs: int, vocab_size: int, eod: int,
              writer: Writer) -> dict:
-    """Every document through the worker pool into its split; counts per split."""
+    """Every document into its split, a batch of pieces at a time; counts per split."""
     docs, toks = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     max_id, empty, doc_len = -1, 0, 0
-    bar = tqdm(total=n_docs, desc="tokenize", unit="doc")
-    with mp.get_context("spawn").Pool(c.workers, initializer=_init_worker,
-                                      initargs=(c.tokenizer,)) as pool, bar:
-        # bounded: at most 4 pieces per worker in flight (Pool.imap would read the whole
-        # corpus into its queue); a document's pieces go straight to the .bin file
-        for batch in _batched(_items(reader), 4 * c.workers):
-            for (i, last, _), (ids, mask) in zip(batch, pool.map(_encode, [x for *_, x in batch])):
+    with tqdm(total=n_docs, desc="tokenize", unit="doc") as bar:
+        for batch in _batches(_items(reader)):  # a document's pieces go straight to the .bin
+            for (i, last, _), (ids, mask) in zip(batch, encode(tok, batch)):
                 max_id = max(max_id, int(ids.max()) if ids.size else -1)
                 if max_id >= vocab_size:
                     raise ValueError(f"document {i} has token id {max_id} >= vocab_size "
@@ -271,7 +274,8 @@ def run(cfg: config.Config) -> dict:
     dtype = np.uint16 if vocab_size < 65500 else np.int32
     # tokens take itemsize bytes where the text took >= 2 bytes each (a generous estimate)
     tmp = sdir.begin(need=sum(f.stat().st_size for f in files) * np.dtype(dtype).itemsize // 2)
-    res = tokenize(c, reader, assign, n_docs, vocab_size, eod, Writer(tmp, dtype, found["chats"]))
+    res = tokenize(c, tok, reader, assign, n_docs, vocab_size, eod,
+                   Writer(tmp, dtype, found["chats"]))
     if res["empty"] > EMPTY_MAX * n_docs:
         raise ValueError(f"{res['empty']} of {n_docs} documents encoded to no tokens with the "
                          f"tokenizer {c.tokenizer}: the dataset is not published; use the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -29,6 +30,27 @@ from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 SAMPLE_CHUNKS, CHUNK_TOKENS = 64, 1 << 16
 IMPORT_SPLIT = "98,1,1"  # of a prefix named directly in a training / prune stage
+
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron/core/datasets/indexed_dataset.py, version 1
+DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
+               np.float32: 7, np.uint16: 8}
+
+
+def write_index(path: Path, dtype, lengths, document_indices, pointers=None) -> None:
+    """A megatron .idx file (the format of megatron's _IndexWriter, read back by its
+    IndexedDataset in the tests): the sequences' lengths, their byte offsets in the .bin
+    (default: back to back from byte 0) and the document boundaries ([0, ..., n])."""
+    lengths = np.asarray(lengths, dtype=np.int32)
+    if pointers is None:
+        ends = np.cumsum(lengths, dtype=np.int64) * np.dtype(dtype).itemsize
+        pointers = np.concatenate([[0], ends[:-1]]) if len(lengths) else ends
+    docs = np.asarray(document_indices, dtype=np.int64)
+    with open(path, "wb") as f:
+        f.write(INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", DTYPE_CODES[dtype])
+                + struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(docs)))
+        f.write(lengths.tobytes() + np.asarray(pointers, dtype=np.int64).tobytes()
+                + docs.tobytes())
 
 
 def is_prefix(path: str | Path) -> bool:
@@ -86,16 +108,6 @@ def import_prefix(prefix: str, out: Path, proportions: list[float]) -> dict:
     """Split files for `prefix` in folder `out` (which exists): per split an index of its
     documents pointing into the original .bin (symlinked); returns documents and tokens per
     split, for the manifest."""
-    compat.apply()
-    # lazy: megatron after compat.apply() (a private writer class of megatron-core 0.19)
-    from megatron.core.datasets.indexed_dataset import _IndexWriter
-
-    class _Writer(_IndexWriter):
-        pointers = None
-
-        def _sequence_pointers(self, sequence_lengths):
-            return self.pointers
-
     idx = _index(prefix).index
     docs = np.asarray(idx.document_indices)
     n = len(docs) - 1
@@ -103,13 +115,12 @@ def import_prefix(prefix: str, out: Path, proportions: list[float]) -> dict:
     out_docs, out_tokens = {}, {}
     for split, d0, d1 in zip(("train", "valid", "test"), cuts[:-1], cuts[1:]):
         s0, s1 = int(docs[d0]), int(docs[d1])
-        w = _Writer(str(out / f"{split}.idx"), idx.dtype)
-        w.pointers = np.asarray(idx.sequence_pointers[s0:s1], dtype=np.int64)
-        with w:
-            w.write(np.asarray(idx.sequence_lengths[s0:s1]), None, docs[d0:d1 + 1] - docs[d0])
+        lengths = np.asarray(idx.sequence_lengths[s0:s1])
+        write_index(out / f"{split}.idx", np.dtype(idx.dtype).type, lengths,
+                    docs[d0:d1 + 1] - docs[d0], np.asarray(idx.sequence_pointers[s0:s1]))
         os.symlink(Path(f"{prefix}.bin").resolve(), out / f"{split}.bin")
         out_docs[split] = int(d1 - d0)
-        out_tokens[split] = int(np.asarray(idx.sequence_lengths[s0:s1], dtype=np.int64).sum())
+        out_tokens[split] = int(lengths.astype(np.int64).sum())
     return {"documents": out_docs, "tokens": out_tokens, "dtype": np.dtype(idx.dtype).name}
 
 
