@@ -155,11 +155,12 @@ def _items(reader: documents.Reader):
 
 
 def _batches(items, chars: int = BATCH_CHARS):
-    """Runs of items of about `chars` characters of text (a chat counts as one)."""
+    """Runs of items of about `chars` characters of text (a chat: its messages')."""
     batch, size = [], 0
     for item in items:
         batch.append(item)
-        size += len(item[2]) if isinstance(item[2], str) else 1
+        size += len(item[2]) if isinstance(item[2], str) else \
+            sum(len(m["content"]) for m in item[2])
         if size >= chars:
             yield batch
             batch, size = [], 0
