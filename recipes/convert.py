@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from recipes.lib import checkpoint, config, disk, interop, mapping, runtime, stage
+from recipes.lib import checkpoint, config, disk, interop, mapping, runtime, stage, tokens
 from recipes.lib.arch import Arch, human, read_hf_config, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -50,6 +50,7 @@ def run(cfg: config.Config) -> dict:
     # --- every check before any expensive work ---
     hf_cfg = read_hf_config(hf_path)
     arch = Arch.from_hf_config(hf_cfg, str(hf_path / "config.json"))
+    tokens.check_tokenizer_files(hf_path, "convert.hf_path")  # copied into every export
     validate_layout(arch, tp, pp)
     reader = checkpoint.HFReader(hf_path, mapping.hf_names(arch))
     # hash_weights only decides how inputs are checked: it leaves a finished stage finished

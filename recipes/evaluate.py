@@ -165,7 +165,7 @@ def speedups(speed: dict, reference: str) -> dict:
 
 def run(cfg: config.Config) -> dict:
     harness.offline()  # before transformers is imported: nothing is downloaded at run time
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: after offline()
+    from transformers import AutoModelForCausalLM  # lazy: after offline()
 
     c: EvaluateConfig = cfg.evaluate
     out = Path(c.output or Path(cfg.run.dir) / "evaluate")
@@ -201,7 +201,7 @@ def run(cfg: config.Config) -> dict:
         log.info("%s: held-out loss %.4f, perplexity %.2f (%s, %.0f tokens/s)", name,
                  h["loss"], h["perplexity"], dtype, h["tokens_per_s"])
         if c.prompts:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = tokens.load_tokenizer(path, f"evaluate.models.{name}")
             results["generations"][name] = generate(model, tok, c.prompts, c.max_new_tokens)
         if c.speed and name in (c.speed_models or c.models):
             results["speed"][name] = speed.generation_speed(
@@ -215,7 +215,7 @@ def run(cfg: config.Config) -> dict:
     specs = harness.task_specs(c.suite, c.tasks)
     paths = list(c.task_paths or [])
     if c.cloze:
-        tok = AutoTokenizer.from_pretrained(c.models[c.reference])
+        tok = tokens.load_tokenizer(c.models[c.reference], f"evaluate.models.{c.reference}")
         specs.append(harness.heldout_cloze(c.data, data_manifest["tokens"]["test"],
                                            c.cloze_tokens, c.cloze_samples, cfg.run.seed + 2,
                                            tok, tmp / "cloze"))

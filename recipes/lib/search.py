@@ -175,7 +175,10 @@ def measure(teacher: Arch, target: dict, ss_config: dict) -> float:
     """A shape (ModelOpt's ss_config over the teacher; {} is the teacher) as ModelOpt measures it
     for the constraint: its parameter count (the padded vocabulary) or its memory estimate (bf16
     weights + the KV cache of one 4096-token sequence, the searcher's defaults)."""
-    # lazy: ModelOpt, importable after modelopt_local.enable() (in grid)
+    from recipes.lib import modelopt_local  # lazy: megatron and ModelOpt (see the module doc)
+
+    modelopt_local.enable()  # ModelOpt's megatron plugins import megatron: after compat
+    # lazy: importable only after modelopt_local.enable()
     from modelopt.torch.nas.plugins.megatron_model_stats import (
         mcore_memory_footprint_mb,
         mcore_param_count,

@@ -16,6 +16,7 @@ mounted with `-o flock`, not on filesystems mounted with `localflock` or `nofloc
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import importlib.metadata
@@ -285,9 +286,15 @@ def lock(out: Path, what: str) -> None:
     or an error naming its holder."""
     if runtime.rank() != 0 or str(out) in _HELD:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_name(f".{out.name}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise PermissionError(f"cannot write {out}: {e.strerror} ({disk.device(out.parent)}); "
+                              "choose another run.dir or output folder") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

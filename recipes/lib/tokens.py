@@ -69,15 +69,11 @@ ROUND_TRIP_MIN = 0.95   # decoded text at least this similar to the text (whites
 SAMPLE_CHARS = 4000     # characters of each sampled document that are checked
 
 
-def load_tokenizer(path: str | Path, key: str):
-    """The HF tokenizer in folder `path` (`key`: the config key naming it), its files checked
-    first: an empty or unreadable tokenizer.json / tokenizer_config.json, and a tokenizer
-    transformers cannot build, are refused naming the file and the fix."""
-    from transformers import AutoTokenizer  # lazy: seconds; light stages import this module
-
-    path = Path(path)
+def check_tokenizer_files(path: Path, key: str) -> None:
+    """An empty or unreadable tokenizer.json / tokenizer_config.json in HF folder `path` is
+    refused naming the file (a stage that only copies them, convert, would pass it on)."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        f = path / name
+        f = Path(path) / name
         if f.is_file() and f.stat().st_size == 0:
             raise ValueError(f"{key}: {f} is empty (0 bytes), a failed download or copy; "
                              "restore the model's tokenizer files")
@@ -87,6 +83,16 @@ def load_tokenizer(path: str | Path, key: str):
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{key}: {f} is not valid JSON ({e}); restore the model's "
                                  "tokenizer files") from e
+
+
+def load_tokenizer(path: str | Path, key: str):
+    """The HF tokenizer in folder `path` (`key`: the config key naming it), its files checked
+    first: an empty or unreadable tokenizer.json / tokenizer_config.json, and a tokenizer
+    transformers cannot build, are refused naming the file and the fix."""
+    from transformers import AutoTokenizer  # lazy: seconds; light stages import this module
+
+    path = Path(path)
+    check_tokenizer_files(path, key)
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, named with the fix

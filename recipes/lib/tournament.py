@@ -43,7 +43,6 @@ from recipes.lib.train import KDConfig
 modelopt_local.enable()  # before ModelOpt's prune plugin (recipes/lib/modelopt_local.py)
 import modelopt.torch.prune as mtp  # noqa: E402
 from modelopt.torch.prune.plugins import mcore_minitron as MM  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +276,7 @@ def lm_eval_score(model, arch: Arch, dc: KDConfig, folder: Path, seed: int, s: S
             test = tokens.data_manifest(dc.data[0], arch.vocab_size,
                                         "distill.data")["tokens"]["test"]
             spec = harness.heldout_cloze(dc.data[0], test, dc.seq_length, s.lm_eval_limit or 64,
-                                         seed + 2, AutoTokenizer.from_pretrained(folder),
+                                         seed + 2, tokens.load_tokenizer(folder, "prune.input"),
                                          folder / "cloze")
             paths.append(folder / "cloze")
         res = harness.run({"candidate": folder}, [spec], paths, 8, s.lm_eval_limit,

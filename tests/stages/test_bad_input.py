@@ -52,11 +52,14 @@ def _no_last_shard(src):
     (_no_last_shard, (), FileNotFoundError,
      r"shard\(s\) \['model-00003-of-00003.safetensors'\].*missing; re-download"),
     (_six_layers, (), KeyError, "model.layers.4.* are not in the checkpoint"),
+    (lambda src: (src / "tokenizer.json").write_text(""), (), ValueError,
+     r"convert.hf_path: .*tokenizer.json is empty \(0 bytes\)"),
     (None, ("parallel.tp=3",), ValueError, "parallel.tp=3 does not divide num_attention_heads=4"),
     (None, ("parallel.tp=4",), ValueError,
      r"parallel.tp=4 does not divide num_query_groups \(KV heads\)=2"),
     (None, ("parallel.pp=3",), ValueError, "parallel.pp=3 does not divide num_layers=4"),
-], ids=["no-config", "gpt-neox", "missing-shard", "config-vs-weights", "tp-heads", "tp-groups",
+], ids=["no-config", "gpt-neox", "missing-shard", "config-vs-weights", "empty-tokenizer",
+        "tp-heads", "tp-groups",
         "pp-layers"])
 def test_bad_checkpoint_or_layout_is_refused_before_work(hf_models, tmp_path, damage, args, error,
                                                          message):

@@ -127,3 +127,19 @@ def test_a_prefix_that_does_not_fit_the_model_is_refused(trained_run, tmp_path):
     with pytest.raises(ValueError, match=r"cut_text_document.bin is \d+ bytes, its .idx "
                                          r"describes \d+: a truncated or mismatched pair"):
         data.main([*args, f"data.input={cut}", f"data.output={tmp_path / 'o2'}"])
+
+
+def test_a_run_directory_with_spaces(trained_run, tmp_path):
+    """Every stage of the chain in a run directory whose path holds spaces (and the stage
+    folders read back by the next stage)."""
+    from recipes import convert, export, prune
+
+    run = tmp_path / "my runs" / "week 1"
+    common = ["--config", TINY, f"run.dir={run}", f"convert.hf_path={trained_run['hf']}"]
+    data.main([*common, f"data.input={trained_run['corpus']}"])
+    convert.main(common)
+    prune.main([*common, "prune.num_layers=3"])
+    distill.main([*common, "distill.train_iters=2", "distill.eval_interval=2"])
+    assert export.main([*common, f"export.input={run / 'distill'}"]) == 0
+    m = json.loads((run / "export" / "manifest.json").read_text())
+    assert m["metrics"]["parity_max_abs_diff"] < 1e-4

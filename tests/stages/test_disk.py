@@ -3,13 +3,14 @@ full disk anyway is named as such ("no space left on <device> while writing <pat
 unfinished work removed, on a real small filesystem (tmpfs; root only)."""
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from recipes import convert
 from recipes.lib import disk
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 
 class SmallDisk(type(Path())):
@@ -68,3 +69,24 @@ def test_a_training_stage_keeps_its_complete_checkpoints(tmp_path):
     assert not (work / "checkpoints" / ".iter_0000004.tmp").exists()
     assert not (work / "logs" / ".metrics.jsonl.tmp123").exists()
     assert "kept and a rerun resumes from them" in said
+
+
+def test_a_checkpoint_on_a_read_only_filesystem(hf_models, small_disk, tmp_path):
+    """Read from a read-only filesystem as from any other; an output there is refused in one
+    clean line naming the device (no traceback when run as a command)."""
+    from recipes import export
+
+    small_disk.resize(8 << 20)
+    assert run_convert(hf_models["gqa"], small_disk / "run") == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert export.main(["--config", TINY, f"run.dir={tmp_path}",
+                        f"export.input={small_disk / 'run' / 'convert'}"]) == 0
+    assert (tmp_path / "export" / "manifest.json").is_file()
+    p = subprocess.run([sys.executable, "-m", "recipes.export", "--config", TINY,
+                        f"run.dir={small_disk / 'run2'}",
+                        f"export.input={small_disk / 'run' / 'convert'}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"export: cannot write {small_disk / 'run2' / 'export'}: Read-only file system "
+        f"(tmpfs (mounted at {small_disk})); choose another run.dir or output folder")

@@ -266,3 +266,41 @@ def test_tournament_ranked_by_an_lm_eval_task(trained_run, tmp_path):
     assert "| tournament lm-eval |" in table[2] and "ranked by lm-eval next_letter" in table[0]
     plots.plot_search(res, tmp_path / "search.png")
     assert (tmp_path / "search.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_sigkilled_tournament_resumes_to_the_same_result(trained_run, tmp_path):
+    """prune's tournament killed with SIGKILL while a candidate trains (the process gets no
+    chance to clean up) resumes from what was finished, and decides what an uninterrupted run
+    decides, with the same losses."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    run = trained_run["run"]
+    search = "prune.search=" + SEARCH % ", tournament_steps: 30"
+    whole = tmp_path / "whole"
+    assert prune.main(prune_args(run, whole, "prune.target_params=0.85", search)) == 0
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "recipes.prune", *prune_args(run, out, "prune.target_params=0.85",
+                                                               search)]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    work = out.with_name(".killed.tmp") / "tournament"
+    deadline = time.time() + 300
+    while not (work / "c2" / "logs").is_dir() and time.time() < deadline:  # c2 is training
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (work / "c1" / "result.json").is_file() and not (out / "manifest.json").exists()
+    assert subprocess.run(argv, cwd=ROOT, capture_output=True).returncode == 0
+    a, b = (json.loads((x / "search.json").read_text()) for x in (whole, out))
+    assert a["winner"] == b["winner"]
+    for x, y in zip(a["candidates"], b["candidates"]):
+        assert x["ss_config"] == y["ss_config"]
+        assert x["tournament_kd_loss"] == pytest.approx(y["tournament_kd_loss"], abs=1e-6)
