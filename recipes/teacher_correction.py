@@ -34,7 +34,7 @@ def make_step_fn(vocab_size: int):
 
     def loss_func(labels, mask, output):
         n = mask.sum()
-        total = (lm_loss(output, labels, vocab_size) * mask).sum()
+        total = (lm_loss(output, labels.t().contiguous(), vocab_size) * mask.t()).sum()  # [s, b]
         return total, n.int(), {"lm_loss": torch.stack([total.detach(), n])}
 
     return train.forward_steps(loss_func)

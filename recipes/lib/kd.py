@@ -111,15 +111,14 @@ def token_losses(logits, teacher, labels, vocab_size: int, temperature: float = 
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token next-token cross-entropy [b, s] from vocab-parallel logits [b, s, v_local]."""
+    """Per-token next-token cross-entropy [...] from vocab-parallel logits [..., v_local] and
+    labels [...] in the same layout ([s, b] in training, train.forward_steps)."""
     if fused():
         return token_losses(logits, None, labels, vocab_size)[1]
     # megatron's cross-entropy works in place on fp32 logits: never on the ones KD reads (a
     # bf16 tensor's .float() is a copy already)
     masked = mask_padded_vocab(logits, vocab_size, copy=logits.dtype == torch.float32).float()
-    return tensor_parallel.vocab_parallel_cross_entropy(
-        masked.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()
-    ).transpose(0, 1)
+    return tensor_parallel.vocab_parallel_cross_entropy(masked, labels)
 
 
 class VocabLogitsKLLoss(LogitsKLLoss):
@@ -210,7 +209,7 @@ def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: b
             student_loss = torch.zeros((), device=output.device)  # ignored: skip_lm_loss
         else:  # only logged (skip_lm_loss): no graph, and no memory kept for one
             with torch.no_grad() if skip_lm_loss else contextlib.nullcontext():
-                lm_sum = (lm_loss(output, labels, vocab_size) * mask).sum()
+                lm_sum = (lm_loss(output, labels.t().contiguous(), vocab_size) * mask.t()).sum()
             student_loss = lm_sum
         losses = model.compute_kd_loss(student_loss=student_loss,
                                        loss_reduction_fn=reduce_sum(mask))

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from recipes.lib import config, megatron_data, runtime
+from recipes.lib import compat, config, megatron_data, runtime
 from recipes.lib.preempt import Fault, Preempted, StopOnSignal
 
 log = logging.getLogger(__name__)
@@ -217,11 +217,14 @@ def on_device(batch: dict, module) -> dict:
 def forward_steps(loss_func: Callable) -> Callable:
     """`make_step(training)` -> megatron's forward_step_func: the model's forward on the batch's
     tokens (labels never passed: the stage computes its losses) and, as the schedule's loss
-    function, `loss_func(labels, loss_mask, output)` -> (loss sum, token count, report)."""
+    function, `loss_func(labels, loss_mask, output)` -> (loss sum, token count, report), with
+    labels and loss_mask [b, s] and the output logits [s, b, v] as the output layer computed
+    them (compat.logits_as_computed: no transposed copy)."""
     def make_step(training: bool):
         def step(data_iter, m):
             b = on_device(next(data_iter), m)
-            logits = m(b["tokens"], b["position_ids"], attention_mask=None)
+            with compat.logits_as_computed():
+                logits = m(b["tokens"], b["position_ids"], attention_mask=None)
             return logits, functools.partial(loss_func, b["labels"], b["loss_mask"])
 
         return step

@@ -86,3 +86,31 @@ def test_sdpa_attention_equals_megatron_attention(dtype, monkeypatch):
     assert fast_grads.keys() == slow_grads.keys()
     for name, g in slow_grads.items():
         assert (fast_grads[name] - g).abs().max() <= tol * g.abs().max() + 1e-12, name
+
+
+def test_training_logits_keep_the_output_layer_layout():
+    """Within compat.logits_as_computed a GPTModel returns its output layer's [s, b, v] logits
+    (no transposed copy): the same numbers as the [b, s, v] it returns otherwise, and on the
+    output layer's own storage."""
+    from recipes.lib import compat, runtime
+    from recipes.lib import model as M
+    from recipes.lib.arch import Arch
+
+    arch = Arch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                num_query_groups=2, head_dim=8, vocab_size=100, tie_embeddings=False,
+                rope_theta=1e4, rope_scaling_factor=None, norm_eps=1e-6,
+                max_position_embeddings=64)
+    with runtime.distributed(1, 1):
+        m = M.build(arch, init=True).eval()
+        seen = []
+        m.output_layer.register_forward_hook(lambda mod, i, o: seen.append(o[0]))
+        tokens = torch.randint(0, 100, (3, 16))
+        pos = torch.arange(16).expand(3, 16)
+        with torch.no_grad():
+            usual = m(tokens, pos, attention_mask=None)
+            with compat.logits_as_computed():
+                kept = m(tokens, pos, attention_mask=None)
+            after = m(tokens, pos, attention_mask=None)
+    assert usual.shape == (3, 16, 128) and kept.shape == (16, 3, 128)
+    assert torch.equal(kept.transpose(0, 1), usual) and torch.equal(after, usual)
+    assert kept.data_ptr() == seen[1].data_ptr()  # the output layer's tensor, not a copy
