@@ -32,7 +32,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
-.PHONY: help setup test test-fast all status docker-build gpu-check gpu-wheels bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
+.PHONY: help setup test test-fast all status docker-build gpu-check gpu-wheels te-kit bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
 	report plan bench bench-demo clean
 
 help:  ## list the targets
@@ -69,6 +69,9 @@ bridge-env: setup  ## Megatron-Bridge 0.6.2 (with its own transformers) into .br
 
 gpu-wheels: setup  ## the pinned wheels a CUDA-torch machine without network needs for gpu-check, into .whl/
 	bash scripts/gpu_wheels.sh .whl
+
+te-kit: setup  ## an offline Transformer Engine kit for such a machine, in <=55 MiB parts, into .te-kit/ (TE_KIT=.te-kit there)
+	$(PY) scripts/te_kit.py build --dest .te-kit
 
 # the cross-entropy baseline: the same pruned student, steps and batches as distill, no teacher
 DEMO_CE = teacher_correction.input=$(DEMO_DIR)/prune teacher_correction.output=$(DEMO_DIR)/ce_trained \

@@ -8,8 +8,10 @@
 # Writes $OUT (default gpu_check_out/): gpu_check.json (one entry per check), gpu_bench.json
 # (always, with the error when the benchmark failed), versions.json, logs. Prints one summary line
 # per check. Wheels the machine lacks (scripts/gpu_wheels.sh) can be passed in $WHEELS (a
-# folder): installed with --no-index --no-deps first (the image's CUDA torch stays). Without
-# CUDA it skips, exit 0.
+# folder): installed with --no-index --no-deps first (the image's CUDA torch stays); an offline
+# Transformer Engine kit (scripts/te_kit.py, `make te-kit`) in $TE_KIT: its parts verified, the
+# machine checked against it, then installed (the torch extension built here). Without CUDA it
+# skips, exit 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -44,12 +46,20 @@ if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then
     exit 1
   fi
 fi
+if [ -n "${TE_KIT:-}" ] && [ -d "$TE_KIT" ]; then  # scripts/te_kit.py's parts, carried here
+  if timeout "${TE_KIT_S:-900}" "$PY" scripts/te_kit.py install --kit "$TE_KIT" \
+       --jobs "$(nproc)" >"$OUT/te_kit.log" 2>&1; then
+    summary te-kit pass "$("$PY" -c 'import importlib.metadata as m; print(m.version("transformer-engine-torch"))' 2>/dev/null)"
+  else
+    summary te-kit fail "$(tail -n 1 "$OUT/te_kit.log")"
+  fi
+fi
 if "$PY" - > "$OUT/versions.json" 2>"$OUT/imports.log" <<'PY'
 import importlib.metadata as md, json, sys, torch
 import megatron.core, modelopt.torch.distill, modelopt.torch.prune, transformers  # noqa: F401
 import torch.utils.tensorboard  # noqa: F401  (train.py logs to TensorBoard)
 names = ["torch", "megatron-core", "nvidia-modelopt", "transformers", "transformer-engine",
-         "tensorboard"]
+         "transformer-engine-torch", "tensorboard"]
 v = {}
 for n in names:
     try:

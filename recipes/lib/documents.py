@@ -196,7 +196,8 @@ def _json_rows(f: Path) -> Iterator[tuple[int, object]]:
 def _parquet_rows(f: Path, text_field: str, messages_field: str):
     """(row number, {column: value}) per row of the text column, or of the messages column when
     the file has no text column; one record batch in memory at a time."""
-    import pyarrow as pa  # lazy: only for Parquet input
+    # lazy: pyarrow (a second to import), only for Parquet input
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:

@@ -66,6 +66,9 @@ def init(tp: int, pp: int, seed: int = 1234) -> None:
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # a GPU's caching allocator fragments less with expandable segments (a long run's
+        # changing activation shapes); the user's own setting wins
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if "RANK" in os.environ:  # torchrun / srun set the rendezvous
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -75,9 +75,11 @@ class TrainConfig(config.ModelInput):
     else fp32; decided once per run directory, recorded in the manifest."""
     spec: str = "auto"
     """Layer spec: auto (TE when present) | local | te."""
-    fp8_recipe: str = "delayed"
-    """With precision=fp8: megatron's fp8 recipe, delayed | tensorwise (current scaling) |
-    mxfp8 | blockwise (the last two need Blackwell / Hopper-specific TE builds)."""
+    fp8_recipe: str = "tensorwise"
+    """With precision=fp8: megatron's fp8 recipe, tensorwise (current scaling, Megatron-Bridge's
+    default) | delayed | blockwise (Hopper and newer) | mxfp8 (Blackwell only). tensorwise
+    stores no fp8 state in a checkpoint: TE 2.20 refuses to load the pickled extra state that
+    delayed scaling writes, so an fp8 resume or an fp8 output loaded into TE fails with it."""
     fp8_amax_history_len: int = 1024
     """With fp8_recipe=delayed: amax history window (Megatron-LM / NeMo's 1024)."""
     fp8_amax_compute_algo: str = "max"

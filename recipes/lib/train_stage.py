@@ -22,6 +22,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from recipes.lib import (checkpoint, config, disk, interop, megatron_data, runtime, tokens,
                          train)
 from recipes.lib.arch import Arch, validate_layout
@@ -39,6 +41,16 @@ def check_precision(c: train.TrainConfig) -> None:
     if runtime.resolve_spec(c.spec) != "te" and c.precision == "fp8":
         raise ValueError("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
                          "container, docker/); use precision=bf16 here")
+    if c.precision == "fp8" and c.fp8_recipe in FP8_MIN_CAPABILITY:
+        need, name = FP8_MIN_CAPABILITY[c.fp8_recipe]
+        have = torch.cuda.get_device_capability()
+        if have < need:
+            raise ValueError(f"fp8_recipe={c.fp8_recipe} needs a {name} GPU (compute capability "
+                             f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use "
+                             "fp8_recipe=tensorwise")
+
+
+FP8_MIN_CAPABILITY = {"mxfp8": ((10, 0), "Blackwell"), "blockwise": ((9, 0), "Hopper")}
 
 
 def build_kwargs(c: train.TrainConfig, precision: str | None = None) -> dict:
