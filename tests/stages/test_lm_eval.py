@@ -42,10 +42,16 @@ def mc_docs(n=40, seed=0):
     return docs
 
 
+MC_TASK = ("output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+           "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+           "target_delimiter: ''\nmetric_list:\n  - {metric: acc}\n")  # the letter follows
+
+
 @torch.no_grad()
 def independent_mc_accuracy(hf, docs) -> float:
-    """argmax over choices of sum log p(" " + choice | context), as lm-eval defines it: the
-    continuation's tokens are those of context + continuation past the context's."""
+    """argmax over choices of sum log p(choice | context), as lm-eval defines it (the task's
+    target_delimiter is empty: the next letter follows the run): the continuation's tokens are
+    those of context + continuation past the context's."""
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     right = 0
@@ -53,7 +59,7 @@ def independent_mc_accuracy(hf, docs) -> float:
         ctx = tok(d["context"])["input_ids"]
         lls = []
         for ch in d["choices"]:
-            whole = tok(d["context"] + " " + ch)["input_ids"]
+            whole = tok(d["context"] + ch)["input_ids"]
             cont = whole[len(ctx):]
             logp = model(torch.tensor([whole[:-1]])).logits.log_softmax(-1)[0]
             lls.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
@@ -87,9 +93,7 @@ def test_harness_agrees_with_an_independent_computation(trained_run, tmp_path):
     hf = trained_run["hf"]
     tasks = tmp_path / "tasks"
     docs = mc_docs()
-    write_task(tasks, "tiny_mc", docs, "output_type: multiple_choice\n"
-               "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
-               "doc_to_target: '{{label}}'\nmetric_list:\n  - {metric: acc}\n")
+    write_task(tasks, "tiny_mc", docs, MC_TASK)
     prompts = [d["context"] for d in docs[:20]]
     outs = greedy(hf, prompts, 3)
     gen_docs = [{"prompt": p, "answer": o if i % 2 == 0 else "nope"}  # half right, half wrong

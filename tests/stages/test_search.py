@@ -235,12 +235,10 @@ def test_tournament_ranked_by_an_lm_eval_task(trained_run, tmp_path):
     task, run offline by the real harness, equals an independent transformers computation on
     that candidate's export; the winner has the highest."""
     pytest.importorskip("lm_eval")
-    from tests.stages.test_lm_eval import independent_mc_accuracy, mc_docs, write_task
+    from tests.stages.test_lm_eval import MC_TASK, independent_mc_accuracy, mc_docs, write_task
 
     docs = mc_docs(24)
-    write_task(tmp_path / "tasks", "next_letter", docs, "output_type: multiple_choice\n"
-               "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
-               "doc_to_target: '{{label}}'\nmetric_list:\n  - {metric: acc}\n")
+    write_task(tmp_path / "tasks", "next_letter", docs, MC_TASK)
     run, out = trained_run["run"], tmp_path / "prune"
     task = f", score: lm_eval, lm_eval_task: next_letter, lm_eval_task_paths: [{tmp_path / 'tasks'}]"
     assert prune.main(prune_args(run, out, "prune.target_params=0.85", "prune.search=" + (
