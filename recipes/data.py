@@ -15,12 +15,12 @@ teacher_correction. A bad row is refused naming the file and the row, or skipped
 Before any work the tokenizer is checked on a sample of the real input (text that encodes to no
 tokens, unknown tokens, text that does not decode back, ids outside the vocabulary: refused
 naming the tokenizer and the sample), and a dataset whose documents encode to nothing is never
-published. Documents are tokenised in batches of ~4 MB of text on `data.workers` threads,
-EOD (the tokenizer's eos) appended, and assigned to splits by a seeded permutation of document indices (deterministic,
-document-level). Memory does not grow with a document: a long one is tokenised in pieces of at
-most ~256k characters cut at a paragraph, line or word break, and streamed into the .bin file as
-one sequence. Output: <run.dir>/data/{train,valid,test}.{bin,idx} and a manifest with documents
-and tokens per split.
+published. Documents are tokenised in batches of ~4 MB of text on `data.workers` threads, EOD
+(the tokenizer's eos) appended, and assigned to splits by a seeded permutation of document
+indices (deterministic, document-level). Memory does not grow with a document: a long one is
+tokenised in pieces of at most ~256k characters cut at a paragraph, line or word break, and
+streamed into the .bin file as one sequence. Output: <run.dir>/data/{train,valid,test}.{bin,idx}
+and a manifest with documents and tokens per split.
 """
 from __future__ import annotations
 

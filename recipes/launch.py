@@ -137,7 +137,8 @@ def stage_argv(stage: str, c: ClusterConfig, recipe: str, overrides: list[str]) 
     return args
 
 
-def job_groups(stage: str, c: ClusterConfig, cfg) -> list[list[tuple[str, list[str]]]]:
+def job_groups(stage: str, c: ClusterConfig,
+               cfg: config.Config) -> list[list[tuple[str, list[str]]]]:
     """The jobs a stage becomes, in groups that run one after another (the jobs of a group side
     by side): [[(job name, extra overrides)]]. One job, except prune's tournament with
     cluster.tournament_jobs: prune_prepare, then prune_c1..prune_c<top_k>, then prune."""

@@ -157,7 +157,7 @@ def estimate(cfg: config.Config) -> dict:
     }
 
 
-def search_preview(teacher: Arch, c, cfg: config.Config, p: PlanConfig) -> dict:
+def search_preview(teacher: Arch, c: search.Budget, cfg: config.Config, p: PlanConfig) -> dict:
     """What prune's search would consider (recipes/lib/search.py) and its tournament's cost."""
     s = c.search
     target = search.constraint(c, teacher)

@@ -13,11 +13,9 @@ ffn_hidden_size, num_attention_heads) go to `mtp.prune` as its export_config. De
                    LM loss least (all candidates are evaluated and tabled);
   block_influence  ModelOpt's own ranking (1 - cosine(input, output) per layer).
 Instead of sizes, a budget (`target_params` / `target_memory_mb`): ModelOpt's search and a
-short-distillation tournament choose the shape (recipes/lib/search.py, tournament.py).
-TP must be 1 (ModelOpt's requirement); PP may be anything.
-
-The phases of `run`: `resolve` (every check, before any weights), then in the process groups
-`prune_searched` or `prune_fixed`, then `publish`.
+short-distillation tournament choose the shape (recipes/lib/search.py, tournament.py). TP must
+be 1 (ModelOpt's requirement); PP may be anything. `run`'s phases: `resolve` (every check,
+before any weights), then `prune_searched` or `prune_fixed`, then `publish`.
 Output: <run.dir>/prune/{iter_0000000/, latest_checkpointed_iteration.txt, importance.json,
 importance.pt, manifest.json, ...}: also a Megatron-Bridge / Megatron-LM checkpoint.
 """
@@ -89,7 +87,7 @@ class PruneConfig(config.ModelInput):
     """Compute and checkpoint dtype: fp32 | bf16."""
     spec: str = "auto"
     """Layer spec of the model the importance is measured on: auto (TE when present) | local |
-    te. ModelOpt prunes either (recipes/lib/modelopt_local.py teaches it the local spec)."""
+    te (recipes/lib/modelopt_local.py teaches ModelOpt the local spec)."""
 
     @property
     def searching(self) -> bool:
@@ -256,7 +254,8 @@ def run(cfg: config.Config) -> dict:
     else:
         keys = (*WIDTH_KEYS, "num_layers")
         log.info("prune %s: %s -> %s (%s -> %s parameters)", plan.source.path,
-                 {k: getattr(teacher, k) for k in keys}, {k: getattr(plan.student, k) for k in keys},
+                 {k: getattr(teacher, k) for k in keys},
+                 {k: getattr(plan.student, k) for k in keys},
                  human(teacher.num_params()), human(plan.student.num_params()))
     with runtime.distributed(plan.layout["tp"], plan.layout["pp"], cfg.run.seed):
         # a tournament is long: its work folder survives a kill and the rerun continues
@@ -369,7 +368,8 @@ def prune_fixed(c: PruneConfig, plan: Plan, tmp: Path, seed: int) -> Pruned:
     n_drop = teacher.num_layers - student.num_layers
     if n_drop and c.depth_method == "contiguous":
         heldout = tokens.windows(c.data, "valid", c.seq_length, c.depth_eval_samples, seed + 1)
-        table = importance.contiguous_candidates(model, teacher, n_drop, heldout, c.micro_batch_size)
+        table = importance.contiguous_candidates(model, teacher, n_drop, heldout,
+                                                 c.micro_batch_size)
         box = [table]
         torch.distributed.broadcast_object_list(box, src=0)
         table = box[0]

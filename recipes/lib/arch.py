@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Protocol
 
 # Megatron's llama3 RoPE scaling (rotary_pos_embedding.py `_apply_scaling`) hard-codes these; a
 # checkpoint asking for other values would be converted silently wrong, so it is refused.
@@ -211,7 +212,17 @@ def validate_layout(arch: Arch, tp: int, pp: int) -> None:
         raise ValueError(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
 
 
-def pruned_arch(t: Arch, c) -> tuple[Arch, list[int] | None]:
+class PruneTargets(Protocol):
+    """What pruned_arch reads of a PruneConfig (or of a searched shape)."""
+    hidden_size: int | None
+    ffn_hidden_size: int | None
+    num_attention_heads: int | None
+    num_layers: int | None
+    depth_method: str
+    drop_layers: list | None
+
+
+def pruned_arch(t: Arch, c: PruneTargets) -> tuple[Arch, list[int] | None]:
     """The student architecture for prune targets `c` (a `PruneConfig`: the WIDTH_KEYS,
     num_layers, depth_method, drop_layers) and the explicit 1-indexed drop list (if any). Every
     error a target can have is raised here, before any weights are loaded (prune and plan)."""

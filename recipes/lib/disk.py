@@ -1,12 +1,13 @@
 """Disk space: checked before a stage writes, and named when it runs out anyway.
 
 Before: every stage that writes checkpoints or datasets knows its output's size in advance
-(`nbytes`, `training_nbytes`: parameters x bytes; a dataset's tokens); `check` refuses to start, naming the folder, the bytes
-needed and the bytes free. After: a write that fails on a full filesystem (an OSError with
-ENOSPC, or whatever an upstream writer makes of it, such as torch.save's
-"[enforce fail at inline_container.cc] unexpected pos") becomes `NoSpace`: "no space left on
-<device> while writing <path>", and the stage's unfinished work is removed (a training stage
-keeps its complete checkpoints, which a rerun resumes from) so the disk is not left full.
+(`nbytes`, `training_nbytes`: parameters x bytes; a dataset's tokens); `check` refuses to start,
+naming the folder, the bytes needed and the bytes free. After: a write that fails on a full
+filesystem (an OSError with ENOSPC, or whatever an upstream writer makes of it, such as
+torch.save's "[enforce fail at inline_container.cc] unexpected pos") becomes `NoSpace`: "no
+space left on <device> while writing <path>", and the stage's unfinished work is removed (a
+training stage keeps its complete checkpoints, which a rerun resumes from) so the disk is not
+left full.
 """
 from __future__ import annotations
 

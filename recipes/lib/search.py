@@ -21,8 +21,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from typing import Protocol
 
 from recipes.lib.arch import WIDTH_KEYS, Arch, pruned_arch
+
+if typing.TYPE_CHECKING:  # torch at import: this module stays light (see the module doc)
+    from recipes.lib.train import KDConfig
 
 HPARAMS = (*WIDTH_KEYS, "num_layers")
 SCORE_NAMES = {"kd_loss": "KD loss", "lm_loss": "LM loss", "lm_eval": "lm-eval score"}
@@ -111,13 +115,21 @@ class SearchConfig:
         return [h for h in HPARAMS if h not in self.hparams] or None
 
 
+class Budget(Protocol):
+    """What the search reads of a PruneConfig (prune's stage module holds the class)."""
+    target_params: float | None
+    target_memory_mb: float | None
+    search: SearchConfig | None
+    micro_batch_size: int
+
+
 def tournament_steps(s: SearchConfig, gbs: int, seq: int) -> int:
     """Steps per candidate: tournament_steps, or tournament_tokens rounded up to whole steps of
     the distill section's global batch (0: no tournament)."""
     return s.tournament_steps or -(-s.tournament_tokens // (gbs * seq))
 
 
-def cache_plan(s: SearchConfig, dc, teacher: Arch) -> dict | None:
+def cache_plan(s: SearchConfig, dc: KDConfig, teacher: Arch) -> dict | None:
     """The teacher cache a tournament of `dc` (a KDConfig, or its fields) would use
     (logit_cache.choose), None when off."""
     from recipes.lib import logit_cache  # lazy: torch and megatron (see the module doc)
@@ -134,7 +146,7 @@ def cache_plan(s: SearchConfig, dc, teacher: Arch) -> dict | None:
                               s.teacher_cache_top_k, s.teacher_cache_max_gb)
 
 
-def constraint(c, teacher: Arch) -> dict:
+def constraint(c: Budget, teacher: Arch) -> dict:
     """ModelOpt's constraint for a PruneConfig `c`: {'params': n} (a fraction <= 1 of the
     teacher's, or absolute) or {'memory_mb': mb}. ModelOpt counts the padded vocabulary, so
     the recipe's own count (real vocabulary) of a chosen shape is never above the target."""
@@ -165,7 +177,8 @@ def candidate_filter(teacher: Arch, pp: int):
 def modelopt_view(arch: Arch):
     """What ModelOpt's analytic counters (megatron_model_stats) read of a megatron config."""
     return types.SimpleNamespace(
-        hidden_size=arch.hidden_size, num_layers=arch.num_layers, ffn_hidden_size=arch.ffn_hidden_size,
+        hidden_size=arch.hidden_size, num_layers=arch.num_layers,
+        ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim, gated_linear_unit=True, add_bias_linear=False,
         normalization="RMSNorm", qk_layernorm=arch.qk_norm)
@@ -223,7 +236,7 @@ def grid(teacher: Arch, s: SearchConfig, target: dict, pp: int) -> tuple[dict, l
     return space, sorted(fits, key=lambda a: -a.num_params()), loadable
 
 
-def check_target(c, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
+def check_target(c: Budget, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
     """The budget of PruneConfig `c` against what the search can reach, before any weights:
     refused when it is at or above the teacher (nothing to prune) or when no shape on the grid
     meets it (naming the smallest reachable size and the settings that widen the grid).

@@ -36,8 +36,8 @@ from recipes.lib import (checkpoint, config, harness, interop, logit_cache, mega
 from recipes.lib import model as M
 from recipes.lib import tokens, train, train_stage
 from recipes.lib.arch import Arch
-from recipes.lib.search import (HPARAMS, SCORE_NAMES, SearchConfig, arch_of, cache_plan,
-                                candidate_filter, constraint, tournament_steps)
+from recipes.lib.search import (HPARAMS, SCORE_NAMES, Budget, SearchConfig, arch_of,
+                                cache_plan, candidate_filter, constraint, tournament_steps)
 from recipes.lib.train import KDConfig
 
 modelopt_local.enable()  # before ModelOpt's prune plugin (recipes/lib/modelopt_local.py)
@@ -69,11 +69,12 @@ def resolve(cfg: config.Config, source: interop.Source) -> dict:
 
 def modelopt_mode(s: SearchConfig) -> list:
     return [("mcore_minitron", MM.get_mcore_minitron_config(
-        hidden_size_divisor=s.hidden_size_divisor, ffn_hidden_size_divisor=s.ffn_hidden_size_divisor,
+        hidden_size_divisor=s.hidden_size_divisor,
+        ffn_hidden_size_divisor=s.ffn_hidden_size_divisor,
         num_layers_divisor=s.num_layers_divisor))]
 
 
-def run_search(model, teacher: Arch, c, pp: int, forward_loop, scores_dir: Path,
+def run_search(model, teacher: Arch, c: Budget, pp: int, forward_loop, scores_dir: Path,
                heldout: torch.Tensor) -> tuple:
     """ModelOpt's search on `model` (the teacher, loaded) for the PruneConfig `c`: returns (model
     pruned to the zero-shot best, the top-K candidates as dicts, best first by ModelOpt's size
@@ -299,7 +300,7 @@ def winner(found: list[dict], s: SearchConfig, tournament: bool) -> dict:
     return min(found, key=lambda x: sign * x[f"tournament_{s.score}"])
 
 
-def summary(c, teacher: Arch, found: list[dict], search_s: float, dc: KDConfig | None,
+def summary(c: Budget, teacher: Arch, found: list[dict], search_s: float, dc: KDConfig | None,
             cached: dict | None = None) -> dict:
     """search.json for the PruneConfig `c`: what was searched, every top-K candidate, the
     winner and the costs."""

@@ -70,7 +70,7 @@ def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
             "fp8_amax_compute_algo": c.fp8_amax_compute_algo}
 
 
-def build_loaded(c, model: tuple[Arch, Path], precision: str | None = None):
+def build_loaded(c: train.TrainConfig, model: tuple[Arch, Path], precision: str | None = None):
     """The model (architecture, weights folder) built for `c` in `precision` (default the
     stage's, see build_kwargs) with its weights loaded; inside the process groups."""
     from recipes.lib import model as M  # lazy: megatron (see train.py's module doc)
