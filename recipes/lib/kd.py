@@ -78,9 +78,9 @@ class _TokenLosses(torch.autograd.Function):
                 g[torch.arange(j - i, device=g.device), y[i:j]] -= 1.0
             else:  # d KL / d logits = (softmax(s / T) - softmax(t / T)) / T
                 tt = t[i:j, :vocab].float()
-                if temperature != 1.0:
-                    ls = torch.log_softmax(s.div_(temperature), -1)
-                    tt.div_(temperature)
+                if temperature != 1.0:  # not in place: in fp32 s and tt are the callers' logits
+                    ls = torch.log_softmax(s / temperature, -1)
+                    tt = tt / temperature
                 lt = torch.log_softmax(tt, -1)
                 pt = lt.exp()
                 kl[i:j] = (pt * (lt - ls)).sum(-1)
