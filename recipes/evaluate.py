@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import checkpoint, config, harness, runtime, speed, stage, tokens
+from recipes.lib import checkpoint, compat, config, harness, runtime, speed, stage, tokens
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.evaluate")
@@ -194,7 +194,8 @@ def run(cfg: config.Config) -> dict:
     results = {"reference": c.reference, "dtype": dtype, "dtype_auto": auto, "heldout": {},
                "generations": {}, "prompts": c.prompts or [], "speed": {}}
     for name, path in tqdm(c.models.items(), desc="evaluate", unit="model"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+        model = compat.hf_linears(  # fp32 GEMMs through oneDNN where faster (CPU)
+            AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval())
         results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),
                                     "params": sum(p.numel() for p in model.parameters())}
         h = results["heldout"][name]

@@ -124,12 +124,15 @@ def run(models: dict, specs: list[dict], include_paths: list, batch_size: int,
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from recipes.lib import compat
+
     tm = TaskManager(include_path=[str(p) for p in include_paths] or None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict = {s["task"]: {"unavailable": s["unavailable"]} for s in specs if "unavailable" in s}
     specs = [s for s in specs if "unavailable" not in s]
     for name, path in models.items():
         lm = HFLM(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
+        compat.hf_linears(lm.model)  # fp32 GEMMs through oneDNN where faster (CPU)
         for spec in specs:
             task = spec["task"]
             if "unavailable" in out.get(task, {}):
