@@ -30,11 +30,11 @@ class TeacherCorrectionConfig(train.TrainConfig):
 
 
 def make_step_fn(vocab_size: int):
-    from recipes.lib.kd import lm_loss  # lazy: megatron; config checks import this module
+    from recipes.lib.kd import masked_lm_loss  # lazy: megatron; config checks import this module
 
     def loss_func(labels, mask, output):
         n = mask.sum()
-        total = (lm_loss(output, labels.t().contiguous(), vocab_size) * mask.t()).sum()  # [s, b]
+        total = masked_lm_loss(output, labels, mask, vocab_size)
         return total, n.int(), {"lm_loss": torch.stack([total.detach(), n])}
 
     return train.forward_steps(loss_func)

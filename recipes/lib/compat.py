@@ -262,14 +262,18 @@ def fused_losses() -> bool:
     return FAST_PATHS["fused_losses"] and not cuda_available()
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return FAST_PATHS["onednn_linear"] and cpu_linear.usable(x, weight)
+
+
 def _onednn_linear(original):
     @functools.wraps(original)
     def linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                sequence_parallel, *args, **kwargs):
-        if (FAST_PATHS["onednn_linear"] and not args and kwargs.get("grad_output_buffer") is None
+        if (not args and kwargs.get("grad_output_buffer") is None
                 and kwargs.get("gtp_remat_size", 1) == 1
                 and not (gradient_accumulation_fusion or allreduce_dgrad or sequence_parallel)
-                and cpu_linear.usable(input, weight)):
+                and _onednn(input, weight)):
             return cpu_linear.linear(input, weight, bias)
         return original(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                         sequence_parallel, *args, **kwargs)
@@ -278,7 +282,7 @@ def _onednn_linear(original):
 
 
 def _hf_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if FAST_PATHS["onednn_linear"] and cpu_linear.usable(x, module.weight):
+    if _onednn(x, module.weight):
         return cpu_linear.linear(x, module.weight, module.bias)
     return torch.nn.functional.linear(x, module.weight, module.bias)
 

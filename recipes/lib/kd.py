@@ -121,6 +121,13 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torc
     return tensor_parallel.vocab_parallel_cross_entropy(masked, labels)
 
 
+def masked_lm_loss(output: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                   vocab_size: int) -> torch.Tensor:
+    """The summed LM loss of a training step (train.forward_steps): logits [s, b, v] as the
+    output layer computed them, labels and loss mask [b, s] as the batch holds them."""
+    return (lm_loss(output, labels.t().contiguous(), vocab_size) * mask.t()).sum()
+
+
 class VocabLogitsKLLoss(LogitsKLLoss):
     """ModelOpt's forward KL(teacher || student) on logits, over the first `vocab_size` columns
     (the real vocabulary, or the one a teacher and student of different padded vocabularies
@@ -209,7 +216,7 @@ def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: b
             student_loss = torch.zeros((), device=output.device)  # ignored: skip_lm_loss
         else:  # only logged (skip_lm_loss): no graph, and no memory kept for one
             with torch.no_grad() if skip_lm_loss else contextlib.nullcontext():
-                lm_sum = (lm_loss(output, labels.t().contiguous(), vocab_size) * mask.t()).sum()
+                lm_sum = masked_lm_loss(output, labels, mask, vocab_size)
             student_loss = lm_sum
         losses = model.compute_kd_loss(student_loss=student_loss,
                                        loss_reduction_fn=reduce_sum(mask))

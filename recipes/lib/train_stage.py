@@ -34,6 +34,9 @@ from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_man
 log = logging.getLogger(__name__)
 
 
+FP8_MIN_CAPABILITY = {"mxfp8": ((10, 0), "Blackwell"), "blockwise": ((9, 0), "Hopper")}
+
+
 def check_precision(c: train.TrainConfig) -> None:
     """Before anything is loaded: the layer spec exists here (spec=te needs Transformer Engine),
     and fp8 needs Transformer Engine on a GPU and the TE layer spec (TrainConfig already refuses
@@ -48,9 +51,6 @@ def check_precision(c: train.TrainConfig) -> None:
             raise ValueError(f"fp8_recipe={c.fp8_recipe} needs a {name} GPU (compute capability "
                              f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use "
                              "fp8_recipe=tensorwise")
-
-
-FP8_MIN_CAPABILITY = {"mxfp8": ((10, 0), "Blackwell"), "blockwise": ((9, 0), "Hopper")}
 
 
 def build_kwargs(c: train.TrainConfig, precision: str | None = None) -> dict:
