@@ -238,10 +238,6 @@ def cuda_available() -> bool:
 
 # ---- CPU-only fast paths (our code, not patches; each switched on only without CUDA) ----------
 # Every one is tested against the path it replaces (equal losses and gradients).
-#   fused_losses(): recipes/lib/kd.py computes the KD and LM losses in one chunked pass over the
-#     logits instead of ModelOpt's LogitsKLLoss / megatron's vocab_parallel_cross_entropy, which
-#     materialise ~10 fp32 copies of [tokens x vocab] (tests/unit/test_kd.py). On a GPU those
-#     run as fused kernels and are left alone.
 #   sdpa_attention: megatron's local DotProductAttention (the only core attention without TE)
 #     computes causal attention unfused: scores [b, heads, s, s] in a buffer, a cast to fp32, a
 #     masked_fill with a materialised causal mask, softmax, a cast back and a bmm, after
@@ -255,11 +251,7 @@ def cuda_available() -> bool:
 #     and `linear_with_frozen_weight`, TP=1 without their fusions) and of a transformers model's
 #     nn.Linear layers (`hf_linears`) through oneDNN where a probe measures it faster than MKL:
 #     2-2.8x on AMD CPUs (recipes/lib/cpu_linear.py; tests/unit/test_cpu_linear.py).
-FAST_PATHS = {"fused_losses": True, "sdpa_attention": True, "onednn_linear": True}
-
-
-def fused_losses() -> bool:
-    return FAST_PATHS["fused_losses"] and not cuda_available()
+FAST_PATHS = {"sdpa_attention": True, "onednn_linear": True}
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -5,16 +5,17 @@ vocab-parallel cross-entropy, which works in place on fp32 logits, away from the
 captured for the KD loss (without the copy, computing the LM loss in the same step silently
 changed the KL: 5.35 instead of 0.49 in tests/stages/test_distill.py's KD = KL check).
 
-Without CUDA and at TP=1 (`compat.fused_losses()`), both losses are computed by one chunked
-function instead (`token_losses`): the same KL(teacher || student) as ModelOpt's LogitsKLLoss and
-the same cross-entropy, over the first `vocab_size` columns, CHUNK_TOKENS tokens at a time, with
-the gradient formed during the forward (softmax(student) - softmax(teacher), or softmax - onehot)
-and kept in the logits' dtype. The unfused path materialises about ten fp32 copies of the
+At TP=1 (`fused()`), both losses are computed by one chunked function instead
+(`token_losses`): the same KL(teacher || student) as ModelOpt's LogitsKLLoss and the same
+cross-entropy, over the first `vocab_size` columns, `chunk_rows` tokens at a time, with the
+gradient formed during the forward (softmax(student) - softmax(teacher), or softmax - onehot) and
+kept in the logits' dtype. The unfused path materialises about ten fp32 copies of the
 [tokens x vocab] logits per micro-batch (casts, the temperature division, masking, two log-softmaxes
-and their saved outputs, the KL's exp/sub/mul, the LM loss's own copies), which on a CPU cost more
-than the student's forward. In distillation the fused KL also yields the student's per-token NLL
+and their saved outputs, the KL's exp/sub/mul, the LM loss's own copies): on a CPU they cost more
+than the student's forward, on a GPU ~40 GB at seq 8192 and Llama-3's 128k vocabulary, more than
+the student's activations. In distillation the fused KL also yields the student's per-token NLL
 for the log at no cost. tests/unit/test_kd.py checks equal losses and gradients against the
-unfused path.
+unfused path (FUSED = False).
 """
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ from modelopt.torch.distill.plugins import megatron as mkd  # noqa: E402
 from modelopt.torch.distill.plugins.megatron import LogitsKLLoss  # noqa: E402
 
 NEG = -1.0e9  # finite: exp() underflows to 0 and kl_div stays NaN-free
-CHUNK_TOKENS = 16  # rows per chunk of the fused losses: ~3 MB of fp32 at a 49k vocabulary, so
-# the ~8 passes over a chunk hit the cache (2.5x faster than 256 rows on the demo's CPU)
+FUSED = True  # False: ModelOpt's LogitsKLLoss and megatron's cross-entropy (tests compare)
+CHUNK_TOKENS = 16  # rows per chunk of the fused losses on a CPU: ~3 MB of fp32 at a 49k
+# vocabulary, so the ~8 passes over a chunk hit the cache (2.5x faster than 256 rows on the
+# demo's CPU)
+GPU_CHUNK_BYTES = 256 << 20  # fp32 bytes per temporary per chunk on a GPU: 523 rows at a 128k
+# vocabulary, few kernel launches, and a few such temporaries live at a time
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, copy: bool = False) -> torch.Tensor:
@@ -49,7 +54,14 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, copy: bool = False)
 
 
 def fused() -> bool:
-    return compat.fused_losses() and ps.get_tensor_model_parallel_world_size() == 1
+    return FUSED and ps.get_tensor_model_parallel_world_size() == 1
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Tokens per chunk of the fused losses: cache-sized on a CPU, GPU_CHUNK_BYTES on a GPU."""
+    if device.type == "cpu":
+        return CHUNK_TOKENS
+    return max(CHUNK_TOKENS, GPU_CHUNK_BYTES // (4 * vocab))
 
 
 class _TokenLosses(torch.autograd.Function):
@@ -67,8 +79,9 @@ class _TokenLosses(torch.autograd.Function):
         nll = torch.zeros(n, dtype=torch.float32, device=x.device)
         grad = torch.empty_like(x)
         grad[:, vocab:] = 0  # padded columns: no gradient, as masking gives
-        for i in range(0, n, CHUNK_TOKENS):
-            j = min(i + CHUNK_TOKENS, n)
+        rows = ctx.rows = chunk_rows(vocab, x.device)
+        for i in range(0, n, rows):
+            j = min(i + rows, n)
             s = x[i:j, :vocab].float()
             ls = torch.log_softmax(s, -1)
             if y is not None:
@@ -98,8 +111,9 @@ class _TokenLosses(torch.autograd.Function):
     def backward(ctx, g_kl, g_nll):
         (grad,) = ctx.saved_tensors
         g = (g_kl if ctx.kd else g_nll).reshape(-1, 1).float()
-        for i in range(0, grad.shape[0], CHUNK_TOKENS):  # in place; 10x faster than one mul_
-            grad[i:i + CHUNK_TOKENS].mul_(g[i:i + CHUNK_TOKENS])
+        rows = ctx.rows  # in place, by chunks: on a CPU 10x faster than one mul_
+        for i in range(0, grad.shape[0], rows):
+            grad[i:i + rows].mul_(g[i:i + rows])
         return grad.view(ctx.logits_shape), None, None, None, None
 
 

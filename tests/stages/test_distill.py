@@ -210,10 +210,10 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
     """The KD loss our loss function reports equals KL(teacher || student) computed by hand from
     separately computed logits, with the LM loss computed in the same step (the in-place
     cross-entropy trap would break this), on the CPU's fused losses and on ModelOpt's."""
-    from recipes.lib import checkpoint, compat, interop, kd, runtime
+    from recipes.lib import checkpoint, interop, kd, runtime
     from recipes.lib.config import load
 
-    monkeypatch.setitem(compat.FAST_PATHS, "fused_losses", fused)
+    monkeypatch.setattr(kd, "FUSED", fused)
 
     run = pruned["run"]
     c = load(TINY, [f"run.dir={run}", f"distill.skip_lm_loss={skip_lm_loss}"],

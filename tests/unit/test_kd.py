@@ -1,4 +1,4 @@
-"""The CPU's fused KD / LM losses (recipes/lib/kd.py, compat.fused_losses) against the paths they
+"""The fused KD / LM losses (recipes/lib/kd.py, kd.FUSED) against the paths they
 replace: ModelOpt's LogitsKLLoss and megatron's vocab_parallel_cross_entropy on masked logits.
 Equal losses and equal gradients, over a padded vocabulary, at two temperatures, in fp32 and
 bf16, with a loss mask."""
@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from recipes.lib import compat, runtime
+from recipes.lib import runtime
 
 VOCAB, PADDED = 1000, 1024  # 24 padded columns whose logits are garbage
 
@@ -30,7 +30,7 @@ def groups():
 def run(kind, fused, dtype, temperature, monkeypatch):
     from recipes.lib import kd
 
-    monkeypatch.setitem(compat.FAST_PATHS, "fused_losses", fused)
+    monkeypatch.setattr(kd, "FUSED", fused)
     s, b = 300, 2  # 600 tokens: more than two chunks
     student = logits((s, b), dtype, 0).requires_grad_()
     teacher = logits((s, b), dtype, 1)
@@ -88,6 +88,17 @@ def test_fused_lm_loss_equals_megatron(groups, monkeypatch, dtype):
     assert close(grad_f, grad_m)
 
 
-def test_fused_only_without_cuda(monkeypatch):
-    monkeypatch.setattr(compat, "cuda_available", lambda: True)
-    assert not compat.fused_losses()
+def test_gpu_sized_chunks_give_the_same_losses(groups, monkeypatch):
+    """A GPU takes chunks of GPU_CHUNK_BYTES (523 rows at Llama-3's 128k vocabulary) where a
+    CPU takes 16: the same losses and gradients, here with 256-row chunks over 600 tokens (the
+    last one partial)."""
+    from recipes.lib import kd
+
+    assert kd.chunk_rows(128256, torch.device("cuda")) == 523
+    assert kd.chunk_rows(128256, torch.device("cpu")) == kd.CHUNK_TOKENS == 16
+    loss_s, grad_s, nll_s = run("kl", True, torch.float32, 2.0, monkeypatch)
+    monkeypatch.setattr(kd, "chunk_rows", lambda vocab, device: 256)
+    loss_b, grad_b, nll_b = run("kl", True, torch.float32, 2.0, monkeypatch)
+    assert loss_b.item() == pytest.approx(loss_s.item(), rel=1e-6)
+    assert nll_b.item() == pytest.approx(nll_s.item(), rel=1e-6)
+    assert close(grad_b, grad_s)
