@@ -34,6 +34,19 @@ def layer_spec(kind: str = "auto", qk_norm: bool = False):
     return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
 
 
+def fusions(spec: str) -> dict:
+    """megatron's fused kernels the GPU runs with the TE spec: RoPE (TE's kernel), SwiGLU
+    (megatron's fused function: its backward recomputes the activation from the input instead
+    of keeping both) and the residual add (bias-dropout-add, with no bias and no dropout here).
+    The unfused ops' numbers up to bf16 rounding (tests/gpu/test_gpu.py compares them). Off on
+    a CPU and with the local spec: megatron's fuser is torch.compile, whose compile time there
+    exceeds the demo's whole training. gradient_accumulation_fusion stays off: it needs apex."""
+    if not torch.cuda.is_available() or runtime.resolve_spec(spec) != "te":
+        return {}
+    return {"apply_rope_fusion": True, "bias_activation_fusion": True,
+            "bias_dropout_fusion": True}
+
+
 def transformer_config(arch: Arch, dtype: str = "fp32", **overrides) -> TransformerConfig:
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -67,7 +80,8 @@ def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = Fals
     if meta:  # megatron passes an explicit CUDA device unless it initialises on the CPU
         config_overrides.update(use_cpu_initialization=True, init_model_with_meta_device=True)
         init = False
-    cfg = transformer_config(arch, dtype, perform_initialization=init, **config_overrides)
+    cfg = transformer_config(arch, dtype, perform_initialization=init,
+                             **{**fusions(spec), **config_overrides})
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = _gpt(arch, cfg, spec, parallel_output)
     if dtype != "fp32":  # as megatron's Float16Module: every parameter, the local spec's

@@ -3,7 +3,7 @@ assembled from megatron-core: GPTDataset (BlendedMegatronDatasetBuilder, weighte
 DistributedDataParallel, get_megatron_optimizer, OptimizerParamScheduler (warm-up + cosine to
 min_lr) and the pipeline schedules of get_forward_backward_func. A stage supplies the model and a
 `loss_func` factory; checkpoints and resume are recipes/lib/resume.py, signals and injected
-faults recipes/lib/preempt.py.
+faults recipes/lib/preempt.py, metrics.jsonl and TensorBoard recipes/lib/metrics.py.
 
 Data order: global step s consumes dataset samples [s*G, (s+1)*G) (G = global batch), split over
 data-parallel ranks in micro-batches, so the order depends only on (seed, step, G).
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import signal
 import time
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from recipes.lib import compat, config, megatron_data, runtime
+from recipes.lib.metrics import Metrics, peak_memory_mb
 from recipes.lib.preempt import Fault, Preempted, StopOnSignal
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,14 @@ class TrainConfig(config.ModelInput):
     """With fp8_recipe=delayed: amax history window (Megatron-LM / NeMo's 1024)."""
     fp8_amax_compute_algo: str = "max"
     """With fp8_recipe=delayed: max | most_recent over the history."""
+    fp8_bf16_edge_layers: int = 0
+    """With precision=fp8: run this many first and this many last transformer layers in bf16
+    (megatron's first_last_layers_bf16), where fp8 hurts the loss most; 0: every layer fp8."""
+    precision_aware_optimizer: bool = False
+    """GPU with Transformer Engine, bf16 or fp8: megatron's precision-aware optimizer (TE's
+    FusedAdam) keeps the fp32 master weights as the bf16 weights plus 16-bit remainders, 2
+    bytes per parameter less (16 instead of 18 for the student); fp32 Adam moments as before.
+    The bf16 weights are then the master's truncation instead of its rounding."""
     eval_interval: int = 100
     """Validate every this many steps (and at the end)."""
     eval_iters: int = 4
@@ -117,6 +125,11 @@ class TrainConfig(config.ModelInput):
         if self.fp8_amax_compute_algo not in ("max", "most_recent"):
             raise ValueError(f"fp8_amax_compute_algo={self.fp8_amax_compute_algo!r}; use max "
                              "or most_recent")
+        if self.fp8_bf16_edge_layers < 0:
+            raise ValueError(f"fp8_bf16_edge_layers={self.fp8_bf16_edge_layers} must be >= 0")
+        if self.precision_aware_optimizer and self.precision in ("fp32",):
+            raise ValueError("precision_aware_optimizer stores bf16 weights plus remainders: "
+                             "use it with precision=bf16 or fp8, or set it false")
         for k in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
                   "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval",
                   "fp8_amax_history_len"):
@@ -235,17 +248,33 @@ def forward_steps(loss_func: Callable) -> Callable:
 
 
 # ---- optimizer ----------------------------------------------------------------------------
+def optimizer_kind(c: TrainConfig) -> str:
+    """standard | distributed | precision-aware: megatron's distributed optimizer wherever NCCL
+    runs (on a GPU, at any DP: its checkpoints then reshard over DP sizes, and the
+    precision-aware optimizer needs it); gloo has no reduce-scatter, so a CPU keeps the
+    standard one. A resume refuses another kind (train_stage.run)."""
+    if not torch.cuda.is_available():
+        return "standard"
+    return "precision-aware" if c.precision_aware_optimizer else "distributed"
+
+
+def check_optimizer(c: TrainConfig) -> None:
+    """The precision-aware optimizer needs TE's FusedAdam on a GPU: refused before any work."""
+    if c.precision_aware_optimizer and not runtime.have_te():
+        raise ValueError("precision_aware_optimizer needs Transformer Engine's FusedAdam on a "
+                         "CUDA GPU (the NVIDIA container); set it false on this machine")
+
+
 def build_optimizer(model, c: TrainConfig):
-    """DDP wrapper, megatron optimizer (distributed on GPU with DP>1) and LR schedule."""
+    """DDP wrapper, megatron optimizer (optimizer_kind) and LR schedule."""
     # lazy: megatron (see the module doc)
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel as DDP
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    # gloo has no reduce-scatter: the distributed optimizer only where NCCL runs
-    distributed = torch.cuda.is_available() and ps.get_data_parallel_world_size() > 1
+    kind = optimizer_kind(c)
+    distributed = kind != "standard"
     cfg = model.config
     ddp = DDP(cfg, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -254,7 +283,8 @@ def build_optimizer(model, c: TrainConfig):
         optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
         adam_beta1=0.9, adam_beta2=c.adam_beta2, clip_grad=c.clip_grad,
         bf16=c.precision in ("bf16", "fp8"), params_dtype=cfg.params_dtype,
-        use_distributed_optimizer=distributed), [ddp])
+        use_distributed_optimizer=distributed,
+        use_precision_aware_optimizer=kind == "precision-aware"), [ddp])
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=c.lr, min_lr=c.min_lr, lr_warmup_steps=c.warmup_iters,
         lr_decay_steps=c.train_iters, lr_decay_style="cosine", start_wd=c.weight_decay,
@@ -266,52 +296,7 @@ def build_optimizer(model, c: TrainConfig):
     return ddp, opt, sched
 
 
-# ---- metrics ------------------------------------------------------------------------------
-class Metrics:
-    """metrics.jsonl + TensorBoard on rank 0. On resume, rows after the resumed step are dropped
-    so the files read as one run."""
-
-    def __init__(self, logs: Path, resume_step: int):
-        self.file = logs / "metrics.jsonl"
-        self.tb = None
-        if not runtime.is_rank0():
-            return
-        if self.file.exists():
-            keep = [ln for ln in self.file.read_text().splitlines()
-                    if ln and json.loads(ln)["step"] <= resume_step]
-            self.file.write_text("".join(ln + "\n" for ln in keep))
-        from torch.utils.tensorboard import SummaryWriter  # lazy: rank 0 only, ~1 s
-
-        self.tb = SummaryWriter(str(logs / "tensorboard"), purge_step=resume_step + 1)
-
-    def log(self, row: dict) -> None:
-        if not runtime.is_rank0():
-            return
-        with open(self.file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, row["step"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-    def last(self) -> dict:
-        """The last row written (a run resumed after its final step trains no step)."""
-        if not runtime.is_rank0() or not self.file.exists():
-            return {}
-        rows = self.file.read_text().splitlines()
-        return json.loads(rows[-1]) if rows else {}
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return runtime.peak_rss_mb()
-
-
+# ---- loss reports -------------------------------------------------------------------------
 def reduce_report(reports: list[dict]) -> dict | None:
     """Sum {name: [sum, count]} over micro-batches and DP ranks; {name: mean} on global rank 0."""
     # lazy: megatron (see the module doc)
@@ -347,7 +332,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     ckpts = work / "checkpoints"
     step = resume.resume(ckpts, ddp, opt, sched, c.global_batch_size)
     metrics = Metrics(work / "logs", step)
-    run_step = _scheduled(c, ddp, make_step, schedule_kwargs)
+    run_step = scheduled(c, ddp, make_step, schedule_kwargs)
     tokens_per_step = c.global_batch_size * c.seq_length
     fault = Fault(c.fault)
 
@@ -371,12 +356,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
         while step < c.train_iters:
             step_batches = batches.micro_batches(train_ds, step, c, n_micro)
             t0 = time.time()
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-            lr = opt.param_groups[0]["lr"]  # the rate this step uses
-            reports = run_step(step_batches, training=True)
-            ok, grad_norm, _ = opt.step()
-            sched.step(increment=1)
+            reports, ok, grad_norm, lr = optimizer_step(ddp, opt, sched, run_step, step_batches)
             step += 1
             dt = time.time() - t0
             rep = reduce_report(reports)
@@ -406,7 +386,20 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     return final or metrics.last()
 
 
-def _scheduled(c: TrainConfig, ddp, make_step: Callable, schedule_kwargs: Callable | None):
+def optimizer_step(ddp, opt, sched, run_step: Callable, step_batches: list[dict]):
+    """One training step (forward and backward over the step's micro-batches, the optimizer,
+    the schedule): (loss reports, whether the step was applied, gradient norm, learning rate
+    used). bench/gpu_distill.py times exactly this."""
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    lr = opt.param_groups[0]["lr"]  # the rate this step uses
+    reports = run_step(step_batches, training=True)
+    ok, grad_norm, _ = opt.step()
+    sched.step(increment=1)
+    return reports, ok, grad_norm, lr
+
+
+def scheduled(c: TrainConfig, ddp, make_step: Callable, schedule_kwargs: Callable | None):
     """`run_step(batches, training)`: one pass of megatron's pipeline schedule over a step's
     micro-batches (forward and backward, or forward only); returns the loss reports."""
     # lazy: megatron (see the module doc)

@@ -34,23 +34,31 @@ from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_man
 log = logging.getLogger(__name__)
 
 
-FP8_MIN_CAPABILITY = {"mxfp8": ((10, 0), "Blackwell"), "blockwise": ((9, 0), "Hopper")}
+# fp8 matmuls: Ada / Hopper (8.9) and newer; some recipes need more
+FP8_MIN_CAPABILITY = {"tensorwise": ((8, 9), "Ada or Hopper"), "delayed": ((8, 9), "Ada or Hopper"),
+                      "blockwise": ((9, 0), "Hopper"), "mxfp8": ((10, 0), "Blackwell")}
 
 
 def check_precision(c: train.TrainConfig) -> None:
     """Before anything is loaded: the layer spec exists here (spec=te needs Transformer Engine),
-    and fp8 needs Transformer Engine on a GPU and the TE layer spec (TrainConfig already refuses
-    fp8 with spec=local)."""
-    if runtime.resolve_spec(c.spec) != "te" and c.precision == "fp8":
+    fp8 (the student's or a KD teacher's) needs Transformer Engine on a GPU that has fp8 and
+    the TE layer spec (TrainConfig already refuses fp8 with spec=local), and the optimizer
+    asked for exists here."""
+    spec = runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine: refused here
+    train.check_optimizer(c)
+    if "fp8" not in (c.precision, getattr(c, "teacher_precision", None)):
+        return
+    if spec != "te":
         raise ValueError("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
                          "container, docker/); use precision=bf16 here")
-    if c.precision == "fp8" and c.fp8_recipe in FP8_MIN_CAPABILITY:
+    if c.fp8_recipe in FP8_MIN_CAPABILITY:
         need, name = FP8_MIN_CAPABILITY[c.fp8_recipe]
         have = torch.cuda.get_device_capability()
         if have < need:
+            fix = "fp8_recipe=tensorwise" if have >= FP8_MIN_CAPABILITY["tensorwise"][0] \
+                else "precision=bf16"
             raise ValueError(f"fp8_recipe={c.fp8_recipe} needs a {name} GPU (compute capability "
-                             f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use "
-                             "fp8_recipe=tensorwise")
+                             f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use {fix}")
 
 
 def build_kwargs(c: train.TrainConfig, precision: str | None = None) -> dict:
@@ -65,9 +73,13 @@ def build_kwargs(c: train.TrainConfig, precision: str | None = None) -> dict:
 
 def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
     """megatron TransformerConfig fields of the fp8 recipe (recorded in the manifest as is)."""
-    return {"fp8": "hybrid", "fp8_recipe": c.fp8_recipe,
-            "fp8_amax_history_len": c.fp8_amax_history_len,
-            "fp8_amax_compute_algo": c.fp8_amax_compute_algo}
+    kw = {"fp8": "hybrid", "fp8_recipe": c.fp8_recipe,
+          "fp8_amax_history_len": c.fp8_amax_history_len,
+          "fp8_amax_compute_algo": c.fp8_amax_compute_algo}
+    if c.fp8_bf16_edge_layers:
+        kw.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=c.fp8_bf16_edge_layers,
+                  num_layers_at_end_in_bf16=c.fp8_bf16_edge_layers)
+    return kw
 
 
 def build_loaded(c: train.TrainConfig, model: tuple[Arch, Path], precision: str | None = None):
@@ -155,6 +167,7 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
     c, auto = train.resolve_precision(c, cfg.run.dir)
     if auto:  # a resume on a machine that would choose otherwise is refused, not mixed
         resumable["precision_auto"] = c.precision
+    resumable["optimizer"] = train.optimizer_kind(c)  # its checkpoints differ by kind
     # the signal handlers go in before anything loads: a scheduler may signal early
     with StopOnSignal(c.preempt_signals) as stop, \
             runtime.distributed(tp, pp, cfg.run.seed):

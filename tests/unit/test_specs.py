@@ -8,6 +8,7 @@ import torch
 
 from recipes.lib import checkpoint, runtime, train
 from tests.conftest import ROOT
+from tests.unit.test_mapping_8b import LLAMA31_8B
 
 NO_TE = importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
 
@@ -41,6 +42,38 @@ def test_fp8_without_te_is_refused_before_loading():
 
     with pytest.raises(ValueError, match="precision=fp8 needs Transformer Engine"):
         train_stage.check_precision(tc(precision="fp8"))
+
+
+def test_fp8_edge_layers_and_the_optimizer_kind_are_checked_before_work():
+    from recipes.distill import DistillConfig
+    from recipes.lib import model as M
+    from recipes.lib import train_stage
+    from recipes.lib.arch import Arch
+
+    kw = train_stage.fp8_recipe_kwargs(tc(precision="fp8", fp8_bf16_edge_layers=2))
+    assert kw["first_last_layers_bf16"] is True
+    assert kw["num_layers_at_start_in_bf16"] == kw["num_layers_at_end_in_bf16"] == 2
+    assert "first_last_layers_bf16" not in train_stage.fp8_recipe_kwargs(tc(precision="fp8"))
+    a = Arch.from_hf_config(LLAMA31_8B)
+    a = Arch(**{**a.to_dict(), "num_layers": 6, "hidden_size": 64, "ffn_hidden_size": 128,
+                "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 16})
+    with runtime.distributed(1, 1):  # megatron knows every field the recipe sets
+        cfg = M.transformer_config(a, "bf16", **{k: v for k, v in kw.items() if "fp8" != k})
+    assert cfg.first_last_layers_bf16 and cfg.num_layers_at_end_in_bf16 == 2
+    with pytest.raises(ValueError, match="fp8_bf16_edge_layers=-1 must be >= 0"):
+        tc(fp8_bf16_edge_layers=-1)
+    with pytest.raises(ValueError, match="precision_aware_optimizer stores bf16 weights"):
+        tc(precision="fp32", precision_aware_optimizer=True)
+    assert train.optimizer_kind(tc(precision="bf16")) == (
+        "distributed" if torch.cuda.is_available() else "standard")
+    if NO_TE:
+        with pytest.raises(ValueError, match="precision_aware_optimizer needs Transformer "
+                                             "Engine's FusedAdam on a CUDA GPU"):
+            train_stage.check_precision(tc(precision="bf16", precision_aware_optimizer=True))
+        with pytest.raises(ValueError, match="precision=fp8 needs Transformer Engine"):
+            train_stage.check_precision(DistillConfig(  # an fp8 teacher alone, too
+                input="-", teacher="-", data=["-"], train_iters=4, warmup_iters=1,
+                precision="bf16", teacher_precision="fp8"))
 
 
 def test_fp8_builds_the_student_in_fp8_and_the_teacher_in_bf16():
