@@ -12,8 +12,10 @@ Estimates, stated as such: weights bf16; fused (flash) attention, so stored acti
 by TP; pruning is forward-only (one layer's activations live at a time, plus fp32 logits);
 distillation uses megatron's distributed optimizer (bf16 params + fp32 grads per model-parallel
 shard; fp32 master weights and Adam moments sharded over data-parallel ranks), a frozen bf16
-teacher with the same TP/PP, and fp32 student + teacher logits. GPU hours =
-(6 * student + 2 * teacher parameters) * tokens / (peak FLOP/s * MFU).
+teacher with the same TP/PP, and fp32 student + teacher logits; with
+distill.precision_aware_optimizer, 2 bytes less per student parameter (16-bit remainders
+instead of fp32 master weights). GPU hours = model FLOPs (arch.distill_flops_per_token: matmuls
+and causal attention, 3x the student's forward + the teacher's) / (peak FLOP/s * MFU).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import types
 from pathlib import Path
 
 from recipes.lib import config, search, stage
-from recipes.lib.arch import WIDTH_KEYS, Arch, pruned_arch, validate_layout
+from recipes.lib.arch import (WIDTH_KEYS, Arch, distill_flops_per_token, pruned_arch,
+                               validate_layout)
 from recipes.lib.train import TrainConfig
 
 GB = 1024**3
@@ -73,14 +76,16 @@ def prune_memory(t: Arch, seq: int, pp: int) -> float:
     return 2 * t.num_params() / pp + layer_activations(t, seq) + 4 * seq * t.padded_vocab_size
 
 
-def distill_memory(t: Arch, s: Arch, seq: int, tp: int, pp: int, dp: int) -> float:
+def distill_memory(t: Arch, s: Arch, seq: int, tp: int, pp: int, dp: int,
+                   precision_aware: bool = False) -> float:
     mp = tp * pp
-    return (2 * t.num_params() / mp + 6 * s.num_params() / mp + 12 * s.num_params() / (mp * dp)
+    state = 10 if precision_aware else 12  # master weights (or remainders) + Adam moments
+    return (2 * t.num_params() / mp + 6 * s.num_params() / mp + state * s.num_params() / (mp * dp)
             + layer_activations(s, seq) * s.num_layers / pp / tp
             + 2 * 4 * seq * s.padded_vocab_size / tp)
 
 
-def layouts(t: Arch, s: Arch, p: PlanConfig) -> list[dict]:
+def layouts(t: Arch, s: Arch, p: PlanConfig, precision_aware: bool = False) -> list[dict]:
     """TP x PP layouts valid for both models, with their distillation memory per GPU."""
     out = []
     for tp in (1, 2, 4, 8):
@@ -88,7 +93,8 @@ def layouts(t: Arch, s: Arch, p: PlanConfig) -> list[dict]:
             if t.num_query_groups % tp or s.num_layers % pp or t.num_layers % pp \
                     or p.gpus % (tp * pp):
                 continue
-            gb = distill_memory(t, s, p.seq_length, tp, pp, p.gpus // (tp * pp)) / GB
+            gb = distill_memory(t, s, p.seq_length, tp, pp, p.gpus // (tp * pp),
+                                precision_aware) / GB
             out.append({"tp": tp, "pp": pp, "dp": p.gpus // (tp * pp), "distill_gb": gb,
                         "fits": gb <= p.gpu_memory_gb})
     return out
@@ -129,15 +135,17 @@ def estimate(cfg: config.Config) -> dict:
     validate_layout(student, tp, pp)
     nt, ns = teacher.num_params(), student.num_params()
     dp = max(p.gpus // (tp * pp), 1)
+    d = cfg.get("distill")
+    compact = bool((d if isinstance(d, dict) else vars(d or {})).get("precision_aware_optimizer"))
     steps = p.distill_tokens / (p.seq_length * p.global_batch_size)
-    flops = (6 * ns + 2 * nt) * p.distill_tokens
+    flops = distill_flops_per_token(teacher, student, p.seq_length) * p.distill_tokens
     gpu_s = flops / (p.peak_tflops * 1e12 * p.mfu)
     prune_seq = prune_cfg.seq_length if prune_cfg else 4096
     mem = {
         "convert (host RAM per process)": 2 * teacher.padded_vocab_size * teacher.hidden_size * 2,
         f"prune (per GPU, TP=1 PP={pp})": prune_memory(teacher, prune_seq, pp),
         f"distill (per GPU, TP={tp} PP={pp})": distill_memory(teacher, student, p.seq_length,
-                                                              tp, pp, dp),
+                                                              tp, pp, dp, compact),
         "export (host RAM, rank 0)": 2 * ns,
     }
     return {
@@ -147,7 +155,7 @@ def estimate(cfg: config.Config) -> dict:
         "memory_gb": {k: v / GB for k, v in mem.items()},
         "prune_pp_that_fit": [q for q in (1, 2, 4, 8) if teacher.num_layers % q == 0
                               and prune_memory(teacher, prune_seq, q) / GB <= p.gpu_memory_gb],
-        "distill_layouts": layouts(teacher, student, p),
+        "distill_layouts": layouts(teacher, student, p, compact),
         "inference_speedup": inference_ratios(teacher, student, p.seq_length, p.inference_batch),
         "distill": {"tokens": p.distill_tokens, "steps": steps, "flops": flops,
                     "gpu_hours": gpu_s / 3600, "wall_hours": gpu_s / 3600 / p.gpus},
@@ -172,7 +180,7 @@ def search_preview(teacher: Arch, c: search.Budget, cfg: config.Config, p: PlanC
            "top_k": s.top_k, "tournament_steps": steps}
     if steps:
         tokens = steps * gbs * seq
-        flops = sum(6 * a.num_params() + 2 * teacher.num_params() for a in top) * tokens
+        flops = sum(distill_flops_per_token(teacher, a, seq) for a in top) * tokens
         dc = types.SimpleNamespace(train_iters=steps, global_batch_size=gbs, seq_length=seq,
                                    micro_batch_size=int(d.get("micro_batch_size", 1)),
                                    eval_iters=int(d.get("eval_iters", TrainConfig.eval_iters)),

@@ -71,6 +71,17 @@ class Arch:
         emb = self.vocab_size * h
         return self.num_layers * layer + emb * (1 if self.tie_embeddings else 2) + h
 
+    def flops_per_token(self, seq: int) -> float:
+        """Forward FLOPs per token at sequence length `seq`: 2 per weight of every matmul (the
+        output layer's included, the embedding lookup's not) plus causal attention's QK^T and
+        AV, 2 * 2 * (seq / 2) * heads * head_dim per layer (a token sees seq / 2 keys on
+        average). Training is 3x this (forward and backward), a frozen teacher 1x."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        qkv = d * (self.num_attention_heads + 2 * self.num_query_groups)
+        layer = h * qkv + self.num_attention_heads * d * h + 3 * h * f
+        attention = 2 * seq * self.num_attention_heads * d
+        return self.num_layers * (2 * layer + attention) + 2 * self.vocab_size * h
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -175,6 +186,12 @@ class Arch:
                 "the teacher attends only to the last window tokens, megatron's layers here to "
                 f"all of them, so results would change; use {key}<={self.sliding_window}")
 
+
+
+def distill_flops_per_token(teacher: Arch, student: Arch, seq: int) -> float:
+    """Model FLOPs of distillation per token: the student trained (3x its forward) against
+    the frozen teacher's forward (plan's GPU-hours, the GPU benchmark's MFU)."""
+    return 3 * student.flops_per_token(seq) + teacher.flops_per_token(seq)
 
 def human(n: float) -> str:
     """A parameter count for a log line: 276.2K, 71.03M, 8.03B."""

@@ -21,6 +21,26 @@ def test_paper_targets_parameter_counts():
     assert round(depth.num_params() / 1e9, 2) == 4.54
 
 
+def test_flops_per_token_match_torchs_count_of_a_transformers_forward():
+    """Arch.flops_per_token against torch's FlopCounterMode over a transformers Llama forward
+    (eager attention, which multiplies the full [s x s] scores: twice the causal count)."""
+    import torch
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a = Arch.from_hf_config(LLAMA31_8B)
+    a = Arch(**{**a.to_dict(), "num_layers": 2, "hidden_size": 96, "ffn_hidden_size": 160,
+                "num_attention_heads": 6, "num_query_groups": 2, "head_dim": 32,
+                "vocab_size": 300})
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **a.to_hf_config(LLAMA31_8B), attn_implementation="eager")).eval()
+    b, s = 2, 40
+    with torch.no_grad(), FlopCounterMode(display=False) as count:
+        model(torch.randint(0, 300, (b, s)))
+    full_attention = a.num_layers * 2 * s * a.num_attention_heads * a.head_dim
+    assert count.get_total_flops() == b * s * (a.flops_per_token(s) + full_attention)
+
+
 def test_transformers5_rope_parameters_form():
     cfg = {**LLAMA31_8B, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
                                              "factor": 32.0, "low_freq_factor": 1.0,
