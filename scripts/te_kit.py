@@ -4,19 +4,30 @@ installed there.
 
     python scripts/te_kit.py build   [--dest .te-kit] [--te 2.20.2] [--python 3.12]
                                      [--torch 2.11.0+cu130] [--cuda 13.0] [--arch 90]
+                                     [--no-prebuild] [--build-dir .te-kit-build]
     python scripts/te_kit.py verify  [--kit .te-kit]            # every part, and the whole
     python scripts/te_kit.py install [--kit .te-kit] [--jobs 16] # there: checks the machine too
 
 What a kit holds: `transformer-engine-cu13` (the core library, one 276.5 MB wheel),
-`transformer-engine` (the Python package) and the `transformer-engine-torch` sdist, which has no
-wheel: it compiles against the host's own torch, so `install` builds it there with nvcc and
-the cuDNN headers of the host's `nvidia-cudnn-cu13` wheel (NVTE_CUDA_ARCHS=<arch>, --jobs
-parallel jobs). The files go into one tar, cut into parts of at most 55 MiB, each in a folder of
-its own (`part-00/`, `part-01/`, ...: one folder per transfer); `manifest.json` records the
-sha256 and size of every part and of the whole tar, each file's sha256 (from the index), and
-what the kit was built for (Python, torch, CUDA, GPU architecture). `install` refuses a missing
-or damaged part by name, and a machine that differs from the manifest, before installing
-anything.
+`transformer-engine` (the Python package), the `transformer-engine-torch` sdist (PyPI has no
+wheel of it: a C++ extension compiled against one torch) and, unless --no-prebuild, that
+extension built here as a wheel for the host's exact torch. The files go into one tar, cut into
+parts of at most 55 MiB, each in a folder of its own (`part-00/`, `part-01/`, ...: one folder per
+transfer); `manifest.json` records the sha256 and size of every part and of the whole tar, each
+file's sha256, and what the kit was built for (Python, torch and its git commit, CUDA, GPU
+architecture). `install` refuses a missing or damaged part by name, and a machine that differs
+from the manifest, before installing anything.
+
+Where the extension is built: here, on the CPU machine (`prebuild`): a venv of the host's
+Python (python3.12 on PATH or pyenv's) with PyPI's torch of the host's version (torch 2.11.0 on
+PyPI is the cu130 build) and the CUDA headers of the `cuda-toolkit` wheels torch pins (nvcc and
+CCCL extras); 33 C++ files, no CUDA kernels (those are in the core wheel): 6.6-8.6 min on a
+2-core machine, with the ~5.5 GB of wheels the venv needs downloaded once into --build-dir.
+The wheel is imported (`import torch, transformer_engine.pytorch`, all symbols bound) before it
+goes into the kit. On the GPU host `install` then only unpacks wheels: seconds of device time
+instead of a compile (~1 min on 16 cores, and a build that needs the same header fixes there).
+If the host's torch is another commit, or the prebuilt extension does not import there,
+`install` builds the sdist on the host instead (NVTE_CUDA_ARCHS=<arch>, --jobs jobs).
 """
 from __future__ import annotations
 
@@ -30,6 +41,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -79,6 +91,80 @@ def download(te: str, python: str, dest: Path) -> list[Path]:
                     f"transformer-engine=={te}"], check=True)
     fetch_sdist("transformer-engine-torch", te, dest)
     return sorted(dest.iterdir())
+
+
+def build_env(site: Path, arch: str, jobs: int) -> dict:
+    """Environment for compiling the transformer-engine-torch sdist against the torch and the
+    nvidia-* CUDA wheels under `site` (site-packages): never try GitHub for a wheel, take the
+    headers from the wheels, CCCL (nv/target) on the C++ include path, cuDNN from its wheel."""
+    nv = site / "nvidia"
+    cccl = [str(p) for p in nv.glob("*/include/cccl")]
+    cudnn = nv / "cudnn"
+    return {**os.environ, "NVTE_FRAMEWORK": "pytorch", "NVTE_PYTORCH_FORCE_BUILD": "TRUE",
+            "NVTE_BUILD_USE_NVIDIA_WHEELS": "1", "NVTE_CUDA_ARCHS": arch, "MAX_JOBS": str(jobs),
+            "CUDNN_PATH": str(cudnn), "CUDNN_HOME": str(cudnn),
+            "CPLUS_INCLUDE_PATH": os.pathsep.join(
+                cccl + [os.environ.get("CPLUS_INCLUDE_PATH", "")]).strip(os.pathsep)}
+
+
+def find_python(version: str) -> str:
+    """An interpreter of `version` (X.Y) that runs: pythonX.Y on PATH (a pyenv shim of a
+    version not selected does not), else pyenv's newest X.Y.*."""
+    candidates = [shutil.which(f"python{version}")]
+    candidates += sorted(map(str, Path.home().glob(f".pyenv/versions/{version}.*/bin/python")),
+                         reverse=True)
+    for exe in filter(None, candidates):
+        p = subprocess.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           capture_output=True, text=True)
+        if p.returncode == 0 and p.stdout.strip() == version:
+            return exe
+    raise KitError(f"no Python {version} here to build the extension for the host's Python: "
+                   f"install one (pyenv install {version}) or pass --no-prebuild")
+
+
+def prebuild(sdist: Path, wheels: list[Path], a, dest: Path) -> tuple[Path, dict]:
+    """The torch extension compiled here (see the module doc) and imported once; returns the
+    wheel and what it was built against."""
+    root = Path(a.build_dir).resolve()
+    venv = root / f"venv-{a.python}"
+    py = venv / "bin" / "python"
+    torch_base = a.torch.split("+")[0]
+    if not py.exists():
+        subprocess.run([find_python(a.python), "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + [f"torch=={torch_base}", "setuptools", "wheel", "packaging", "pybind11",
+                          "ninja", "nvidia-cudnn-frontend", "einops", "pydantic", "onnx",
+                          "onnxscript", "nvdlfw-inspect", "importlib-metadata"], check=True)
+    probe = ("import json, importlib.metadata as m, sysconfig, torch; print(json.dumps({"
+             "'torch': torch.__version__, 'cuda': torch.version.cuda, "
+             "'git': torch.version.git_version, 'site': sysconfig.get_paths()['purelib'], "
+             "'toolkit': [r for r in m.requires('torch') if r.startswith('cuda-toolkit')]}))")
+    got = json.loads(subprocess.run([str(py), "-c", probe], check=True, capture_output=True,
+                                    text=True).stdout)
+    if (got["torch"], got["cuda"]) != (a.torch, a.cuda):
+        raise KitError(f"PyPI's torch=={torch_base} is {got['torch']} with CUDA {got['cuda']}, "
+                       f"not the host's {a.torch} with CUDA {a.cuda}: pass --no-prebuild")
+    toolkit = got["toolkit"][0].split(";")[0].split("==")[1].strip() if got["toolkit"] else None
+    if toolkit:  # the headers of the CUDA torch was built with
+        subprocess.run(pip + [f"cuda-toolkit[nvcc,cccl]=={toolkit}"], check=True)
+    out = root / "wheel"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run([str(py), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "-w", str(out), str(sdist)], check=True,
+                   env=build_env(Path(got["site"]), a.arch, os.cpu_count() or 1))
+    seconds = time.time() - t0
+    (whl,) = out.glob("transformer_engine_torch-*.whl")
+    subprocess.run(pip + ["--no-deps", "--force-reinstall", *map(str, wheels), str(whl)],
+                   check=True)
+    check = subprocess.run([str(py), "-c", "import torch, transformer_engine.pytorch"],
+                           capture_output=True, text=True)
+    if check.returncode:
+        raise KitError("the extension built here does not import: "
+                       + check.stderr.strip().splitlines()[-1])
+    final = dest / whl.name
+    shutil.copy2(whl, final)
+    return final, {"torch_git": got["git"], "prebuild_s": round(seconds)}
 
 
 def pack(files: list[Path], dest: Path, built_for: dict, part_bytes: int = PART_BYTES) -> dict:
@@ -141,7 +227,8 @@ def this_machine() -> dict:
 
     cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     return {"python": ".".join(map(str, sys.version_info[:2])), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "arch": f"{cap[0]}{cap[1]}" if cap else None}
+            "cuda": torch.version.cuda, "arch": f"{cap[0]}{cap[1]}" if cap else None,
+            "torch_git": torch.version.git_version}
 
 
 def check_machine(built_for: dict, here: dict) -> None:
@@ -154,24 +241,49 @@ def check_machine(built_for: dict, here: dict) -> None:
                        + "; rebuild it with scripts/te_kit.py build --python/--torch/--cuda/--arch")
 
 
-def install(kit: Path, jobs: int, python: str = sys.executable) -> None:
+def imports(python: str) -> str | None:
+    """None if Transformer Engine's torch extension imports under `python`, else the error."""
+    p = subprocess.run([python, "-c", "import torch, transformer_engine.pytorch"],
+                       capture_output=True, text=True)
+    return None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def install(kit: Path, jobs: int, python: str = sys.executable) -> str:
+    """Install the kit; returns how the torch extension got here (prebuilt, or built here and
+    why)."""
     m = json.loads((kit / "manifest.json").read_text()) if (kit / "manifest.json").is_file() \
         else None
     with tempfile.TemporaryDirectory() as tmp:
         files = assemble(kit, Path(tmp))  # parts first: a damaged kit is named before anything
-        check_machine(m["built_for"], this_machine())
-        wheels = [str(f) for f in files if f.suffix == ".whl"]
-        subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", *wheels],
-                       check=True)
-        sdist = next(f for f in files if f.name.startswith("transformer_engine_torch"))
-        import nvidia.cudnn  # the host's cuDNN wheel: its headers and libraries
+        here = this_machine()
+        check_machine(m["built_for"], here)
+        pip = [python, "-m", "pip", "install", "--no-deps", "--no-index"]
+        core = [str(f) for f in files if f.suffix == ".whl"
+                and not f.name.startswith("transformer_engine_torch")]
+        subprocess.run(pip + core, check=True)
+        built = [f for f in files if f.name.startswith("transformer_engine_torch")
+                 and f.suffix == ".whl"]
+        why = "the kit has no prebuilt extension"
+        if built and m["built_for"].get("torch_git") not in (None, here.get("torch_git")):
+            why = (f"torch here is commit {here.get('torch_git')}, the extension was built for "
+                   f"{m['built_for']['torch_git']}")
+        elif built:
+            subprocess.run(pip + ["--force-reinstall", str(built[0])], check=True)
+            err = imports(python)
+            if err is None:
+                return "prebuilt"
+            why = f"the prebuilt extension does not import here ({err})"
+        print(f"te_kit: building the torch extension here: {why}", file=sys.stderr)
+        import sysconfig
 
-        cudnn = Path(nvidia.cudnn.__path__[0])
-        env = {**os.environ, "NVTE_FRAMEWORK": "pytorch", "MAX_JOBS": str(jobs),
-               "NVTE_CUDA_ARCHS": m["built_for"]["arch"], "CUDNN_PATH": str(cudnn),
-               "CUDNN_HOME": str(cudnn)}
-        subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index",
-                        "--no-build-isolation", str(sdist)], check=True, env=env)
+        sdist = next(f for f in files if f.name.endswith(".tar.gz"))
+        subprocess.run(pip + ["--no-build-isolation", "--force-reinstall", str(sdist)],
+                       check=True, env=build_env(Path(sysconfig.get_paths()["purelib"]),
+                                                 m["built_for"]["arch"], jobs))
+        err = imports(python)
+        if err is not None:
+            raise KitError(f"Transformer Engine does not import after the build: {err}")
+        return f"built here ({why})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--torch", default="2.11.0+cu130")
     b.add_argument("--cuda", default="13.0")
     b.add_argument("--arch", default="90")
+    b.add_argument("--no-prebuild", dest="prebuild", action="store_false",
+                   help="carry the sdist only: the host compiles the extension")
+    b.add_argument("--build-dir", default=".te-kit-build",
+                   help="the build venv (~5.5 GB of wheels, kept for the next build)")
     for name in ("verify", "install"):
         s = sub.add_parser(name)
         s.add_argument("--kit", default=".te-kit")
@@ -191,18 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
+            built_for = {"python": a.python, "torch": a.torch, "cuda": a.cuda, "arch": a.arch,
+                         "te": a.te}
             with tempfile.TemporaryDirectory() as tmp:
                 files = download(a.te, a.python, Path(tmp))
-                m = pack(files, Path(a.dest), {"python": a.python, "torch": a.torch,
-                                               "cuda": a.cuda, "arch": a.arch, "te": a.te})
+                if a.prebuild:
+                    sdist = next(f for f in files if f.name.endswith(".tar.gz"))
+                    whl, info = prebuild(sdist, [f for f in files if f.suffix == ".whl"], a,
+                                         Path(tmp))
+                    files.append(whl)
+                    built_for.update(info)
+                m = pack(files, Path(a.dest), built_for)
             print(f"te_kit: {len(m['parts'])} parts, {m['tar']['bytes'] / 2**20:.1f} MiB in "
                   f"{a.dest}: carry each part-NN/ and manifest.json")
         elif a.cmd == "verify":
             with tempfile.TemporaryDirectory() as tmp:
                 print(f"te_kit: {len(assemble(Path(a.kit), Path(tmp)))} files verified")
         else:
-            install(Path(a.kit), a.jobs)
-            print("te_kit: Transformer Engine installed")
+            how = install(Path(a.kit), a.jobs)
+            print(f"te_kit: Transformer Engine installed, its torch extension {how}")
     except KitError as e:
         print(f"te_kit: {e}", file=sys.stderr)
         return 2

@@ -67,3 +67,49 @@ def test_a_machine_that_differs_is_refused():
                                               r"arch 90 \(kit\) vs None \(here\)"):
         te_kit.check_machine(BUILT_FOR, {"python": "3.12", "torch": "2.13.0", "cuda": "13.0",
                                          "arch": None})
+
+
+def fake_python(tmp_path, imports_ok_after: int):
+    """A `python` that logs each call and fails the import check until the given call."""
+    log, count = tmp_path / "calls.log", tmp_path / "imports"
+    exe = tmp_path / "python"
+    exe.write_text(f"""#!/bin/bash
+echo "$* NVTE_PYTORCH_FORCE_BUILD=$NVTE_PYTORCH_FORCE_BUILD" >> {log}
+if [ "$1" = -c ]; then
+  echo x >> {count}; [ "$(wc -l < {count})" -ge {imports_ok_after} ] && exit 0
+  echo "ImportError: undefined symbol: _ZN3c10" >&2; exit 1
+fi
+""")
+    exe.chmod(0o755)
+    return str(exe), log
+
+
+@pytest.mark.parametrize("case", ["prebuilt", "other torch", "does not import"])
+def test_install_takes_the_prebuilt_extension_or_builds_it_and_says_why(tmp_path, monkeypatch,
+                                                                        case):
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl",
+             "transformer_engine-2.20.2-py3-none-any.whl", "transformer_engine_torch-2.20.2.tar.gz",
+             "transformer_engine_torch-2.20.2-cp312-cp312-linux_x86_64.whl"]
+    for n in names:
+        (src / n).write_bytes(os.urandom(100))
+    built_for = {**BUILT_FOR, "torch_git": "abc123"}
+    te_kit.pack([src / n for n in names], tmp_path / "kit", built_for, part_bytes=150)
+    here = {"python": "3.12", "torch": "2.11.0+cu130", "cuda": "13.0", "arch": "90",
+            "torch_git": "def456" if case == "other torch" else "abc123"}
+    monkeypatch.setattr(te_kit, "this_machine", lambda: here)
+    python, log = fake_python(tmp_path, 2 if case == "does not import" else 1)
+    how = te_kit.install(tmp_path / "kit", jobs=3, python=python)
+    calls = log.read_text().splitlines()
+    sdist_built = any(".tar.gz" in c and "NVTE_PYTORCH_FORCE_BUILD=TRUE" in c for c in calls)
+    if case == "prebuilt":
+        assert how == "prebuilt" and not sdist_built
+        assert any("cp312-cp312-linux_x86_64.whl" in c for c in calls)
+    elif case == "other torch":
+        assert how == "built here (torch here is commit def456, the extension was built for " \
+                      "abc123)" and sdist_built
+        assert not any("cp312-cp312-linux_x86_64.whl" in c for c in calls)
+    else:
+        assert how.startswith("built here (the prebuilt extension does not import here "
+                              "(ImportError: undefined symbol") and sdist_built
