@@ -32,7 +32,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
-.PHONY: help setup test test-fast all status docker-build gpu-check gpu-wheels te-kit bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
+.PHONY: help setup test test-fast all status docker-build gpu-check gpu-bench gpu-wheels te-kit bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
 	report plan bench bench-demo clean
 
 help:  ## list the targets
@@ -63,6 +63,9 @@ docker-build:  ## build docker/Dockerfile as IMAGE (minitron-recipes:latest)
 
 gpu-check: setup  ## scripts/gpu_check.sh: GPU tests + 8B/4.5B distillation throughput (skips without CUDA)
 	bash scripts/gpu_check.sh
+
+gpu-bench: setup  ## bench/gpu_distill.py: the runs matrix (local/TE bf16, TE fp8 variants) at 8B/4.5B, seq 4096 + 8192, one GPU (~8 min)
+	$(PY) bench/gpu_distill.py --json gpu_check_out/matrix.json $(ARGS)
 
 bridge-env: setup  ## Megatron-Bridge 0.6.2 (with its own transformers) into .bridge/ for tests/stages/test_bridge.py
 	bash scripts/bridge_env.sh .bridge

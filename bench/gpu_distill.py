@@ -1,22 +1,34 @@
-"""Distillation step throughput at the paper's shapes on one GPU: Llama-3.1-8B teacher and its
-4.5B width-pruned student, random weights, our recipe's model / ModelOpt KD / megatron optimizer.
+"""Distillation step throughput on one GPU at the paper's shapes: Llama-3.1-8B teacher, its
+4.5B width-pruned student (hidden 4096 -> 3072, FFN 14336 -> 9216), the recipe's own model
+build, ModelOpt KD loss, megatron optimizer and training step (train.optimizer_step).
 
-    python bench/gpu_distill.py --json out.json                 # one GPU: bf16 (+ fp8 with TE)
-    python bench/gpu_distill.py --tiny --json out.json          # CPU smoke test of the same path
+    python bench/gpu_distill.py --json out.json                    # every run, seq 4096 and 8192
+    python bench/gpu_distill.py --json out.json --runs te-bf16,te-fp8 --seqs 4096
+    python bench/gpu_distill.py --tiny --json out.json             # CPU: tiny shapes, local spec
 
-Each precision runs in its own process (`--only P`), so one run's memory and peak never leak into
-the next. Models are built with the recipe's own `train_stage.build_kwargs` (fp8: the student in
-the configured fp8 recipe, the teacher in bf16 as `distill` does). Reports tokens/s, MFU
-((6 * student + 2 * teacher params) * tokens/s over the detected GPU's dense peak; omitted for a
-GPU not in PEAK_TFLOPS, never another chip's number), peak memory and fp8 / bf16.
+Runs (RUNS): local bf16, TE bf16, TE fp8 (tensorwise), TE fp8 with the first and last layer
+in bf16, and TE fp8 with the teacher in fp8 too. Every run starts from the same weights (each
+parameter drawn from a generator seeded by its name, so the local and the TE spec get the same
+numbers) and trains on the same batches: `--microbatches` sequences per step, `--warmup` steps
+untimed, then the median of `--steps`. Each (run, seq) is its own process, so no run's memory
+or peak leaks into the next; a run the machine cannot do (no TE, no fp8) is skipped with why.
+
+Per run: tokens/s; model TFLOP/s counted with attention (arch.distill_flops_per_token: 3x
+the student's forward + the teacher's, causal attention at s/2 keys per token); MFU against the GPU's
+dense bf16 peak (PEAK_TFLOPS; omitted for a GPU not listed, never another chip's number); peak
+memory allocated and reserved; `plan`'s estimate for the same shapes and its ratio to the peak;
+the resolved spec, fp8 recipe and TE attention backend; the KD loss at every step. The summary
+compares each run with TE bf16 (speed, last-step KD loss) and checks the issue's goals.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -35,67 +47,28 @@ PEAK_TFLOPS = [
     ("B200", {"bf16": 2250.0, "fp8": 4500.0}),
     ("A100", {"bf16": 312.0}),                  # no fp8 on Ampere
 ]
+# name -> distill config fields; "te" runs need Transformer Engine, "fp8" ones a GPU with fp8
+RUNS = {
+    "local-bf16": {"spec": "local", "precision": "bf16"},
+    "te-bf16": {"spec": "te", "precision": "bf16"},
+    "te-fp8": {"spec": "te", "precision": "fp8", "fp8_recipe": "tensorwise"},
+    "te-fp8-bf16-edges": {"spec": "te", "precision": "fp8", "fp8_recipe": "tensorwise",
+                          "fp8_bf16_edge_layers": 1},
+    "te-fp8-teacher-fp8": {"spec": "te", "precision": "fp8", "fp8_recipe": "tensorwise",
+                           "teacher_precision": "fp8"},
+}
+TINY_RUNS = {"local-fp32": {"spec": "local", "precision": "fp32"}, **RUNS}
+# the issue's goals: (run, over, at least) for tokens/s ratios; MFU and loss below
+GOALS = {"te_bf16_mfu": 0.38, "fp8_speedup": 1.2, "fp8_teacher_speedup": 1.35,
+         "fp8_kd_loss_rel": 0.02, "plan_rel": 0.15}
 
 
-def peak_tflops(device_name: str, precision: str) -> float | None:
+def peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
     # longest matching name first: "GH200" before "H200", "H100 PCIe" before "H100"
     for name, peaks in sorted(PEAK_TFLOPS, key=lambda x: -len(x[0])):
         if name in device_name:
             return peaks.get(precision)
     return None
-
-
-def measure(teacher_arch, student_arch, precision: str, seq: int, steps: int) -> dict:
-    from recipes import distill
-    from recipes.lib import model as M
-    from recipes.lib import kd, runtime, train, train_stage
-
-    with runtime.distributed(1, 1):
-        c = distill.DistillConfig(input="-", teacher="-", data=["-"], seq_length=seq,
-                                  micro_batch_size=1, global_batch_size=1, train_iters=steps + 1,
-                                  warmup_iters=0, precision=precision)
-        train_stage.check_precision(c)
-        teacher = M.build(teacher_arch, **{**train_stage.build_kwargs(c, c.teacher_precision),
-                                           "init": True})
-        student = M.build(student_arch, **{**train_stage.build_kwargs(c), "init": True})
-        model, kl = kd.distillation_model(student, teacher, c, student_arch.vocab_size)
-        ddp, opt, _ = train.build_optimizer(model, c)
-        dev = next(model.parameters()).device
-        toks = torch.randint(0, student_arch.vocab_size, (1, seq + 1), device=dev)
-        batch = {"tokens": toks[:, :-1], "labels": toks[:, 1:],
-                 "loss_mask": torch.ones(1, seq, device=dev),
-                 "position_ids": torch.arange(seq, device=dev).unsqueeze(0)}
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        step_fn = kd.make_step_fn(model, kl, student_arch.vocab_size, True, False)
-        times, losses = [], []
-        for _ in range(steps):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.time()
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-            rep = get_forward_backward_func()(
-                forward_step_func=step_fn(True), data_iterator=iter([batch]), model=[ddp],
-                num_microbatches=1, seq_length=seq, micro_batch_size=1, forward_only=False)
-            opt.step()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.time() - t0)
-            losses.append((rep[0]["kd_loss"][0] / rep[0]["kd_loss"][1]).item())
-        warm = times[1:] if len(times) > 1 else times
-        tps = seq / (sum(warm) / len(warm))
-        flops = (6 * student_arch.num_params() + 2 * teacher_arch.num_params()) * tps
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        peak = peak_tflops(device, precision)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() \
-            else runtime.peak_rss_mb() / 1024
-        return {"precision": precision, "device": device, "seq_length": seq, "step_s": warm,
-                "tokens_per_s": tps, "tflops": flops / 1e12,
-                "peak_tflops": peak, "mfu": None if peak is None else flops / 1e12 / peak,
-                "peak_memory_gb": mem, "kd_loss": losses,
-                "build": {"student": train_stage.build_kwargs(c),
-                          "teacher": train_stage.build_kwargs(c, c.teacher_precision)}}
 
 
 def archs(tiny: bool):
@@ -104,7 +77,7 @@ def archs(tiny: bool):
     f = ROOT / "conf" / "arch" / "llama-3.1-8b.json"
     t = Arch.from_hf_config(json.loads(f.read_text()), str(f))
     if tiny:
-        t = Arch(**{**t.to_dict(), "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
+        t = Arch(**{**t.to_dict(), "num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 224,
                     "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 16,
                     "vocab_size": 512})
     s = Arch(**{**t.to_dict(), "hidden_size": t.hidden_size * 3 // 4,
@@ -112,52 +85,238 @@ def archs(tiny: bool):
     return t, s
 
 
-def run_one(a) -> None:
-    """Child process: measure one precision, write its JSON."""
+def skip_reason(run: str, seq: int, tiny: bool) -> str | None:
+    """Why this machine cannot do `run` at `seq`, or None."""
+    from recipes.lib import runtime
+
+    cfg = (TINY_RUNS if tiny else RUNS)[run]
+    if cfg["spec"] == "te" and not runtime.have_te():
+        return ("needs Transformer Engine on a CUDA GPU (the NVIDIA container, or "
+                "`make te-kit` + scripts/gpu_check.sh on an offline host)")
+    if cfg["spec"] == "local" and torch.cuda.is_available():
+        t, s = archs(tiny)  # unfused attention keeps the bf16 softmax of every layer
+        probs = s.num_layers * s.num_attention_heads * seq * seq * 2
+        total = torch.cuda.get_device_properties(0).total_memory
+        if probs > total / 2:
+            return (f"the local spec's unfused attention keeps [heads x seq x seq] softmax "
+                    f"outputs per layer, {probs / 2**30:.0f} GiB at seq {seq} of this GPU's "
+                    f"{total / 2**30:.0f} GiB")
+    if "fp8" in (cfg["precision"], cfg.get("teacher_precision")) \
+            and torch.cuda.get_device_capability() < (8, 9):
+        return "fp8 needs compute capability 8.9 (Ada, Hopper or newer)"
+    return None
+
+
+def same_init(model, arch, seed: int) -> None:
+    """Every parameter drawn from a generator seeded by its global (mapping) name: norms 1,
+    the rest N(0, 1 / fan_in) (logits of unit scale, so the KL is of order 1 at any width).
+    The local and TE specs name the same weight alike (TE_PARAM_ALIASES), so every run starts
+    from the same numbers on a given device."""
+    from recipes.lib import model as M
+
+    with torch.no_grad():
+        for name, _, p in M.local_params(model, arch):
+            if "norm" in name:
+                p.fill_(1.0)
+                continue
+            g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(
+                name.encode()))
+            p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+
+
+def the_batches(vocab: int, seq: int, n: int, device) -> list[dict]:
+    """The same `n` micro-batches of one random sequence each, in every run."""
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(n):
+        toks = torch.randint(0, vocab, (1, seq + 1), generator=g)
+        out.append({"tokens": toks[:, :-1], "labels": toks[:, 1:],
+                    "loss_mask": torch.ones(1, seq), "position_ids": torch.arange(seq)[None]})
+    return [{k: v.to(device) for k, v in b.items()} for b in out]
+
+
+def attention_backend(spec: str) -> dict | str:
+    if spec != "te":
+        return "megatron local core attention (unfused; torch SDPA on a CPU, compat.py)"
+    try:  # lazy: TE only where it is installed
+        from transformer_engine.pytorch.attention.dot_product_attention import (
+            _attention_backends,
+        )
+    except ImportError as e:
+        return f"not reported by this Transformer Engine ({e})"
+    return {k: str(v) for k, v in _attention_backends.items()
+            if k != "attention_params" and v is not None}
+
+
+def measure(run: str, seq: int, a) -> dict:
+    """One run at one sequence length, in this process."""
+    from recipes import distill, plan
+    from recipes.lib import kd, runtime, train, train_stage
+    from recipes.lib import model as M
+    from recipes.lib.arch import distill_flops_per_token
+
     t, s = archs(a.tiny)
-    Path(a.json).write_text(json.dumps(measure(t, s, a.only, a.seq, a.steps), indent=2) + "\n")
+    fields = (TINY_RUNS if a.tiny else RUNS)[run]
+    cuda = torch.cuda.is_available()
+    with runtime.distributed(1, 1):
+        c = distill.DistillConfig(input="-", teacher="-", data=["-"], seq_length=seq,
+                                  micro_batch_size=1, global_batch_size=a.microbatches,
+                                  train_iters=a.warmup + a.steps, warmup_iters=0,
+                                  precision_aware_optimizer=a.precision_aware, **fields)
+        train_stage.check_precision(c)
+        teacher = M.build(t, **train_stage.build_kwargs(c, c.teacher_precision))
+        same_init(teacher, t, 1)
+        student = M.build(s, **train_stage.build_kwargs(c))
+        same_init(student, s, 2)
+        model, kl = kd.distillation_model(student, teacher, c, s.vocab_size)
+        ddp, opt, sched = train.build_optimizer(model, c)
+        run_step = train.scheduled(c, ddp, kd.make_step_fn(model, kl, s.vocab_size,
+                                                           c.skip_lm_loss, False), None)
+        step_batches = the_batches(s.vocab_size, seq, a.microbatches,
+                                   next(model.parameters()).device)
+        times, losses = [], []
+        for _ in range(a.warmup + a.steps):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            reports, *_ = train.optimizer_step(ddp, opt, sched, run_step, step_batches)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            losses.append(train.reduce_report(reports)["kd_loss"])
+    step_s = statistics.median(times[a.warmup:])
+    tokens = a.microbatches * seq
+    flops = tokens * distill_flops_per_token(t, s, seq) / step_s
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = peak_tflops(device)
+    est = plan.distill_memory(t, s, seq, 1, 1, 1, precision_aware=a.precision_aware) / 2**30
+    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else runtime.peak_rss_mb() / 1024
+    return {"run": run, "seq_length": seq, "device": device, "microbatches": a.microbatches,
+            "step_s": times, "median_step_s": step_s, "tokens_per_s": tokens / step_s,
+            "tflops": flops / 1e12, "mfu": None if peak is None else flops / 1e12 / peak,
+            "peak_memory_gb": mem,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+            "plan_estimate_gb": est, "plan_over_peak": est / mem,
+            "kd_loss": losses, "spec": runtime.resolve_spec(c.spec),
+            "precision": c.precision, "teacher_precision": c.teacher_precision,
+            "fp8": train_stage.fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
+            "optimizer": train.optimizer_kind(c), "fusions": M.fusions(c.spec),
+            "attention": attention_backend(runtime.resolve_spec(c.spec))}
+
+
+def summarize(results: dict) -> dict:
+    """Per sequence length: each run against TE bf16 (tokens/s ratio, last-step KD loss
+    relative difference) and the issue's goals, met or not (None: not measured)."""
+    out = {}
+    for seq, runs in results.items():
+        ok = {r: v for r, v in runs.items() if "tokens_per_s" in v}
+        base = ok.get("te-bf16")
+        rows = {}
+        for r, v in ok.items():
+            rows[r] = {"tokens_per_s": round(v["tokens_per_s"]), "mfu": v["mfu"],
+                       "peak_memory_gb": round(v["peak_memory_gb"], 1),
+                       "plan_over_peak": round(v["plan_over_peak"], 3)}
+            if base:
+                rows[r]["speed_vs_te_bf16"] = v["tokens_per_s"] / base["tokens_per_s"]
+                rows[r]["kd_loss_rel_vs_te_bf16"] = \
+                    abs(v["kd_loss"][-1] - base["kd_loss"][-1]) / abs(base["kd_loss"][-1])
+        got = lambda r, k: rows.get(r, {}).get(k)  # noqa: E731
+        goals = {
+            "te_bf16_mfu >= 0.38": None if got("te-bf16", "mfu") is None
+            else got("te-bf16", "mfu") >= GOALS["te_bf16_mfu"],
+            "te-fp8 >= 1.2x te-bf16": None if got("te-fp8", "speed_vs_te_bf16") is None
+            else got("te-fp8", "speed_vs_te_bf16") >= GOALS["fp8_speedup"],
+            "te-fp8-teacher-fp8 >= 1.35x te-bf16":
+                None if got("te-fp8-teacher-fp8", "speed_vs_te_bf16") is None
+                else got("te-fp8-teacher-fp8", "speed_vs_te_bf16") >= GOALS["fp8_teacher_speedup"],
+            "te-fp8 last KD loss within 2% of te-bf16":
+                None if got("te-fp8", "kd_loss_rel_vs_te_bf16") is None
+                else got("te-fp8", "kd_loss_rel_vs_te_bf16") <= GOALS["fp8_kd_loss_rel"],
+            "plan within 15% of te-bf16's peak": None if got("te-bf16", "plan_over_peak") is None
+            else abs(got("te-bf16", "plan_over_peak") - 1) <= GOALS["plan_rel"],
+            "every run completed (none out of memory)":
+                bool(ok) and all("error" not in v for v in runs.values()),
+        }
+        out[seq] = {"runs": rows, "goals": goals}
+    return out
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "megatron-core", "nvidia-modelopt", "transformer-engine",
+                 "transformer-engine-torch"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def child(a) -> None:
+    Path(a.json).write_text(json.dumps(measure(a.only, a.seqs[0], a), indent=2) + "\n")
 
 
 def main() -> None:
-    from recipes.lib.runtime import have_te
-
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes, CPU fp32 (smoke test)")
-    ap.add_argument("--only", help="measure this precision in this process (internal)")
-    ap.add_argument("--timeout", type=int, default=300, help="seconds per precision")
+    ap.add_argument("--runs", help=f"comma-separated, of {', '.join(TINY_RUNS)} (default: all "
+                                   "of RUNS; --tiny: local-fp32,local-bf16)")
+    ap.add_argument("--seqs", default="4096,8192", type=lambda x: [int(v) for v in x.split(",")])
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    ap.add_argument("--precision-aware", action="store_true",
+                    help="megatron's precision-aware optimizer (TE FusedAdam) in every run")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke test)")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per (run, seq)")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # child: this run, in this process
     a = ap.parse_args()
     if a.only:
-        return run_one(a)
+        return child(a)
+    runs = a.runs.split(",") if a.runs else (["local-fp32", "local-bf16"] if a.tiny
+                                             else list(RUNS))
+    unknown = [r for r in runs if r not in TINY_RUNS]
+    if unknown:
+        ap.error(f"unknown runs {unknown}; choose from {', '.join(TINY_RUNS)}")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     t, s = archs(a.tiny)
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "teacher_params": t.num_params(), "student_params": s.num_params(), "runs": {}}
-    todo = ["fp32"] if a.tiny else ["bf16"] + (["fp8"] if have_te() else [])
-    for precision in todo:
-        part = Path(a.json).with_suffix(f".{precision}.json")
-        cmd = [sys.executable, __file__, "--json", str(part), "--only", precision,
-               "--seq", str(a.seq), "--steps", str(a.steps)] + (["--tiny"] if a.tiny else [])
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            out["runs"][precision] = json.loads(part.read_text()) if p.returncode == 0 else {
-                "error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
-            out["runs"][precision] = {"error": f"timed out after {a.timeout} s"}
-    if a.tiny:
-        out["runs"]["fp8"] = {"skipped": "tiny CPU smoke test"}
-    elif not have_te():
-        out["runs"]["fp8"] = {"skipped": "Transformer Engine is not installed here (its wheels "
-                                         "exceed what this machine can receive); run "
-                                         "scripts/gpu_check.sh in the NVIDIA container"}
-    elif "tokens_per_s" in out["runs"].get("fp8", {}) and "tokens_per_s" in out["runs"]["bf16"]:
-        out["fp8_over_bf16"] = (out["runs"]["fp8"]["tokens_per_s"]
-                                / out["runs"]["bf16"]["tokens_per_s"])
+           "torch": torch.__version__, "cuda": torch.version.cuda,
+           "teacher_params": t.num_params(), "student_params": s.num_params(),
+           "settings": {k: getattr(a, k) for k in ("microbatches", "warmup", "steps",
+                                                   "precision_aware", "tiny")},
+           "results": {}}
+    for seq in a.seqs:
+        res = out["results"][seq] = {}
+        for run in runs:
+            if (why := skip_reason(run, seq, a.tiny)) is not None:
+                res[run] = {"skipped": why}
+                continue
+            part = Path(a.json).with_suffix(f".{run}.{seq}.json")
+            part.unlink(missing_ok=True)
+            cmd = [sys.executable, __file__, "--json", str(part), "--only", run,
+                   "--seqs", str(seq), *(f"--{k}={getattr(a, k)}" for k in
+                                         ("microbatches", "warmup", "steps", "timeout"))]
+            cmd += ["--tiny"] * a.tiny + ["--precision-aware"] * a.precision_aware
+            t0 = time.time()
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                res[run] = json.loads(part.read_text()) if p.returncode == 0 else {
+                    "error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]}
+            except subprocess.TimeoutExpired:
+                res[run] = {"error": f"timed out after {a.timeout} s"}
+            res[run]["wall_s"] = time.time() - t0
+            print(f"gpu_distill: seq {seq} {run}: " + (
+                f"{res[run]['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in res[run]
+                else res[run].get("error", "")), file=sys.stderr, flush=True)
+    out["summary"] = summarize(out["results"])
+    out["versions"] = versions()
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
-    if any("error" in r for r in out["runs"].values()):
+    print(json.dumps(out["summary"], indent=2))
+    if any("error" in r for res in out["results"].values() for r in res.values()):
         sys.exit(1)
 
 

@@ -90,16 +90,78 @@ def test_first_kd_losses_match_the_cpu(trained_run, tmp_path, precision):
         assert g == pytest.approx(w, rel=KD_RTOL[precision]), (precision, pairs)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_distill_step(tmp_path, precision):
-    if precision == "fp8" and not have_te():
-        pytest.skip("fp8 needs Transformer Engine")
-    p = subprocess.run([sys.executable, "bench/gpu_distill.py", "--json", str(tmp_path / "o.json"),
-                        "--seq", "256", "--steps", "3"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+@pytest.mark.timeout(180)
+def test_benchmark_runs_on_tiny_shapes(tmp_path):
+    """bench/gpu_distill.py's every run on tiny shapes (seconds each): finite KD losses, the
+    fp8 runs' first loss near TE bf16's (same weights, same batches), the TE runs fused and on
+    TE's attention, the GPU's optimizer distributed."""
+    runs = "local-bf16,te-bf16,te-fp8,te-fp8-bf16-edges,te-fp8-teacher-fp8"
+    p = subprocess.run([sys.executable, "bench/gpu_distill.py", "--tiny", "--json",
+                        str(tmp_path / "o.json"), "--seqs", "128", "--runs", runs,
+                        "--warmup", "1", "--steps", "2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=170)
     assert p.returncode == 0, p.stderr[-3000:]
-    run = json.loads((tmp_path / "o.json").read_text())["runs"][precision]
-    assert all(x == x and x > 0 for x in run["kd_loss"])  # finite, positive
+    res = json.loads((tmp_path / "o.json").read_text())["results"]["128"]
+    for name, r in res.items():
+        if "skipped" in r:
+            assert not have_te() and name.startswith("te-"), (name, r)
+            continue
+        assert all(x == x and x > 0 for x in r["kd_loss"]), (name, r["kd_loss"])
+        assert r["optimizer"] == "distributed"
+        if name.startswith("te-"):
+            assert r["fusions"] == {"apply_rope_fusion": True, "bias_activation_fusion": True,
+                                    "bias_dropout_fusion": True}
+            assert isinstance(r["attention"], dict), r["attention"]
+            assert r["kd_loss"][0] == pytest.approx(res["te-bf16"]["kd_loss"][0], rel=0.1)
+    if have_te():
+        assert res["te-fp8-bf16-edges"]["fp8"]["num_layers_at_start_in_bf16"] == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not have_te(), reason="needs Transformer Engine")
+def test_te_fusions_keep_the_logits(tmp_path):
+    """The fused RoPE, SwiGLU and residual add the TE spec runs with on a GPU (model.fusions)
+    give the unfused logits (bf16 tolerance)."""
+    from recipes import convert
+    from recipes.lib import checkpoint, interop, runtime
+    from tests.tiny_models import write_tiny_llama
+
+    hf = write_tiny_llama(tmp_path / "hf", "gqa")
+    convert.main(["--config", TINY, f"run.dir={tmp_path / 'run'}", f"convert.hf_path={hf}"])
+    src = interop.open_source(tmp_path / "run" / "convert", "convert", ("convert",))
+    tokens = torch.randint(0, 90, (2, 32))
+    out = {}
+    with runtime.distributed(1, 1):
+        from recipes.lib import model as M
+
+        off = dict.fromkeys(M.fusions("te"), False)
+        assert off, "no fusions on a GPU with TE"
+        for name, kw in (("fused", {}), ("unfused", off)):
+            m = M.build(src.arch, dtype="bf16", spec="te", init=False, **kw)
+            assert m.config.apply_rope_fusion is (name == "fused")
+            checkpoint.load(m, src.weights)
+            out[name] = M.forward_logits(m, tokens, src.arch.vocab_size)
+    torch.testing.assert_close(out["fused"], out["unfused"], atol=5e-2, rtol=3e-2)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(not have_te(), reason="needs Transformer Engine")
+def test_precision_aware_optimizer_trains_like_the_standard_one(trained_run, tmp_path):
+    """bf16 distillation with megatron's precision-aware optimizer (TE FusedAdam, fp32 master
+    weights as bf16 + 16-bit remainders) follows the distributed optimizer's loss history
+    (bf16 tolerance: the weights are truncated, not rounded, from the master)."""
+    from recipes import distill, prune
+    from tests.stages.test_distill import args, metrics
+
+    prune.main(["--config", TINY, f"run.dir={trained_run['run']}",
+                f"convert.hf_path={trained_run['hf']}"])
+    short = ["distill.train_iters=4", "distill.eval_interval=4", "distill.precision=bf16"]
+    distill.main(args(trained_run, tmp_path / "std", *short))
+    distill.main(args(trained_run, tmp_path / "pao", *short,
+                      "distill.precision_aware_optimizer=true"))
+    std, pao = metrics(tmp_path / "std"), metrics(tmp_path / "pao")
+    for a, b in zip(std[1:], pao[1:]):
+        assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=3e-2), (std, pao)
 
 
 def test_signal_save_and_resume_on_gpu(trained_run, tmp_path):

@@ -1,6 +1,7 @@
 """The GPU check's CPU fallback and the GPU benchmark's code path, on CPU."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -21,14 +22,28 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
+    """bench/gpu_distill.py's whole path on tiny shapes: each run its own process on the same
+    weights and batches, the median of the timed steps, a KD loss per step, the runs this
+    machine cannot do skipped with why."""
     p = subprocess.run([sys.executable, "bench/gpu_distill.py", "--tiny", "--json",
-                        str(tmp_path / "o.json"), "--seq", "32", "--steps", "2"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "o.json"), "--seqs", "32", "--microbatches", "2",
+                        "--warmup", "1", "--steps", "2", "--runs", "local-fp32,local-bf16,te-fp8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads((tmp_path / "o.json").read_text())
-    run = out["runs"]["fp32"]
+    runs = out["results"]["32"]
+    fp32, bf16 = runs["local-fp32"], runs["local-bf16"]
     assert out["student_params"] < out["teacher_params"]
-    assert run["tokens_per_s"] > 0 and len(run["kd_loss"]) == 2
+    for r in (fp32, bf16):
+        assert len(r["kd_loss"]) == len(r["step_s"]) == 3 and r["tokens_per_s"] > 0
+        assert r["median_step_s"] == statistics.median(r["step_s"][1:])
+        assert r["spec"] == "local" and r["optimizer"] == "standard"
+    # the same init and batches: the first step's KD loss agrees across precisions
+    assert bf16["kd_loss"][0] == pytest.approx(fp32["kd_loss"][0], rel=2e-2)
+    assert fp32["kd_loss"][0] > 0.1
+    if not torch.cuda.is_available():
+        assert "needs Transformer Engine" in runs["te-fp8"]["skipped"]
+    assert "runs" in out["summary"]["32"]
 
 
 def test_gpu_wheels_are_all_pinned():
