@@ -164,6 +164,7 @@ def measure(run: str, seq: int, a) -> dict:
                                   train_iters=a.warmup + a.steps, warmup_iters=0,
                                   precision_aware_optimizer=a.precision_aware, **fields)
         train_stage.check_precision(c)
+        train.check_optimizer(c, 1)
         teacher = M.build(t, **train_stage.build_kwargs(c, c.teacher_precision))
         same_init(teacher, t, 1)
         student = M.build(s, **train_stage.build_kwargs(c))

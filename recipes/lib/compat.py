@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import sys
 import types
 
@@ -92,6 +93,9 @@ CUDA_TYPE_CHECKING_CALLS = [
     ("megatron.core.optimizer.optimizer", None, "clip_grad_by_total_norm_fp32"),
     # the bf16 optimizer sorts its params into bf16 / fp32 groups by CUDA type name
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+    # the distributed optimizer (optimizer=distributed, DP=1 on a CPU) checks the same names
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+     "_build_model_and_main_param_groups"),
 ]
 _CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor",
                     torch.bfloat16: "torch.cuda.BFloat16Tensor",
@@ -223,7 +227,11 @@ def _wrap(owner, name: str, context) -> None:
         with context():
             return fn(*args, **kwargs)
 
-    setattr(owner, name, wrapper)
+    kind = type(inspect.getattr_static(owner, name))
+    if kind is classmethod:  # getattr gave the method bound to `owner`: call it as such
+        setattr(owner, name, classmethod(lambda cls, *a, **k: wrapper(*a, **k)))
+    else:
+        setattr(owner, name, staticmethod(wrapper) if kind is staticmethod else wrapper)
 
 
 def wrap_cuda_calls(owner, method: str) -> None:

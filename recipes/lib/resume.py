@@ -30,11 +30,16 @@ from recipes.lib.preempt import Fault
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
 from megatron.core import dist_checkpointing, tensor_parallel  # noqa: E402
+from megatron.core.optimizer import distrib_optimizer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 INTEGRITY = "integrity.json"  # {file: [size, crc32]} of every file, written before train_state
+# the distributed optimizer's checkpoint layout: one tensor per buffer, parallel save and load,
+# resharding over DP (Megatron-LM's default); megatron 0.19's own default,
+# fully_sharded_model_space, fails to save ("ShardedTensor.flattened_range is not supported")
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -147,8 +152,8 @@ def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_las
         tmp.mkdir(parents=True)
     runtime.barrier()
     model_sd = ddp.module.sharded_state_dict()
-    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)},
-                            str(tmp))
+    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(
+        model_sd, metadata=OPTIMIZER_METADATA)}, str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
     runtime.barrier()
     record = _share(tmp, lambda p: [p.stat().st_size, _crc32(p)])
@@ -165,14 +170,51 @@ def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_las
     runtime.barrier()
 
 
+def _torch_adam_in_distributed_optimizers(opt) -> list:
+    """The DistributedOptimizers in `opt` that run torch's Adam (no TE or apex: a CPU, or a GPU
+    without them), which megatron 0.19 mishandles on load (the two helpers below)."""
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    return [o for o in getattr(opt, "chained_optimizers", [opt])
+            if isinstance(o, distrib_optimizer.DistributedOptimizer)]
+
+
+def _optimizer_state_to_load_into(opt) -> None:
+    """megatron's DistributedOptimizer builds the sharded state dict to load into from its inner
+    optimizer's state, which torch's Adam has only after a first step
+    (megatron/core/optimizer/distrib_optimizer.py `state_dict`: `assert len(steps) == 1`). Give
+    a fresh one megatron's own dummy state, which the load replaces."""
+    for o in _torch_adam_in_distributed_optimizers(opt):
+        if not o.optimizer.state:
+            o._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(opt) -> None:
+    """megatron's `DistributedOptimizer.load_state_dict` gives every parameter's torch Adam state
+    one shared `step` tensor, and then copies the load template's step (the dummy state's 1)
+    into it with the parameter states: Adam's bias correction restarts, and each parameter's
+    update increments the shared step again (tests/stages/test_distill.py's resume test caught
+    it at the second step after a resume). The step the checkpoint recorded is in the loaded
+    param groups: one tensor per parameter with it, as torch keeps them."""
+    for o in _torch_adam_in_distributed_optimizers(opt):
+        for group in o.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                if "step" in o.optimizer.state.get(p, {}):
+                    o.optimizer.state[p]["step"] = torch.tensor(float(group["step"]))
+
+
 def load_checkpoint(path: Path, ddp, opt, sched) -> dict:
     model_sd = ddp.module.sharded_state_dict()
-    state = dist_checkpointing.load({"model": model_sd,
-                                     "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)},
-                                    str(path))
+    _optimizer_state_to_load_into(opt)
+    state = dist_checkpointing.load({"model": model_sd, "optimizer": opt.sharded_state_dict(
+        model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)}, str(path))
     result = ddp.module.load_state_dict(state["model"], strict=False)
     checkpoint.check_key_mismatch(path, result.missing_keys, result.unexpected_keys)
-    opt.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # fp32: the distributed optimizer's shards are views of the params
+        opt.load_state_dict(state["optimizer"])
+    _restore_adam_steps(opt)
     train_state = json.loads((path / "train_state.json").read_text())
     sched.load_state_dict(train_state["scheduler"])
     _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank()}.pt", weights_only=True))

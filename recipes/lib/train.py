@@ -87,6 +87,11 @@ class TrainConfig(config.ModelInput):
     fp8_bf16_edge_layers: int = 0
     """With precision=fp8: run this many first and this many last transformer layers in bf16
     (megatron's first_last_layers_bf16), where fp8 hurts the loss most; 0: every layer fp8."""
+    optimizer: str = "auto"
+    """auto | standard | distributed: megatron's distributed optimizer (fp32 master weights and
+    Adam states sharded over DP ranks; its checkpoints reshard across DP sizes) or the standard
+    one. auto: distributed wherever NCCL runs (a GPU, at any DP), standard on a CPU, where gloo
+    has no reduce-scatter (distributed runs there at DP=1 only, the same numbers)."""
     precision_aware_optimizer: bool = False
     """GPU with Transformer Engine, bf16 or fp8: megatron's precision-aware optimizer (TE's
     FusedAdam) keeps the fp32 master weights as the bf16 weights plus 16-bit remainders, 2
@@ -127,9 +132,14 @@ class TrainConfig(config.ModelInput):
                              "or most_recent")
         if self.fp8_bf16_edge_layers < 0:
             raise ValueError(f"fp8_bf16_edge_layers={self.fp8_bf16_edge_layers} must be >= 0")
-        if self.precision_aware_optimizer and self.precision in ("fp32",):
+        if self.optimizer not in ("auto", "standard", "distributed"):
+            raise ValueError(f"optimizer={self.optimizer!r}; use auto, standard or distributed")
+        if self.precision_aware_optimizer and self.precision == "fp32":
             raise ValueError("precision_aware_optimizer stores bf16 weights plus remainders: "
                              "use it with precision=bf16 or fp8, or set it false")
+        if self.precision_aware_optimizer and self.optimizer == "standard":
+            raise ValueError("precision_aware_optimizer runs in megatron's distributed "
+                             "optimizer: set optimizer=auto (or distributed)")
         for k in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
                   "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval",
                   "fp8_amax_history_len"):
@@ -249,20 +259,25 @@ def forward_steps(loss_func: Callable) -> Callable:
 
 # ---- optimizer ----------------------------------------------------------------------------
 def optimizer_kind(c: TrainConfig) -> str:
-    """standard | distributed | precision-aware: megatron's distributed optimizer wherever NCCL
-    runs (on a GPU, at any DP: its checkpoints then reshard over DP sizes, and the
-    precision-aware optimizer needs it); gloo has no reduce-scatter, so a CPU keeps the
-    standard one. A resume refuses another kind (train_stage.run)."""
-    if not torch.cuda.is_available():
-        return "standard"
-    return "precision-aware" if c.precision_aware_optimizer else "distributed"
+    """standard | distributed | precision-aware (distributed, with TE's FusedAdam): `optimizer`
+    with auto made concrete for this machine. A resume refuses another kind (train_stage.run):
+    the optimizer state's checkpoint layout differs."""
+    if c.precision_aware_optimizer:
+        return "precision-aware"
+    if c.optimizer == "auto":
+        return "distributed" if torch.cuda.is_available() else "standard"
+    return c.optimizer
 
 
-def check_optimizer(c: TrainConfig) -> None:
-    """The precision-aware optimizer needs TE's FusedAdam on a GPU: refused before any work."""
+def check_optimizer(c: TrainConfig, dp: int) -> None:
+    """Before any work: the precision-aware optimizer needs TE's FusedAdam on a GPU; the
+    distributed optimizer on a CPU needs DP=1 (gloo has no reduce-scatter)."""
     if c.precision_aware_optimizer and not runtime.have_te():
         raise ValueError("precision_aware_optimizer needs Transformer Engine's FusedAdam on a "
                          "CUDA GPU (the NVIDIA container); set it false on this machine")
+    if optimizer_kind(c) == "distributed" and dp > 1 and not torch.cuda.is_available():
+        raise ValueError(f"optimizer=distributed on a CPU runs at DP=1 only (gloo has no "
+                         f"reduce-scatter), here DP={dp}: set optimizer=auto or standard")
 
 
 def build_optimizer(model, c: TrainConfig):

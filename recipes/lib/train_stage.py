@@ -42,10 +42,8 @@ FP8_MIN_CAPABILITY = {"tensorwise": ((8, 9), "Ada or Hopper"), "delayed": ((8, 9
 def check_precision(c: train.TrainConfig) -> None:
     """Before anything is loaded: the layer spec exists here (spec=te needs Transformer Engine),
     fp8 (the student's or a KD teacher's) needs Transformer Engine on a GPU that has fp8 and
-    the TE layer spec (TrainConfig already refuses fp8 with spec=local), and the optimizer
-    asked for exists here."""
+    the TE layer spec (TrainConfig already refuses fp8 with spec=local)."""
     spec = runtime.resolve_spec(c.spec)  # spec=te without Transformer Engine: refused here
-    train.check_optimizer(c)
     if "fp8" not in (c.precision, getattr(c, "teacher_precision", None)):
         return
     if spec != "te":
@@ -150,7 +148,9 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
         c.data, cfg.run.dir, tokenized.arch.vocab_size,
         tokenized.hf_config.get("eos_token_id"), f"{name}.data"))
     check_data(c, name, tokenized.arch.vocab_size)
-    train.check_layout(c, max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1))
+    dp = max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1)
+    train.check_layout(c, dp)
+    train.check_optimizer(c, dp)
     out = Path(c.output or Path(cfg.run.dir) / name)
     inputs = {**{r: s.input() for r, s in sources.items()},
               **{f"data.{i}": d for i, d in enumerate(c.data)}}

@@ -142,13 +142,16 @@ def test_finished_run_ignores_operational_changes_but_not_the_seed(pruned, strai
 
 @pytest.mark.slow
 def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, tmp_path):
-    """SIGUSR1 after step 6 (save_interval 4): a checkpoint at 6, exit 75, resume from 6."""
-    stderr = run_subprocess(args(pruned, tmp_path / "d", "distill.fault=signal_after:6"),
+    """SIGUSR1 after step 6 (save_interval 4): a checkpoint at 6, exit 75, resume from 6. With
+    megatron's distributed optimizer (what a GPU runs at any DP): the standard optimizer's
+    losses at DP=1, and its checkpoint resumes exactly."""
+    dist_opt = "distill.optimizer=distributed"
+    stderr = run_subprocess(args(pruned, tmp_path / "d", dist_opt, "distill.fault=signal_after:6"),
                             rc=preempt.EXIT_PREEMPTED)
     assert "SIGUSR1: saved step 6 of 8" in stderr
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000004", "iter_0000006"]
-    stderr = run_subprocess(args(pruned, tmp_path / "d"))
+    stderr = run_subprocess(args(pruned, tmp_path / "d", dist_opt))
     assert "iter_0000006 (step 6)" in stderr
     assert_same_history(metrics(straight), metrics(tmp_path / "d"))
 

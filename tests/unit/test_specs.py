@@ -66,10 +66,19 @@ def test_fp8_edge_layers_and_the_optimizer_kind_are_checked_before_work():
         tc(precision="fp32", precision_aware_optimizer=True)
     assert train.optimizer_kind(tc(precision="bf16")) == (
         "distributed" if torch.cuda.is_available() else "standard")
+    assert train.optimizer_kind(tc(optimizer="distributed")) == "distributed"
+    with pytest.raises(ValueError, match="precision_aware_optimizer runs in megatron's "
+                                         "distributed optimizer: set optimizer=auto"):
+        tc(precision="bf16", precision_aware_optimizer=True, optimizer="standard")
+    with pytest.raises(ValueError, match="optimizer='zero'; use auto, standard or distributed"):
+        tc(optimizer="zero")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="optimizer=distributed on a CPU runs at DP=1 only"):
+            train.check_optimizer(tc(optimizer="distributed"), dp=2)
     if NO_TE:
         with pytest.raises(ValueError, match="precision_aware_optimizer needs Transformer "
                                              "Engine's FusedAdam on a CUDA GPU"):
-            train_stage.check_precision(tc(precision="bf16", precision_aware_optimizer=True))
+            train.check_optimizer(tc(precision="bf16", precision_aware_optimizer=True), dp=1)
         with pytest.raises(ValueError, match="precision=fp8 needs Transformer Engine"):
             train_stage.check_precision(DistillConfig(  # an fp8 teacher alone, too
                 input="-", teacher="-", data=["-"], train_iters=4, warmup_iters=1,
