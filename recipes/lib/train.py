@@ -86,7 +86,7 @@ class TrainConfig(config.ModelInput):
     """With fp8_recipe=delayed: max | most_recent over the history."""
     fp8_bf16_edge_layers: int = 0
     """With precision=fp8: run this many first and this many last transformer layers in bf16
-    (megatron's first_last_layers_bf16), where fp8 hurts the loss most; 0: every layer fp8."""
+    (megatron's first_last_layers_bf16); 0: every layer in fp8."""
     optimizer: str = "auto"
     """auto | standard | distributed: megatron's distributed optimizer (fp32 master weights and
     Adam states sharded over DP ranks; its checkpoints reshard across DP sizes) or the standard
