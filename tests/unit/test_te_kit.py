@@ -113,3 +113,29 @@ def test_install_takes_the_prebuilt_extension_or_builds_it_and_says_why(tmp_path
     else:
         assert how.startswith("built here (the prebuilt extension does not import here "
                               "(ImportError: undefined symbol") and sdist_built
+
+
+def test_the_build_finds_a_working_python_and_the_headers_the_compile_needs(tmp_path,
+                                                                          monkeypatch):
+    """A pyenv shim of a version not selected (exit 127) is passed over for pyenv's own
+    interpreter; the build environment never tries GitHub and puts CCCL (nv/target) on the C++
+    include path."""
+    shim_dir = tmp_path / "shims"
+    shim_dir.mkdir()
+    (shim_dir / "python3.12").write_text("#!/bin/sh\nexit 127\n")
+    real = tmp_path / "home" / ".pyenv" / "versions" / "3.12.4" / "bin" / "python"
+    real.parent.mkdir(parents=True)
+    real.write_text("#!/bin/sh\necho 3.12\n")
+    for f in (shim_dir / "python3.12", real):
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert te_kit.find_python("3.12") == str(real)
+    with pytest.raises(te_kit.KitError, match="no Python 3.9 here"):
+        te_kit.find_python("3.9")
+    cccl = tmp_path / "site" / "nvidia" / "cu13" / "include" / "cccl"
+    cccl.mkdir(parents=True)
+    env = te_kit.build_env(tmp_path / "site", "90", 7)
+    assert env["NVTE_PYTORCH_FORCE_BUILD"] == "TRUE" and env["NVTE_BUILD_USE_NVIDIA_WHEELS"] == "1"
+    assert env["NVTE_CUDA_ARCHS"] == "90" and env["MAX_JOBS"] == "7"
+    assert str(cccl) in env["CPLUS_INCLUDE_PATH"].split(os.pathsep)
