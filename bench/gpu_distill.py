@@ -87,7 +87,7 @@ def archs(tiny: bool):
 
 def skip_reason(run: str, seq: int, tiny: bool) -> str | None:
     """Why this machine cannot do `run` at `seq`, or None."""
-    from recipes.lib import runtime
+    from recipes.lib import runtime, train_stage
 
     cfg = (TINY_RUNS if tiny else RUNS)[run]
     if cfg["spec"] == "te" and not runtime.have_te():
@@ -101,9 +101,10 @@ def skip_reason(run: str, seq: int, tiny: bool) -> str | None:
             return (f"the local spec's unfused attention keeps [heads x seq x seq] softmax "
                     f"outputs per layer, {probs / 2**30:.0f} GiB at seq {seq} of this GPU's "
                     f"{total / 2**30:.0f} GiB")
-    if "fp8" in (cfg["precision"], cfg.get("teacher_precision")) \
-            and torch.cuda.get_device_capability() < (8, 9):
-        return "fp8 needs compute capability 8.9 (Ada, Hopper or newer)"
+    if "fp8" in (cfg["precision"], cfg.get("teacher_precision")):
+        need, name = train_stage.FP8_MIN_CAPABILITY[cfg.get("fp8_recipe", "tensorwise")]
+        if torch.cuda.get_device_capability() < need:
+            return f"fp8 needs compute capability {need[0]}.{need[1]} ({name}, or newer)"
     return None
 
 
@@ -192,17 +193,18 @@ def measure(run: str, seq: int, a) -> dict:
     peak = peak_tflops(device)
     est = plan.distill_memory(t, s, seq, 1, 1, 1, precision_aware=a.precision_aware) / 2**30
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else runtime.peak_rss_mb() / 1024
+    spec = runtime.resolve_spec(c.spec)
     return {"run": run, "seq_length": seq, "device": device, "microbatches": a.microbatches,
             "step_s": times, "median_step_s": step_s, "tokens_per_s": tokens / step_s,
             "tflops": flops / 1e12, "mfu": None if peak is None else flops / 1e12 / peak,
             "peak_memory_gb": mem,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
             "plan_estimate_gb": est, "plan_over_peak": est / mem,
-            "kd_loss": losses, "spec": runtime.resolve_spec(c.spec),
+            "kd_loss": losses, "spec": spec,
             "precision": c.precision, "teacher_precision": c.teacher_precision,
             "fp8": train_stage.fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
             "optimizer": train.optimizer_kind(c), "fusions": M.fusions(c.spec),
-            "attention": attention_backend(runtime.resolve_spec(c.spec))}
+            "attention": attention_backend(spec)}
 
 
 def summarize(results: dict) -> dict:
@@ -242,24 +244,13 @@ def summarize(results: dict) -> dict:
     return out
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "megatron-core", "nvidia-modelopt", "transformer-engine",
-                 "transformer-engine-torch"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def child(a) -> None:
     Path(a.json).write_text(json.dumps(measure(a.only, a.seqs[0], a), indent=2) + "\n")
 
 
 def main() -> None:
+    from recipes.lib import stage
+
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
@@ -314,7 +305,8 @@ def main() -> None:
                 f"{res[run]['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in res[run]
                 else res[run].get("error", "")), file=sys.stderr, flush=True)
     out["summary"] = summarize(out["results"])
-    out["versions"] = versions()
+    out["versions"] = stage.versions(stage.PACKAGES + ("transformer-engine",
+                                                       "transformer-engine-torch"))
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out["summary"], indent=2))
     if any("error" in r for res in out["results"].values() for r in res.values()):

@@ -118,6 +118,12 @@ def inference_ratios(t: Arch, s: Arch, seq: int, batch: int) -> dict:
             "prefill": prefill_flops(t) / prefill_flops(s), "seq_length": seq}
 
 
+def distill_section(cfg: config.Config) -> dict:
+    """The recipe's distill settings as written (plan types only its own and prune's)."""
+    d = cfg.get("distill")
+    return d if isinstance(d, dict) else {}
+
+
 def estimate(cfg: config.Config) -> dict:
     """All the numbers `plan` prints, as a dict. `cfg` has a typed `plan` and, if the recipe
     prunes, a typed `prune` section."""
@@ -135,8 +141,7 @@ def estimate(cfg: config.Config) -> dict:
     validate_layout(student, tp, pp)
     nt, ns = teacher.num_params(), student.num_params()
     dp = max(p.gpus // (tp * pp), 1)
-    d = cfg.get("distill")
-    compact = bool((d if isinstance(d, dict) else vars(d or {})).get("precision_aware_optimizer"))
+    compact = bool(distill_section(cfg).get("precision_aware_optimizer"))
     steps = p.distill_tokens / (p.seq_length * p.global_batch_size)
     flops = distill_flops_per_token(teacher, student, p.seq_length) * p.distill_tokens
     gpu_s = flops / (p.peak_tflops * 1e12 * p.mfu)
@@ -171,8 +176,7 @@ def search_preview(teacher: Arch, c: search.Budget, cfg: config.Config, p: PlanC
     target = search.constraint(c, teacher)
     space, shapes = search.check_target(c, teacher, cfg.parallel.pp)
     top = shapes[:s.top_k]
-    d = cfg.get("distill")
-    d = d if isinstance(d, dict) else {}
+    d = distill_section(cfg)
     gbs, seq = int(d.get("global_batch_size", p.global_batch_size)), int(d.get(
         "seq_length", p.seq_length))
     steps = search.tournament_steps(s, gbs, seq)

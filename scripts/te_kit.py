@@ -122,6 +122,13 @@ def find_python(version: str) -> str:
                    f"install one (pyenv install {version}) or pass --no-prebuild")
 
 
+def imports(python: str) -> str | None:
+    """None if Transformer Engine's torch extension imports under `python`, else the error."""
+    p = subprocess.run([python, "-c", "import torch, transformer_engine.pytorch"],
+                       capture_output=True, text=True)
+    return None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
+
+
 def prebuild(sdist: Path, wheels: list[Path], a, dest: Path) -> tuple[Path, dict]:
     """The torch extension compiled here (see the module doc) and imported once; returns the
     wheel and what it was built against."""
@@ -157,11 +164,9 @@ def prebuild(sdist: Path, wheels: list[Path], a, dest: Path) -> tuple[Path, dict
     (whl,) = out.glob("transformer_engine_torch-*.whl")
     subprocess.run(pip + ["--no-deps", "--force-reinstall", *map(str, wheels), str(whl)],
                    check=True)
-    check = subprocess.run([str(py), "-c", "import torch, transformer_engine.pytorch"],
-                           capture_output=True, text=True)
-    if check.returncode:
-        raise KitError("the extension built here does not import: "
-                       + check.stderr.strip().splitlines()[-1])
+    err = imports(str(py))
+    if err is not None:
+        raise KitError(f"the extension built here does not import: {err}")
     final = dest / whl.name
     shutil.copy2(whl, final)
     return final, {"torch_git": got["git"], "prebuild_s": round(seconds)}
@@ -239,13 +244,6 @@ def check_machine(built_for: dict, here: dict) -> None:
         raise KitError("this machine differs from the one the kit was built for: "
                        + ", ".join(f"{k} {a} (kit) vs {b} (here)" for k, (a, b) in diff.items())
                        + "; rebuild it with scripts/te_kit.py build --python/--torch/--cuda/--arch")
-
-
-def imports(python: str) -> str | None:
-    """None if Transformer Engine's torch extension imports under `python`, else the error."""
-    p = subprocess.run([python, "-c", "import torch, transformer_engine.pytorch"],
-                       capture_output=True, text=True)
-    return None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
 
 
 def install(kit: Path, jobs: int, python: str = sys.executable) -> str:

@@ -61,13 +61,22 @@ class Arch:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_DIVISOR) * VOCAB_DIVISOR
 
+    @property
+    def _qkv_width(self) -> int:
+        return self.head_dim * (self.num_attention_heads + 2 * self.num_query_groups)
+
+    @property
+    def _layer_matmul_params(self) -> int:
+        """Weights of one layer's matmuls: q, k, v; o; gate, up, down."""
+        h = self.hidden_size
+        return (h * self._qkv_width + self.num_attention_heads * self.head_dim * h
+                + 3 * h * self.ffn_hidden_size)
+
     def num_params(self) -> int:
         """Closed-form parameter count of the HF model (unpadded vocab)."""
-        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
-        qkv = d * (self.num_attention_heads + 2 * self.num_query_groups)
-        attn = h * qkv + self.num_attention_heads * d * h  # q, k, v; o
-        attn += qkv * self.qkv_bias + 2 * d * self.qk_norm  # biases; q and k norms
-        layer = attn + 3 * h * f + 2 * h  # gate, up, down, two norms
+        h = self.hidden_size
+        extra = self._qkv_width * self.qkv_bias + 2 * self.head_dim * self.qk_norm  # qkv bias,
+        layer = self._layer_matmul_params + extra + 2 * h  # q/k norms; the layer's two norms
         emb = self.vocab_size * h
         return self.num_layers * layer + emb * (1 if self.tie_embeddings else 2) + h
 
@@ -76,11 +85,9 @@ class Arch:
         output layer's included, the embedding lookup's not) plus causal attention's QK^T and
         AV, 2 * 2 * (seq / 2) * heads * head_dim per layer (a token sees seq / 2 keys on
         average). Training is 3x this (forward and backward), a frozen teacher 1x."""
-        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
-        qkv = d * (self.num_attention_heads + 2 * self.num_query_groups)
-        layer = h * qkv + self.num_attention_heads * d * h + 3 * h * f
-        attention = 2 * seq * self.num_attention_heads * d
-        return self.num_layers * (2 * layer + attention) + 2 * self.vocab_size * h
+        attention = 2 * seq * self.num_attention_heads * self.head_dim
+        return (self.num_layers * (2 * self._layer_matmul_params + attention)
+                + 2 * self.vocab_size * self.hidden_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,11 +194,11 @@ class Arch:
                 f"all of them, so results would change; use {key}<={self.sliding_window}")
 
 
-
 def distill_flops_per_token(teacher: Arch, student: Arch, seq: int) -> float:
     """Model FLOPs of distillation per token: the student trained (3x its forward) against
     the frozen teacher's forward (plan's GPU-hours, the GPU benchmark's MFU)."""
     return 3 * student.flops_per_token(seq) + teacher.flops_per_token(seq)
+
 
 def human(n: float) -> str:
     """A parameter count for a log line: 276.2K, 71.03M, 8.03B."""

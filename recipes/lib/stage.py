@@ -97,9 +97,9 @@ def _changed(prev, now) -> list[str]:
     return [] if prev == now else ["manifest.json (the stage was re-run)"]
 
 
-def versions() -> dict:
+def versions(packages: tuple[str, ...] = PACKAGES) -> dict:
     out = {"python": sys.version.split()[0]}
-    for p in PACKAGES:
+    for p in packages:
         try:
             out[p] = importlib.metadata.version(p)
         except importlib.metadata.PackageNotFoundError:

@@ -16,9 +16,10 @@ from tests.conftest import ROOT, TINY
 pytestmark = pytest.mark.gpu
 
 
-def te_vs_local_logits(hf, tmp_path):
-    """The converted model's logits with the TE spec and the local spec, both in bf16 on the
-    GPU (TE runs fp32 matmuls as TF32, so an fp32 comparison would measure TF32, not the spec)."""
+def converted_logits(hf, tmp_path, builds: dict) -> dict:
+    """The converted model's bf16 logits for each {name: M.build keywords} and the config each
+    was built with (bf16: TE runs fp32 matmuls as TF32, so an fp32 comparison would measure
+    TF32, not the spec)."""
     from recipes import convert
     from recipes.lib import checkpoint, interop, runtime
 
@@ -29,10 +30,10 @@ def te_vs_local_logits(hf, tmp_path):
     with runtime.distributed(1, 1):
         from recipes.lib import model as M
 
-        for spec in ("local", "te"):
-            m = M.build(src.arch, dtype="bf16", spec=spec, init=False)
+        for name, kw in builds.items():
+            m = M.build(src.arch, dtype="bf16", init=False, **kw)
             checkpoint.load(m, src.weights)
-            out[spec] = M.forward_logits(m, tokens, src.arch.vocab_size)
+            out[name] = M.forward_logits(m, tokens, src.arch.vocab_size), m.config
     return out
 
 
@@ -45,8 +46,8 @@ def test_te_spec_matches_local_spec(variant, tmp_path):
     from tests.tiny_models import write_tiny_llama
 
     hf = write_tiny_llama(tmp_path / "hf", variant)
-    out = te_vs_local_logits(hf, tmp_path / "run")
-    torch.testing.assert_close(out["te"], out["local"], atol=5e-2, rtol=3e-2)
+    out = converted_logits(hf, tmp_path / "run", {"te": {"spec": "te"}, "local": {"spec": "local"}})
+    torch.testing.assert_close(out["te"][0], out["local"][0], atol=5e-2, rtol=3e-2)
 
 
 # relative tolerance of the GPU's KD losses against the CPU's fp32 local-spec values: bf16
@@ -122,26 +123,16 @@ def test_benchmark_runs_on_tiny_shapes(tmp_path):
 def test_te_fusions_keep_the_logits(tmp_path):
     """The fused RoPE, SwiGLU and residual add the TE spec runs with on a GPU (model.fusions)
     give the unfused logits (bf16 tolerance)."""
-    from recipes import convert
-    from recipes.lib import checkpoint, interop, runtime
+    from recipes.lib import model as M
     from tests.tiny_models import write_tiny_llama
 
-    hf = write_tiny_llama(tmp_path / "hf", "gqa")
-    convert.main(["--config", TINY, f"run.dir={tmp_path / 'run'}", f"convert.hf_path={hf}"])
-    src = interop.open_source(tmp_path / "run" / "convert", "convert", ("convert",))
-    tokens = torch.randint(0, 90, (2, 32))
-    out = {}
-    with runtime.distributed(1, 1):
-        from recipes.lib import model as M
-
-        off = dict.fromkeys(M.fusions("te"), False)
-        assert off, "no fusions on a GPU with TE"
-        for name, kw in (("fused", {}), ("unfused", off)):
-            m = M.build(src.arch, dtype="bf16", spec="te", init=False, **kw)
-            assert m.config.apply_rope_fusion is (name == "fused")
-            checkpoint.load(m, src.weights)
-            out[name] = M.forward_logits(m, tokens, src.arch.vocab_size)
-    torch.testing.assert_close(out["fused"], out["unfused"], atol=5e-2, rtol=3e-2)
+    off = dict.fromkeys(M.fusions("te"), False)
+    assert off, "no fusions on a GPU with TE"
+    out = converted_logits(write_tiny_llama(tmp_path / "hf", "gqa"), tmp_path / "run",
+                           {"fused": {"spec": "te"}, "unfused": {"spec": "te", **off}})
+    assert out["fused"][1].apply_rope_fusion is True
+    assert out["unfused"][1].apply_rope_fusion is False
+    torch.testing.assert_close(out["fused"][0], out["unfused"][0], atol=5e-2, rtol=3e-2)
 
 
 @pytest.mark.timeout(150)
