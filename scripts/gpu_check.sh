@@ -3,18 +3,21 @@
 #   tests: the gpu-marked tests (TE vs local spec logits, fused vs unfused TE logits, the first
 #      distillation steps' KD loss on the GPU vs the CPU local-spec value, every benchmark run
 #      on tiny shapes, the precision-aware optimizer, save on SIGUSR1 + exact resume with CUDA
-#      RNG and optimizer state, fp8 reload and export, prune with TE), each under its own pytest
-#      timeout, all within $TESTS_S (~7 min on one H200);
+#      RNG and optimizer state, fp8 reload and export, prune with TE), $TEST_JOBS at once
+#      (pytest-xdist, where installed), each under its own pytest timeout, all within $TESTS_S;
 #   bench: the distillation-step benchmark at Llama-3.1-8B -> 4.5B shapes (bench/gpu_distill.py,
-#      one process per run; $BENCH_ARGS, default TE bf16 and TE fp8 at seq 4096, or local bf16
-#      without TE; `BENCH_ARGS="--seqs 4096" BENCH_S=400` is the whole matrix at seq 4096).
+#      one process per run, alone on the GPU; $BENCH_ARGS, default TE bf16 and TE fp8 at seq
+#      4096, or local bf16 without TE; `BENCH_ARGS="--seqs 4096" BENCH_S=400` is the whole
+#      matrix at seq 4096);
+#   kit: only the Transformer Engine kit below (a first, short call that carries it).
 # A device call runs at most 10 minutes: PARTS=bench and PARTS=tests as two calls fit.
 # Writes $OUT (default gpu_check_out/): gpu_check.json (one entry per check), gpu_bench.json
 # (always, with the error when the benchmark failed), versions.json, logs. Prints one summary line
 # per check. Wheels the machine lacks (scripts/gpu_wheels.sh) can be passed in $WHEELS (a
 # folder): installed with --no-index --no-deps first (the image's CUDA torch stays); an offline
 # Transformer Engine kit (scripts/te_kit.py, `make te-kit`) in $TE_KIT: its parts verified, the
-# machine checked against it, then installed (its prebuilt torch extension, or built here).
+# machine checked against it, then installed (its prebuilt torch extension, or built here), and
+# its kernels run once against torch's (te-kernels).
 # Without CUDA it skips, exit 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +26,7 @@ PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 PARTS=${PARTS:-tests,bench}
 TESTS_S=${TESTS_S:-420}     # all gpu tests together
 TEST_S=${TEST_S:-180}       # any one test
+TEST_JOBS=${TEST_JOBS:-4}   # tests at once
 BENCH_S=${BENCH_S:-200}     # the benchmark, all its runs
 mkdir -p "$OUT"
 summary() {  # summary NAME STATUS DETAIL: one line on stdout, one entry in gpu_check.json
@@ -55,9 +59,20 @@ if [ -n "${TE_KIT:-}" ] && [ -d "$TE_KIT" ]; then  # scripts/te_kit.py's parts, 
   if timeout "${TE_KIT_S:-900}" "$PY" scripts/te_kit.py install --kit "$TE_KIT" \
        --jobs "$(nproc)" >"$OUT/te_kit.log" 2>&1; then
     summary te-kit pass "$(tail -n 1 "$OUT/te_kit.log")"
+    # its kernels once against torch's: the slimmed core library holds code this GPU runs
+    if timeout 180 "$PY" scripts/te_kit.py kernels >"$OUT/te_kernels.log" 2>&1; then
+      summary te-kernels pass "$(tail -n 1 "$OUT/te_kernels.log")"
+    else
+      summary te-kernels fail "$(tail -n 1 "$OUT/te_kernels.log")"
+    fi
   else
     summary te-kit fail "$(tail -n 1 "$OUT/te_kit.log")"
   fi
+fi
+if [ "$PARTS" = kit ]; then  # the kit alone (a first, short call that carries it)
+  echo '{"skipped": "PARTS=kit"}' > "$OUT/gpu_bench.json"
+  grep -q '"fail"' "$OUT/gpu_check.json" && exit 1
+  exit 0
 fi
 if "$PY" - > "$OUT/versions.json" 2>"$OUT/imports.log" <<'PY'
 import importlib.metadata as md, json, sys, torch
@@ -84,8 +99,15 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 status=0
 if [[ ",$PARTS," == *",tests,"* ]]; then
+# several tests at once on one GPU (tiny models; pytest-xdist where it is installed), each
+# process with its share of the cores for the CPU reference runs
+jobs=()
+if [ "$TEST_JOBS" -gt 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
+  jobs=(-n "$TEST_JOBS")
+fi
+OMP_NUM_THREADS=$(( $(nproc) / TEST_JOBS > 0 ? $(nproc) / TEST_JOBS : 1 )) \
 timeout "$TESTS_S" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider --timeout "$TEST_S" \
-  --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || status=1
+  "${jobs[@]}" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || status=1
 "$PY" - "$OUT/gpu_tests.xml" <<'PY' | while IFS=$'\t' read -r name st detail; do summary "$name" "$st" "$detail"; done
 import sys, xml.etree.ElementTree as ET
 try:

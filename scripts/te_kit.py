@@ -1,53 +1,63 @@
 """An offline Transformer Engine kit for a GPU host without network (the lent H200, air-gapped
-clusters): built here, carried over in parts small enough for a 64 MiB transfer, checked and
-installed there.
+clusters): built here, carried over in one part (or a few) small enough for a 64 MiB transfer,
+checked and installed there.
 
     python scripts/te_kit.py build   [--dest .te-kit] [--te 2.20.2] [--python 3.12]
                                      [--torch 2.11.0+cu130] [--cuda 13.0] [--arch 90]
-                                     [--no-prebuild] [--build-dir .te-kit-build]
+                                     [--all-archs] [--no-prebuild] [--build-dir .te-kit-build]
     python scripts/te_kit.py verify  [--kit .te-kit]            # every part, and the whole
     python scripts/te_kit.py install [--kit .te-kit] [--jobs 16] # there: checks the machine too
+    python scripts/te_kit.py kernels                            # there: TE's kernels vs torch
 
-What a kit holds: `transformer-engine-cu13` (the core library, one 276.5 MB wheel),
-`transformer-engine` (the Python package), the `transformer-engine-torch` sdist (PyPI has no
-wheel of it: a C++ extension compiled against one torch) and, unless --no-prebuild, that
+What a kit holds: `transformer-engine-cu13` (the core library: a 276.5 MB wheel with CUDA code
+for nine GPU architectures, slimmed here to the host's, --arch, unless --all-archs: ~32 MB, see
+`slim`), `transformer-engine` (the Python package), the `transformer-engine-torch` sdist (PyPI
+has no wheel of it: a C++ extension compiled against one torch) and, unless --no-prebuild, that
 extension built here as a wheel for the host's exact torch. The files go into one tar, cut into
-parts of at most 55 MiB, each in a folder of its own (`part-00/`, `part-01/`, ...: one folder per
+parts of at most 55 MiB, each in a folder of its own (`part-00/`, ...: one folder per
 transfer); `manifest.json` records the sha256 and size of every part and of the whole tar, each
 file's sha256, and what the kit was built for (Python, torch and its git commit, CUDA, GPU
-architecture). `install` refuses a missing or damaged part by name, and a machine that differs
-from the manifest, before installing anything.
+architecture, and what slimming kept and dropped). `install` refuses a missing or damaged part
+by name, and a machine that differs from the manifest, before installing anything; `kernels`
+then runs TE's kernels once on the GPU against torch's results.
 
 Where the extension is built: here, on the CPU machine (`prebuild`): a venv of the host's
 Python (python3.12 on PATH or pyenv's) with PyPI's torch of the host's version (torch 2.11.0 on
 PyPI is the cu130 build) and the CUDA headers of the `cuda-toolkit` wheels torch pins (nvcc and
 CCCL extras); 33 C++ files, no CUDA kernels (those are in the core wheel): 6.6-8.6 min on a
 2-core machine, with the ~5.5 GB of wheels the venv needs downloaded once into --build-dir.
-The wheel is imported (`import torch, transformer_engine.pytorch`, all symbols bound) before it
-goes into the kit. On the GPU host `install` then only unpacks wheels: seconds of device time
-instead of a compile (~1 min on 16 cores, and a build that needs the same header fixes there).
-If the host's torch is another commit, or the prebuilt extension does not import there,
-`install` builds the sdist on the host instead (NVTE_CUDA_ARCHS=<arch>, --jobs jobs).
+The wheel is imported (`import torch, transformer_engine.pytorch`, all symbols bound, with the
+slimmed core library) before it goes into the kit. On the GPU host `install` then only unpacks
+wheels: seconds of device time instead of a compile (~1 min on 16 cores, and a build that needs
+the same header fixes there). If the host's torch is another commit, or the prebuilt extension
+does not import there, `install` builds the sdist on the host instead (NVTE_CUDA_ARCHS=<arch>,
+--jobs jobs).
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import collections
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 PART_BYTES = 55 << 20
 INDEX = "https://pypi.org/simple"
 PLATFORM = "manylinux_2_28_x86_64"
+CUOBJDUMP = "nvidia-cuda-cuobjdump==13.2.78"  # reads CUDA 13.0's fatbins
 
 
 class KitError(Exception):
@@ -83,6 +93,22 @@ def fetch_sdist(name: str, version: str, dest: Path) -> Path:
     return out
 
 
+def fetch_cuobjdump(build_dir: Path) -> str:
+    """NVIDIA's cuobjdump (the nvidia-cuda-cuobjdump wheel, pinned), for checking a slimmed
+    library; kept in the build folder."""
+    tool = build_dir / "cuobjdump" / "nvidia" / "cu13" / "bin" / "cuobjdump"
+    if not tool.exists():
+        wheels = build_dir / "cuobjdump-wheel"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", "--platform", "manylinux_2_17_x86_64", "-d",
+                        str(wheels), CUOBJDUMP], check=True)
+        (whl,) = wheels.glob("nvidia_cuda_cuobjdump-*.whl")
+        with zipfile.ZipFile(whl) as z:
+            z.extractall(tool.parents[3])
+        tool.chmod(0o755)
+    return str(tool)
+
+
 def download(te: str, python: str, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
@@ -105,6 +131,157 @@ def build_env(site: Path, arch: str, jobs: int) -> dict:
             "CUDNN_PATH": str(cudnn), "CUDNN_HOME": str(cudnn),
             "CPLUS_INCLUDE_PATH": os.pathsep.join(
                 cccl + [os.environ.get("CPLUS_INCLUDE_PATH", "")]).strip(os.pathsep)}
+
+
+# ---- slimming the core library to the host's GPU architecture -------------------------------
+# libtransformer_engine.so carries its CUDA kernels as fatbins (section .nv_fatbin) for nine
+# architectures (sm_75 ... sm_120): 251 of its 343 MB, of which 17.5 MB are Hopper's sm_90. A
+# fatbin is a run of containers (a header: magic, version, header size, payload size) of entries
+# (kind: 2 = ELF/SASS, 1 = PTX; payload size; the architecture at byte 28). `slim` keeps, in each
+# container, the entries the given GPU can load (SASS of its major version up to its own, PTX up
+# to its own) and drops the others: the container then holds what nvcc would have written for
+# NVTE_CUDA_ARCHS=<arch>, at the same address (the code that registers it points there), and the
+# freed bytes are zeros that the wheel's compression takes to nothing (the kit: 266 -> ~30 MiB,
+# five transfers -> one). The kept bytes are not changed: `slim_wheel` re-reads them, and the
+# build checks them again with NVIDIA's cuobjdump.
+FATBIN_MAGIC = 0xBA55ED50
+
+
+def elf_section(data, name: str) -> tuple[int, int] | None:
+    """(file offset, size) of section `name` in a little-endian ELF64 image, or None."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise KitError("not a little-endian 64-bit ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = headers[shstrndx][4]
+    for sh_name, _, _, _, offset, size in headers:
+        end = data.index(b"\0", strtab + sh_name)
+        if bytes(data[strtab + sh_name:end]) == name.encode():
+            return offset, size
+    return None
+
+
+def fatbin_containers(data, start: int, size: int):
+    """Each container of the fatbin section at data[start:start+size]: (its offset, header
+    size, [(entry offset, entry length with its header, kind, arch)]). Zeros between containers
+    are alignment; anything else is refused."""
+    pos, end = start, start + size
+    while pos < end:
+        if data[pos] == 0:
+            pos += 1
+            continue
+        magic, _, hsize, fsize = struct.unpack_from("<IHHQ", data, pos)
+        if magic != FATBIN_MAGIC or pos + hsize + fsize > end:
+            raise KitError(f"no fatbin container at byte {pos - start} of .nv_fatbin")
+        entries, e = [], pos + hsize
+        while e < pos + hsize + fsize:
+            kind, _, ehsize, psize = struct.unpack_from("<HHIQ", data, e)
+            if ehsize < 32 or e + ehsize + psize > pos + hsize + fsize:
+                raise KitError(f"a malformed fatbin entry at byte {e - start} of .nv_fatbin")
+            arch, = struct.unpack_from("<I", data, e + 28)
+            entries.append((e, ehsize + psize, kind, arch))
+            e += ehsize + psize
+        yield pos, hsize, entries
+        pos += hsize + fsize
+
+
+def loads_on(kind: int, arch: int, gpu: int) -> bool:
+    """Whether a GPU of compute capability `gpu` (90 = 9.0) can load this fatbin entry: SASS
+    (kind 2) of its major version up to its own, PTX (kind 1, JIT-compiled) up to its own."""
+    return arch <= gpu and (kind == 1 or arch // 10 == gpu // 10)
+
+
+def slim(data: bytearray, gpu: int) -> dict:
+    """Drop, in place, every fatbin entry a `gpu` GPU cannot load (see above); a container left
+    with nothing is refused. Returns counts and the sha256 of the kept entries, in order."""
+    found = elf_section(data, ".nv_fatbin")
+    if found is None:
+        return {"kept": 0, "dropped": 0, "kept_sha256": sha256(b"")}
+    kept, dropped, h = 0, 0, hashlib.sha256()
+    for pos, hsize, entries in list(fatbin_containers(data, *found)):
+        keep = [bytes(data[e:e + n]) for e, n, kind, arch in entries if loads_on(kind, arch, gpu)]
+        if not keep:
+            archs = sorted({arch for _, _, _, arch in entries})
+            raise KitError(f"a fatbin holds no code for sm_{gpu} (only {archs}): "
+                           "pass --all-archs")
+        body = b"".join(keep)
+        fsize = struct.unpack_from("<Q", data, pos + 8)[0]
+        data[pos + hsize:pos + hsize + fsize] = body + bytes(fsize - len(body))
+        struct.pack_into("<Q", data, pos + 8, len(body))
+        kept, dropped = kept + len(keep), dropped + len(entries) - len(keep)
+        h.update(body)
+    return {"kept": kept, "dropped": dropped, "kept_sha256": h.hexdigest()}
+
+
+def kept_entries_sha256(data, gpu: int) -> str:
+    """The sha256 of the entries `slim` would keep, read without changing anything."""
+    found, h = elf_section(data, ".nv_fatbin"), hashlib.sha256()
+    for _, _, entries in fatbin_containers(data, *found) if found else ():
+        for e, n, kind, arch in entries:
+            if loads_on(kind, arch, gpu):
+                h.update(data[e:e + n])
+    return h.hexdigest()
+
+
+def cuobjdump_cubins(tool: str, lib: Path, gpu: int | None = None) -> collections.Counter:
+    """The sha256 of each cubin NVIDIA's cuobjdump extracts from `lib` (those a `gpu` GPU can
+    load, when given)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([tool, "-xelf", "all", str(lib.resolve())], cwd=tmp, check=True,
+                       capture_output=True)
+        found = collections.Counter()
+        for f in Path(tmp).iterdir():
+            m = re.search(r"\.sm_(\d+)a?\.cubin$", f.name)
+            if m and (gpu is None or loads_on(2, int(m.group(1)), gpu)):
+                found[sha256(f)] += 1
+        return found
+
+
+def slim_wheel(whl: Path, gpu: int, out: Path, cuobjdump: str | None = None) -> dict:
+    """`whl` with every shared library slimmed to `gpu` (see `slim`) and its RECORD rewritten,
+    written to `out` (the same file name). Each library is re-read and its kept entries checked
+    against the original's; with `cuobjdump` (the tool's path), the cubins it extracts from the
+    slimmed library must be exactly those it extracts from the original for this GPU."""
+    report = {"from_sha256": sha256(whl), "libraries": {}}
+    records, record = {}, None
+    with zipfile.ZipFile(whl) as src, zipfile.ZipFile(out, "w") as dst, \
+            tempfile.TemporaryDirectory() as tmp:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                record = (info, data)
+                continue
+            if re.search(r"\.so(\.|$)", info.filename) and data[:4] == b"\x7fELF":
+                buf = bytearray(data)
+                r = slim(buf, gpu)
+                if r["kept"]:
+                    if r["kept_sha256"] != kept_entries_sha256(data, gpu) \
+                            or kept_entries_sha256(buf, gpu) != r["kept_sha256"]:
+                        raise KitError(f"{info.filename}: the slimmed fatbin does not re-read "
+                                       "as the original's kept entries")
+                    if cuobjdump:
+                        a, b = Path(tmp) / "original.so", Path(tmp) / "slim.so"
+                        a.write_bytes(data)
+                        b.write_bytes(buf)
+                        r["cuobjdump_cubins"] = sum(cuobjdump_cubins(cuobjdump, b).values())
+                        if cuobjdump_cubins(cuobjdump, b) != cuobjdump_cubins(cuobjdump, a, gpu):
+                            raise KitError(f"{info.filename}: cuobjdump finds other sm_{gpu} "
+                                           "cubins in the slimmed library than in the original")
+                    report["libraries"][info.filename] = r
+                    data = bytes(buf)
+                    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest())
+                    records[info.filename] = f"sha256={digest.rstrip(b'=').decode()},{len(data)}"
+            dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
+        if record is None:
+            raise KitError(f"{whl.name} has no RECORD: not a wheel")
+        lines = [f"{n},{records[n]}" if (n := line.rsplit(",", 2)[0]) in records else line
+                 for line in record[1].decode().splitlines()]
+        dst.writestr(record[0], "\n".join(lines) + "\n", compress_type=zipfile.ZIP_DEFLATED)
+    if not report["libraries"]:
+        raise KitError(f"{whl.name} has no CUDA fatbin to slim: pass --all-archs")
+    report["bytes"] = [whl.stat().st_size, out.stat().st_size]
+    return report
 
 
 def find_python(version: str) -> str:
@@ -174,8 +351,11 @@ def prebuild(sdist: Path, wheels: list[Path], a, dest: Path) -> tuple[Path, dict
 
 def pack(files: list[Path], dest: Path, built_for: dict, part_bytes: int = PART_BYTES) -> dict:
     """The files as one tar cut into parts (dest/part-NN/kit.tar.NN) and dest/manifest.json,
-    written last."""
-    dest.mkdir(parents=True, exist_ok=True)
+    written last, in a folder beside `dest` renamed into place: a kit built again replaces the
+    old one whole (no part of it left to be carried), and a kill leaves the old or the new."""
+    final, dest = dest, dest.with_name(f"{dest.name}.tmp")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for f in files:
@@ -193,6 +373,12 @@ def pack(files: list[Path], dest: Path, built_for: dict, part_bytes: int = PART_
     manifest = {"built_for": built_for, "files": {f.name: sha256(f) for f in files},
                 "parts": parts, "tar": {"bytes": len(whole), "sha256": sha256(whole)}}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    old = final.with_name(f"{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(dest, final)
+    shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 
@@ -284,6 +470,50 @@ def install(kit: Path, jobs: int, python: str = sys.executable) -> str:
         return f"built here ({why})"
 
 
+KERNELS = """
+import json, torch, torch.nn.functional as F, transformer_engine.pytorch as te
+from transformer_engine.common.recipe import Float8CurrentScaling
+torch.manual_seed(0)
+err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+lin = te.Linear(1024, 2048, bias=False, params_dtype=torch.bfloat16, device="cuda")
+ref = x.float() @ lin.weight.float().t()
+out = {"linear_bf16": err(lin(x), ref)}
+with te.autocast(enabled=True, recipe=Float8CurrentScaling()):
+    y = lin(x)
+y.float().square().mean().backward()
+out["linear_fp8"] = err(y, ref)
+out["linear_fp8_grad"] = err(x.grad, (2 * y.float() / y.numel()) @ lin.weight.float())
+norm = te.RMSNorm(1024, eps=1e-5, params_dtype=torch.bfloat16, device="cuda")
+out["rmsnorm"] = err(norm(x), F.rms_norm(x.float(), (1024,), eps=1e-5))
+q, k, v = (torch.randn(256, 2, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+attn = te.DotProductAttention(8, 64, attn_mask_type="causal", qkv_format="sbhd")
+ref = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3).float() for t in (q, k, v)),
+                                     is_causal=True).permute(2, 0, 1, 3).reshape(256, 2, 512)
+out["attention"] = err(attn(q, k, v), ref)
+torch.cuda.synchronize()
+print(json.dumps({k: round(v, 5) for k, v in out.items()}))
+"""
+KERNEL_TOLERANCE = {"linear_bf16": 1e-2, "linear_fp8": 0.1, "linear_fp8_grad": 0.1,
+                    "rmsnorm": 1e-2, "attention": 2e-2}
+
+
+def kernels(python: str = sys.executable) -> dict:
+    """Run Transformer Engine's kernels once on this GPU (a linear layer in bf16 and in fp8 with
+    its backward, RMSNorm, causal attention) against torch's results in fp32: the check that the
+    core library holds code this GPU runs ("no kernel image is available" otherwise)."""
+    p = subprocess.run([python, "-c", KERNELS], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise KitError("Transformer Engine's kernels do not run here: "
+                       + (p.stderr.strip().splitlines() or ["?"])[-1])
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    bad = {k: v for k, v in got.items() if not v <= KERNEL_TOLERANCE[k]}
+    if bad:
+        raise KitError(f"Transformer Engine's kernels run but disagree with torch: {bad} "
+                       f"(relative errors; allowed {KERNEL_TOLERANCE})")
+    return got
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -294,10 +524,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--torch", default="2.11.0+cu130")
     b.add_argument("--cuda", default="13.0")
     b.add_argument("--arch", default="90")
+    b.add_argument("--all-archs", action="store_true",
+                   help="keep the core library's code for every GPU (276 MB instead of ~32 MB; "
+                        "a kit for a GPU of another architecture than --arch)")
     b.add_argument("--no-prebuild", dest="prebuild", action="store_false",
                    help="carry the sdist only: the host compiles the extension")
     b.add_argument("--build-dir", default=".te-kit-build",
                    help="the build venv (~5.5 GB of wheels, kept for the next build)")
+    sub.add_parser("kernels", help="run TE's kernels once on this GPU against torch")
     for name in ("verify", "install"):
         s = sub.add_parser(name)
         s.add_argument("--kit", default=".te-kit")
@@ -309,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
                          "te": a.te}
             with tempfile.TemporaryDirectory() as tmp:
                 files = download(a.te, a.python, Path(tmp))
+                if not a.all_archs:  # the core library with the host's GPU code only
+                    (core,) = [f for f in files if f.name.startswith("transformer_engine_cu")]
+                    (Path(tmp) / "slim").mkdir()
+                    slimmed = Path(tmp) / "slim" / core.name
+                    built_for["slim"] = slim_wheel(core, int(a.arch), slimmed,
+                                                   fetch_cuobjdump(Path(a.build_dir).resolve()))
+                    files[files.index(core)] = slimmed
                 if a.prebuild:
                     sdist = next(f for f in files if f.name.endswith(".tar.gz"))
                     whl, info = prebuild(sdist, [f for f in files if f.suffix == ".whl"], a,
@@ -321,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "verify":
             with tempfile.TemporaryDirectory() as tmp:
                 print(f"te_kit: {len(assemble(Path(a.kit), Path(tmp)))} files verified")
+        elif a.cmd == "kernels":
+            print(f"te_kit: Transformer Engine's kernels run here, relative errors "
+                  f"{json.dumps(kernels())}")
         else:
             how = install(Path(a.kit), a.jobs)
             print(f"te_kit: Transformer Engine installed, its torch extension {how}")

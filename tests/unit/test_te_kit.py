@@ -1,11 +1,15 @@
 """scripts/te_kit.py: the offline Transformer Engine kit is cut into parts that fit a transfer,
 reassembled bit for bit, and refused naming a missing or damaged part, or a machine that differs
 from the one it was built for, before anything is installed."""
+import base64
+import hashlib
 import importlib.util
 import json
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -41,6 +45,11 @@ def test_parts_fit_and_reassemble_bit_for_bit(kit, tmp_path):
     assert json.loads((folder / "manifest.json").read_text())["built_for"] == BUILT_FOR
     assert te_kit.main(["verify", "--kit", str(folder)]) == 0
     assert te_kit.PART_BYTES <= 55 << 20  # one part per 64 MiB transfer, with the tree
+    m = te_kit.pack(files, folder, BUILT_FOR)  # built again: the old kit's parts are gone
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "part-00"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kit", "out", "src"]
+    assert [f.read_bytes() for f in te_kit.assemble(folder, tmp_path / "again")] \
+        == [f.read_bytes() for f in files]
 
 
 def test_a_missing_or_damaged_part_is_named(kit, tmp_path):
@@ -139,3 +148,110 @@ def test_the_build_finds_a_working_python_and_the_headers_the_compile_needs(tmp_
     assert env["NVTE_PYTORCH_FORCE_BUILD"] == "TRUE" and env["NVTE_BUILD_USE_NVIDIA_WHEELS"] == "1"
     assert env["NVTE_CUDA_ARCHS"] == "90" and env["MAX_JOBS"] == "7"
     assert str(cccl) in env["CPLUS_INCLUDE_PATH"].split(os.pathsep)
+
+
+# ---- the core library slimmed to the host's GPU ---------------------------------------------
+def entry(kind: int, arch: int, payload: bytes) -> bytes:
+    """A fatbin entry: a 64-byte header (kind, header size, payload size, architecture at byte
+    28) and its payload."""
+    head = struct.pack("<HHIQIIHHI", kind, 0x101, 64, len(payload), 0, 0, 0, 0, arch)
+    return head + bytes(64 - len(head)) + payload
+
+
+def container(*entries: bytes) -> bytes:
+    body = b"".join(entries)
+    return struct.pack("<IHHQ", te_kit.FATBIN_MAGIC, 1, 16, len(body)) + body
+
+
+def elf_with(fatbin: bytes) -> bytes:
+    """A minimal little-endian ELF64 file: code before and after a .nv_fatbin section."""
+    code, names = b"\x90" * 40, b"\0.nv_fatbin\0.shstrtab\0"
+    fat_at = 64 + len(code)
+    names_at = fat_at + len(fatbin) + len(code)
+    shoff = names_at + len(names)
+    head = (b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+            + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2))
+
+    def section(name, offset, size):
+        return struct.pack("<IIQQQQIIQQ", name, 1, 0, 0, offset, size, 0, 0, 1, 0)
+    return (head + code + fatbin + code + names + bytes(64) + section(1, fat_at, len(fatbin))
+            + section(11, names_at, len(names)))
+
+
+def read_back(data: bytes) -> list[list[tuple[int, int, bytes]]]:
+    at, size = te_kit.elf_section(data, ".nv_fatbin")
+    return [[(kind, arch, data[e:e + n]) for e, n, kind, arch in entries]
+            for _, _, entries in te_kit.fatbin_containers(data, at, size)]
+
+
+SASS, PTX = 2, 1
+FAT = [[entry(SASS, 75, os.urandom(50)), entry(SASS, 80, os.urandom(70)),
+        entry(SASS, 90, os.urandom(90)), entry(SASS, 100, os.urandom(110)),
+        entry(PTX, 80, os.urandom(30)), entry(PTX, 120, os.urandom(20))],
+       [entry(SASS, 89, os.urandom(60)), entry(SASS, 90, os.urandom(40))]]
+
+
+@pytest.mark.parametrize("gpu, kept", [(90, [[2, 4], [1]]), (89, [[1, 4], [0]])])
+def test_slim_keeps_exactly_the_code_the_gpu_can_load(gpu, kept):
+    """SASS of the GPU's major version up to its own and PTX up to its own stay, byte for byte,
+    each in its container at the same place; the rest of the file does not move."""
+    fatbin = container(*FAT[0]) + bytes(8) + container(*FAT[1])  # zeros between: alignment
+    data = elf_with(fatbin)
+    slimmed = bytearray(data)
+    report = te_kit.slim(slimmed, gpu)
+    assert len(slimmed) == len(data)
+    at, size = te_kit.elf_section(data, ".nv_fatbin")
+    assert slimmed[:at] == data[:at] and slimmed[at + size:] == data[at + size:]
+    want = [[FAT[c][i] for i in keep] for c, keep in enumerate(kept)]
+    assert [[e for _, _, e in c] for c in read_back(bytes(slimmed))] == want
+    assert report["kept"] == 3 and report["dropped"] == 5
+    assert report["kept_sha256"] == te_kit.kept_entries_sha256(data, gpu) \
+        == te_kit.kept_entries_sha256(slimmed, gpu)
+    assert slimmed.index(container(*want[1])) > slimmed.index(container(*want[0]))
+
+
+def test_slim_refuses_a_fatbin_without_code_for_the_gpu():
+    data = bytearray(elf_with(container(entry(SASS, 80, b"x" * 8), entry(SASS, 89, b"y" * 8))))
+    with pytest.raises(te_kit.KitError, match=r"holds no code for sm_90 \(only \[80, 89\]\): "
+                                              r"pass --all-archs"):
+        te_kit.slim(data, 90)
+    with pytest.raises(te_kit.KitError, match="no fatbin container at byte 0"):
+        te_kit.slim(bytearray(elf_with(b"\x01" * 32)), 90)
+    with pytest.raises(te_kit.KitError, match="a malformed fatbin entry at byte 16"):
+        te_kit.slim(bytearray(elf_with(container(bytes(64)))), 90)  # would loop for ever
+
+
+def test_the_slimmed_wheel_records_its_new_library(tmp_path):
+    """Every other file of the wheel is copied as it was; RECORD carries the slimmed library's
+    sha256 and size (what pip writes into the installed package's record)."""
+    lib = elf_with(container(*FAT[0]) + container(*FAT[1]))
+    files = {"pkg/__init__.py": b"x = 1\n", "pkg/wheel_lib/libcore.so": lib}
+
+    def record_line(name, data):
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        return f"{name},sha256={digest},{len(data)}"
+    whl = tmp_path / "pkg-1.0-py3-none-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for name, data in files.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o755 << 16
+            z.writestr(info, data)
+        z.writestr("pkg-1.0.dist-info/RECORD", "\n".join(
+            [record_line(n, d) for n, d in files.items()] + ["pkg-1.0.dist-info/RECORD,,"]))
+    out = tmp_path / "slim.whl"
+    report = te_kit.slim_wheel(whl, 90, out)
+    assert report["libraries"]["pkg/wheel_lib/libcore.so"]["dropped"] == 5
+    with zipfile.ZipFile(out) as z:
+        new_lib = z.read("pkg/wheel_lib/libcore.so")
+        record = z.read("pkg-1.0.dist-info/RECORD").decode().splitlines()
+        assert z.read("pkg/__init__.py") == files["pkg/__init__.py"]
+        assert z.getinfo("pkg/wheel_lib/libcore.so").external_attr == 0o755 << 16
+    assert len(new_lib) == len(lib) and new_lib != lib
+    assert record == [record_line("pkg/__init__.py", files["pkg/__init__.py"]),
+                      record_line("pkg/wheel_lib/libcore.so", new_lib),
+                      "pkg-1.0.dist-info/RECORD,,"]
+    with zipfile.ZipFile(whl, "w") as z:  # nothing to slim: the kit would carry all of it
+        z.writestr("pkg/__init__.py", "x = 1\n")
+        z.writestr("pkg-1.0.dist-info/RECORD", "")
+    with pytest.raises(te_kit.KitError, match="no CUDA fatbin to slim: pass --all-archs"):
+        te_kit.slim_wheel(whl, 90, out)
