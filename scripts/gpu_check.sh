@@ -70,6 +70,7 @@ if [ -n "${TE_KIT:-}" ] && [ -d "$TE_KIT" ]; then  # scripts/te_kit.py's parts, 
   fi
 fi
 if [ "$PARTS" = kit ]; then  # the kit alone (a first, short call that carries it)
+  [ -f "$OUT/gpu_check.json" ] || summary te-kit fail "PARTS=kit needs a kit: TE_KIT=<its folder>"
   echo '{"skipped": "PARTS=kit"}' > "$OUT/gpu_bench.json"
   grep -q '"fail"' "$OUT/gpu_check.json" && exit 1
   exit 0

@@ -4,7 +4,8 @@ checked and installed there.
 
     python scripts/te_kit.py build   [--dest .te-kit] [--te 2.20.2] [--python 3.12]
                                      [--torch 2.11.0+cu130] [--cuda 13.0] [--arch 90]
-                                     [--all-archs] [--no-prebuild] [--build-dir .te-kit-build]
+                                     [--with pydantic,...] [--all-archs] [--no-prebuild]
+                                     [--build-dir .te-kit-build]
     python scripts/te_kit.py verify  [--kit .te-kit]            # every part, and the whole
     python scripts/te_kit.py install [--kit .te-kit] [--jobs 16] # there: checks the machine too
     python scripts/te_kit.py kernels                            # there: TE's kernels vs torch
@@ -12,8 +13,10 @@ checked and installed there.
 What a kit holds: `transformer-engine-cu13` (the core library: a 276.5 MB wheel with CUDA code
 for nine GPU architectures, slimmed here to the host's, --arch, unless --all-archs: ~32 MB, see
 `slim`), `transformer-engine` (the Python package), the `transformer-engine-torch` sdist (PyPI
-has no wheel of it: a C++ extension compiled against one torch) and, unless --no-prebuild, that
-extension built here as a wheel for the host's exact torch. The files go into one tar, cut into
+has no wheel of it: a C++ extension compiled against one torch), unless --no-prebuild that
+extension built here as a wheel for the host's exact torch, and the pinned wheels of what TE
+imports that a GPU image may lack (`EXTRAS`, --with: pydantic), installed there only where
+missing. The files go into one tar, cut into
 parts of at most 55 MiB, each in a folder of its own (`part-00/`, ...: one folder per
 transfer); `manifest.json` records the sha256 and size of every part and of the whole tar, each
 file's sha256, and what the kit was built for (Python, torch and its git commit, CUDA, GPU
@@ -58,6 +61,12 @@ PART_BYTES = 55 << 20
 INDEX = "https://pypi.org/simple"
 PLATFORM = "manylinux_2_28_x86_64"
 CUOBJDUMP = "nvidia-cuda-cuobjdump==13.2.78"  # reads CUDA 13.0's fatbins
+PLATFORMS = [PLATFORM, "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+# What `import transformer_engine.pytorch` loads beyond torch's own requirements and a GPU
+# image's usual packages (einops, onnx, numpy: on the lent H200): pydantic, for its recipes.
+# The kit carries these wheels (versions from requirements.lock) and `install` installs those
+# whose module does not import on the host. `--with` names others.
+EXTRAS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection"]
 
 
 class KitError(Exception):
@@ -109,14 +118,39 @@ def fetch_cuobjdump(build_dir: Path) -> str:
     return str(tool)
 
 
-def download(te: str, python: str, dest: Path) -> list[Path]:
+def pinned(name: str, root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """`name==version` as requirements.lock (or requirements-engine.txt) pins it."""
+    norm = lambda n: re.sub(r"[-_.]+", "-", n.lower())  # noqa: E731
+    for f in ("requirements.lock", "requirements-engine.txt"):
+        for line in (root / f).read_text().splitlines():
+            if "==" in line and norm(line.split("==")[0].strip()) == norm(name):
+                return line.split(";")[0].strip()
+    raise KitError(f"{name} is not pinned in requirements.lock: pin it to carry it in the kit")
+
+
+def download(te: str, python: str, dest: Path, extras: list[str] = ()) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-                    "--platform", PLATFORM, "-d", str(dest), f"transformer-engine-cu13=={te}",
-                    f"transformer-engine=={te}"], check=True)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           "--python-version", python, "--implementation", "cp", "-d", str(dest)]
+    subprocess.run(pip + ["--platform", PLATFORM, f"transformer-engine-cu13=={te}",
+                          f"transformer-engine=={te}"], check=True)
+    if extras:
+        subprocess.run(pip + [a for p in PLATFORMS for a in ("--platform", p)]
+                       + [pinned(n) for n in extras], check=True)
     fetch_sdist("transformer-engine-torch", te, dest)
     return sorted(dest.iterdir())
+
+
+def is_te(f: Path) -> bool:
+    return f.name.startswith("transformer_engine")
+
+
+def top_modules(whl: Path) -> list[str]:
+    """The names a wheel's files make importable (its top-level packages and modules)."""
+    with zipfile.ZipFile(whl) as z:
+        names = {n.split("/")[0] for n in z.namelist()}
+    return sorted({n.split(".")[0] for n in names
+                   if not n.endswith((".dist-info", ".data", ".pth"))})
 
 
 def build_env(site: Path, arch: str, jobs: int) -> dict:
@@ -141,9 +175,9 @@ def build_env(site: Path, arch: str, jobs: int) -> dict:
 # container, the entries the given GPU can load (SASS of its major version up to its own, PTX up
 # to its own) and drops the others: the container then holds what nvcc would have written for
 # NVTE_CUDA_ARCHS=<arch>, at the same address (the code that registers it points there), and the
-# freed bytes are zeros that the wheel's compression takes to nothing (the kit: 266 -> ~30 MiB,
-# five transfers -> one). The kept bytes are not changed: `slim_wheel` re-reads them, and the
-# build checks them again with NVIDIA's cuobjdump.
+# freed bytes are zeros that the wheel's compression takes to nothing (the kit: 266.4 MiB in
+# five parts -> 33.5 MiB in one). The kept bytes are not changed: `slim_wheel` re-reads them,
+# and the build checks them again with NVIDIA's cuobjdump.
 FATBIN_MAGIC = 0xBA55ED50
 
 
@@ -432,6 +466,18 @@ def check_machine(built_for: dict, here: dict) -> None:
                        + "; rebuild it with scripts/te_kit.py build --python/--torch/--cuda/--arch")
 
 
+def absent(python: str, modules: dict) -> list:
+    """The keys of `modules` (name -> module names) with a module `python` cannot find."""
+    if not modules:
+        return []
+    probe = ("import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] "
+             "if importlib.util.find_spec(m) is None))")
+    every = sorted({m for ms in modules.values() for m in ms})
+    out = subprocess.run([python, "-c", probe, *every], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return [k for k, ms in modules.items() if set(ms) & set(out)]
+
+
 def install(kit: Path, jobs: int, python: str = sys.executable) -> str:
     """Install the kit; returns how the torch extension got here (prebuilt, or built here and
     why)."""
@@ -442,7 +488,11 @@ def install(kit: Path, jobs: int, python: str = sys.executable) -> str:
         here = this_machine()
         check_machine(m["built_for"], here)
         pip = [python, "-m", "pip", "install", "--no-deps", "--no-index"]
-        core = [str(f) for f in files if f.suffix == ".whl"
+        extras = {f: top_modules(f) for f in files if f.suffix == ".whl" and not is_te(f)}
+        missing = absent(python, extras)
+        if missing:  # TE's own requirements this machine lacks (EXTRAS); nothing else replaced
+            subprocess.run(pip + [str(f) for f in missing], check=True)
+        core = [str(f) for f in files if f.suffix == ".whl" and is_te(f)
                 and not f.name.startswith("transformer_engine_torch")]
         subprocess.run(pip + core, check=True)
         built = [f for f in files if f.name.startswith("transformer_engine_torch")
@@ -455,7 +505,13 @@ def install(kit: Path, jobs: int, python: str = sys.executable) -> str:
             subprocess.run(pip + ["--force-reinstall", str(built[0])], check=True)
             err = imports(python)
             if err is None:
-                return "prebuilt"
+                return "prebuilt" + (f" (with {', '.join(f.name for f in missing)})"
+                                     if missing else "")
+            if "No module named" in err:  # a build here would not import either
+                mod = err.split("No module named")[-1].strip(" '\"")
+                raise KitError(f"Transformer Engine imports {mod}, which this machine lacks: "
+                               f"build the kit with --with {mod.split('.')[0]}, or carry its "
+                               f"wheel in WHEELS ({err})")
             why = f"the prebuilt extension does not import here ({err})"
         print(f"te_kit: building the torch extension here: {why}", file=sys.stderr)
         import sysconfig
@@ -524,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--torch", default="2.11.0+cu130")
     b.add_argument("--cuda", default="13.0")
     b.add_argument("--arch", default="90")
+    b.add_argument("--with", dest="extras", type=lambda v: [x for x in v.split(",") if x],
+                   default=EXTRAS, help="the wheels TE imports that the host may lack, comma "
+                   f"separated, pinned in requirements.lock (default {','.join(EXTRAS)})")
     b.add_argument("--all-archs", action="store_true",
                    help="keep the core library's code for every GPU (276 MB instead of ~32 MB; "
                         "a kit for a GPU of another architecture than --arch)")
@@ -542,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             built_for = {"python": a.python, "torch": a.torch, "cuda": a.cuda, "arch": a.arch,
                          "te": a.te}
             with tempfile.TemporaryDirectory() as tmp:
-                files = download(a.te, a.python, Path(tmp))
+                files = download(a.te, a.python, Path(tmp), a.extras)
                 if not a.all_archs:  # the core library with the host's GPU code only
                     (core,) = [f for f in files if f.name.startswith("transformer_engine_cu")]
                     (Path(tmp) / "slim").mkdir()
@@ -570,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"te_kit: Transformer Engine installed, its torch extension {how}")
     except KitError as e:
         print(f"te_kit: {e}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as e:  # pip, the compile, cuobjdump: their own output
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        print(f"te_kit: {' '.join(map(str, e.cmd))[:300]} failed (exit {e.returncode})"
+              + (f": {err.strip()[-500:]}" if err else ""), file=sys.stderr)
         return 2
     return 0
 

@@ -79,14 +79,16 @@ def test_a_machine_that_differs_is_refused():
 
 
 def fake_python(tmp_path, imports_ok_after: int):
-    """A `python` that logs each call and fails the import check until the given call."""
+    """A `python` that logs each call and fails the import check until the given call; it
+    finds every module but those in $ABSENT."""
     log, count = tmp_path / "calls.log", tmp_path / "imports"
     exe = tmp_path / "python"
     exe.write_text(f"""#!/bin/bash
 echo "$* NVTE_PYTORCH_FORCE_BUILD=$NVTE_PYTORCH_FORCE_BUILD" >> {log}
+if [ "$1" = -c ] && [[ "$2" == *find_spec* ]]; then echo "$ABSENT"; exit 0; fi
 if [ "$1" = -c ]; then
   echo x >> {count}; [ "$(wc -l < {count})" -ge {imports_ok_after} ] && exit 0
-  echo "ImportError: undefined symbol: _ZN3c10" >&2; exit 1
+  echo "${{IMPORT_ERROR:-ImportError: undefined symbol: _ZN3c10}}" >&2; exit 1
 fi
 """)
     exe.chmod(0o755)
@@ -255,3 +257,82 @@ def test_the_slimmed_wheel_records_its_new_library(tmp_path):
         z.writestr("pkg-1.0.dist-info/RECORD", "")
     with pytest.raises(te_kit.KitError, match="no CUDA fatbin to slim: pass --all-archs"):
         te_kit.slim_wheel(whl, 90, out)
+
+
+def test_a_failed_tool_is_named_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """pip, the compile or cuobjdump failing during a build: the command and its error."""
+    def download(*a):
+        raise subprocess.CalledProcessError(1, ["pip", "download", "transformer-engine-cu13"],
+                                            stderr=b"ERROR: No matching distribution found")
+    monkeypatch.setattr(te_kit, "download", download)
+    assert te_kit.main(["build", "--dest", str(tmp_path / "kit"), "--no-prebuild"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("te_kit: pip download transformer-engine-cu13 failed (exit 1): ERROR: No "
+                   "matching distribution found\n")
+    assert not (tmp_path / "kit").exists()
+
+
+def a_wheel(folder, name: str, files: dict):
+    whl = folder / name
+    with zipfile.ZipFile(whl, "w") as z:
+        for n, text in files.items():
+            z.writestr(n, text)
+    return whl
+
+
+@pytest.mark.parametrize("absent", ["", "pydantic_core"])
+def test_install_adds_only_the_requirements_this_machine_lacks(tmp_path, monkeypatch, absent):
+    """The kit's extra wheels (pydantic for TE's recipes: the lent H200's image has none) are
+    installed only where their module is missing; the machine's own packages stay."""
+    src = tmp_path / "src"
+    src.mkdir()
+    te = ["transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl",
+          "transformer_engine_torch-2.20.2-cp312-cp312-linux_x86_64.whl"]
+    files = [a_wheel(src, n, {"transformer_engine/x.py": ""}) for n in te]
+    files += [a_wheel(src, "pydantic_core-2.50.5-cp312-cp312-manylinux_2_17_x86_64.whl",
+                      {"pydantic_core/__init__.py": "", "pydantic_core/_core.so": "",
+                       "pydantic_core-2.50.5.dist-info/RECORD": ""}),
+              a_wheel(src, "pydantic-2.14.4-py3-none-any.whl", {"pydantic/__init__.py": ""})]
+    assert te_kit.top_modules(files[2]) == ["pydantic_core"]
+    te_kit.pack(files, tmp_path / "kit", {**BUILT_FOR, "torch_git": "abc"})
+    monkeypatch.setattr(te_kit, "this_machine", lambda: {**BUILT_FOR, "torch_git": "abc"})
+    monkeypatch.setenv("ABSENT", absent)
+    python, log = fake_python(tmp_path, 1)
+    how = te_kit.install(tmp_path / "kit", jobs=1, python=python)
+    installs = [c for c in log.read_text().splitlines() if c.startswith("-m pip install")]
+    if absent:
+        assert how == "prebuilt (with pydantic_core-2.50.5-cp312-cp312-manylinux_2_17_x86_64.whl)"
+        assert "pydantic_core-2.50.5" in installs[0] and "pydantic-2.14.4" not in installs[0]
+    else:
+        assert how == "prebuilt"
+        assert not any("pydantic" in c for c in installs)
+
+
+def test_a_module_te_needs_and_the_machine_lacks_is_named_not_built(tmp_path, monkeypatch):
+    """A missing pure-Python requirement would fail a build on the host too: named with the
+    fix, nothing compiled."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl",
+             "transformer_engine_torch-2.20.2.tar.gz",
+             "transformer_engine_torch-2.20.2-cp312-cp312-linux_x86_64.whl"]
+    for n in names:
+        (src / n).write_bytes(os.urandom(100))
+    te_kit.pack([src / n for n in names], tmp_path / "kit", {**BUILT_FOR, "torch_git": "abc"})
+    monkeypatch.setattr(te_kit, "this_machine", lambda: {**BUILT_FOR, "torch_git": "abc"})
+    monkeypatch.setenv("IMPORT_ERROR", "ModuleNotFoundError: No module named 'nvdlfw_inspect.api'")
+    python, log = fake_python(tmp_path, 99)
+    with pytest.raises(te_kit.KitError, match=r"imports nvdlfw_inspect.api, which this machine "
+                                              r"lacks: build the kit with --with nvdlfw_inspect"):
+        te_kit.install(tmp_path / "kit", jobs=1, python=python)
+    assert not any(".tar.gz" in c for c in log.read_text().splitlines())
+
+
+def test_the_extra_wheels_are_the_pinned_versions():
+    """What the kit carries beside TE is the version the rest of the stack is pinned to."""
+    lock = (ROOT / "requirements.lock").read_text().splitlines()
+    for name in te_kit.EXTRAS:
+        assert te_kit.pinned(name) in lock
+    assert te_kit.pinned("pydantic-core") == te_kit.pinned("pydantic_core")
+    with pytest.raises(te_kit.KitError, match="no-such-thing is not pinned in requirements.lock"):
+        te_kit.pinned("no-such-thing")
