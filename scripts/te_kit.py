@@ -262,12 +262,15 @@ def cuobjdump_cubins(tool: str, lib: Path, gpu: int | None = None) -> collection
     """The sha256 of each cubin NVIDIA's cuobjdump extracts from `lib` (those a `gpu` GPU can
     load, when given)."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([tool, "-xelf", "all", str(lib.resolve())], cwd=tmp, check=True,
-                       capture_output=True)
+        subprocess.run([str(Path(tool).resolve()), "-xelf", "all", str(lib.resolve())], cwd=tmp,
+                       check=True, capture_output=True)
         found = collections.Counter()
         for f in Path(tmp).iterdir():
-            m = re.search(r"\.sm_(\d+)a?\.cubin$", f.name)
-            if m and (gpu is None or loads_on(2, int(m.group(1)), gpu)):
+            m = re.search(r"\.sm_(\d+)[af]?\.cubin$", f.name)  # sm_90a, sm_100f
+            if m is None:
+                raise KitError(f"cuobjdump extracted {f.name} from {lib.name}: not a cubin name "
+                               "this check reads; pass --all-archs")
+            if gpu is None or loads_on(2, int(m.group(1)), gpu):
                 found[sha256(f)] += 1
         return found
 
