@@ -57,3 +57,44 @@ def test_gpu_wheels_are_all_pinned():
     pinned = {norm(ln.split("==")[0]) for ln in lock.splitlines() if "==" in ln}
     assert {"megatron-core", "nvidia-modelopt", "transformers"} <= {norm(n) for n in need}
     assert {norm(n) for n in need} <= pinned
+
+
+FAKE_CUDA = """import torch  # this CPU passes for an sm_90 GPU host, to walk gpu_check.sh's flow
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_name = lambda *a, **k: "a CPU passing for an H200"
+torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+"""
+
+
+def test_gpu_check_names_a_damaged_kit_and_stops_after_the_kit(tmp_path):
+    """`PARTS=kit` (the first call of a device session, the one that carries the kit): a
+    damaged part is named in gpu_check.json and the call fails at once; without a kit it says
+    what it needs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("te_kit", ROOT / "scripts" / "te_kit.py")
+    te_kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(te_kit)
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "sitecustomize.py").write_text(FAKE_CUDA)
+    wheel = tmp_path / "transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(os.urandom(3000))
+    here = {"python": "%d.%d" % sys.version_info[:2], "torch": torch.__version__, "arch": "90"}
+    m = te_kit.pack([wheel], tmp_path / "kit", here, part_bytes=1024)
+    part = tmp_path / "kit" / m["parts"][1]["path"]
+    part.write_bytes(part.read_bytes()[:-1] + b"\0")
+    env = {**os.environ, "PY": sys.executable, "PARTS": "kit",
+           "PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{ROOT}"}
+
+    def gpu_check(out, **more):
+        p = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                           text=True, env={**env, "OUT": str(out), **more}, timeout=120)
+        return p, json.loads((out / "gpu_check.json").read_text())
+    p, checks = gpu_check(tmp_path / "o1", TE_KIT=str(tmp_path / "kit"))
+    assert p.returncode == 1
+    assert checks == {"te-kit": {"status": "fail", "detail": checks["te-kit"]["detail"]}}
+    assert "part part-01/kit.tar.01 is damaged" in checks["te-kit"]["detail"]
+    assert "gpu_check: te-kit: fail" in p.stdout and "imports" not in p.stdout
+    p, checks = gpu_check(tmp_path / "o2")
+    assert p.returncode == 1
+    assert checks["te-kit"]["detail"] == "PARTS=kit needs a kit: TE_KIT=<its folder>"
