@@ -73,7 +73,7 @@ bridge-env: setup  ## Megatron-Bridge 0.6.2 (with its own transformers) into .br
 gpu-wheels: setup  ## the pinned wheels a CUDA-torch machine without network needs for gpu-check, into .whl/
 	bash scripts/gpu_wheels.sh .whl
 
-te-kit: setup  ## an offline Transformer Engine kit for such a machine, in <=55 MiB parts, into .te-kit/ (TE_KIT=.te-kit there)
+te-kit: setup  ## an offline Transformer Engine kit for such a machine (its GPU's code only: one 36 MiB part) into .te-kit/ (TE_KIT=.te-kit there)
 	$(PY) scripts/te_kit.py build --dest .te-kit
 
 # the cross-entropy baseline: the same pruned student, steps and batches as distill, no teacher

@@ -18,6 +18,11 @@ Mechanism 3: upstream code that dispatches on `tensor.type()` being 'torch.cuda.
 'torch.cuda.BFloat16Tensor' / 'torch.cuda.HalfTensor' runs with CPU float tensors reporting those
 names, for the duration of that call only (`CUDA_TYPE_CHECKING_CALLS`).
 
+Mechanism 4: where Transformer Engine or apex is installed but CUDA is not (the NVIDIA container
+on a CPU machine), megatron's optimizer modules get the module globals their own ImportError
+branches set without them (`_no_fused_optimizer`): their fused Adam and multi-tensor kernels
+allocate on CUDA ("Found no NVIDIA driver" when the optimizer is built).
+
 Besides these, CPU-only fast paths (`FAST_PATHS`): where an upstream CPU fallback is slow, the
 same computation done faster, switched on only without CUDA and tested for equal results
 against the path it replaces.
@@ -77,6 +82,41 @@ CUDA_HARDCODED_MODULES = {
 
 
 # (module, class or None for a module-level function, name) whose body calls tensor.cuda()
+def _no_fused_optimizer() -> dict:
+    """Module -> the globals megatron's own ImportError branches give it without TE and apex."""
+    from megatron.core.utils import (  # lazy: megatron is imported in apply()
+        local_multi_tensor_applier,
+        local_multi_tensor_l2_norm,
+        local_multi_tensor_scale,
+    )
+    return {
+        # optimizer/__init__.py: `from transformer_engine.pytorch.optimizers import FusedAdam`
+        "megatron.core.optimizer": {"Adam": torch.optim.AdamW, "SGD": torch.optim.SGD,
+                                    "USING_PYTORCH_OPTIMIZER": True},
+        # optimizer/distrib_optimizer.py: the same, and HAVE_APEX_OR_TE for torch Adam's state
+        "megatron.core.optimizer.distrib_optimizer": {
+            "Adam": torch.optim.Adam, "HAVE_APEX_OR_TE": False, "USING_TE_OPTIMIZER": False,
+            "USING_APEX_OPTIMIZER": False},
+        # optimizer/optimizer.py: TE's multi_tensor_applier / multi_tensor_scale
+        "megatron.core.optimizer.optimizer": {"multi_tensor_applier": local_multi_tensor_applier,
+                                              "multi_tensor_scale_impl": local_multi_tensor_scale},
+        # optimizer/clip_grads.py: the same and multi_tensor_l2norm
+        "megatron.core.optimizer.clip_grads": {
+            "multi_tensor_applier": local_multi_tensor_applier,
+            "l2_norm_impl": local_multi_tensor_l2_norm,
+            "multi_tensor_scale_impl": local_multi_tensor_scale,
+            "multi_tensor_scale_tensor_impl": None},
+    }
+
+
+def use_unfused_optimizer() -> None:
+    """Mechanism 4: megatron's optimizer modules as megatron leaves them without TE and apex."""
+    for mod_name, values in _no_fused_optimizer().items():
+        mod = importlib.import_module(mod_name)
+        for name, value in values.items():
+            setattr(mod, name, value)
+
+
 CUDA_TENSOR_METHODS = [
     # LanguageModule.setup_embeddings_and_output_layer: `weight.data.cuda()` before the all-reduce
     # that ties input and output embeddings across pipeline stages (tied models at PP>1)
@@ -384,6 +424,7 @@ def apply() -> None:
         # lazy: megatron is imported here, in apply(), once the patches above are in
         from megatron.core.transformer.dot_product_attention import DotProductAttention
         DotProductAttention.forward = _sdpa_core_attention(DotProductAttention.forward)
+        use_unfused_optimizer()
         layers = importlib.import_module("megatron.core.tensor_parallel.layers")
         for fn in ("linear_with_grad_accumulation_and_async_allreduce",
                    "linear_with_frozen_weight"):  # called by name from ColumnParallelLinear

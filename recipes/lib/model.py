@@ -16,9 +16,16 @@ from recipes.lib.arch import Arch
 compat.apply()
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import LNImpl  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.transformer_block import (  # noqa: E402
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,9 +98,22 @@ def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = Fals
     return model
 
 
+def block_spec(arch: Arch, cfg: TransformerConfig, spec: str):
+    """The decoder's spec: `layer_spec` for each layer and, with the local spec, megatron's
+    local norm after the last one. Given a layer spec alone, megatron's TransformerBlock takes
+    TE's norm for that final norm wherever Transformer Engine is installed, local layers or
+    not: on a CPU with TE (the NVIDIA container without a GPU) the forward then fails
+    ("CUDAGuardImpl initialized with non-CUDA DeviceType: cpu")."""
+    layer = layer_spec(spec, arch.qk_norm)
+    if runtime.resolve_spec(spec) == "te":
+        return layer
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(cfg), layer_norm=LNImpl))
+
+
 def _gpt(arch: Arch, cfg: TransformerConfig, spec: str, parallel_output: bool) -> GPTModel:
     return GPTModel(
-        config=cfg, transformer_layer_spec=layer_spec(spec, arch.qk_norm),
+        config=cfg, transformer_layer_spec=block_spec(arch, cfg, spec),
         vocab_size=arch.padded_vocab_size, max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=arch.tie_embeddings, parallel_output=parallel_output,

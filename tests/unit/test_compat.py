@@ -114,3 +114,42 @@ def test_training_logits_keep_the_output_layer_layout():
     assert usual.shape == (3, 16, 128) and kept.shape == (16, 3, 128)
     assert torch.equal(kept.transpose(0, 1), usual) and torch.equal(after, usual)
     assert kept.data_ptr() == seen[1].data_ptr()  # the output layer's tensor, not a copy
+
+
+def test_where_te_is_installed_without_cuda_the_local_model_and_optimizer_stay_local(
+        monkeypatch):
+    """The NVIDIA container on a CPU machine: TE imports, CUDA does not exist. megatron then
+    takes TE's norm for the decoder's final norm around local layers, and TE's fused Adam and
+    multi-tensor kernels for the optimizer; each allocates on CUDA. Here megatron's TE choices
+    are stood in by classes that fail the same way: the local model must not use them
+    (model.block_spec), nor the optimizer (compat's Mechanism 4, re-applied)."""
+    import importlib
+
+    from recipes.lib import compat, runtime, train
+    from recipes.lib import model as M  # compat.apply(): megatron imports here
+    from recipes.lib.arch import Arch
+
+    class CudaOnly(torch.nn.Module):  # what TE's modules and FusedAdam do without a GPU
+        def __init__(self, *a, **k):
+            raise RuntimeError("Found no NVIDIA driver on your system")
+
+    block = importlib.import_module("megatron.core.transformer.transformer_block")
+    monkeypatch.setattr(block, "LayerNormImpl", CudaOnly)
+    for mod_name, values in compat._no_fused_optimizer().items():  # TE's globals instead
+        mod = importlib.import_module(mod_name)
+        for name in values:
+            monkeypatch.setattr(mod, name, CudaOnly if name in ("Adam", "SGD") else
+                                False if name == "USING_PYTORCH_OPTIMIZER" else
+                                True if name == "HAVE_APEX_OR_TE" else getattr(mod, name))
+    compat.use_unfused_optimizer()  # what apply() does on a CPU (monkeypatch restores TE's)
+    arch = Arch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                num_query_groups=2, head_dim=8, vocab_size=100, tie_embeddings=False,
+                rope_theta=10000.0, rope_scaling_factor=None, norm_eps=1e-5,
+                max_position_embeddings=64)
+    with runtime.distributed(1, 1):
+        model = M.build(arch, dtype="fp32", spec="local", init=True)
+        assert type(model.decoder.final_layernorm) is not CudaOnly
+        assert type(model.decoder.final_layernorm) is type(model.decoder.layers[0].input_layernorm)
+        cfg = train.TrainConfig(input="-", data=["-"], train_iters=2, warmup_iters=0)
+        ddp, opt, _ = train.build_optimizer(model, cfg)
+        assert type(opt.optimizer).__module__.startswith("torch.optim")
