@@ -81,7 +81,6 @@ CUDA_HARDCODED_MODULES = {
 }
 
 
-# (module, class or None for a module-level function, name) whose body calls tensor.cuda()
 def _no_fused_optimizer() -> dict:
     """Module -> the globals megatron's own ImportError branches give it without TE and apex."""
     from megatron.core.utils import (  # lazy: megatron is imported in apply()
@@ -117,6 +116,7 @@ def use_unfused_optimizer() -> None:
             setattr(mod, name, value)
 
 
+# (module, class or None for a module-level function, name) whose body calls tensor.cuda()
 CUDA_TENSOR_METHODS = [
     # LanguageModule.setup_embeddings_and_output_layer: `weight.data.cuda()` before the all-reduce
     # that ties input and output embeddings across pipeline stages (tied models at PP>1)
