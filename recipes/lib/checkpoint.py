@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from recipes.lib import compat, interop, mapping, runtime
 from recipes.lib.arch import Arch
+from recipes.lib.preempt import signals_deferred
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -178,7 +179,9 @@ def save(model, directory: Path, iteration: int = 0) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     runtime.barrier()
-    _dist_ckpt().save({**model.sharded_state_dict(), **interop.common_state(iteration)}, str(tmp))
+    with signals_deferred():  # its writer's helper processes must outlive a signal
+        _dist_ckpt().save({**model.sharded_state_dict(), **interop.common_state(iteration)},
+                          str(tmp))
     runtime.barrier()
     if runtime.is_rank0():
         if directory.exists():

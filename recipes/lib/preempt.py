@@ -9,6 +9,7 @@ Once a stage has committed its output, a late signal is ignored (`ignore_late_si
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -93,3 +94,20 @@ def ignore_late_signals() -> None:
     just before its USR1 (tests/stages/test_slurm.py)."""
     for name in LATE_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGUSR1 / SIGTERM while megatron writes a checkpoint. The helper processes it starts
+    inherit the blocked mask: its async writer's multiprocessing Manager is a spawned interpreter
+    whose default action for either signal is to die, and Slurm's signal reaches every process
+    of the job step, so one arriving mid-save killed it ("EOFError" in the save: the job FAILED
+    instead of being requeued; seen on the real scheduler, tests/stages/test_slurm.py). This
+    process's handler (StopOnSignal) still gets the signal: once the save is done, or at once
+    through another of its threads."""
+    held = {getattr(signal, n) for n in LATE_SIGNALS}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
