@@ -301,8 +301,9 @@ def slim_wheel(whl: Path, gpu: int, out: Path, cuobjdump: str | None = None) -> 
                         a, b = Path(tmp) / "original.so", Path(tmp) / "slim.so"
                         a.write_bytes(data)
                         b.write_bytes(buf)
-                        r["cuobjdump_cubins"] = sum(cuobjdump_cubins(cuobjdump, b).values())
-                        if cuobjdump_cubins(cuobjdump, b) != cuobjdump_cubins(cuobjdump, a, gpu):
+                        slimmed = cuobjdump_cubins(cuobjdump, b)
+                        r["cuobjdump_cubins"] = sum(slimmed.values())
+                        if slimmed != cuobjdump_cubins(cuobjdump, a, gpu):
                             raise KitError(f"{info.filename}: cuobjdump finds other sm_{gpu} "
                                            "cubins in the slimmed library than in the original")
                     report["libraries"][info.filename] = r

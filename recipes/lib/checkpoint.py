@@ -169,6 +169,14 @@ def _dist_ckpt():
     return dist_checkpointing
 
 
+def dist_save(sharded_state_dict: dict, directory: Path) -> None:
+    """megatron's dist_checkpointing.save, the one place a torch_dist checkpoint is written:
+    with SIGUSR1 / SIGTERM held, so the helper processes its writer starts outlive a scheduler's
+    signal (preempt.signals_deferred)."""
+    with signals_deferred():
+        _dist_ckpt().save(sharded_state_dict, str(directory))
+
+
 def save(model, directory: Path, iteration: int = 0) -> None:
     """Save the (possibly TP/PP-sharded) model as one torch_dist checkpoint, with the common
     state Bridge and Megatron-LM read (`interop.common_state`); collective. Written beside
@@ -179,9 +187,7 @@ def save(model, directory: Path, iteration: int = 0) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     runtime.barrier()
-    with signals_deferred():  # its writer's helper processes must outlive a signal
-        _dist_ckpt().save({**model.sharded_state_dict(), **interop.common_state(iteration)},
-                          str(tmp))
+    dist_save({**model.sharded_state_dict(), **interop.common_state(iteration)}, tmp)
     runtime.barrier()
     if runtime.is_rank0():
         if directory.exists():

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from recipes.lib import checkpoint, compat, runtime
-from recipes.lib.preempt import Fault, signals_deferred
+from recipes.lib.preempt import Fault
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
 from megatron.core import dist_checkpointing, tensor_parallel  # noqa: E402
@@ -152,9 +152,8 @@ def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_las
         tmp.mkdir(parents=True)
     runtime.barrier()
     model_sd = ddp.module.sharded_state_dict()
-    with signals_deferred():  # its writer's helper processes must outlive a signal
-        dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(
-            model_sd, metadata=OPTIMIZER_METADATA)}, str(tmp))
+    checkpoint.dist_save({"model": model_sd, "optimizer": opt.sharded_state_dict(
+        model_sd, metadata=OPTIMIZER_METADATA)}, tmp)
     torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
     runtime.barrier()
     record = _share(tmp, lambda p: [p.stat().st_size, _crc32(p)])

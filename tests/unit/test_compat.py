@@ -88,18 +88,24 @@ def test_sdpa_attention_equals_megatron_attention(dtype, monkeypatch):
         assert (fast_grads[name] - g).abs().max() <= tol * g.abs().max() + 1e-12, name
 
 
+def small_arch():
+    """A two-layer GQA Llama for the tests that build a megatron model here."""
+    from recipes.lib.arch import Arch
+
+    return Arch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                num_query_groups=2, head_dim=8, vocab_size=100, tie_embeddings=False,
+                rope_theta=1e4, rope_scaling_factor=None, norm_eps=1e-6,
+                max_position_embeddings=64)
+
+
 def test_training_logits_keep_the_output_layer_layout():
     """Within compat.logits_as_computed a GPTModel returns its output layer's [s, b, v] logits
     (no transposed copy): the same numbers as the [b, s, v] it returns otherwise, and on the
     output layer's own storage."""
     from recipes.lib import compat, runtime
     from recipes.lib import model as M
-    from recipes.lib.arch import Arch
 
-    arch = Arch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
-                num_query_groups=2, head_dim=8, vocab_size=100, tie_embeddings=False,
-                rope_theta=1e4, rope_scaling_factor=None, norm_eps=1e-6,
-                max_position_embeddings=64)
+    arch = small_arch()
     with runtime.distributed(1, 1):
         m = M.build(arch, init=True).eval()
         seen = []
@@ -127,7 +133,6 @@ def test_where_te_is_installed_without_cuda_the_local_model_and_optimizer_stay_l
 
     from recipes.lib import compat, runtime, train
     from recipes.lib import model as M  # compat.apply(): megatron imports here
-    from recipes.lib.arch import Arch
 
     class CudaOnly(torch.nn.Module):  # what TE's modules and FusedAdam do without a GPU
         def __init__(self, *a, **k):
@@ -142,10 +147,7 @@ def test_where_te_is_installed_without_cuda_the_local_model_and_optimizer_stay_l
                                 False if name == "USING_PYTORCH_OPTIMIZER" else
                                 True if name == "HAVE_APEX_OR_TE" else getattr(mod, name))
     compat.use_unfused_optimizer()  # what apply() does on a CPU (monkeypatch restores TE's)
-    arch = Arch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
-                num_query_groups=2, head_dim=8, vocab_size=100, tie_embeddings=False,
-                rope_theta=10000.0, rope_scaling_factor=None, norm_eps=1e-5,
-                max_position_embeddings=64)
+    arch = small_arch()
     with runtime.distributed(1, 1):
         model = M.build(arch, dtype="fp32", spec="local", init=True)
         assert type(model.decoder.final_layernorm) is not CudaOnly

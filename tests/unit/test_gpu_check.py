@@ -70,11 +70,8 @@ def test_gpu_check_names_a_damaged_kit_and_stops_after_the_kit(tmp_path):
     """`PARTS=kit` (the first call of a device session, the one that carries the kit): a
     damaged part is named in gpu_check.json and the call fails at once; without a kit it says
     what it needs."""
-    import importlib.util
+    from tests.unit.test_te_kit import te_kit
 
-    spec = importlib.util.spec_from_file_location("te_kit", ROOT / "scripts" / "te_kit.py")
-    te_kit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(te_kit)
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "sitecustomize.py").write_text(FAKE_CUDA)
     wheel = tmp_path / "transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl"
