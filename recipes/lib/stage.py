@@ -4,7 +4,8 @@ A stage builds its output in `.<out>.tmp/`, writes `manifest.json` there last, t
 folder into place: `<out>/manifest.json` existing means the stage finished. A finished stage with
 the same fingerprint (resolved config) and the same input signatures is skipped; one with another
 config, or whose inputs changed since, is refused unless `run.force=true`; nothing already written
-is half-overwritten.
+is half-overwritten. Writing the manifest commits; a kill in the renames that follow it (the
+replaced output aside, the new one in) is finished by the next run on the folder (`settle`).
 
 Input signatures (`signature`): a stage folder is the sha256 of its manifest.json (which changes
 whenever that stage re-ran); a file is its size and mtime (plus its sha256 where a stage hashes).
@@ -145,6 +146,7 @@ class StageDir:
         candidates) asks without it."""
         if lock:
             self.lock()
+            self.settle()
         mf = self.out / "manifest.json"
         if mf.is_file():
             prev = json.loads(mf.read_text())
@@ -186,13 +188,48 @@ class StageDir:
         """Rank 0: an exclusive flock on `.<out>.lock`, or an error naming its holder."""
         lock(self.out, self.stage)
 
+    def settle(self) -> None:
+        """Finish a commit that a kill interrupted (rank 0, under the lock; the other ranks wait
+        for it). The manifest in the work folder is the commit point: once it is written the
+        new output is complete, and `publish`'s renames are redone from wherever they stopped
+        (killed between moving the replaced output aside and the new one in, neither would
+        show). A copy of a replaced output left aside (as large as the output) is removed."""
+        def pending() -> bool:
+            return (self.tmp / "manifest.json").is_file()
+
+        if runtime.rank() != 0:  # rank 0 renames within moments of taking the lock
+            deadline = time.time() + 120
+            while pending() and time.time() < deadline:
+                time.sleep(0.2)
+            return
+        if pending():
+            self.publish()
+            logging.getLogger("recipes.stage").warning(
+                "%s: a kill interrupted this stage's commit; its finished output is in place "
+                "now", self.out)
+        shutil.rmtree(self.out.with_name(f".{self.out.name}.old"), ignore_errors=True)
+
+    def publish(self) -> None:
+        """Rank 0: the work folder, its manifest written, into place; the output it replaces is
+        moved aside first and removed last (two renames: see `settle`)."""
+        old = self.out.with_name(f".{self.out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.out.exists():
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+
     def begin(self, resumable: dict | None = None, need: int = 0) -> Path:
         """Start work in `tmp`. Non-resumable stages start afresh (a leftover is a crashed run).
         Training stages pass `resumable` (their config minus operational keys): an unfinished
-        run with the same values is continued, one with other values is refused with the
-        differences named (or wiped with run.force=true). `need`: the bytes the stage will
-        write, checked against the free space first (what a resumed run already wrote counts)."""
+        run with the same values and inputs is continued, run.force=true or not (a resume ends
+        where a fresh start would, and a job that Slurm requeues reruns its command line, force
+        included: wiping would restart it from step 0 at every requeue); one with other values
+        is refused with the differences named, or wiped with run.force=true. `need`: the bytes
+        the stage will write, checked against the free space first (what a resumed run already
+        wrote counts)."""
         self.lock()
+        self.settle()
         self.resumable = resumable is not None
         if need:  # collective: every rank refuses together
             runtime.on_rank0(lambda: disk.check(self.out.parent, need - (
@@ -204,10 +241,15 @@ class StageDir:
         def prepare():
             mark = self.tmp / "run.json"
             keep = False
-            if resumable is not None and mark.is_file() and not self.force:
-                self._same_run(mark, resumable, "restore them to resume, or pass "
-                               "run.force=true to start over")
-                keep = True
+            if resumable is not None and mark.is_file():
+                if not self.force:  # raises, naming what differs
+                    self._same_run(mark, resumable, "restore them to resume, or pass "
+                                   "run.force=true to start over")
+                elif diff := self._differences(mark, resumable):
+                    logging.getLogger("recipes.stage").warning(
+                        "run.force=true: the unfinished %s run in %s had other settings or "
+                        "inputs (%s): starting over", self.stage, self.tmp, diff)
+                keep = not self.force or not diff
             if not keep:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             (self.tmp / "logs").mkdir(parents=True, exist_ok=True)
@@ -231,14 +273,17 @@ class StageDir:
                        "run every job of the chain with the same settings")
         return self.tmp
 
-    def _same_run(self, mark: Path, resumable: dict, fix: str) -> None:
+    @staticmethod
+    def _differences(mark: Path, resumable: dict) -> str:
+        """What differs between an unfinished run's `run.json` and `resumable` ('' if nothing)."""
         prev = json.loads(mark.read_text())
-        diff = {k: (prev.get(k), v) for k, v in resumable.items() if prev.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"{self.tmp} holds an unfinished {self.stage} run with other settings or inputs: "
-                + ", ".join(f"{k}: {short(a)} -> {short(b)}" for k, (a, b) in diff.items())
-                + f"; {fix}")
+        return ", ".join(f"{k}: {short(prev.get(k))} -> {short(v)}"
+                         for k, v in resumable.items() if prev.get(k) != v)
+
+    def _same_run(self, mark: Path, resumable: dict, fix: str) -> None:
+        if diff := self._differences(mark, resumable):
+            raise ValueError(f"{self.tmp} holds an unfinished {self.stage} run with other "
+                             f"settings or inputs: {diff}; {fix}")
 
     def commit(self, manifest: dict) -> dict:
         runtime.barrier()
@@ -252,12 +297,7 @@ class StageDir:
                 "wall_s": round(time.time() - self.started, 3)}
         if runtime.is_rank0():
             atomic_write_text(self.tmp / "manifest.json", json.dumps(full, indent=2) + "\n")
-            old = self.out.with_name(f".{self.out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if self.out.exists():
-                os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
+            self.publish()
         if self in _WORKING:
             _WORKING.remove(self)
         release_locks()

@@ -144,14 +144,16 @@ def test_finished_run_ignores_operational_changes_but_not_the_seed(pruned, strai
 def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, tmp_path):
     """SIGUSR1 after step 6 (save_interval 4): a checkpoint at 6, exit 75, resume from 6. With
     megatron's distributed optimizer (what a GPU runs at any DP): the standard optimizer's
-    losses at DP=1, and its checkpoint resumes exactly."""
-    dist_opt = "distill.optimizer=distributed"
-    stderr = run_subprocess(args(pruned, tmp_path / "d", dist_opt, "distill.fault=signal_after:6"),
+    losses at DP=1, and its checkpoint resumes exactly. Both runs with run.force=true, as a job
+    submitted with it reruns when Slurm requeues it: force redoes a finished stage, it does not
+    throw away the unfinished run of the same settings."""
+    again = ["distill.optimizer=distributed", "run.force=true"]
+    stderr = run_subprocess(args(pruned, tmp_path / "d", *again, "distill.fault=signal_after:6"),
                             rc=preempt.EXIT_PREEMPTED)
     assert "SIGUSR1: saved step 6 of 8" in stderr
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000004", "iter_0000006"]
-    stderr = run_subprocess(args(pruned, tmp_path / "d", dist_opt))
+    stderr = run_subprocess(args(pruned, tmp_path / "d", *again))
     assert "iter_0000006 (step 6)" in stderr
     assert_same_history(metrics(straight), metrics(tmp_path / "d"))
 
@@ -205,6 +207,11 @@ def test_changed_global_batch_is_refused_with_the_reason(pruned, tmp_path):
     run_subprocess(args(pruned, tmp_path / "d", "distill.fault=kill_after:5"), rc=-9)
     with pytest.raises(Exception, match="global_batch_size: 4 -> 8.*restore them to resume"):
         distill.main(args(pruned, tmp_path / "d", "distill.global_batch_size=8"))
+    # run.force=true discards the unfinished run of other settings and starts over
+    distill.main(args(pruned, tmp_path / "d", "distill.global_batch_size=8", "distill.train_iters=2",
+                      "distill.eval_interval=2", "run.force=true"))
+    rows = metrics(tmp_path / "d")
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["tokens"] == 8 * 64
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "modelopt"])

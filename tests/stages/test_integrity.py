@@ -197,6 +197,43 @@ def test_a_kill_at_any_point_of_the_finish_loses_nothing(pruned, straight, tmp_p
     assert not (out / "checkpoints").exists() and not (out / "run.json").exists()
 
 
+@pytest.mark.parametrize("kill", ["after manifest", "after aside", "after in place"])
+def test_a_kill_inside_a_commit_is_finished_by_the_next_run(tmp_path, monkeypatch, kill):
+    """`commit` writes the manifest (the commit point), moves the output it replaces aside, the
+    new one in, then removes the old one. Killed after any of these, the next run on the folder
+    finds the new output in place (never neither), no copy aside, and skips the stage."""
+    from recipes.lib import stage as S
+
+    out = tmp_path / "convert"
+
+    def a_run(tag):
+        sdir = S.StageDir("convert", out, "fp", force=True)
+        assert not sdir.already_done()
+        (sdir.begin() / "weights").write_text(tag)
+        sdir.commit({"tag": tag})
+
+    a_run("old")
+    real, renames = os.replace, []
+
+    def replace(a, b):  # the rename that makes `kill` true, then the process dies
+        real(a, b)
+        renames.append(b)
+        if len(renames) == ["after manifest", "after aside", "after in place"].index(kill) + 1:
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(S.os, "replace", replace)
+    with pytest.raises(SystemExit):
+        a_run("new")
+    monkeypatch.undo()
+    S.release_locks(), S._WORKING.clear()  # what the dead process's exit does
+    if kill == "after aside":
+        assert not out.exists()  # the window: only the next run can show an output
+    assert S.StageDir("convert", out, "fp", force=False).already_done()
+    assert json.loads((out / "manifest.json").read_text())["tag"] == "new"
+    assert (out / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".convert.lock", "convert"]
+
+
 # ---- 6. a stage never writes into its input --------------------------------------------------------
 def test_export_into_its_own_input_is_refused_even_with_force(hf_models, tmp_path):
     run = tmp_path / "run"
