@@ -3,7 +3,8 @@ between stages, and the sidecars every checkpoint folder of ours carries:
 
     <stage>/iter_NNNNNNN/     megatron dist checkpoint (loadable at any TP/PP), with the tracker
                               and run_config.yaml that make the stage folder a Megatron-Bridge /
-                              Megatron-LM checkpoint too (interop.py)
+                              Megatron-LM checkpoint too (interop.py), and integrity.json (size
+                              and CRC32 of each file, checked before a load: integrity.py)
     <stage>/hf_config.json    the source HF config (token ids etc. for export)
     <stage>/tokenizer/        the source tokenizer files
     <stage>/manifest.json     with "arch": the architecture of the checkpoint
@@ -34,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from recipes.lib import compat, interop, mapping, runtime
+from recipes.lib import compat, integrity, interop, mapping, runtime
 from recipes.lib.arch import Arch
 from recipes.lib.preempt import signals_deferred
 
@@ -189,6 +190,8 @@ def save(model, directory: Path, iteration: int = 0) -> None:
     runtime.barrier()
     dist_save({**model.sharded_state_dict(), **interop.common_state(iteration)}, tmp)
     runtime.barrier()
+    integrity.write(tmp)
+    runtime.barrier()
     if runtime.is_rank0():
         if directory.exists():
             shutil.rmtree(directory)
@@ -235,6 +238,8 @@ def save_streaming(meta_model, directory: Path,
     directory.mkdir(parents=True, exist_ok=True)
     dc.save({**meta_model.sharded_state_dict(), **interop.common_state(iteration)},
             str(directory), sharded_strategy=StreamingStrategy())
+    runtime.barrier()
+    integrity.write(directory)
 
 
 # keys one layer spec has and the other lacks: TE modules' fp8 metadata (absent from local-spec
@@ -260,6 +265,7 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
     if not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint "
                                 "(no metadata.json); point at a finished stage folder")
+    integrity.refuse_damaged(directory)  # every file's size and CRC32, before reading a tensor
     # lazy: megatron, after compat.apply() in _dist_ckpt()
     from megatron.core.dist_checkpointing.validation import StrictHandling
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from recipes.lib import integrity
 from recipes.lib.arch import FAMILIES, Arch, read_hf_config
 from recipes.lib.stage import read_manifest
 
@@ -268,7 +269,9 @@ def open_source(path: str | Path, key: str, stages: tuple[str, ...],
         m = read_manifest(path, stages, key)
         if "arch" not in m:
             raise KeyError(f"{key}={path}: its manifest.json has no 'arch'")
-        return Source(path, "stage", Arch.from_dict(m["arch"]), weights_dir(path),
+        weights = weights_dir(path)
+        integrity.refuse_damaged(weights, checksums=False)  # a short copy, before any work
+        return Source(path, "stage", Arch.from_dict(m["arch"]), weights,
                       json.loads((path / "hf_config.json").read_text()), path / "tokenizer", m)
     try:
         weights = weights_dir(path)

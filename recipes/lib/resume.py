@@ -18,14 +18,13 @@ import os
 import random
 import shutil
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from recipes.lib import checkpoint, compat, runtime
+from recipes.lib import checkpoint, compat, integrity, runtime
 from recipes.lib.preempt import Fault
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
@@ -35,7 +34,6 @@ from megatron.core.optimizer import distrib_optimizer  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-INTEGRITY = "integrity.json"  # {file: [size, crc32]} of every file, written before train_state
 # the distributed optimizer's checkpoint layout: one tensor per buffer, parallel save and load,
 # resharding over DP (Megatron-LM's default); megatron 0.19's own default,
 # fully_sharded_model_space, fails to save ("ShardedTensor.flattened_range is not supported")
@@ -51,52 +49,18 @@ def complete_checkpoints(root: Path) -> list[Path]:
                   if p.is_dir() and (p / "train_state.json").is_file())
 
 
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def _checked_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.name not in (INTEGRITY, "train_state.json"))
-
-
-def _share(folder: Path, fn) -> dict:
-    """{relative path: fn(path)} for every checked file of `folder`, the files split over the
-    ranks (torch_dist checkpoints live on a filesystem every rank sees); collective."""
-    files = _checked_files(folder)
-    mine = {str(p.relative_to(folder)): fn(p) for p in files[dist.get_rank()::dist.get_world_size()]}
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
-
-
 def verify_checkpoint(path: Path) -> str | None:
     """What is wrong with a complete checkpoint folder (None: nothing); collective. Compares
-    every file's size and CRC32 with the integrity record written when it was saved."""
+    every file's size and CRC32 with the integrity record written when it was saved; a file the
+    record lacks is wrong too."""
     try:
-        record = json.loads((path / INTEGRITY).read_text())
+        record = integrity.read(path)
         json.loads((path / "train_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         return f"unreadable integrity record or train state ({e})"
-
-    def check(p: Path):
-        return [p.stat().st_size, _crc32(p)]
-
-    now = _share(path, check)
-    for name, want in sorted(record.items()):
-        got = now.get(name)
-        if got is None:
-            return f"{name} is missing"
-        if got[0] != want[0]:
-            return f"{name} is {got[0]} bytes, {want[0]} were written"
-        if got != want:
-            return f"{name} has checksum {got[1]:08x}, {want[1]:08x} was written"
-    extra = sorted(set(now) - set(record))
-    return f"unexpected files {extra[:3]}" if extra else None
+    if record is None:
+        return f"no {integrity.RECORD}"
+    return integrity.problem(path, record, skip=("train_state.json",))
 
 
 def newest_good_checkpoint(root: Path) -> Path | None:
@@ -156,10 +120,10 @@ def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_las
         model_sd, metadata=OPTIMIZER_METADATA)}, tmp)
     torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
     runtime.barrier()
-    record = _share(tmp, lambda p: [p.stat().st_size, _crc32(p)])
+    record = integrity.record(tmp)
     fault.at("kill_in_save", step)
     if runtime.is_rank0():
-        (tmp / INTEGRITY).write_text(json.dumps(record, indent=1, sort_keys=True))
+        (tmp / integrity.RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
         state = {"step": step, "scheduler": sched.state_dict(), **meta}
         (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
         if final.exists():  # a damaged or older save of this step, set aside before this one

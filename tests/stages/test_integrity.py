@@ -43,6 +43,10 @@ def damage(victim, how):
     elif how == "lfs":
         victim.write_text("version https://git-lfs.github.com/spec/v1\n"
                           "oid sha256:0123\nsize 1234\n")
+    elif how == "flip":  # one byte in the middle
+        raw = bytearray(victim.read_bytes())
+        raw[size // 2] ^= 0xFF
+        victim.write_bytes(bytes(raw))
     elif how == "shape":  # a header whose shape disagrees with the bytes it spans
         raw = victim.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
@@ -151,7 +155,27 @@ def test_data_refuses_a_locked_folder_and_writes_nothing(trained_run, tmp_path):
     assert not (run / "data").exists() and not (run / ".data.tmp").exists()
 
 
-# ---- 4. a damaged newest checkpoint ----------------------------------------------------------------
+# ---- 4. a damaged checkpoint ------------------------------------------------------------------------
+def largest_distcp(folder):
+    return max(folder.glob("*.distcp"), key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_a_damaged_stage_checkpoint_is_refused_naming_the_file(hf_models, tmp_path, how):
+    """A stage checkpoint is read against the size and CRC32 of each file recorded when it was
+    written: a short file is refused before anything is built, a flipped byte before a tensor
+    is read (it loaded before, and export's parity check passed: both models had it)."""
+    run = tmp_path / "run"
+    assert run_convert(tmp_path, hf_models["tied"]) == 0
+    victim = largest_distcp(run / "convert" / "iter_0000000")
+    damage(victim, how)
+    what = "is .* bytes, .* were written" if how == "truncate" else "has checksum"
+    with pytest.raises(ValueError, match=f"iter_0000000 is damaged: {victim.name} {what}.*"
+                                         "restore the folder, or rerun the stage"):
+        export.main(["--config", TINY, f"run.dir={run}", f"export.output={tmp_path / 'hf'}"])
+    assert not (tmp_path / "hf").exists()  # nothing published
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_a_damaged_newest_checkpoint_is_reported_and_skipped(pruned, straight, tmp_path,  # noqa: F811
@@ -161,13 +185,8 @@ def test_a_damaged_newest_checkpoint_is_reported_and_skipped(pruned, straight, t
                    rc=-9)
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000004", "iter_0000006"]
-    victim = max((ckpts / "iter_0000006").glob("*.distcp"), key=lambda f: f.stat().st_size)
-    if how == "truncate":
-        os.truncate(victim, victim.stat().st_size // 2)
-    else:
-        raw = bytearray(victim.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        victim.write_bytes(bytes(raw))
+    victim = largest_distcp(ckpts / "iter_0000006")
+    damage(victim, how)
     stderr = run_subprocess(args(pruned, out, "distill.save_interval=2"))
     assert f"iter_0000006 is damaged: {victim.name}" in stderr
     assert "iter_0000004 (step 4)" in stderr
