@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import checkpoint, compat, config, harness, runtime, speed, stage, tokens
+from recipes.lib import (checkpoint, compat, config, harness, integrity, runtime, speed, stage,
+                         tokens)
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 log = logging.getLogger("recipes.evaluate")
@@ -156,6 +157,13 @@ def model_input(folder: Path):
     return folder if (folder / "manifest.json").is_file() else checkpoint.hf_files(folder)
 
 
+def exported_record(folder: Path) -> dict | None:
+    """The size and CRC32 of each file of one of our exports (its manifest's "integrity"); None
+    for another HF folder."""
+    f = Path(folder) / "manifest.json"
+    return json.loads(f.read_text()).get("integrity") if f.is_file() else None
+
+
 def speedups(speed: dict, reference: str) -> dict:
     """Each model's decode tokens/s over the reference's, per batch size."""
     ref = speed[reference]
@@ -173,6 +181,7 @@ def run(cfg: config.Config) -> dict:
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"evaluate.models.{name}={path} is not an HF model folder "
                                     "(no config.json); run export first")
+        integrity.refuse_damaged(path, checksums=False, rec=exported_record(path) or {})
     data_manifest = read_manifest(c.data, ("data",), "evaluate.data")
     avail = tokens.available_windows(data_manifest["tokens"]["test"], c.seq_length)
     if avail < 1:
@@ -194,6 +203,7 @@ def run(cfg: config.Config) -> dict:
     results = {"reference": c.reference, "dtype": dtype, "dtype_auto": auto, "heldout": {},
                "generations": {}, "prompts": c.prompts or [], "speed": {}}
     for name, path in tqdm(c.models.items(), desc="evaluate", unit="model"):
+        integrity.refuse_damaged(path, rec=exported_record(path) or {})  # before it is read
         model = compat.hf_linears(  # fp32 GEMMs through oneDNN where faster (CPU)
             AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval())
         results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),

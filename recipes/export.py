@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.lib import checkpoint, config, disk, interop, runtime, stage
+from recipes.lib import checkpoint, config, disk, integrity, interop, runtime, stage
 from recipes.lib.arch import validate_layout
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 
@@ -107,12 +107,15 @@ def run(cfg: config.Config) -> dict:
                     raise RuntimeError(
                         f"export parity failed: max |logit diff| {diff:.4g} > export.parity_atol="
                         f"{c.parity_atol}; the folder was not published (left in {tmp})")
+            # every file's size and CRC32 (evaluate checks them); the manifest comes last
+            metrics["integrity"] = integrity.record(tmp, collective=False)
             return metrics
 
         metrics = runtime.on_rank0(publish) or {}
         manifest = sdir.commit({"input": source.provenance(),
                                  "arch": arch.to_dict(), "num_params": arch.num_params(),
                                  "dtype": c.dtype, "parallel": {"tp": tp, "pp": pp},
+                                 "integrity": metrics.pop("integrity", None),
                                  "metrics": metrics})
         return manifest
 

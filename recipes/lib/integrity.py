@@ -2,7 +2,8 @@
 of every file, written by the save before the rename that makes the folder complete.
 
 Stage checkpoints (`<stage>/iter_NNNNNNN/`, checkpoint.py) and training checkpoints (resume.py)
-carry one. A reader checks the sizes before anything expensive (a truncated copy is named
+carry one; an exported HF folder carries its record in its manifest ("integrity"), which
+evaluate checks. A reader checks the sizes before anything expensive (a truncated copy is named
 without reading a byte) and the checksums before loading (a flipped bit would otherwise load
 and travel on silently: export's parity check compares two models built from the same damaged
 weights). The files are split over the ranks, which all see the checkpoint's filesystem; zlib's
@@ -29,10 +30,11 @@ def crc32(path: Path) -> int:
     return crc
 
 
-def _split(names: list[str], fn) -> dict:
+def _split(names: list[str], fn, collective: bool = True) -> dict:
     """{name: fn(name)} over `names`, split over the ranks; collective where a process group
-    exists."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    exists (unless not `collective`: this process does all)."""
+    if not collective or not (dist.is_available() and dist.is_initialized()) \
+            or dist.get_world_size() == 1:
         return {n: fn(n) for n in names}
     mine = {n: fn(n) for n in names[dist.get_rank()::dist.get_world_size()]}
     parts = [None] * dist.get_world_size()
@@ -46,10 +48,12 @@ def files(folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
                   if p.is_file() and p.name not in (RECORD, *skip))
 
 
-def record(folder: Path, skip: tuple[str, ...] = ()) -> dict:
-    """{relative path: [size, crc32]} of `files(folder, skip)`; collective."""
+def record(folder: Path, skip: tuple[str, ...] = (), collective: bool = True) -> dict:
+    """{relative path: [size, crc32]} of `files(folder, skip)`; collective unless not
+    `collective`."""
     folder = Path(folder)
-    return _split(files(folder, skip), lambda n: [(folder / n).stat().st_size, crc32(folder / n)])
+    return _split(files(folder, skip), lambda n: [(folder / n).stat().st_size, crc32(folder / n)],
+                  collective)
 
 
 def write(folder: Path, skip: tuple[str, ...] = ()) -> None:
@@ -97,11 +101,11 @@ def problem(folder: Path, rec: dict, skip: tuple[str, ...] | None = None) -> str
     return None
 
 
-def refuse_damaged(folder: Path, checksums: bool = True) -> None:
-    """Raise, naming the file, where a checkpoint folder differs from its record: the sizes
-    only (reads no data), or the sizes and the checksums (collective). A folder without a record
-    passes."""
-    rec = read(folder)
+def refuse_damaged(folder: Path, checksums: bool = True, rec: dict | None = None) -> None:
+    """Raise, naming the file, where a folder differs from its record (`rec`, else its
+    integrity.json): the sizes only (reads no data), or the sizes and the checksums
+    (collective). A folder without a record passes."""
+    rec = read(folder) if rec is None else rec
     found = rec and (problem(folder, rec) if checksums else size_problem(folder, rec))
     if found:
         raise ValueError(f"{folder} is damaged: {found}; its files are not what was written "

@@ -176,6 +176,27 @@ def test_a_damaged_stage_checkpoint_is_refused_naming_the_file(hf_models, tmp_pa
     assert not (tmp_path / "hf").exists()  # nothing published
 
 
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_a_damaged_export_is_refused_by_evaluate(trained_run, tmp_path, how):
+    """An export's manifest records each file's size and CRC32; evaluate checks them before
+    scoring the model (it scored a damaged one before)."""
+    from recipes import evaluate
+
+    common = ["--config", TINY, f"run.dir={trained_run['run']}",
+              f"convert.hf_path={trained_run['hf']}"]
+    hf = tmp_path / "hf"
+    assert export.main([*common, f"export.input={trained_run['run'] / 'convert'}",
+                        f"export.output={hf}"]) == 0
+    victim = hf / "model-00001-of-00001.safetensors"
+    damage(victim, how)
+    what = "is .* bytes, .* were written" if how == "truncate" else "has checksum"
+    with pytest.raises(ValueError, match=f"{hf} is damaged: {victim.name} {what}"):
+        evaluate.main([*common, f"evaluate.output={tmp_path / 'ev'}",
+                       f"evaluate.models={{exported: {hf}}}", "evaluate.reference=exported",
+                       "evaluate.prompts=null", "evaluate.include=[exported]"])
+    assert not (tmp_path / "ev").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_a_damaged_newest_checkpoint_is_reported_and_skipped(pruned, straight, tmp_path,  # noqa: F811
