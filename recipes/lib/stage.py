@@ -12,7 +12,8 @@ whenever that stage re-ran); a file is its size and mtime (plus its sha256 where
 Locking: rank 0 holds an exclusive `flock` on `.<out>.lock` from the first check until commit (or
 exit), so a second run on the same folder fails at once naming the holder. flock is per host
 on local filesystems; across nodes it holds on NFSv4 (emulated with POSIX locks) and on Lustre
-mounted with `-o flock`, not on filesystems mounted with `localflock` or `noflock`.
+mounted with `-o flock`, not on filesystems mounted with `localflock`; on one that refuses locks
+(`noflock`, NFS `nolock`) the stage runs unlocked, with a warning.
 """
 from __future__ import annotations
 
@@ -343,6 +344,13 @@ def lock(out: Path, what: str) -> None:
         raise RuntimeError(
             f"{out} is being written by another run ({holder}; lock {path}); wait for it to "
             "finish, or stop it, before running this stage on the same folder") from None
+    except OSError as e:  # a filesystem without locks: Lustre -o noflock, NFS -o nolock
+        if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        logging.getLogger("recipes.stage").warning(
+            "%s is not locked: its filesystem, %s, refuses file locks (%s); do not run two "
+            "stages on the same folder at once (Lustre takes them mounted with -o flock)", out,
+            disk.device(out.parent), e.strerror)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{what}: pid {os.getpid()} on {socket.gethostname()} since "
                   f"{_iso(time.time())}\n".encode(), 0)

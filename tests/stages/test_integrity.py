@@ -140,6 +140,27 @@ def test_a_second_distill_on_a_folder_being_written_fails_at_once(pruned, tmp_pa
         err.close()
 
 
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch,
+                                                                  caplog):
+    """Lustre mounted with noflock (ENOSYS) or NFS with nolock (ENOLCK): flock fails; the
+    stage says its folder is not locked and runs (it failed with a bare OSError before)."""
+    import errno
+
+    from recipes.lib import stage as S
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(S.fcntl, "flock", no_locks)
+    sdir = S.StageDir("convert", tmp_path / "convert", "fp", force=False)
+    assert not sdir.already_done()
+    (sdir.begin() / "weights").write_text("w")
+    sdir.commit({})
+    assert (tmp_path / "convert" / "weights").read_text() == "w"
+    assert "convert is not locked: its filesystem, " in caplog.text
+    assert "refuses file locks (Function not implemented)" in caplog.text
+
+
 def test_data_refuses_a_locked_folder_and_writes_nothing(trained_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
