@@ -241,16 +241,18 @@ class StageDir:
 
         def prepare():
             mark = self.tmp / "run.json"
-            keep = False
-            if resumable is not None and mark.is_file():
-                if not self.force:  # raises, naming what differs
-                    self._same_run(mark, resumable, "restore them to resume, or pass "
-                                   "run.force=true to start over")
-                elif diff := self._differences(mark, resumable):
-                    logging.getLogger("recipes.stage").warning(
-                        "run.force=true: the unfinished %s run in %s had other settings or "
-                        "inputs (%s): starting over", self.stage, self.tmp, diff)
-                keep = not self.force or not diff
+            keep = resumable is not None and mark.is_file()
+            if keep and not self.force:  # raises, naming what differs
+                self._same_run(mark, resumable, "restore them to resume, or pass "
+                               "run.force=true to start over")
+            elif keep:
+                diff = self._differences(mark, resumable)
+                keep = not diff
+                logging.getLogger("recipes.stage").warning(
+                    "run.force=true: %s", f"the unfinished {self.stage} run in {self.tmp} had "
+                    f"other settings or inputs ({diff}): starting over" if diff else
+                    f"continuing the unfinished {self.stage} run in {self.tmp}, which has the "
+                    "same settings and inputs (remove that folder to start over)")
             if not keep:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             (self.tmp / "logs").mkdir(parents=True, exist_ok=True)

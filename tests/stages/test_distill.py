@@ -155,6 +155,7 @@ def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, t
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000004", "iter_0000006"]
     stderr = run_subprocess(args(pruned, tmp_path / "d", *again))
     assert "iter_0000006 (step 6)" in stderr
+    assert "run.force=true: continuing the unfinished distill run" in stderr
     assert_same_history(metrics(straight), metrics(tmp_path / "d"))
 
 
