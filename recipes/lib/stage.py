@@ -146,7 +146,7 @@ class StageDir:
         `lock=False`: a job doing one part of the stage beside others (prune's tournament
         candidates) asks without it."""
         if lock:
-            self.lock()
+            lock_folder(self.out, self.stage)
             self.settle()
         mf = self.out / "manifest.json"
         if mf.is_file():
@@ -185,25 +185,19 @@ class StageDir:
                                   "move it away or choose another run.dir")
         return False
 
-    def lock(self) -> None:
-        """Rank 0: an exclusive flock on `.<out>.lock`, or an error naming its holder."""
-        lock(self.out, self.stage)
-
     def settle(self) -> None:
         """Finish a commit that a kill interrupted (rank 0, under the lock; the other ranks wait
         for it). The manifest in the work folder is the commit point: once it is written the
-        new output is complete, and `publish`'s renames are redone from wherever they stopped
-        (killed between moving the replaced output aside and the new one in, neither would
-        show). A copy of a replaced output left aside (as large as the output) is removed."""
-        def pending() -> bool:
-            return (self.tmp / "manifest.json").is_file()
-
+        new output is complete, and `publish`'s renames are redone (killed between moving the
+        replaced output aside and the new one in, neither would show). A copy of a replaced
+        output left aside (as large as the output) is removed."""
+        pending = self.tmp / "manifest.json"
         if runtime.rank() != 0:  # rank 0 renames within moments of taking the lock
             deadline = time.time() + 120
-            while pending() and time.time() < deadline:
+            while pending.is_file() and time.time() < deadline:
                 time.sleep(0.2)
             return
-        if pending():
+        if pending.is_file():
             self.publish()
             logging.getLogger("recipes.stage").warning(
                 "%s: a kill interrupted this stage's commit; its finished output is in place "
@@ -223,13 +217,11 @@ class StageDir:
     def begin(self, resumable: dict | None = None, need: int = 0) -> Path:
         """Start work in `tmp`. Non-resumable stages start afresh (a leftover is a crashed run).
         Training stages pass `resumable` (their config minus operational keys): an unfinished
-        run with the same values and inputs is continued, run.force=true or not (a resume ends
-        where a fresh start would, and a job that Slurm requeues reruns its command line, force
-        included: wiping would restart it from step 0 at every requeue); one with other values
-        is refused with the differences named, or wiped with run.force=true. `need`: the bytes
-        the stage will write, checked against the free space first (what a resumed run already
-        wrote counts)."""
-        self.lock()
+        run with the same values and inputs is continued, with run.force=true too (a requeued
+        job reruns its command line); one with other values is refused naming them, or wiped
+        with run.force=true. `need`: the bytes the stage will write, checked against the free
+        space first (what a resumed run already wrote counts)."""
+        lock_folder(self.out, self.stage)
         self.settle()
         self.resumable = resumable is not None
         if need:  # collective: every rank refuses together
@@ -246,7 +238,7 @@ class StageDir:
                 self._same_run(mark, resumable, "restore them to resume, or pass "
                                "run.force=true to start over")
             elif keep:
-                diff = self._differences(mark, resumable)
+                diff = differences(mark, resumable)
                 keep = not diff
                 logging.getLogger("recipes.stage").warning(
                     "run.force=true: %s", f"the unfinished {self.stage} run in {self.tmp} had "
@@ -267,7 +259,7 @@ class StageDir:
     def join(self, resumable: dict) -> Path:
         """The work folder of an unfinished resumable run with these settings and inputs, for a
         job that does one part of it beside others (prune's tournament candidates as Slurm
-        jobs): without the stage's lock (each part locks its own, `lock`)."""
+        jobs): without the stage's lock (each part locks its own, `lock_folder`)."""
         mark = self.tmp / "run.json"
         if not mark.is_file():
             raise FileNotFoundError(f"{self.tmp} holds no unfinished {self.stage} run to join: "
@@ -276,15 +268,8 @@ class StageDir:
                        "run every job of the chain with the same settings")
         return self.tmp
 
-    @staticmethod
-    def _differences(mark: Path, resumable: dict) -> str:
-        """What differs between an unfinished run's `run.json` and `resumable` ('' if nothing)."""
-        prev = json.loads(mark.read_text())
-        return ", ".join(f"{k}: {short(prev.get(k))} -> {short(v)}"
-                         for k, v in resumable.items() if prev.get(k) != v)
-
     def _same_run(self, mark: Path, resumable: dict, fix: str) -> None:
-        if diff := self._differences(mark, resumable):
+        if diff := differences(mark, resumable):
             raise ValueError(f"{self.tmp} holds an unfinished {self.stage} run with other "
                              f"settings or inputs: {diff}; {fix}")
 
@@ -293,8 +278,7 @@ class StageDir:
         # run_id: a rerun's manifest differs even when it finishes within the same second as
         # the run it replaces, so its downstream stages see that their input changed
         full = {"stage": self.stage, "fingerprint": self.fp, "run_id": uuid.uuid4().hex,
-                **manifest,
-                "input_signature": self.signatures,
+                **manifest, "input_signature": self.signatures,
                 "versions": versions(), "git_rev": git_rev(), "argv": sys.argv,
                 "started": _iso(self.started), "ended": _iso(time.time()),
                 "wall_s": round(time.time() - self.started, 3)}
@@ -324,7 +308,7 @@ def no_space(e: BaseException) -> None:
                                "rerun, or choose another run.dir") from e
 
 
-def lock(out: Path, what: str) -> None:
+def lock_folder(out: Path, what: str) -> None:
     """Rank 0: an exclusive flock on `.<out>.lock` beside `out` (held until `release_locks`),
     or an error naming its holder."""
     if runtime.rank() != 0 or str(out) in _HELD:
@@ -377,6 +361,13 @@ def _refuse_overlap(out: Path, inputs: dict) -> None:
             if how:
                 raise ValueError(f"the output {out} {how} the input {role} ({p}); a stage "
                                  "never writes into its input: choose another output folder")
+
+
+def differences(mark: Path, resumable: dict) -> str:
+    """What differs between an unfinished run's `run.json` and `resumable` ('' if nothing)."""
+    prev = json.loads(mark.read_text())
+    return ", ".join(f"{k}: {short(prev.get(k))} -> {short(v)}"
+                     for k, v in resumable.items() if prev.get(k) != v)
 
 
 def short(v, width: int = 120) -> str:

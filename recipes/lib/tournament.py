@@ -189,7 +189,7 @@ def _train_candidate(cand: dict, folder: Path, teacher: interop.Source, dc: KDCo
                      recorded: dict | None) -> None:
     """One candidate's tournament run; its result.json (rank 0, atomically) last."""
     run_dir = work / f"c{cand['candidate']}"
-    stage.lock(run_dir, f"prune tournament c{cand['candidate']}")  # one job per candidate
+    stage.lock_folder(run_dir, f"prune tournament c{cand['candidate']}")  # one job per candidate
     t0 = time.time()
     arch = Arch.from_dict(json.loads((folder / "arch.json").read_text()))
     t = (teacher.arch, teacher.weights)
