@@ -151,10 +151,10 @@ def attention_backend(spec: str) -> dict | str:
 
 def measure(run: str, seq: int, a) -> dict:
     """One run at one sequence length, in this process."""
-    from recipes import distill, plan
+    from recipes import distill
     from recipes.lib import kd, runtime, train, train_stage
     from recipes.lib import model as M
-    from recipes.lib.arch import distill_flops_per_token
+    from recipes.lib.arch import distill_flops_per_token, training_memory
 
     t, s = archs(a.tiny)
     fields = (TINY_RUNS if a.tiny else RUNS)[run]
@@ -191,7 +191,7 @@ def measure(run: str, seq: int, a) -> dict:
     flops = tokens * distill_flops_per_token(t, s, seq) / step_s
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tflops(device)
-    est = plan.distill_memory(t, s, seq, 1, 1, 1, precision_aware=a.precision_aware) / 2**30
+    est = training_memory(t, s, seq, 1, 1, 1, precision_aware=a.precision_aware) / 2**30
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else runtime.peak_rss_mb() / 1024
     spec = runtime.resolve_spec(c.spec)
     return {"run": run, "seq_length": seq, "device": device, "microbatches": a.microbatches,

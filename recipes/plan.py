@@ -14,7 +14,7 @@ distillation uses megatron's distributed optimizer (bf16 params + fp32 grads per
 shard; fp32 master weights and Adam moments sharded over data-parallel ranks), a frozen bf16
 teacher with the same TP/PP, and fp32 student + teacher logits; with
 distill.precision_aware_optimizer, 2 bytes less per student parameter (16-bit remainders
-instead of fp32 master weights). GPU hours = model FLOPs (arch.distill_flops_per_token: matmuls
+instead of fp32 master weights) (arch.prune_memory, arch.training_memory). GPU hours = model FLOPs (arch.distill_flops_per_token: matmuls
 and causal attention, 3x the student's forward + the teacher's) / (peak FLOP/s * MFU).
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import types
 from pathlib import Path
 
 from recipes.lib import config, search, stage
-from recipes.lib.arch import (WIDTH_KEYS, Arch, distill_flops_per_token, pruned_arch,
-                               validate_layout)
+from recipes.lib.arch import (WIDTH_KEYS, Arch, distill_flops_per_token, prune_memory,
+                               pruned_arch, training_memory, validate_layout)
 from recipes.lib.train import TrainConfig
 
 GB = 1024**3
@@ -68,23 +68,6 @@ def teacher_arch(path: str) -> Arch:
     return Arch.from_hf_config(json.loads(p.read_text()), str(p))
 
 
-def layer_activations(a: Arch, seq: int) -> float:
-    return 34 * seq * a.hidden_size
-
-
-def prune_memory(t: Arch, seq: int, pp: int) -> float:
-    return 2 * t.num_params() / pp + layer_activations(t, seq) + 4 * seq * t.padded_vocab_size
-
-
-def distill_memory(t: Arch, s: Arch, seq: int, tp: int, pp: int, dp: int,
-                   precision_aware: bool = False) -> float:
-    mp = tp * pp
-    state = 10 if precision_aware else 12  # master weights (or remainders) + Adam moments
-    return (2 * t.num_params() / mp + 6 * s.num_params() / mp + state * s.num_params() / (mp * dp)
-            + layer_activations(s, seq) * s.num_layers / pp / tp
-            + 2 * 4 * seq * s.padded_vocab_size / tp)
-
-
 def layouts(t: Arch, s: Arch, p: PlanConfig, precision_aware: bool = False) -> list[dict]:
     """TP x PP layouts valid for both models, with their distillation memory per GPU."""
     out = []
@@ -93,7 +76,7 @@ def layouts(t: Arch, s: Arch, p: PlanConfig, precision_aware: bool = False) -> l
             if t.num_query_groups % tp or s.num_layers % pp or t.num_layers % pp \
                     or p.gpus % (tp * pp):
                 continue
-            gb = distill_memory(t, s, p.seq_length, tp, pp, p.gpus // (tp * pp),
+            gb = training_memory(t, s, p.seq_length, tp, pp, p.gpus // (tp * pp),
                                 precision_aware) / GB
             out.append({"tp": tp, "pp": pp, "dp": p.gpus // (tp * pp), "distill_gb": gb,
                         "fits": gb <= p.gpu_memory_gb})
@@ -149,7 +132,7 @@ def estimate(cfg: config.Config) -> dict:
     mem = {
         "convert (host RAM per process)": 2 * teacher.padded_vocab_size * teacher.hidden_size * 2,
         f"prune (per GPU, TP=1 PP={pp})": prune_memory(teacher, prune_seq, pp),
-        f"distill (per GPU, TP={tp} PP={pp})": distill_memory(teacher, student, p.seq_length,
+        f"distill (per GPU, TP={tp} PP={pp})": training_memory(teacher, student, p.seq_length,
                                                               tp, pp, dp, compact),
         "export (host RAM, rank 0)": 2 * ns,
     }

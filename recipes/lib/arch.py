@@ -200,6 +200,33 @@ def distill_flops_per_token(teacher: Arch, student: Arch, seq: int) -> float:
     return 3 * student.flops_per_token(seq) + teacher.flops_per_token(seq)
 
 
+def layer_activations(a: Arch, seq: int) -> float:
+    """Bytes one layer stores for the backward at micro-batch 1, with fused (flash) attention:
+    34*s*h (Korthikanti et al. 2022 without the s^2 term)."""
+    return 34 * seq * a.hidden_size
+
+
+def prune_memory(t: Arch, seq: int, pp: int) -> float:
+    """Bytes per GPU of pruning's calibration: bf16 weights, forward only (one layer's
+    activations at a time) and fp32 logits."""
+    return 2 * t.num_params() / pp + layer_activations(t, seq) + 4 * seq * t.padded_vocab_size
+
+
+def training_memory(t: Arch | None, s: Arch, seq: int, tp: int, pp: int, dp: int,
+                    precision_aware: bool = False) -> float:
+    """Bytes per GPU of training `s` against the frozen teacher `t` (None: no teacher, as
+    teacher correction), `seq` tokens per micro-batch: megatron's distributed optimizer (bf16
+    params + fp32 grads per model-parallel shard; fp32 master weights and Adam moments sharded
+    over DP, or bf16 + 16-bit remainders with `precision_aware`), a bf16 teacher at the same
+    TP/PP, activations (`layer_activations`) / TP and fp32 student (+ teacher) logits."""
+    mp = tp * pp
+    state = 10 if precision_aware else 12  # master weights (or remainders) + Adam moments
+    teacher = 2 * t.num_params() / mp if t is not None else 0
+    return (teacher + 6 * s.num_params() / mp + state * s.num_params() / (mp * dp)
+            + layer_activations(s, seq) * s.num_layers / pp / tp
+            + (2 if t is not None else 1) * 4 * seq * s.padded_vocab_size / tp)
+
+
 def human(n: float) -> str:
     """A parameter count for a log line: 276.2K, 71.03M, 8.03B."""
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):

@@ -26,7 +26,7 @@ import torch
 
 from recipes.lib import (checkpoint, config, disk, interop, megatron_data, runtime, tokens,
                          train)
-from recipes.lib.arch import Arch, validate_layout
+from recipes.lib.arch import Arch, training_memory, validate_layout
 from recipes.lib.interop import Source
 from recipes.lib.preempt import Fault, StopOnSignal
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
@@ -174,11 +174,18 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
         arch, dtype = src.arch, build_kwargs(c)["dtype"]  # the final model + keep_last + 1 saves
         work = stage.begin(resumable=resumable, need=disk.nbytes(arch, dtype) + (
             c.keep_last + 1) * disk.training_nbytes(arch, dtype))
-        model, make_step, schedule = build(c)
-        log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src.path, c.train_iters,
-                 c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
-        final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed, stop,
-                            schedule)
+        memory = memory_note(name, c, sources, tp, pp, dp)
+        if memory["gpu_gib"] and memory["estimate_gib"] > memory["gpu_gib"]:
+            log.warning("%s: expect to run out of GPU memory. %s", name, memory["text"])
+        try:
+            model, make_step, schedule = build(c)
+            log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src.path, c.train_iters,
+                     c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
+            final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed, stop,
+                                schedule)
+        except torch.OutOfMemoryError as e:  # the checkpoints saved so far stay for a resume
+            raise RuntimeError(f"{name} ran out of GPU memory ({str(e).splitlines()[0]}). "
+                               f"{memory['text']}") from e
         fault = Fault(c.fault)
         # ModelOpt hides a KD teacher from the state dict here
         checkpoint.save(model, interop.iteration_dir(work, c.train_iters), c.train_iters)
@@ -204,6 +211,27 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
         fault.at("kill_in_finish", 3)
         runtime.on_rank0(lambda: cleanup(out, c.keep_checkpoints))
         return done
+
+
+def memory_note(name: str, c: train.TrainConfig, sources: dict[str, Source], tp: int, pp: int,
+                dp: int) -> dict:
+    """The peak memory per GPU estimated for this run (arch.training_memory, what `plan`
+    prints), the GPU's memory (None on a CPU) and a text naming both and the settings that
+    lower the peak: for the warning before a run the estimate says cannot fit, and the error of
+    one that ran out."""
+    teacher = sources["teacher"].arch if "teacher" in sources else None
+    est = training_memory(teacher, sources["input"].arch, c.seq_length * c.micro_batch_size, tp,
+                          pp, dp, c.precision_aware_optimizer) / 2**30
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 \
+        if torch.cuda.is_available() else None
+    fixes = [f"{name}.micro_batch_size=1" if c.micro_batch_size > 1 else None,
+             None if c.precision_aware_optimizer else f"{name}.precision_aware_optimizer=true",
+             "a larger parallel.pp or parallel.tp", f"a shorter {name}.seq_length"]
+    text = (f"Estimated peak at tp={tp} pp={pp} dp={dp}, {c.micro_batch_size} x "
+            f"{c.seq_length} tokens per micro-batch: {est:.1f} GiB per GPU"
+            + (f", of the GPU's {gpu:.0f} GiB" if gpu else "") + "; lower it with "
+            + ", ".join(f for f in fixes if f) + " (make plan lists the layouts that fit)")
+    return {"estimate_gib": est, "gpu_gib": gpu, "text": text}
 
 
 def cleanup(out: Path, keep_checkpoints: bool) -> None:

@@ -282,6 +282,31 @@ def test_fp8_without_transformer_engine_fails_first(pruned, tmp_path):
     assert not (tmp_path / ".d.tmp").exists()
 
 
+def test_out_of_gpu_memory_names_the_estimate_and_the_fixes(pruned, tmp_path, monkeypatch):
+    """A GPU that runs out of memory mid-training (torch.OutOfMemoryError, raised here in the
+    loop's place): one error with the estimated peak for the layout and the settings that lower
+    it, the work folder kept for a resume."""
+    from recipes.lib import arch, train
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(train, "train", oom)
+    with pytest.raises(RuntimeError) as e:
+        distill.main(args(pruned, tmp_path / "d", "distill.micro_batch_size=2"))
+    src = {r: json.loads((pruned["run"] / r / "manifest.json").read_text())["arch"]
+           for r in ("convert", "prune")}
+    est = arch.training_memory(arch.Arch.from_dict(src["convert"]),
+                               arch.Arch.from_dict(src["prune"]), 2 * 64, 1, 1, 1) / 2**30
+    assert str(e.value) == (
+        "distill ran out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB). "
+        f"Estimated peak at tp=1 pp=1 dp=1, 2 x 64 tokens per micro-batch: {est:.1f} GiB per "
+        "GPU; lower it with distill.micro_batch_size=1, distill.precision_aware_optimizer=true, "
+        "a larger parallel.pp or parallel.tp, a shorter distill.seq_length (make plan lists the "
+        "layouts that fit)")
+    assert (tmp_path / ".d.tmp" / "run.json").is_file()
+
+
 @pytest.mark.slow
 def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
     """The rendered distill batch script, run by bash with stand-ins for srun (one task, no
