@@ -14,6 +14,7 @@ corrupt file (a truncated .gz, a damaged Parquet footer) is refused naming the f
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import io
@@ -85,9 +86,8 @@ class Reader:
                     doc = self._document(f, n, row)
                     if doc is not None:
                         yield doc
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{f} is not UTF-8 text ({e}); convert it or leave it out") \
-                    from e
+            except UnicodeDecodeError as e:  # in its first block (_has_chars)
+                raise not_utf8(f, e, 0) from e
 
     def _document(self, f: Path, n: int, row) -> Document | None:
         try:
@@ -164,26 +164,33 @@ class _Zstd(io.RawIOBase):
         super().close()
 
 
-def _open_text(f: Path):
+def _open_lines(f: Path):
+    """A JSONL file's lines as bytes (decoded one at a time: a line that is not UTF-8 is a bad
+    row, not the end of the file)."""
     fmt = file_format(f)
     if fmt == ".jsonl.gz":
-        return gzip.open(f, "rt", encoding="utf-8")
+        return gzip.open(f, "rb")
     if fmt == ".jsonl.zst":
-        return io.TextIOWrapper(io.BufferedReader(_Zstd(f)), encoding="utf-8")
-    return open(f, encoding="utf-8")
+        return io.BufferedReader(_Zstd(f))
+    return open(f, "rb")
 
 
 def _json_rows(f: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object or BadRow) per non-blank line; a corrupt compressed file is
-    refused naming it and the line it broke at."""
+    """(line number, parsed object or BadRow) per non-blank line (a UTF-8 byte order mark,
+    which Windows editors write, skipped); a corrupt compressed file is refused naming it and
+    the line it broke at."""
     n = 0
     try:
-        with _open_text(f) as fh:
+        with _open_lines(f) as fh:
             for n, line in enumerate(fh, 1):
+                if n == 1:
+                    line = line.removeprefix(codecs.BOM_UTF8)
                 if not line.strip():
                     continue
                 try:
-                    yield n, json.loads(line)
+                    yield n, json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield n, BadRow(f"not UTF-8 text ({e.reason} at byte {e.start})")
                 except json.JSONDecodeError as e:
                     yield n, BadRow(f"not a JSON object ({e})")
     except Exception as e:  # EOFError / OSError (gzip), EOFError / ZstdError (zstandard)
@@ -236,10 +243,25 @@ def split(text: str) -> Iterator[str]:
     yield text
 
 
+def not_utf8(f: Path, e: UnicodeDecodeError, after: int) -> ValueError:
+    return ValueError(f"{f} is not UTF-8 text ({e.reason}, after character {after:,}): convert "
+                      "it (e.g. iconv -f latin1 -t utf-8) or leave it out")
+
+
 def _read_pieces(f: Path) -> Iterator[str]:
-    with open(f, encoding="utf-8") as fh:
+    """A .txt file's text in pieces (`split`), a UTF-8 byte order mark dropped. Read while the
+    document is tokenised: a file that stops being UTF-8 past its first block is named here."""
+    done = 0
+    with open(f, encoding="utf-8-sig") as fh:
         rest = ""
-        while block := fh.read(CHUNK_CHARS):
+        while True:
+            try:
+                block = fh.read(CHUNK_CHARS)
+            except UnicodeDecodeError as e:
+                raise not_utf8(f, e, done) from e
+            if not block:
+                break
+            done += len(block)
             *whole, rest = split(rest + block)
             yield from whole
         yield rest
@@ -248,7 +270,7 @@ def _read_pieces(f: Path) -> Iterator[str]:
 def _has_chars(f: Path, min_chars: int) -> bool:
     """Whether a .txt file holds at least `min_chars` non-blank characters (read in blocks)."""
     n = 0
-    with open(f, encoding="utf-8") as fh:
+    with open(f, encoding="utf-8-sig") as fh:
         while n < min_chars and (block := fh.read(CHUNK_CHARS)):
             n += len(block.strip())
     return n >= min_chars

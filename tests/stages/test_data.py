@@ -51,6 +51,10 @@ def test_split_assignment_is_document_level_and_exact():
     (lambda d: d.mkdir(), "holds no .txt / .jsonl / .jsonl.gz / .jsonl.zst / .parquet files"),
     (lambda d: (d.mkdir(), (d / "a.txt").write_text("   \n")), "no documents"),
     (lambda d: (d.mkdir(), (d / "a.txt").write_bytes(b"\xff\xfe\xfa")), "is not UTF-8"),
+    # past the first block it is read while tokenised: named all the same
+    (lambda d: (d.mkdir(), (d / "a.txt").write_bytes(b"x" * 300_000 + b"caf\xe9 x")),
+     r"a.txt is not UTF-8 text \(invalid continuation byte, after character 262,144\): "
+     "convert it"),
     (lambda d: (d.mkdir(), (d / "a.jsonl").write_text('{"body": "x"}\n')),
      "a.jsonl:1: no 'text' \\(or 'messages'\\) field; set data.text_field"),
 ])

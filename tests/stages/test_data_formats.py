@@ -77,6 +77,16 @@ def test_bad_rows_are_refused_or_skipped_and_counted(hf_models, tmp_path):
     m = run_data(tmp_path, corpus, hf_models["gqa"], "data.on_bad_row=skip")
     assert m["skipped_rows"] == {str(corpus / "a.parquet"): 5}
     assert sum(m["documents"].values()) == 15
+    # JSONL from a Windows editor (a byte order mark) with lines in latin-1
+    rows = [b'{"text": "%s"}\n' % t for t in (b"abc", b"caf\xe9", b"defg", b"hij")] * 5
+    (corpus / "a.parquet").unlink()
+    (corpus / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(rows))
+    with pytest.raises(ValueError, match=r"b.jsonl:2: not UTF-8 text \(invalid continuation byte "
+                                         r"at byte 13\); fix or drop the row"):
+        run_data(tmp_path, corpus, hf_models["gqa"], name="latin")
+    m = run_data(tmp_path, corpus, hf_models["gqa"], "data.on_bad_row=skip", name="latin")
+    assert m["skipped_rows"] == {str(corpus / "b.jsonl"): 5}
+    assert sum(m["documents"].values()) == 15  # the first row too: the mark is not JSON
     for table, message in ((pa.table({"body": ["x"] * 3}), r"has no column 'text' \(columns: "
                                                            r"\['body'\]\); set data.text_field"),
                            (pa.table({"text": [1, 2, 3]}), r"a.parquet:1: 'text' is int 1, not "
