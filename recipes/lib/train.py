@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -382,6 +383,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
                 row.update(validate())
             if step % c.log_interval == 0 or "valid_lm_loss" in row or step == c.train_iters:
                 metrics.log(row)
+            runtime.on_rank0(functools.partial(check_finite, row, ckpts))  # every rank stops
             final = row
             bar.update(1)
             if runtime.is_rank0() and rep:
@@ -399,6 +401,22 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
                     f"{stop.received or 'a signal on another rank'}: saved step {step} of "
                     f"{c.train_iters} to {ckpts}; rerun the same command to resume")
     return final or metrics.last()
+
+
+def check_finite(row: dict, ckpts: Path) -> None:
+    """Stop at the first loss that is NaN or infinite (rank 0: the losses are reduced there):
+    megatron would go on updating, or skipping, every step of a run that can no longer learn
+    (Megatron-LM's check_for_nan_in_loss_and_grad). Checkpoints saved before it stay."""
+    bad = {k: v for k, v in row.items() if k.endswith("loss") and not math.isfinite(v)}
+    if bad:
+        from recipes.lib import resume  # lazy: it imports megatron
+
+        saved = [p.name for p in resume.complete_checkpoints(ckpts)]
+        raise RuntimeError(
+            f"step {row['step']}: {', '.join(f'{k} = {v}' for k, v in bad.items())}: the run "
+            "diverged, or the teacher, the student or the data holds NaN / inf values; "
+            + (f"its newest checkpoint is {saved[-1]}" if saved else "nothing was saved")
+            + "; lower the learning rate (run.force=true starts over) or check the inputs")
 
 
 def optimizer_step(ddp, opt, sched, run_step: Callable, step_batches: list[dict]):

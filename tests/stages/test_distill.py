@@ -307,6 +307,29 @@ def test_out_of_gpu_memory_names_the_estimate_and_the_fixes(pruned, tmp_path, mo
     assert (tmp_path / ".d.tmp" / "run.json").is_file()
 
 
+def test_a_nan_loss_stops_the_run_keeping_its_checkpoints(pruned, tmp_path, monkeypatch):
+    """A loss that turns NaN (step 5 here; a diverged run or a NaN in an input on a cluster)
+    stops training at that step, naming it and the newest checkpoint, which stays for a
+    resume; megatron alone would go on stepping."""
+    from recipes.lib import train
+
+    real, calls = train.reduce_report, []
+
+    def nan_at_step_5(reports):
+        rep = real(reports)
+        calls.append(1)  # step 0 validates, step 4 trains and validates
+        return {**rep, "kd_loss": float("nan")} if len(calls) == 7 else rep
+
+    monkeypatch.setattr(train, "reduce_report", nan_at_step_5)
+    with pytest.raises(RuntimeError, match=r"^step 5: kd_loss = nan: the run diverged, or the "
+                                           r"teacher, the student or the data holds NaN / inf "
+                                           r"values; its newest checkpoint is iter_0000004"):
+        distill.main(args(pruned, tmp_path / "d"))
+    assert [json.loads(x)["step"] for x in (tmp_path / ".d.tmp" / "logs" / "metrics.jsonl")
+            .read_text().splitlines()] == [0, 1, 2, 3, 4, 5]
+    assert (tmp_path / ".d.tmp" / "checkpoints" / "iter_0000004").is_dir()
+
+
 @pytest.mark.slow
 def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
     """The rendered distill batch script, run by bash with stand-ins for srun (one task, no
