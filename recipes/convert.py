@@ -18,7 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from recipes.lib import checkpoint, config, disk, interop, mapping, runtime, stage, tokens
+from recipes.lib import (checkpoint, config, disk, hf_weights, interop, mapping, runtime, stage,
+                         tokens)
 from recipes.lib.arch import Arch, human, read_hf_config, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -52,11 +53,11 @@ def run(cfg: config.Config) -> dict:
     arch = Arch.from_hf_config(hf_cfg, str(hf_path / "config.json"))
     tokens.check_tokenizer_files(hf_path, "convert.hf_path")  # copied into every export
     validate_layout(arch, tp, pp)
-    reader = checkpoint.HFReader(hf_path, mapping.hf_names(arch))
+    reader = hf_weights.HFReader(hf_path, mapping.hf_shapes(arch))
     # hash_weights only decides how inputs are checked: it leaves a finished stage finished
     sdir = StageDir("convert", out, fingerprint(c, {"tp": tp, "pp": pp}, ignore={"hash_weights"}),
                     cfg.run.force,
-                    inputs={"hf_path": checkpoint.hf_files(hf_path)}, hash_files=c.hash_weights)
+                    inputs={"hf_path": hf_weights.hf_files(hf_path)}, hash_files=c.hash_weights)
     if sdir.already_done():
         log.info("%s is complete (same config): skipping; pass run.force=true to redo", out)
         return read_manifest(out)

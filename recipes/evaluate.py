@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.lib import (checkpoint, compat, config, harness, integrity, runtime, speed, stage,
+from recipes.lib import (compat, config, harness, hf_weights, integrity, runtime, speed, stage,
                          tokens)
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
@@ -154,7 +154,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
 def model_input(folder: Path):
     """What identifies a model folder as an input: our export (its manifest), else its HF files."""
     folder = Path(folder)
-    return folder if (folder / "manifest.json").is_file() else checkpoint.hf_files(folder)
+    return folder if (folder / "manifest.json").is_file() else hf_weights.hf_files(folder)
 
 
 def exported_record(folder: Path) -> dict | None:

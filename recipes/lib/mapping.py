@@ -99,6 +99,22 @@ def hf_names(arch: Arch) -> set[str]:
     return {h for _, _, hs in expand(arch) for h in hs}
 
 
+def hf_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: the shape its config.json implies} for every tensor convert reads."""
+    h, d, f, v = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    top = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,)}
+    layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+             "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+             "self_attn.v_proj.weight": (kv, h), "self_attn.q_proj.bias": (q,),
+             "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+             "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (d,),
+             "self_attn.k_norm.weight": (d,), "mlp.gate_proj.weight": (f, h),
+             "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
+    return {n: layer[m.group(1)] if (m := re.match(r"model\.layers\.\d+\.(.*)", n)) else top[n]
+            for n in hf_names(arch)}
+
+
 # ---- fusion: HF tensors <-> one global (unsharded) megatron tensor --------------------------
 def fuse(rule: Rule, tensors: list[torch.Tensor], arch: Arch) -> torch.Tensor:
     if rule.fuse is Fuse.QKV:  # weights [n, hidden] and biases [n] alike

@@ -41,6 +41,16 @@ def _six_layers(src):
     (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 6}))
 
 
+def _three_layers(src):  # a config.json that is not the weights': layer 3 would be dropped
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+
+
+def _narrower_ffn(src):  # a config.json of a pruned sibling
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 95}))
+
+
 def _no_last_shard(src):
     sorted(src.glob("model-*.safetensors"))[-1].unlink()
 
@@ -52,13 +62,18 @@ def _no_last_shard(src):
     (_no_last_shard, (), FileNotFoundError,
      r"shard\(s\) \['model-00003-of-00003.safetensors'\].*missing; re-download"),
     (_six_layers, (), KeyError, "model.layers.4.* are not in the checkpoint"),
+    (_three_layers, (), ValueError, r"the weights hold layer\(s\) \[3\] beyond config.json's "
+                                    "num_hidden_layers=3, which would be dropped"),
+    (_narrower_ffn, (), ValueError, r"model.layers.0.mlp.down_proj.weight is \[64, 96\] in the "
+                                    r"weights, config.json implies \[64, 95\] \(12 tensor"),
     (lambda src: (src / "tokenizer.json").write_text(""), (), ValueError,
      r"convert.hf_path: .*tokenizer.json is empty \(0 bytes\)"),
     (None, ("parallel.tp=3",), ValueError, "parallel.tp=3 does not divide num_attention_heads=4"),
     (None, ("parallel.tp=4",), ValueError,
      r"parallel.tp=4 does not divide num_query_groups \(KV heads\)=2"),
     (None, ("parallel.pp=3",), ValueError, "parallel.pp=3 does not divide num_layers=4"),
-], ids=["no-config", "gpt-neox", "missing-shard", "config-vs-weights", "empty-tokenizer",
+], ids=["no-config", "gpt-neox", "missing-shard", "config-vs-weights", "layers-beyond-config",
+        "shapes-vs-config", "empty-tokenizer",
         "tp-heads", "tp-groups",
         "pp-layers"])
 def test_bad_checkpoint_or_layout_is_refused_before_work(hf_models, tmp_path, damage, args, error,

@@ -35,6 +35,8 @@ def test_hf_to_megatron_on_meta(arch):
         hf = LlamaForCausalLM(LlamaConfig(**LLAMA31_8B))
     hf_sd = hf.state_dict()
     assert sum(t.numel() for t in hf_sd.values()) == arch.num_params()
+    # the shapes convert demands of the weights are transformers' own
+    assert mapping.hf_shapes(arch) == {k: tuple(t.shape) for k, t in hf_sd.items()}
 
     with runtime.distributed(1, 1):
         from recipes.lib import model as M
