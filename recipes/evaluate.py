@@ -151,6 +151,10 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     return out
 
 
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")  # what from_pretrained loads
+
+
 def model_input(folder: Path):
     """What identifies a model folder as an input: our export (its manifest), else its HF files."""
     folder = Path(folder)
@@ -181,6 +185,9 @@ def run(cfg: config.Config) -> dict:
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"evaluate.models.{name}={path} is not an HF model folder "
                                     "(no config.json); run export first")
+        if not any((Path(path) / w).is_file() for w in HF_WEIGHTS):
+            raise FileNotFoundError(f"evaluate.models.{name}={path} holds no weights (none of "
+                                    f"{', '.join(HF_WEIGHTS)}); finish its download or export")
         integrity.refuse_damaged(path, checksums=False, rec=exported_record(path) or {})
     data_manifest = read_manifest(c.data, ("data",), "evaluate.data")
     avail = tokens.available_windows(data_manifest["tokens"]["test"], c.seq_length)

@@ -197,10 +197,11 @@ def test_a_damaged_stage_checkpoint_is_refused_naming_the_file(hf_models, tmp_pa
     assert not (tmp_path / "hf").exists()  # nothing published
 
 
-@pytest.mark.parametrize("how", ["truncate", "flip"])
+@pytest.mark.parametrize("how", ["truncate", "flip", "gone"])
 def test_a_damaged_export_is_refused_by_evaluate(trained_run, tmp_path, how):
     """An export's manifest records each file's size and CRC32; evaluate checks them before
-    scoring the model (it scored a damaged one before)."""
+    scoring the model (it scored a damaged one before), and refuses a folder without weights
+    before any work."""
     from recipes import evaluate
 
     common = ["--config", TINY, f"run.dir={trained_run['run']}",
@@ -209,9 +210,14 @@ def test_a_damaged_export_is_refused_by_evaluate(trained_run, tmp_path, how):
     assert export.main([*common, f"export.input={trained_run['run'] / 'convert'}",
                         f"export.output={hf}"]) == 0
     victim = hf / "model-00001-of-00001.safetensors"
-    damage(victim, how)
-    what = "is .* bytes, .* were written" if how == "truncate" else "has checksum"
-    with pytest.raises(ValueError, match=f"{hf} is damaged: {victim.name} {what}"):
+    if how == "gone":  # an interrupted copy, a download that left only config.json
+        victim.unlink(), (hf / "model.safetensors.index.json").unlink()
+    else:
+        damage(victim, how)
+    what = {"truncate": f"{hf} is damaged: {victim.name} is .* bytes, .* were written",
+            "flip": f"{hf} is damaged: {victim.name} has checksum",
+            "gone": f"evaluate.models.exported={hf} holds no weights"}[how]
+    with pytest.raises((ValueError, FileNotFoundError), match=what):
         evaluate.main([*common, f"evaluate.output={tmp_path / 'ev'}",
                        f"evaluate.models={{exported: {hf}}}", "evaluate.reference=exported",
                        "evaluate.prompts=null", "evaluate.include=[exported]"])
