@@ -56,9 +56,9 @@ def record(folder: Path, skip: tuple[str, ...] = (), collective: bool = True) ->
                   collective)
 
 
-def write(folder: Path, skip: tuple[str, ...] = ()) -> None:
+def write(folder: Path) -> None:
     """Record `folder`'s files in `folder/integrity.json`; collective (rank 0 writes)."""
-    rec = record(folder, skip)
+    rec = record(folder)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         (Path(folder) / RECORD).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
 
