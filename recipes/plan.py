@@ -14,8 +14,9 @@ distillation uses megatron's distributed optimizer (bf16 params + fp32 grads per
 shard; fp32 master weights and Adam moments sharded over data-parallel ranks), a frozen bf16
 teacher with the same TP/PP, and fp32 student + teacher logits; with
 distill.precision_aware_optimizer, 2 bytes less per student parameter (16-bit remainders
-instead of fp32 master weights) (arch.prune_memory, arch.training_memory). GPU hours = model FLOPs (arch.distill_flops_per_token: matmuls
-and causal attention, 3x the student's forward + the teacher's) / (peak FLOP/s * MFU).
+instead of fp32 master weights) (arch.prune_memory, arch.training_memory). GPU hours = model
+FLOPs (arch.distill_flops_per_token: matmuls and causal attention, 3x the student's forward +
+the teacher's) / (peak FLOP/s * MFU).
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def layouts(t: Arch, s: Arch, p: PlanConfig, precision_aware: bool = False) -> l
                     or p.gpus % (tp * pp):
                 continue
             gb = training_memory(t, s, p.seq_length, tp, pp, p.gpus // (tp * pp),
-                                precision_aware) / GB
+                                 precision_aware) / GB
             out.append({"tp": tp, "pp": pp, "dp": p.gpus // (tp * pp), "distill_gb": gb,
                         "fits": gb <= p.gpu_memory_gb})
     return out
@@ -133,7 +134,7 @@ def estimate(cfg: config.Config) -> dict:
         "convert (host RAM per process)": 2 * teacher.padded_vocab_size * teacher.hidden_size * 2,
         f"prune (per GPU, TP=1 PP={pp})": prune_memory(teacher, prune_seq, pp),
         f"distill (per GPU, TP={tp} PP={pp})": training_memory(teacher, student, p.seq_length,
-                                                              tp, pp, dp, compact),
+                                                               tp, pp, dp, compact),
         "export (host RAM, rank 0)": 2 * ns,
     }
     return {

@@ -138,9 +138,6 @@ class HFReader:
             log.warning("%s: %d tensor(s) not converted (the architecture has no place for "
                         "them): %s", self.path, len(unused), unused[:5])
 
-    def files(self) -> list[Path]:
-        return sorted({self.path / f for f in self.weight_map.values()})
-
     def get(self, name: str) -> torch.Tensor:
         fname = self.weight_map[name]
         h = self._headers[fname][name]

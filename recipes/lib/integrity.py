@@ -56,11 +56,16 @@ def record(folder: Path, skip: tuple[str, ...] = (), collective: bool = True) ->
                   collective)
 
 
+def save(folder: Path, rec: dict) -> None:
+    """Write the record `rec` as `folder/integrity.json` (one process)."""
+    (Path(folder) / RECORD).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+
+
 def write(folder: Path) -> None:
     """Record `folder`'s files in `folder/integrity.json`; collective (rank 0 writes)."""
     rec = record(folder)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        (Path(folder) / RECORD).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+        save(folder, rec)
 
 
 def read(folder: Path) -> dict | None:

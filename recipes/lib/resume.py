@@ -123,7 +123,7 @@ def save_checkpoint(root: Path, step: int, ddp, opt, sched, meta: dict, keep_las
     record = integrity.record(tmp)
     fault.at("kill_in_save", step)
     if runtime.is_rank0():
-        (tmp / integrity.RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+        integrity.save(tmp, record)
         state = {"step": step, "scheduler": sched.state_dict(), **meta}
         (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
         if final.exists():  # a damaged or older save of this step, set aside before this one
