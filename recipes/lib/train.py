@@ -421,14 +421,15 @@ def check_finite(row: dict, ckpts: Path) -> None:
 
 def optimizer_step(ddp, opt, sched, run_step: Callable, step_batches: list[dict]):
     """One training step (forward and backward over the step's micro-batches, the optimizer,
-    the schedule): (loss reports, whether the step was applied, gradient norm, learning rate
-    used). bench/gpu_distill.py times exactly this."""
+    the schedule): (loss reports, whether the step was applied, gradient norm as a float or None
+    (megatron's is a [1] GPU tensor where TE is installed), learning rate used)."""
     ddp.zero_grad_buffer()
     opt.zero_grad()
     lr = opt.param_groups[0]["lr"]  # the rate this step uses
     reports = run_step(step_batches, training=True)
     ok, grad_norm, _ = opt.step()
     sched.step(increment=1)
+    grad_norm = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm
     return reports, ok, grad_norm, lr
 
 

@@ -91,8 +91,8 @@ def test_first_kd_losses_match_the_cpu(trained_run, tmp_path, precision):
         assert g == pytest.approx(w, rel=KD_RTOL[precision]), (precision, pairs)
 
 
-@pytest.mark.timeout(180)
-def test_benchmark_runs_on_tiny_shapes(tmp_path):
+@pytest.mark.timeout(300)  # five processes, each importing TE and megatron: 170 s was too
+def test_benchmark_runs_on_tiny_shapes(tmp_path):  # short beside three other tests on the H200
     """bench/gpu_distill.py's every run on tiny shapes (seconds each): finite KD losses, the
     fp8 runs' first loss near TE bf16's (same weights, same batches), the TE runs fused and on
     TE's attention, the GPU's optimizer distributed."""
@@ -100,7 +100,7 @@ def test_benchmark_runs_on_tiny_shapes(tmp_path):
     p = subprocess.run([sys.executable, "bench/gpu_distill.py", "--tiny", "--json",
                         str(tmp_path / "o.json"), "--seqs", "128", "--runs", runs,
                         "--warmup", "1", "--steps", "2"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=170)
+                       text=True, timeout=290)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "o.json").read_text())["results"]["128"]
     for name, r in res.items():
