@@ -98,6 +98,9 @@ else
   exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
+# the signals every process here starts with blocked or ignored (the training stages unblock
+# what they watch; an inherited blocked SIGUSR1 kept the preemption tests' signal from the loop)
+summary signals info "$("$PY" -c 'import signal as s; b = s.pthread_sigmask(s.SIG_BLOCK, []); i = [n for n in ("SIGUSR1", "SIGTERM") if s.getsignal(getattr(s, n)) == s.SIG_IGN]; print("blocked:", " ".join(sorted(x.name for x in b)) or "none", "ignored:", " ".join(i) or "none")')"
 status=0
 if [[ ",$PARTS," == *",tests,"* ]]; then
 # several tests at once on one GPU (tiny models; pytest-xdist where it is installed), each

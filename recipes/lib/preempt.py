@@ -10,12 +10,15 @@ Once a stage has committed its output, a late signal is ignored (`ignore_late_si
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
 import os
 import signal
 
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("recipes")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
 LATE_SIGNALS = ("SIGUSR1", "SIGTERM")
 
@@ -55,24 +58,57 @@ class StopOnSignal:
     """`with StopOnSignal(names) as stop:` turns those signals into a flag (the handler only sets
     it; nothing runs inside a collective or a save). `stop.agreed()`, called by every rank at a
     step boundary, is True when any rank was signalled, so all ranks stop at the same step.
-    The previous handlers come back on exit."""
+    `stop.check()` at each step boundary makes sure the signals still reach the handler. The
+    previous handlers come back on exit."""
 
     def __init__(self, names: list):
         self.signals = [getattr(signal, n) for n in names]
         self.received: str | None = None
         self._old: dict = {}
+        self._ours: dict = {}  # signal -> the handler address the kernel holds for it
 
     def _handle(self, signum, _frame) -> None:
         self.received = signal.Signals(signum).name
 
     def __enter__(self):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         for s in self.signals:
-            self._old[s] = signal.signal(s, self._handle)
+            self._old[s] = signal.getsignal(s)
+            if s in blocked:  # e.g. a launcher that ran us from inside a save: say so, then fix
+                log.info("%s came blocked in the signal mask this process inherited: "
+                         "unblocked", signal.Signals(s).name)
+        self.arm()
         return self
 
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+    def arm(self) -> None:
+        """Install the handlers and unblock the signals in this (the main) thread: a stage
+        inherits the mask its launcher had (a blocked signal stays blocked across exec)."""
+        for s in self.signals:
+            signal.signal(s, self._handle)
+            self._ours[s] = os_handler(s)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+
+    def check(self) -> None:
+        """Re-arm, with a warning naming what changed, where a signal would no longer reach the
+        handler: blocked in this thread, or its handler replaced, in Python or below it (a C
+        library's sigaction, which signal.getsignal does not see). On the H200 with Transformer
+        Engine, a SIGUSR1 after step 6 never reached the loop (cause not yet known): a job would
+        run into its time limit unsaved."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        wrong = [f"{signal.Signals(s).name} " + (
+            "blocked" if s in blocked else
+            f"handled in Python by {signal.getsignal(s)!r}" if signal.getsignal(s) != self._handle
+            else "handled below Python by another handler")
+            for s in self.signals if s in blocked or signal.getsignal(s) != self._handle
+            or os_handler(s) != self._ours[s]]
+        if wrong:
+            log.warning("%s since the stage started: restored (a preemption would not have "
+                        "been saved)", "; ".join(wrong))
+            self.arm()
 
     def agreed(self) -> bool:
         """Collective over the world group (one int): did any rank receive a signal? (No
@@ -83,6 +119,19 @@ class StopOnSignal:
         t = torch.tensor([int(self.received is not None)], device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+
+def os_handler(signum: int) -> int | None:
+    """The address of the handler the kernel holds for `signum` (0 default, 1 ignore; POSIX
+    sigaction, whose struct begins with it), None where libc cannot be asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        act = ctypes.create_string_buffer(256)  # struct sigaction is 152 bytes on Linux x86-64
+        if libc.sigaction(signum, None, act) != 0:
+            return None
+        return ctypes.c_void_p.from_buffer(act).value or 0
+    except (OSError, AttributeError):
+        return None
 
 
 def ignore_late_signals() -> None:

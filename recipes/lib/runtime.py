@@ -1,7 +1,7 @@
 """Process groups, model parallelism, seeding and rank-0 logging.
 
 Works the same under `torchrun` (reads RANK/WORLD_SIZE/MASTER_ADDR from the environment) and as a
-plain single process (a world of one on a free local port). gloo on CPU, NCCL on GPU.
+plain single process (a world of one, its store in memory: no port). gloo on CPU, NCCL on GPU.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import resource
-import socket
 import time
 from pathlib import Path
 
@@ -25,12 +24,6 @@ import torch.distributed as dist
 from recipes.lib import compat, quiet
 
 log = logging.getLogger("recipes")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank() -> int:
@@ -73,9 +66,9 @@ def init(tp: int, pp: int, seed: int = 1234) -> None:
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend=backend)
-        else:  # plain `python -m ...`: a world of one on a fresh local port
-            dist.init_process_group(backend=backend, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+        else:  # plain `python -m ...`: a world of one, its store in this process (a free
+            # port, picked then bound, raced: EADDRINUSE with 8 stages started at once on the H200)
+            dist.init_process_group(backend=backend, rank=0, world_size=1, store=dist.HashStore())
     ws = dist.get_world_size()
     if ws % (tp * pp):
         raise ValueError(

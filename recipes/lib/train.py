@@ -370,6 +370,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             metrics.log({"step": 0, "tokens": 0, **validate()})
         ddp.train()
         while step < c.train_iters:
+            stop.check()  # the signals still reach the handler (what the build imported)
             step_batches = batches.micro_batches(train_ds, step, c, n_micro)
             t0 = time.time()
             reports, ok, grad_norm, lr = optimizer_step(ddp, opt, sched, run_step, step_batches)
@@ -404,9 +405,8 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
 
 
 def check_finite(row: dict, ckpts: Path) -> None:
-    """Stop at the first loss that is NaN or infinite (rank 0: the losses are reduced there):
-    megatron would go on updating, or skipping, every step of a run that can no longer learn
-    (Megatron-LM's check_for_nan_in_loss_and_grad). Checkpoints saved before it stay."""
+    """Stop at the first NaN / inf loss (on rank 0, where the losses are reduced): megatron would
+    go on updating, or skipping, every step (Megatron-LM checks it too); checkpoints stay."""
     bad = {k: v for k, v in row.items() if k.endswith("loss") and not math.isfinite(v)}
     if bad:
         from recipes.lib import resume  # lazy: it imports megatron

@@ -3,6 +3,7 @@ steps' KD loss on the GPU (bf16, fp8) vs the CPU local-spec value on the same ti
 data, the benchmark path, save-on-signal + exact resume with CUDA state, and prune's
 tournament with the teacher-logit cache in bf16."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,11 @@ def test_signal_save_and_resume_on_gpu(trained_run, tmp_path):
     prune.main(["--config", TINY, f"run.dir={trained_run['run']}",
                 f"convert.hf_path={trained_run['hf']}"])
     distill.main(args(trained_run, tmp_path / "straight"))
-    run_subprocess(args(trained_run, tmp_path / "d", "distill.fault=signal_after:6"), rc=75)
+    stderr = run_subprocess(args(trained_run, tmp_path / "d", "distill.fault=signal_after:6"),
+                            rc=75)
+    if os.environ.get("OUT"):  # what the stage found of its signals (came blocked, replaced)
+        (Path(os.environ["OUT"]) / "signals.json").write_text(json.dumps(
+            [x for x in stderr.splitlines() if "SIGUSR1" in x or "SIGTERM" in x]))
     stderr = run_subprocess(args(trained_run, tmp_path / "d"))
     assert "iter_0000006 (step 6)" in stderr
     assert_same_history(metrics(tmp_path / "straight"), metrics(tmp_path / "d"))

@@ -40,12 +40,17 @@ def losses(rows, key="kd_loss"):
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-def start(argv):
-    """The stage in its own process group, as a scheduler runs it."""
+def start(argv, blocked=()):
+    """The stage in its own process group, as a scheduler runs it; `blocked`: signals blocked in
+    the mask it inherits (a launcher's, kept across exec)."""
     err = tempfile.TemporaryFile("w+")
-    p = subprocess.Popen([sys.executable, "-m", "recipes.distill", *argv], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "recipes.distill", *argv], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return p, err
 
 
@@ -66,8 +71,8 @@ def finish(p, err, rc):
     return stderr
 
 
-def run_subprocess(argv, rc=0):
-    return finish(*start(argv), rc)
+def run_subprocess(argv, rc=0, blocked=()):
+    return finish(*start(argv, blocked), rc)
 
 
 def hf_test_loss(folder, run):
@@ -146,10 +151,11 @@ def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, t
     megatron's distributed optimizer (what a GPU runs at any DP): the standard optimizer's
     losses at DP=1, and its checkpoint resumes exactly. Both runs with run.force=true, as a job
     submitted with it reruns when Slurm requeues it: force redoes a finished stage, it does not
-    throw away the unfinished run of the same settings."""
+    throw away the unfinished run of the same settings. The first run inherits SIGUSR1 blocked
+    (as from a launcher inside a checkpoint save): the stage unblocks what it watches."""
     again = ["distill.optimizer=distributed", "run.force=true"]
     stderr = run_subprocess(args(pruned, tmp_path / "d", *again, "distill.fault=signal_after:6"),
-                            rc=preempt.EXIT_PREEMPTED)
+                            rc=preempt.EXIT_PREEMPTED, blocked=[signal.SIGUSR1])
     assert "SIGUSR1: saved step 6 of 8" in stderr
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000004", "iter_0000006"]

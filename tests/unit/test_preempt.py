@@ -1,5 +1,8 @@
 """preempt.signals_deferred: a checkpoint writer's helper processes survive Slurm's signal, and
-the signal still reaches the training loop's handler once the save is done."""
+the signal still reaches the training loop's handler once the save is done; StopOnSignal.check
+restores a handler that was replaced or a signal that was blocked."""
+import faulthandler
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -43,3 +46,29 @@ def test_a_signal_during_the_save_still_reaches_the_handler():
             time.sleep(0.1)
         time.sleep(0.1)
         assert stop.received == "SIGTERM"
+
+
+def test_check_restores_a_replaced_handler_and_a_blocked_signal(caplog):
+    """A C library's sigaction (faulthandler's here: Python's signal.getsignal still names our
+    handler) and a blocked mask each keep a signal from the loop; check() names which and
+    restores it, so the next signal is seen."""
+    with StopOnSignal(["SIGUSR1", "SIGTERM"]) as stop, caplog.at_level(logging.WARNING):
+        stop.check()
+        assert not caplog.records  # nothing changed: silent
+        faulthandler.register(signal.SIGUSR1, chain=False)  # dumps tracebacks, flag never set
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+        stop.check()
+        assert "SIGUSR1 handled below Python by another handler" in caplog.text
+        assert "SIGTERM blocked" in caplog.text
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        assert stop.received == "SIGUSR1"
+        stop.received = None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop.received == "SIGTERM"
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # replaced in Python
+        caplog.clear()
+        stop.check()
+        assert "SIGUSR1 handled in Python by <Handlers.SIG_IGN" in caplog.text
+        faulthandler.unregister(signal.SIGUSR1)
