@@ -70,8 +70,8 @@ gpu-bench: setup  ## bench/gpu_distill.py: the runs matrix (local/TE bf16, TE fp
 bridge-env: setup  ## Megatron-Bridge 0.6.2 (with its own transformers) into .bridge/ for tests/stages/test_bridge.py
 	bash scripts/bridge_env.sh .bridge
 
-gpu-wheels: setup  ## the pinned wheels a CUDA-torch machine without network needs for gpu-check, into .whl/
-	bash scripts/gpu_wheels.sh .whl
+gpu-wheels: setup  ## the pinned wheels a CUDA-torch machine without network needs for gpu-check, into .whl/ (KIT=.te-kit: less what the kit carries)
+	KIT=$(KIT) bash scripts/gpu_wheels.sh .whl
 
 te-kit: setup  ## an offline Transformer Engine kit for such a machine (its GPU's code only: one 36 MiB part) into .te-kit/ (TE_KIT=.te-kit there)
 	$(PY) scripts/te_kit.py build --dest .te-kit

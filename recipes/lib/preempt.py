@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -121,11 +122,16 @@ class StopOnSignal:
         return bool(t.item())
 
 
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def os_handler(signum: int) -> int | None:
     """The address of the handler the kernel holds for `signum` (0 default, 1 ignore; POSIX
     sigaction, whose struct begins with it), None where libc cannot be asked."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         act = ctypes.create_string_buffer(256)  # struct sigaction is 152 bytes on Linux x86-64
         if libc.sigaction(signum, None, act) != 0:
             return None

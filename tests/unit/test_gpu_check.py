@@ -95,3 +95,30 @@ def test_gpu_check_names_a_damaged_kit_and_stops_after_the_kit(tmp_path):
     p, checks = gpu_check(tmp_path / "o2")
     assert p.returncode == 1
     assert checks["te-kit"]["detail"] == "PARTS=kit needs a kit: TE_KIT=<its folder>"
+
+
+def test_trim_wheel_drops_files_and_their_record_lines(tmp_path):
+    """scripts/trim_wheel.py (PuLP's other platforms' solvers, for the GPU host's 64 MiB): the
+    dropped files leave the archive and its RECORD, the kept ones stay byte for byte."""
+    import zipfile
+
+    from scripts.trim_wheel import trim
+
+    files = {"pulp/__init__.py": b"x = 1\n", "pulp/solverdir/cbc/linux/i64/cbc": b"\x7fELF64",
+             "pulp/solverdir/cbc/win/i64/cbc.exe": b"MZ", "pulp/tests/test_a.py": b"pass\n"}
+    record = "".join(f"{n},sha256=h,{len(d)}\n" for n, d in files.items())
+    whl = tmp_path / "pulp-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for n, d in files.items():
+            z.writestr(n, d)
+        z.writestr("pulp-1.0.dist-info/RECORD", record + "pulp-1.0.dist-info/RECORD,,\n")
+    gone = trim(whl, ["pulp/solverdir/cbc/*", "pulp/tests/*"], ["pulp/solverdir/cbc/linux/i64/*"])
+    assert sorted(gone) == ["pulp/solverdir/cbc/win/i64/cbc.exe", "pulp/tests/test_a.py"]
+    with zipfile.ZipFile(whl) as z:
+        assert sorted(z.namelist()) == ["pulp-1.0.dist-info/RECORD", "pulp/__init__.py",
+                                        "pulp/solverdir/cbc/linux/i64/cbc"]
+        assert z.read("pulp/solverdir/cbc/linux/i64/cbc") == b"\x7fELF64"
+        listed = [x.split(",")[0] for x in z.read("pulp-1.0.dist-info/RECORD").decode().split()]
+    assert listed == ["pulp/__init__.py", "pulp/solverdir/cbc/linux/i64/cbc",
+                      "pulp-1.0.dist-info/RECORD"]
+    assert not list(tmp_path.glob(".*.tmp"))
