@@ -7,7 +7,8 @@ build, ModelOpt KD loss, megatron optimizer and training step (train.optimizer_s
     python bench/gpu_distill.py --tiny --json out.json             # CPU: tiny shapes, local spec
 
 Runs (RUNS): local bf16, TE bf16, TE fp8 (tensorwise), TE fp8 with the first and last layer
-in bf16, and TE fp8 with the teacher in fp8 too. Every run starts from the same weights (each
+in bf16, TE fp8 with the teacher in fp8 too, and TE fp8 with the blockwise and the delayed
+recipes. Every run starts from the same weights (each
 parameter drawn from a generator seeded by its name, so the local and the TE spec get the same
 numbers) and trains on the same batches: `--microbatches` sequences per step, `--warmup` steps
 untimed, then the median of `--steps`. Each (run, seq) is its own process, so no run's memory
@@ -19,6 +20,7 @@ dense bf16 peak (PEAK_TFLOPS; omitted for a GPU not listed, never another chip's
 memory allocated and reserved; `plan`'s estimate for the same shapes and its ratio to the peak;
 the resolved spec, fp8 recipe and TE attention backend; the KD loss at every step. The summary
 compares each run with TE bf16 (speed, last-step KD loss) and checks the issue's goals.
+`--profile`: one more step under torch.profiler, its device time by kernel and by kind.
 """
 from __future__ import annotations
 
@@ -56,7 +58,17 @@ RUNS = {
                           "fp8_bf16_edge_layers": 1},
     "te-fp8-teacher-fp8": {"spec": "te", "precision": "fp8", "fp8_recipe": "tensorwise",
                            "teacher_precision": "fp8"},
+    # the other Hopper recipes, for speed alone (delayed's checkpoints do not reload into TE 2.20)
+    "te-fp8-blockwise": {"spec": "te", "precision": "fp8", "fp8_recipe": "blockwise"},
+    "te-fp8-delayed": {"spec": "te", "precision": "fp8", "fp8_recipe": "delayed"},
 }
+# --profile: a kernel's kind by its name (first match), to see where a step's time goes
+KERNEL_KINDS = [("attention", r"fmha|flash|attn|cudnn"),
+                ("gemm", r"gemm|cutlass|nvjet|xmma|cublas|matmul|\bmm\b|addmm|linear"),
+                ("fp8 cast / scale", r"quantiz|cast|amax|fp8|scale"),
+                ("optimizer", r"adam|multi_tensor"), ("norm", r"norm"),
+                ("softmax / loss", r"softmax|entropy|kl_div|logsumexp"),
+                ("copy", r"copy|memcpy|memset|cat|fill")]
 TINY_RUNS = {"local-fp32": {"spec": "local", "precision": "fp32"}, **RUNS}
 # the issue's goals: (run, over, at least) for tokens/s ratios; MFU and loss below
 GOALS = {"te_bf16_mfu": 0.38, "fp8_speedup": 1.2, "fp8_teacher_speedup": 1.35,
@@ -186,6 +198,8 @@ def measure(run: str, seq: int, a) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             losses.append(train.reduce_report(reports)["kd_loss"])
+        prof = profile_step(lambda: train.optimizer_step(ddp, opt, sched, run_step,
+                                                         step_batches)) if a.profile else None
     step_s = statistics.median(times[a.warmup:])
     tokens = a.microbatches * seq
     flops = tokens * distill_flops_per_token(t, s, seq) / step_s
@@ -204,7 +218,34 @@ def measure(run: str, seq: int, a) -> dict:
             "precision": c.precision, "teacher_precision": c.teacher_precision,
             "fp8": train_stage.fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
             "optimizer": train.optimizer_kind(c), "fusions": M.fusions(c.spec),
-            "attention": attention_backend(spec)}
+            "attention": attention_backend(spec), **({"profile": prof} if prof else {})}
+
+
+def profile_step(step, top: int = 25) -> dict:
+    """One step under torch.profiler: self device time per CUDA kernel (per op's self CPU time
+    without CUDA), the `top` longest, and the sums per KERNEL_KINDS kind (names matched, so
+    approximate)."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=acts) as p:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    gpu = torch.autograd.DeviceType.CUDA
+    kernel = lambda e: not cuda or getattr(e, "device_type", None) == gpu  # noqa: E731
+    ev = sorted(((e.key, getattr(e, attr) / 1e3, e.count) for e in p.key_averages()
+                 if kernel(e) and getattr(e, attr) > 0), key=lambda x: -x[1])
+    kinds: dict = {}
+    for name, ms, _ in ev:
+        kind = next((k for k, rx in KERNEL_KINDS if re.search(rx, name, re.I)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    return {"device_ms": sum(ms for _, ms, _ in ev), "by_kind_ms": kinds,
+            "top": [[name[:160], ms, n] for name, ms, n in ev[:top]]}
 
 
 def summarize(results: dict) -> dict:
@@ -264,6 +305,8 @@ def main() -> None:
                     help="megatron's precision-aware optimizer (TE FusedAdam) in every run")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke test)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per (run, seq)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step under torch.profiler: device time by kernel and kind")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # child: this run, in this process
     a = ap.parse_args()
     if a.only:
@@ -279,7 +322,7 @@ def main() -> None:
            "torch": torch.__version__, "cuda": torch.version.cuda,
            "teacher_params": t.num_params(), "student_params": s.num_params(),
            "settings": {k: getattr(a, k) for k in ("microbatches", "warmup", "steps",
-                                                   "precision_aware", "tiny")},
+                                                   "precision_aware", "tiny", "profile")},
            "results": {}}
     for seq in a.seqs:
         res = out["results"][seq] = {}
@@ -292,7 +335,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--json", str(part), "--only", run,
                    "--seqs", str(seq), *(f"--{k}={getattr(a, k)}" for k in
                                          ("microbatches", "warmup", "steps", "timeout"))]
-            cmd += ["--tiny"] * a.tiny + ["--precision-aware"] * a.precision_aware
+            cmd += (["--tiny"] * a.tiny + ["--precision-aware"] * a.precision_aware
+                    + ["--profile"] * a.profile)
             t0 = time.time()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)

@@ -27,7 +27,8 @@ def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
     machine cannot do skipped with why."""
     p = subprocess.run([sys.executable, "bench/gpu_distill.py", "--tiny", "--json",
                         str(tmp_path / "o.json"), "--seqs", "32", "--microbatches", "2",
-                        "--warmup", "1", "--steps", "2", "--runs", "local-fp32,local-bf16,te-fp8"],
+                        "--warmup", "1", "--steps", "2", "--runs", "local-fp32,local-bf16,te-fp8",
+                        "--profile"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads((tmp_path / "o.json").read_text())
@@ -37,6 +38,10 @@ def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
     for r in (fp32, bf16):
         assert len(r["kd_loss"]) == len(r["step_s"]) == 3 and r["tokens_per_s"] > 0
         assert r["median_step_s"] == statistics.median(r["step_s"][1:])
+        prof = r["profile"]  # one more step, by kernel and kind: the kinds add up to the step
+        assert prof["device_ms"] > 0 and prof["top"][0][1] >= prof["top"][-1][1]
+        assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["device_ms"])
+        assert prof["by_kind_ms"]["gemm"] > 0
         assert r["spec"] == "local" and r["optimizer"] == "standard"
     # the same init and batches: the first step's KD loss agrees across precisions
     assert bf16["kd_loss"][0] == pytest.approx(fp32["kd_loss"][0], rel=2e-2)
