@@ -97,8 +97,8 @@ class StopOnSignal:
         """Re-arm, with a warning naming what changed, where a signal would no longer reach the
         handler: blocked in this thread, or its handler replaced, in Python or below it (a C
         library's sigaction, which signal.getsignal does not see). On the H200 with Transformer
-        Engine, a SIGUSR1 after step 6 never reached the loop (cause not yet known): a job would
-        run into its time limit unsaved."""
+        Engine a SIGUSR1 after step 6 never reached the loop, the symptom of a blocked signal
+        (the cause there is still to be read): a job would run into its time limit unsaved."""
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         wrong = [f"{signal.Signals(s).name} " + (
             "blocked" if s in blocked else
