@@ -112,24 +112,8 @@ fi
 OMP_NUM_THREADS=$(( $(nproc) / TEST_JOBS > 0 ? $(nproc) / TEST_JOBS : 1 )) \
 timeout "$TESTS_S" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider --timeout "$TEST_S" \
   "${jobs[@]}" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || status=1
-"$PY" - "$OUT/gpu_tests.xml" <<'PY' | while IFS=$'\t' read -r name st detail; do summary "$name" "$st" "$detail"; done
-import sys, xml.etree.ElementTree as ET
-try:
-    cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
-except (OSError, ET.ParseError):
-    print("tests\tfail\tno junit report: pytest timed out or crashed (see gpu_tests.log)")
-    sys.exit()
-for c in cases:
-    name = f"test {c.get('name')}"
-    bad = c.find("failure") if c.find("failure") is not None else c.find("error")
-    if bad is not None:
-        msg = (bad.get("message") or "").replace("\n", " ")[:200]
-        print(f"{name}\tfail\t{msg}")
-    elif c.find("skipped") is not None:
-        print(f"{name}\tskip\t{(c.find('skipped').get('message') or '')[:200]}")
-    else:
-        print(f"{name}\tpass\t{float(c.get('time', 0)):.1f} s")
-PY
+"$PY" scripts/junit_summary.py "$OUT/gpu_tests.xml" |
+  while IFS=$'\t' read -r name st detail; do summary "$name" "$st" "$detail"; done
 fi
 if [[ ",$PARTS," != *",bench,"* ]]; then
   echo '{"skipped": "PARTS has no bench"}' > "$OUT/gpu_bench.json"

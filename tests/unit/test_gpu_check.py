@@ -127,3 +127,44 @@ def test_trim_wheel_drops_files_and_their_record_lines(tmp_path):
     assert listed == ["pulp/__init__.py", "pulp/solverdir/cbc/linux/i64/cbc",
                       "pulp-1.0.dist-info/RECORD"]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.gpu.test_gpu" name="test_ok" time="13.94"/>
+<testcase classname="tests.gpu.test_gpu" name="test_skipped" time="0"><skipped
+ message="needs Transformer Engine"/></testcase>
+<testcase classname="tests.gpu.test_gpu" name="test_subprocess_died" time="80.1"><failure
+ message="AssertionError: 6:52:29 [rank0] WARNING megatron.core.distributed: full_param_layout"
+>trained_run = {}
+&gt;       assert gpu.returncode == 0, gpu.stderr[-3000:]
+E       AssertionError: 6:52:29 [rank0] WARNING megatron.core.distributed: full_param_layout
+E         [rank0]: Traceback (most recent call last):
+E         [rank0]:   File "/work/main/recipes/lib/metrics.py", line 34, in log
+E         [rank0]: TypeError: Object of type Tensor is not JSON serializable
+E       assert 1 == 0
+tests/gpu/test_gpu.py:83: AssertionError</failure></testcase>
+<testcase classname="tests.gpu.test_gpu" name="test_wrong_exit" time="40.2"><failure
+ message="AssertionError: oup()&#10;07:02:39 [rank0] INFO recipes.lib.train_stage: distill"
+>&gt;       assert got == rc, stderr[-5000:]
+E       AssertionError: oup()
+E         07:02:39 [rank0] INFO recipes.lib.train_stage: distill
+E         /opt/torch/.venv/lib/python3.12/site-packages/torch/distributed/c10d_logger.py:83:
+E         UserWarning: barrier(): using the device under current context.
+E       assert 0 == 75
+tests/stages/test_distill.py:65: AssertionError</failure></testcase>
+</testsuite></testsuites>"""
+
+
+def test_junit_summary_names_the_cause_of_a_failure(tmp_path):
+    """gpu_check.json's line for a failed test is its cause, not the head of pytest's message:
+    on the H200 the heads were a subprocess's first stderr lines (a warning, a fragment)."""
+    from scripts.junit_summary import summary
+
+    (tmp_path / "r.xml").write_text(JUNIT)
+    assert summary(str(tmp_path / "r.xml")) == [
+        ("test test_ok", "pass", "13.9 s"),
+        ("test test_skipped", "skip", "needs Transformer Engine"),
+        ("test test_subprocess_died", "fail",
+         "TypeError: Object of type Tensor is not JSON serializable"),
+        ("test test_wrong_exit", "fail", "assert 0 == 75")]
+    assert summary(str(tmp_path / "missing.xml"))[0][:2] == ("tests", "fail")
