@@ -131,7 +131,7 @@ def heldout_loss(model, windows: torch.Tensor, batch_size: int) -> dict:
     `batch_size` windows per forward; with the forward's throughput."""
     total, n, t0 = 0.0, 0, time.perf_counter()
     for i in range(0, len(windows), batch_size):
-        w = windows[i: i + batch_size]
+        w = windows[i: i + batch_size].to(model.device)
         logits = model(w[:, :-1], use_cache=False).logits.float()
         total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum").item()
@@ -144,7 +144,7 @@ def heldout_loss(model, windows: torch.Tensor, batch_size: int) -> dict:
 def generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     out = []
     for p in prompts:
-        ids = tok(p, return_tensors="pt")
+        ids = tok(p, return_tensors="pt").to(model.device)
         g = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                            pad_token_id=tok.eos_token_id)
         out.append(tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -175,10 +175,32 @@ def speedups(speed: dict, reference: str) -> dict:
                    for b in s if b.startswith("batch_")} for name, s in speed.items()}
 
 
+def score(name: str, path, c: EvaluateConfig, dtype: str, device: str, windows: torch.Tensor,
+          seed: int, results: dict) -> None:
+    """One model on `device`: its held-out loss, generations and speed, into `results`."""
+    from transformers import AutoModelForCausalLM  # lazy: after harness.offline() in run()
+
+    integrity.refuse_damaged(path, rec=exported_record(path) or {})  # before it is read
+    model = compat.hf_linears(  # fp32 GEMMs through oneDNN where faster (CPU)
+        AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval().to(device))
+    results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),
+                                "params": sum(p.numel() for p in model.parameters())}
+    h = results["heldout"][name]
+    log.info("%s: held-out loss %.4f, perplexity %.2f (%s on %s, %.0f tokens/s)", name,
+             h["loss"], h["perplexity"], dtype, device, h["tokens_per_s"])
+    if c.prompts:
+        tok = tokens.load_tokenizer(path, f"evaluate.models.{name}")
+        results["generations"][name] = generate(model, tok, c.prompts, c.max_new_tokens)
+    if c.speed and name in (c.speed_models or c.models):
+        results["speed"][name] = speed.generation_speed(
+            model, model.config.vocab_size, c.speed_prompt_tokens, c.speed_new_tokens,
+            c.speed_batch_sizes, c.speed_repeats, seed)
+        log.info("%s: %s", name, {k: v for k, v in results["speed"][name].items()
+                                  if k.startswith("batch_")})
+
+
 def run(cfg: config.Config) -> dict:
     harness.offline()  # before transformers is imported: nothing is downloaded at run time
-    from transformers import AutoModelForCausalLM  # lazy: after offline()
-
     c: EvaluateConfig = cfg.evaluate
     out = Path(c.output or Path(cfg.run.dir) / "evaluate")
     for name, path in c.models.items():
@@ -207,27 +229,13 @@ def run(cfg: config.Config) -> dict:
         log.info("evaluate.dtype=auto: %s (%s)", dtype, auto["why"])
     windows = tokens.windows(c.data, "test", c.seq_length, min(avail, c.max_windows),
                              cfg.run.seed)
-    results = {"reference": c.reference, "dtype": dtype, "dtype_auto": auto, "heldout": {},
-               "generations": {}, "prompts": c.prompts or [], "speed": {}}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # every measurement on the GPU
+    results = {"reference": c.reference, "dtype": dtype, "dtype_auto": auto, "device": device,
+               "heldout": {}, "generations": {}, "prompts": c.prompts or [], "speed": {}}
     for name, path in tqdm(c.models.items(), desc="evaluate", unit="model"):
-        integrity.refuse_damaged(path, rec=exported_record(path) or {})  # before it is read
-        model = compat.hf_linears(  # fp32 GEMMs through oneDNN where faster (CPU)
-            AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval())
-        results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),
-                                    "params": sum(p.numel() for p in model.parameters())}
-        h = results["heldout"][name]
-        log.info("%s: held-out loss %.4f, perplexity %.2f (%s, %.0f tokens/s)", name,
-                 h["loss"], h["perplexity"], dtype, h["tokens_per_s"])
-        if c.prompts:
-            tok = tokens.load_tokenizer(path, f"evaluate.models.{name}")
-            results["generations"][name] = generate(model, tok, c.prompts, c.max_new_tokens)
-        if c.speed and name in (c.speed_models or c.models):
-            results["speed"][name] = speed.generation_speed(
-                model, model.config.vocab_size, c.speed_prompt_tokens, c.speed_new_tokens,
-                c.speed_batch_sizes, c.speed_repeats, cfg.run.seed)
-            log.info("%s: %s", name, {k: v for k, v in results["speed"][name].items()
-                                      if k.startswith("batch_")})
-        del model
+        score(name, path, c, dtype, device, windows, cfg.run.seed, results)
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the next model's room
     if results["speed"]:
         results["speedup"] = speedups(results["speed"], c.reference)
     specs = harness.task_specs(c.suite, c.tasks)
@@ -253,7 +261,7 @@ def run(cfg: config.Config) -> dict:
                                      results.get("lm_eval", {}).items()},
                          "speedup": results.get("speedup"),
                          "windows": len(windows), "seq_length": c.seq_length,
-                         "dtype": dtype, "dtype_auto": auto})
+                         "dtype": dtype, "dtype_auto": auto, "device": device})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,3 +272,38 @@ def test_prune_with_te_keeps_the_local_spec_channels(trained_run, tmp_path):
         (Path(os.environ["OUT"]) / "prune_te_vs_local.json").write_text(json.dumps(found))
     assert same_channels >= 0.95 * len(kept["te"]["channels"]), found
     assert same_neurons >= 0.95 * total_neurons, found
+
+
+@pytest.mark.timeout(240)
+def test_teacher_correction_export_and_evaluate_on_gpu(trained_run, tmp_path):
+    """The stages no other GPU test runs: teacher correction in bf16 under the resolved spec (TE
+    where installed), the HF export of its output, and evaluate on the GPU (held-out loss,
+    generation, speed): the loss within bf16 tolerance of the CPU's fp32 value for the same
+    export. (evaluate computed on the CPU on a GPU machine until 2026-12-04.)"""
+    from recipes import evaluate, export, teacher_correction
+    from tests.stages.test_distill import metrics
+
+    a = ["--config", TINY, f"run.dir={trained_run['run']}", f"convert.hf_path={trained_run['hf']}"]
+    tc, hf = tmp_path / "tc", tmp_path / "hf"
+    assert teacher_correction.main([*a, f"teacher_correction.output={tc}",
+                                    "teacher_correction.precision=bf16"]) == 0
+    rows = metrics(tc)
+    assert all(torch.isfinite(torch.tensor(r["lm_loss"])) for r in rows if "lm_loss" in r)
+    assert all(isinstance(r["grad_norm"], float) for r in rows if "grad_norm" in r)
+    assert export.main([*a, f"export.input={tc}", f"export.output={hf}", "export.dtype=bf16",
+                        "export.parity_atol=5e-2"]) == 0
+    ev = [f"evaluate.models={{corrected: {hf}}}", "evaluate.include=[corrected]",
+          "evaluate.reference=corrected", "evaluate.speed=true", "evaluate.speed_batch_sizes=[1]",
+          "evaluate.speed_repeats=1"]
+    assert evaluate.main([*a, f"evaluate.output={tmp_path / 'gpu'}", *ev]) == 0
+    cpu = subprocess.run([sys.executable, "-m", "recipes.evaluate", *a, *ev,
+                          f"evaluate.output={tmp_path / 'cpu'}", "evaluate.dtype=fp32"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=200,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    g, c = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("gpu", "cpu"))
+    assert (g["device"], g["dtype"], c["device"], c["dtype"]) == ("cuda", "bf16", "cpu", "fp32")
+    assert g["speed"]["corrected"]["device"].startswith("cuda")
+    assert g["generations"]["corrected"] and c["generations"]["corrected"]
+    assert g["heldout"]["corrected"]["loss"] == pytest.approx(
+        c["heldout"]["corrected"]["loss"], rel=2e-2)
