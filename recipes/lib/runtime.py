@@ -50,6 +50,21 @@ def setup_logging(level: str = "INFO") -> None:
     quiet.install_log_filters(level)
 
 
+def launch_problem(env=os.environ) -> str | None:
+    """Why this process must not start a world of one, or None: it is one task of an srun step
+    of several started without RANK / WORLD_SIZE (`srun -n 8 python -m recipes.distill`), where
+    each task would run the whole stage alone, all on the first GPU. The batch script itself has
+    SLURM_NTASKS but no SLURM_STEP_NUM_TASKS (read on the real scheduler)."""
+    n = int(env.get("SLURM_STEP_NUM_TASKS") or 1)
+    if "RANK" in env or n <= 1:
+        return None
+    return (f"this is task {env.get('SLURM_PROCID', '?')} of the {n} of an srun step, started "
+            "without RANK / WORLD_SIZE: each would run the whole stage alone; launch with `make "
+            "<stage> LAUNCH=slurm` (scripts/slurm/stage.sbatch.in sets RANK=$SLURM_PROCID, "
+            "WORLD_SIZE=$SLURM_NTASKS, LOCAL_RANK=$SLURM_LOCALID, MASTER_ADDR, MASTER_PORT), or "
+            "export those in each task")
+
+
 def init(tp: int, pp: int, seed: int = 1234) -> None:
     """Initialise torch.distributed and megatron's model-parallel groups (TP x PP x DP = world)."""
     compat.apply()
@@ -68,6 +83,8 @@ def init(tp: int, pp: int, seed: int = 1234) -> None:
             dist.init_process_group(backend=backend)
         else:  # plain `python -m ...`: a world of one, its store in this process (a free
             # port, picked then bound, raced: EADDRINUSE with 8 stages started at once on the H200)
+            if (why := launch_problem()) is not None:
+                raise ValueError(why)
             dist.init_process_group(backend=backend, rank=0, world_size=1, store=dist.HashStore())
     ws = dist.get_world_size()
     if ws % (tp * pp):

@@ -385,6 +385,8 @@ def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple =
     def go() -> int:
         cfg = config.parse_args(argv, stage, doc, also)
         runtime.setup_logging(cfg.run.log_level)
+        if (why := runtime.launch_problem()) is not None:  # before any lock or folder
+            raise ValueError(why)
         try:
             run(cfg)
         except Preempted as e:
