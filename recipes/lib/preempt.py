@@ -67,6 +67,7 @@ class StopOnSignal:
         self.received: str | None = None
         self._old: dict = {}
         self._ours: dict = {}  # signal -> the handler address the kernel holds for it
+        self._warned: set = set()  # what check() has said (once each: it may recur every step)
 
     def _handle(self, signum, _frame) -> None:
         self.received = signal.Signals(signum).name
@@ -94,11 +95,12 @@ class StopOnSignal:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
 
     def check(self) -> None:
-        """Re-arm, with a warning naming what changed, where a signal would no longer reach the
-        handler: blocked in this thread, or its handler replaced, in Python or below it (a C
-        library's sigaction, which signal.getsignal does not see). On the H200 with Transformer
-        Engine a SIGUSR1 after step 6 never reached the loop, the symptom of a blocked signal
-        (the cause there is still to be read): a job would run into its time limit unsaved."""
+        """Re-arm, with a warning naming what changed (once per cause), where a signal would no
+        longer reach the handler: blocked in this thread, or its handler replaced, in Python or
+        below it (a C library's sigaction, which signal.getsignal does not see). On the H200
+        with Transformer Engine a SIGUSR1 after step 6 never reached the loop, the symptom of a
+        blocked signal (the cause there is still to be read): a job would run into its time
+        limit unsaved."""
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         wrong = [f"{signal.Signals(s).name} " + (
             "blocked" if s in blocked else
@@ -107,8 +109,11 @@ class StopOnSignal:
             for s in self.signals if s in blocked or signal.getsignal(s) != self._handle
             or os_handler(s) != self._ours[s]]
         if wrong:
-            log.warning("%s since the stage started: restored (a preemption would not have "
-                        "been saved)", "; ".join(wrong))
+            said = "; ".join(wrong)
+            (log.debug if said in self._warned else log.warning)(
+                "%s since the stage started: restored (a preemption would not have been "
+                "saved)", said)
+            self._warned.add(said)
             self.arm()
 
     def agreed(self) -> bool:

@@ -67,6 +67,12 @@ def test_check_restores_a_replaced_handler_and_a_blocked_signal(caplog):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
         assert stop.received == "SIGTERM"
+        caplog.clear()
+        for _ in range(3):  # the same cause at every step: said once, restored each time
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+            stop.check()
+            assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert caplog.text.count("SIGTERM blocked") == 1
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # replaced in Python
         caplog.clear()
         stop.check()
