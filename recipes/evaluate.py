@@ -175,12 +175,13 @@ def speedups(speed: dict, reference: str) -> dict:
                    for b in s if b.startswith("batch_")} for name, s in speed.items()}
 
 
-def score(name: str, path, c: EvaluateConfig, dtype: str, device: str, windows: torch.Tensor,
-          seed: int, results: dict) -> None:
-    """One model on `device`: its held-out loss, generations and speed, into `results`."""
+def score(name: str, path, rec: dict, c: EvaluateConfig, dtype: str, device: str,
+          windows: torch.Tensor, seed: int, results: dict) -> None:
+    """One model on `device`, its files checked against `rec` (exported_record, {} for none)
+    first: its held-out loss, generations and speed, into `results`."""
     from transformers import AutoModelForCausalLM  # lazy: after harness.offline() in run()
 
-    integrity.refuse_damaged(path, rec=exported_record(path) or {})  # before it is read
+    integrity.refuse_damaged(path, rec=rec)  # before it is read
     model = compat.hf_linears(  # fp32 GEMMs through oneDNN where faster (CPU)
         AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval().to(device))
     results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),
@@ -203,6 +204,7 @@ def run(cfg: config.Config) -> dict:
     harness.offline()  # before transformers is imported: nothing is downloaded at run time
     c: EvaluateConfig = cfg.evaluate
     out = Path(c.output or Path(cfg.run.dir) / "evaluate")
+    records = {}  # each model's integrity record: sizes checked now, checksums before its load
     for name, path in c.models.items():
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"evaluate.models.{name}={path} is not an HF model folder "
@@ -210,7 +212,8 @@ def run(cfg: config.Config) -> dict:
         if not any((Path(path) / w).is_file() for w in HF_WEIGHTS):
             raise FileNotFoundError(f"evaluate.models.{name}={path} holds no weights (none of "
                                     f"{', '.join(HF_WEIGHTS)}); finish its download or export")
-        integrity.refuse_damaged(path, checksums=False, rec=exported_record(path) or {})
+        records[name] = exported_record(path) or {}
+        integrity.refuse_damaged(path, checksums=False, rec=records[name])
     data_manifest = read_manifest(c.data, ("data",), "evaluate.data")
     avail = tokens.available_windows(data_manifest["tokens"]["test"], c.seq_length)
     if avail < 1:
@@ -233,7 +236,7 @@ def run(cfg: config.Config) -> dict:
     results = {"reference": c.reference, "dtype": dtype, "dtype_auto": auto, "device": device,
                "heldout": {}, "generations": {}, "prompts": c.prompts or [], "speed": {}}
     for name, path in tqdm(c.models.items(), desc="evaluate", unit="model"):
-        score(name, path, c, dtype, device, windows, cfg.run.seed, results)
+        score(name, path, records[name], c, dtype, device, windows, cfg.run.seed, results)
         if device == "cuda":
             torch.cuda.empty_cache()  # the next model's room
     if results["speed"]:

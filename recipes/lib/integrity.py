@@ -48,11 +48,10 @@ def files(folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
                   if p.is_file() and p.name not in (RECORD, *skip))
 
 
-def record(folder: Path, skip: tuple[str, ...] = (), collective: bool = True) -> dict:
-    """{relative path: [size, crc32]} of `files(folder, skip)`; collective unless not
-    `collective`."""
+def record(folder: Path, collective: bool = True) -> dict:
+    """{relative path: [size, crc32]} of `files(folder)`; collective unless not `collective`."""
     folder = Path(folder)
-    return _split(files(folder, skip), lambda n: [(folder / n).stat().st_size, crc32(folder / n)],
+    return _split(files(folder), lambda n: [(folder / n).stat().st_size, crc32(folder / n)],
                   collective)
 
 

@@ -102,12 +102,7 @@ class StopOnSignal:
         blocked signal (the cause there is still to be read): a job would run into its time
         limit unsaved."""
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        wrong = [f"{signal.Signals(s).name} " + (
-            "blocked" if s in blocked else
-            f"handled in Python by {signal.getsignal(s)!r}" if signal.getsignal(s) != self._handle
-            else "handled below Python by another handler")
-            for s in self.signals if s in blocked or signal.getsignal(s) != self._handle
-            or os_handler(s) != self._ours[s]]
+        wrong = [w for s in self.signals if (w := self._lost(s, blocked))]
         if wrong:
             said = "; ".join(wrong)
             (log.debug if said in self._warned else log.warning)(
@@ -115,6 +110,17 @@ class StopOnSignal:
                 "saved)", said)
             self._warned.add(said)
             self.arm()
+
+    def _lost(self, s, blocked: set) -> str | None:
+        """Why signal `s` would not reach the handler now (None: it would)."""
+        name = signal.Signals(s).name
+        if s in blocked:
+            return f"{name} blocked"
+        if (handler := signal.getsignal(s)) != self._handle:
+            return f"{name} handled in Python by {handler!r}"
+        if os_handler(s) != self._ours[s]:
+            return f"{name} handled below Python by another handler"
+        return None
 
     def agreed(self) -> bool:
         """Collective over the world group (one int): did any rank receive a signal? (No
