@@ -14,7 +14,9 @@ distillation uses megatron's distributed optimizer (bf16 params + fp32 grads per
 shard; fp32 master weights and Adam moments sharded over data-parallel ranks), a frozen bf16
 teacher with the same TP/PP, and fp32 student + teacher logits; with
 distill.precision_aware_optimizer, 2 bytes less per student parameter (16-bit remainders
-instead of fp32 master weights) (arch.prune_memory, arch.training_memory). GPU hours = model
+instead of fp32 master weights); with distill.precision=fp8 (or teacher_precision=fp8), TE's
+cached fp8 weight copies, less the bf16 matmul inputs it stores as fp8 (arch.prune_memory,
+arch.training_memory, arch.fp8_memory; within 1.1% of the H200's peaks, docs/gpu.md). GPU hours = model
 FLOPs (arch.distill_flops_per_token: matmuls and causal attention, 3x the student's forward +
 the teacher's) / (peak FLOP/s * MFU).
 """
@@ -69,8 +71,9 @@ def teacher_arch(path: str) -> Arch:
     return Arch.from_hf_config(json.loads(p.read_text()), str(p))
 
 
-def layouts(t: Arch, s: Arch, p: PlanConfig, precision_aware: bool = False) -> list[dict]:
-    """TP x PP layouts valid for both models, with their distillation memory per GPU."""
+def layouts(t: Arch, s: Arch, p: PlanConfig, settings: dict) -> list[dict]:
+    """TP x PP layouts valid for both models, with their distillation memory per GPU
+    (`settings`: memory_settings)."""
     out = []
     for tp in (1, 2, 4, 8):
         for pp in (1, 2, 4, 8):
@@ -78,7 +81,7 @@ def layouts(t: Arch, s: Arch, p: PlanConfig, precision_aware: bool = False) -> l
                     or p.gpus % (tp * pp):
                 continue
             gb = training_memory(t, s, p.seq_length, tp, pp, p.gpus // (tp * pp),
-                                 precision_aware) / GB
+                                 **settings) / GB
             out.append({"tp": tp, "pp": pp, "dp": p.gpus // (tp * pp), "distill_gb": gb,
                         "fits": gb <= p.gpu_memory_gb})
     return out
@@ -108,6 +111,16 @@ def distill_section(cfg: config.Config) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+def memory_settings(cfg: config.Config) -> dict:
+    """The distill settings that change its memory (training_memory's keywords): the
+    precision-aware optimizer, and fp8 for the student, or the teacher too (never by default)."""
+    d = distill_section(cfg)
+    return {"precision_aware": bool(d.get("precision_aware_optimizer")),
+            "precision": d.get("precision", "auto"),
+            "teacher_precision": d.get("teacher_precision") or "bf16",
+            "bf16_edge_layers": int(d.get("fp8_bf16_edge_layers") or 0)}
+
+
 def estimate(cfg: config.Config) -> dict:
     """All the numbers `plan` prints, as a dict. `cfg` has a typed `plan` and, if the recipe
     prunes, a typed `prune` section."""
@@ -125,7 +138,7 @@ def estimate(cfg: config.Config) -> dict:
     validate_layout(student, tp, pp)
     nt, ns = teacher.num_params(), student.num_params()
     dp = max(p.gpus // (tp * pp), 1)
-    compact = bool(distill_section(cfg).get("precision_aware_optimizer"))
+    settings = memory_settings(cfg)
     steps = p.distill_tokens / (p.seq_length * p.global_batch_size)
     flops = distill_flops_per_token(teacher, student, p.seq_length) * p.distill_tokens
     gpu_s = flops / (p.peak_tflops * 1e12 * p.mfu)
@@ -134,7 +147,7 @@ def estimate(cfg: config.Config) -> dict:
         "convert (host RAM per process)": 2 * teacher.padded_vocab_size * teacher.hidden_size * 2,
         f"prune (per GPU, TP=1 PP={pp})": prune_memory(teacher, prune_seq, pp),
         f"distill (per GPU, TP={tp} PP={pp})": training_memory(teacher, student, p.seq_length,
-                                                               tp, pp, dp, compact),
+                                                               tp, pp, dp, **settings),
         "export (host RAM, rank 0)": 2 * ns,
     }
     return {
@@ -144,7 +157,7 @@ def estimate(cfg: config.Config) -> dict:
         "memory_gb": {k: v / GB for k, v in mem.items()},
         "prune_pp_that_fit": [q for q in (1, 2, 4, 8) if teacher.num_layers % q == 0
                               and prune_memory(teacher, prune_seq, q) / GB <= p.gpu_memory_gb],
-        "distill_layouts": layouts(teacher, student, p, compact),
+        "distill_layouts": layouts(teacher, student, p, settings),
         "inference_speedup": inference_ratios(teacher, student, p.seq_length, p.inference_batch),
         "distill": {"tokens": p.distill_tokens, "steps": steps, "flops": flops,
                     "gpu_hours": gpu_s / 3600, "wall_hours": gpu_s / 3600 / p.gpus},

@@ -221,7 +221,9 @@ def memory_note(name: str, c: train.TrainConfig, sources: dict[str, Source], tp:
     one that ran out."""
     teacher = sources["teacher"].arch if "teacher" in sources else None
     est = training_memory(teacher, sources["input"].arch, c.seq_length * c.micro_batch_size, tp,
-                          pp, dp, c.precision_aware_optimizer) / 2**30
+                          pp, dp, c.precision_aware_optimizer, c.precision,
+                          getattr(c, "teacher_precision", None) or "bf16",
+                          c.fp8_bf16_edge_layers) / 2**30
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 \
         if torch.cuda.is_available() else None
     fixes = [f"{name}.micro_batch_size=1" if c.micro_batch_size > 1 else None,
