@@ -109,9 +109,12 @@ def save_streaming(meta_model, directory: Path,
                 sharded_state_dict, self.keep_only_main_replica)
             planner = StreamingPlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
                                        flatten_state_dict=False, flatten_sharded_tensors=False)
-            dcp.save(mcore_to_pyt_state_dict(sd, False), planner=planner,
-                     storage_writer=dcp.FileSystemWriter(checkpoint_dir, thread_count=1,
-                                                         sync_files=False))
+            try:
+                dcp.save(mcore_to_pyt_state_dict(sd, False), planner=planner,
+                         storage_writer=dcp.FileSystemWriter(checkpoint_dir, thread_count=1,
+                                                             sync_files=False))
+            except dcp.api.CheckpointException as e:  # a BaseException wrapping each rank's
+                raise e.failures[min(e.failures)][0] from e  # error: the reader's, as raised
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

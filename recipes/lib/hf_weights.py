@@ -7,7 +7,10 @@ Checked before any work, each naming the file and the fix: every shard is a safe
 exactly as long as its header says; the index and the shards agree; every tensor config.json
 implies is there with the shape config.json implies (mapping.hf_shapes); the weights hold no
 layer past config.json's num_hidden_layers (which would otherwise be dropped without a word).
-Other tensors convert does not read (rotary inv_freq buffers, ...) are named in a warning.
+Other tensors convert does not read (rotary inv_freq buffers, ...) are named in a warning. Each
+tensor read is checked for NaN / inf (`check_finite`, ~14 GB/s on one core: about a second for
+an 8B): a damaged or diverged checkpoint fails its convert naming the tensor, instead of
+pruning on NaN importance scores and failing at distillation's first step.
 """
 from __future__ import annotations
 
@@ -152,7 +155,24 @@ class HFReader:
         dtype = SAFETENSORS_DTYPES[h["dtype"]]
         if not buf:
             return torch.empty(h["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(h["shape"])
+        t = torch.frombuffer(buf, dtype=dtype).reshape(h["shape"])
+        check_finite(t, f"{self.path / fname}: tensor {name}")
+        return t
+
+
+def check_finite(t: torch.Tensor, what: str, chunk: int = 1 << 22) -> None:
+    """Refuse a floating-point tensor holding NaN or inf. In chunks of 4M elements: the max of
+    |x| propagates NaN, and a chunk's temporaries stay in cache (isfinite over a whole bf16
+    tensor is 30x slower on a CPU)."""
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        if not torch.isfinite(flat[i:i + chunk].abs().amax()):
+            bad = int((~torch.isfinite(flat)).sum())
+            raise ValueError(f"{what} holds {bad} NaN / inf value(s) of {flat.numel()}: the "
+                             "checkpoint is damaged or comes from a diverged run; re-download "
+                             "it, or convert the last good one")
 
 
 def hf_files(folder: Path) -> list[Path]:

@@ -74,6 +74,30 @@ def test_a_damaged_shard_is_refused_naming_it(hf_models, tmp_path, how, message)
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_weights_holding_nan_or_inf_are_refused_naming_the_tensor(hf_models, tmp_path, value):
+    """A well-formed shard whose numbers are not (a diverged run's save, a bad dequantisation):
+    convert fails naming the tensor instead of pruning on NaN importance; its unfinished
+    folder stays hidden (.convert.tmp) and the next run starts it over."""
+    src = broken_copy(hf_models, tmp_path)
+    victim = sorted(src.glob("model-*.safetensors"))[-1]
+    good = victim.read_bytes()
+    raw = bytearray(good)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8: 8 + n])
+    name = next(k for k, h in header.items() if k != "__metadata__" and h["dtype"] == "F32")
+    at = 8 + n + header[name]["data_offsets"][0] + 4 * 3  # its fourth value
+    raw[at: at + 4] = struct.pack("<f", value)
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"{victim.name}: tensor {name} holds 1 NaN / inf "
+                                         r"value\(s\) of \d+: the checkpoint is damaged"):
+        run_convert(tmp_path, src)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".convert.lock",
+                                                                    ".convert.tmp"]
+    victim.write_bytes(good)  # the re-download
+    assert run_convert(tmp_path, src) == 0
+
+
 # ---- 2. a changed input is refused, never silently reused ---------------------------------------
 def test_replaced_weights_are_refused_then_redone_with_force(hf_models, tmp_path):
     src = broken_copy(hf_models, tmp_path, "tied")
