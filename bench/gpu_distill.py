@@ -15,9 +15,9 @@ untimed, then the median of `--steps`. Each (run, seq) is its own process, so no
 or peak leaks into the next; a run the machine cannot do (no TE, no fp8) is skipped with why.
 
 Per run: tokens/s; model TFLOP/s counted with attention (arch.distill_flops_per_token: 3x
-the student's forward + the teacher's, causal attention at s/2 keys per token); MFU against the GPU's
-dense bf16 peak (PEAK_TFLOPS; omitted for a GPU not listed, never another chip's number); peak
-memory allocated and reserved; `plan`'s estimate for the same shapes and its ratio to the peak;
+the student's forward + the teacher's, causal attention at s/2 keys per token); MFU against
+the GPU's dense bf16 peak (metrics.PEAK_TFLOPS; omitted for a GPU not listed, never another
+chip's number); peak memory allocated and reserved; `plan`'s estimate for the same shapes and its ratio to the peak;
 the resolved spec, fp8 recipe and TE attention backend; the KD loss at every step. The summary
 compares each run with TE bf16 (speed, last-step KD loss) and checks the issue's goals.
 `--profile`: one more step under torch.profiler, its device time by kernel and by kind.
@@ -38,17 +38,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# dense (no sparsity) peak TFLOP/s per datasheet; the first name contained in the device name wins
-PEAK_TFLOPS = [
-    ("H100 PCIe", {"bf16": 756.0, "fp8": 1513.0}),
-    ("H100 NVL", {"bf16": 835.0, "fp8": 1671.0}),
-    ("H100", {"bf16": 989.0, "fp8": 1979.0}),   # SXM
-    ("H200", {"bf16": 989.0, "fp8": 1979.0}),
-    ("H20", {"bf16": 148.0, "fp8": 296.0}),
-    ("GH200", {"bf16": 989.0, "fp8": 1979.0}),
-    ("B200", {"bf16": 2250.0, "fp8": 4500.0}),
-    ("A100", {"bf16": 312.0}),                  # no fp8 on Ampere
-]
 # name -> distill config fields; "te" runs need Transformer Engine, "fp8" ones a GPU with fp8
 RUNS = {
     "local-bf16": {"spec": "local", "precision": "bf16"},
@@ -73,14 +62,6 @@ TINY_RUNS = {"local-fp32": {"spec": "local", "precision": "fp32"}, **RUNS}
 # the issue's goals: (run, over, at least) for tokens/s ratios; MFU and loss below
 GOALS = {"te_bf16_mfu": 0.38, "fp8_speedup": 1.2, "fp8_teacher_speedup": 1.35,
          "fp8_kd_loss_rel": 0.02, "plan_rel": 0.15}
-
-
-def peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
-    # longest matching name first: "GH200" before "H200", "H100 PCIe" before "H100"
-    for name, peaks in sorted(PEAK_TFLOPS, key=lambda x: -len(x[0])):
-        if name in device_name:
-            return peaks.get(precision)
-    return None
 
 
 def archs(tiny: bool):
@@ -167,6 +148,7 @@ def measure(run: str, seq: int, a) -> dict:
     from recipes.lib import kd, runtime, train, train_stage
     from recipes.lib import model as M
     from recipes.lib.arch import distill_flops_per_token, training_memory
+    from recipes.lib.metrics import peak_tflops
 
     t, s = archs(a.tiny)
     fields = (TINY_RUNS if a.tiny else RUNS)[run]

@@ -16,9 +16,9 @@ teacher with the same TP/PP, and fp32 student + teacher logits; with
 distill.precision_aware_optimizer, 2 bytes less per student parameter (16-bit remainders
 instead of fp32 master weights); with distill.precision=fp8 (or teacher_precision=fp8), TE's
 cached fp8 weight copies, less the bf16 matmul inputs it stores as fp8 (arch.prune_memory,
-arch.training_memory, arch.fp8_memory; within 1.1% of the H200's peaks, docs/gpu.md). GPU hours = model
-FLOPs (arch.distill_flops_per_token: matmuls and causal attention, 3x the student's forward +
-the teacher's) / (peak FLOP/s * MFU).
+arch.training_memory, arch.fp8_memory; within 1.1% of the H200's peaks, docs/gpu.md). GPU
+hours = model FLOPs (arch.distill_flops_per_token: matmuls and causal attention, 3x the
+student's forward + the teacher's) / (peak FLOP/s * MFU).
 """
 from __future__ import annotations
 

@@ -194,10 +194,11 @@ class Arch:
                 f"all of them, so results would change; use {key}<={self.sliding_window}")
 
 
-def distill_flops_per_token(teacher: Arch, student: Arch, seq: int) -> float:
+def distill_flops_per_token(teacher: Arch | None, student: Arch, seq: int) -> float:
     """Model FLOPs of distillation per token: the student trained (3x its forward) against
-    the frozen teacher's forward (plan's GPU-hours, the GPU benchmark's MFU)."""
-    return 3 * student.flops_per_token(seq) + teacher.flops_per_token(seq)
+    the frozen teacher's forward (None: no teacher, as teacher correction). plan's GPU-hours,
+    the GPU benchmark's MFU, a training stage's logged TFLOP/s."""
+    return 3 * student.flops_per_token(seq) + (teacher.flops_per_token(seq) if teacher else 0)
 
 
 def layer_activations(a: Arch, seq: int) -> float:

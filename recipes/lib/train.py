@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from recipes.lib import compat, config, megatron_data, runtime
-from recipes.lib.metrics import Metrics, peak_memory_mb
+from recipes.lib.metrics import Metrics, peak_memory_mb, speed
 from recipes.lib.preempt import Fault, Preempted, StopOnSignal
 
 log = logging.getLogger(__name__)
@@ -335,9 +335,9 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     """Train `model` (a megatron module, possibly a ModelOpt DistillationModel) for
     c.train_iters steps, resuming from `work`/checkpoints. `make_step(training)` returns the
     forward_step_func for megatron's schedule; `schedule_kwargs(ddp)` (optional) more arguments
-    for it once the model is wrapped (distillation under PP: kd.schedule_kwargs). `stop`: signal
-    handlers the stage installed before loading (a signal during loading then stops after the
-    first step). Returns the final metrics."""
+    for it once the model is wrapped (distillation under PP: kd.schedule_kwargs). `meta` (stage,
+    flops_per_token for the logged TFLOP/s) goes into each checkpoint; `stop`: the handlers the
+    stage installed before loading (a signal then stops after step 1). Returns the final metrics."""
     from megatron.core import parallel_state as ps  # lazy: megatron (see the module doc)
 
     from recipes.lib import batches, resume  # lazy: they import megatron
@@ -349,7 +349,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     step = resume.resume(ckpts, ddp, opt, sched, c.global_batch_size)
     metrics = Metrics(work / "logs", step)
     run_step = scheduled(c, ddp, make_step, schedule_kwargs)
-    tokens_per_step = c.global_batch_size * c.seq_length
+    tokens_per_step, flops = c.global_batch_size * c.seq_length, meta.get("flops_per_token")
     fault = Fault(c.fault)
 
     def validate() -> dict:
@@ -378,7 +378,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             dt = time.time() - t0
             rep = reduce_report(reports)
             row = {"step": step, "tokens": step * tokens_per_step, **(rep or {}), "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                   "grad_norm": grad_norm, **speed(tokens_per_step, dt, flops),
                    "step_s": dt, "memory_mb": peak_memory_mb(), "skipped": not ok}
             if step % c.eval_interval == 0 or step == c.train_iters:
                 row.update(validate())

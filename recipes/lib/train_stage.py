@@ -26,7 +26,7 @@ import torch
 
 from recipes.lib import (checkpoint, config, disk, interop, megatron_data, runtime, tokens,
                          train)
-from recipes.lib.arch import Arch, training_memory, validate_layout
+from recipes.lib.arch import Arch, distill_flops_per_token, training_memory, validate_layout
 from recipes.lib.interop import Source
 from recipes.lib.preempt import Fault, StopOnSignal
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
@@ -181,8 +181,10 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
             model, make_step, schedule = build(c)
             log.info("%s %s: %d steps x %d x %d tokens, %s\n%s", name, src.path, c.train_iters,
                      c.global_batch_size, c.seq_length, c.precision, config.to_yaml(cfg))
-            final = train.train(c, work, model, make_step, {"stage": name}, cfg.run.seed, stop,
-                                schedule)
+            teacher = sources["teacher"].arch if "teacher" in sources else None
+            final = train.train(c, work, model, make_step, {"stage": name, "flops_per_token":
+                                distill_flops_per_token(teacher, arch, c.seq_length)},
+                                cfg.run.seed, stop, schedule)
         except torch.OutOfMemoryError as e:  # the checkpoints saved so far stay for a resume
             raise RuntimeError(f"{name} ran out of GPU memory ({str(e).splitlines()[0]}). "
                                f"{memory['text']}") from e

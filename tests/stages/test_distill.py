@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import distill, export, prune
-from recipes.lib import preempt, tokens
+from recipes.lib import arch, preempt, tokens
 from tests.conftest import ROOT, TINY, torchrun
 
 
@@ -94,6 +94,13 @@ def test_distillation_learns_and_beats_the_pruned_student(pruned, tmp_path):
     assert last < 0.7 * first, (first, last)
     valid = losses(rows, "valid_kd_loss")
     assert valid[30] < valid[0]
+    t, s = (arch.Arch.from_dict(json.loads((pruned["run"] / r / "manifest.json").read_text())[
+        "arch"]) for r in ("convert", "prune"))
+    per_token = arch.distill_flops_per_token(t, s, 64)  # the student's 3 passes + the teacher's
+    assert per_token > 3 * s.flops_per_token(64)
+    for r in rows[1:]:  # one rank: the run's model FLOPs over its step time
+        assert r["model_tflops_per_rank"] == pytest.approx(r["tokens_per_s"] * per_token / 1e12)
+        assert "mfu" not in r  # a CPU has no listed peak
     m = json.loads((out / "manifest.json").read_text())
     assert m["arch"]["hidden_size"] == 48 and not (out / "checkpoints").exists()
     for src, dst in ((pruned["run"] / "prune", tmp_path / "hp"), (out, tmp_path / "hd")):
@@ -292,7 +299,7 @@ def test_out_of_gpu_memory_names_the_estimate_and_the_fixes(pruned, tmp_path, mo
     """A GPU that runs out of memory mid-training (torch.OutOfMemoryError, raised here in the
     loop's place): one error with the estimated peak for the layout and the settings that lower
     it, the work folder kept for a resume."""
-    from recipes.lib import arch, train
+    from recipes.lib import train
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")

@@ -1,13 +1,11 @@
 """One function chooses the layer spec for every stage; fp8 and spec combinations are refused
 before any work; checkpoints load across specs with exactly TE's `_extra_state` allowed."""
 import importlib.util
-import sys
 
 import pytest
 import torch
 
 from recipes.lib import checkpoint, runtime, train
-from tests.conftest import ROOT
 from tests.unit.test_mapping_8b import LLAMA31_8B
 
 NO_TE = importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
@@ -115,11 +113,25 @@ def test_key_mismatch_allows_only_te_extra_state():
 
 
 def test_peak_flops_table_never_borrows_another_chip():
-    sys.path.insert(0, str(ROOT / "bench"))
-    from gpu_distill import peak_tflops
+    from recipes.lib.metrics import peak_tflops
 
     assert peak_tflops("NVIDIA H200", "bf16") == 989.0
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert peak_tflops("NVIDIA GH200 480GB", "fp8") == 1979.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp8") is None  # no fp8 on Ampere
     assert peak_tflops("NVIDIA L40S", "bf16") is None  # unknown: MFU omitted
+
+
+def test_a_steps_speed_counts_model_flops_per_rank_and_mfu_where_the_peak_is_known(monkeypatch):
+    from recipes.lib import metrics
+
+    assert metrics.speed(4096, 2.0, None) == {"tokens_per_s": 2048.0}  # no FLOP count: no more
+    assert metrics.speed(4096, 2.0, 1e9) == {"tokens_per_s": 2048.0,  # a CPU: no MFU
+                                              "model_tflops_per_rank": 2048e9 / 1e12}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 8)
+    got = metrics.speed(8 * 11374, 1.0, 44e9)  # the H200's TE bf16 run, as if on 8 GPUs
+    assert got["model_tflops_per_rank"] == pytest.approx(500.5, rel=1e-3)
+    assert got["mfu"] == pytest.approx(500.5 / 989, rel=1e-3)
