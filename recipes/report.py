@@ -275,7 +275,19 @@ def training_section(run: Path, out: Path) -> list[str]:
     return ["## Distillation", "", "![training curves](training.png)", "",
             f"{last['step']} steps, {last['tokens']:,} tokens; final train KD loss "
             f"{last.get('kd_loss', float('nan')):.4f}, validation KD loss "
-            f"{last.get('valid_kd_loss', float('nan')):.4f}.", ""]
+            f"{last.get('valid_kd_loss', float('nan')):.4f}." + training_speed(rows), ""]
+
+
+def training_speed(rows: list[dict]) -> str:
+    """The median logged step's speed, as a sentence (nothing for rows without it)."""
+    steps = sorted((r for r in rows if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
+    if not steps:
+        return ""
+    mid = steps[len(steps) // 2]
+    return (f" Median logged step: {mid['tokens_per_s']:,.0f} tokens/s"
+            + (f", {mid['model_tflops_per_rank']:.3g} model TFLOP/s per rank"
+               if "model_tflops_per_rank" in mid else "")
+            + (f", MFU {mid['mfu']:.1%}" if "mfu" in mid else "") + ".")
 
 
 def importance_section(run: Path, m: dict, out: Path) -> list[str]:

@@ -36,3 +36,8 @@ def test_pipeline_to_report(trained_run, tmp_path):
     assert re.search(r"^\| parameters \| [\d.]+M \| [\d.]+M \([\d.]+%\) \|$", md, re.M)
     assert re.search(r"^\| distill \| [\d.]+ \|$", md, re.M)  # wall time
     assert "*distilled*:" in md  # sample generations
+    speed = re.search(r"Median logged step: ([\d,]+) tokens/s, ([\d.e+-]+) model TFLOP/s per "
+                      r"rank\.", md)  # a CPU: no MFU
+    rows = [json.loads(x) for x in (run / "distill" / "logs" / "metrics.jsonl").open()][1:]
+    assert sorted(round(r["tokens_per_s"]) for r in rows)[len(rows) // 2] == \
+        int(speed.group(1).replace(",", ""))
