@@ -18,13 +18,13 @@ import dataclasses
 import logging
 import sys
 
-from recipes.lib import config, stage, tokens, train, train_stage
+from recipes.lib import config, stage, tokens, train_config, train_stage
 
 log = logging.getLogger("recipes.distill")
 
 
 @dataclasses.dataclass(kw_only=True)
-class DistillConfig(train.KDConfig):
+class DistillConfig(train_config.KDConfig):
     """The training and KD settings (recipes/lib/train.py); `input` is the student."""
     teacher: str
     """The teacher, as `input` is read: a convert or teacher_correction stage folder, or a

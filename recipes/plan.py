@@ -31,7 +31,7 @@ from pathlib import Path
 from recipes.lib import config, search, stage
 from recipes.lib.arch import (WIDTH_KEYS, Arch, distill_flops_per_token, prune_memory,
                                pruned_arch, training_memory, validate_layout)
-from recipes.lib.train import TrainConfig
+from recipes.lib.train_config import TrainConfig
 
 GB = 1024**3
 

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from recipes.lib import (checkpoint, config, disk, importance, interop, megatron_data, runtime,
-                         stage, tokens, train)
+                         stage, tokens, train_config)
 from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch, validate_layout
 from recipes.lib.search import SearchConfig, arch_of, check_target, constraint
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
@@ -148,7 +148,7 @@ class Plan:
     layout: dict                         # of every checkpoint this stage writes: tp, pp, spec
     student: Arch | None = None          # None: the search finds it
     drop: list | None = None             # 1-indexed layers to drop, where known in advance
-    dc: train.KDConfig | None = None     # the tournament's distillation settings
+    dc: train_config.KDConfig | None = None     # the tournament's distillation settings
     cache: dict | None = None            # the tournament's teacher-logit cache
 
 
@@ -217,7 +217,7 @@ def resolve(cfg: config.Config) -> Plan:
         # distill stage's own input, teacher or output: the tournament's are prune's)
         extra["tournament"] = {k: v for k, v in dataclasses.asdict(plan.pop("configured")).items()
                                if k not in {"input", "input_hf_config", "teacher",
-                                            "teacher_hf_config", *train.OPERATIONAL}}
+                                            "teacher_hf_config", *train_config.OPERATIONAL}}
         inputs.update({f"distill.data.{i}": d for i, d in enumerate(plan["dc"].data)})
     sdir = StageDir("prune", Path(c.output or Path(cfg.run.dir) / "prune"),
                     fingerprint(c, extra, ignore=OPERATIONAL), cfg.run.force, inputs=inputs)

@@ -18,11 +18,11 @@ import sys
 
 import torch
 
-from recipes.lib import checkpoint, config, stage, train, train_stage
+from recipes.lib import checkpoint, config, stage, train, train_config, train_stage
 
 
 @dataclasses.dataclass(kw_only=True)
-class TeacherCorrectionConfig(train.TrainConfig):
+class TeacherCorrectionConfig(train_config.TrainConfig):
     """The training settings of recipes/lib/train.py; `input` is the model to train."""
 
     random_init: bool = False

@@ -18,7 +18,7 @@ import torch
 
 from recipes.lib import compat
 from recipes.lib.stage import read_manifest
-from recipes.lib.train import TrainConfig
+from recipes.lib.train_config import TrainConfig
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
 from megatron.core import parallel_state as ps  # noqa: E402

@@ -23,6 +23,11 @@ on a CPU machine), megatron's optimizer modules get the module globals their own
 branches set without them (`_no_fused_optimizer`): their fused Adam and multi-tensor kernels
 allocate on CUDA ("Found no NVIDIA driver" when the optimizer is built).
 
+Mechanism 5: megatron's activation recompute (`tensor_parallel.random.CheckpointFunction`)
+saves and restores the CUDA generator's state around each recomputed layer; a CPU has none, so
+there `_get_cuda_rng_state` gives None and `_set_cuda_rng_state` does nothing (`NO_CUDA_RNG`).
+The CPU generator and the RNG tracker are saved and restored as before.
+
 Besides these, CPU-only fast paths (`FAST_PATHS`): where an upstream CPU fallback is slow, the
 same computation done faster, switched on only without CUDA and tested for equal results
 against the path it replaces.
@@ -137,6 +142,10 @@ CUDA_TYPE_CHECKING_CALLS = [
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
      "_build_model_and_main_param_groups"),
 ]
+# module -> its functions that read or set the CUDA generator's state (mechanism 5)
+NO_CUDA_RNG = {"megatron.core.tensor_parallel.random": {
+    "_get_cuda_rng_state": lambda *_a, **_k: None,
+    "_set_cuda_rng_state": lambda *_a, **_k: None}}
 _CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor",
                     torch.bfloat16: "torch.cuda.BFloat16Tensor",
                     torch.float16: "torch.cuda.HalfTensor"}
@@ -425,6 +434,9 @@ def apply() -> None:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
         DotProductAttention.forward = _sdpa_core_attention(DotProductAttention.forward)
         use_unfused_optimizer()
+        for mod_name, values in NO_CUDA_RNG.items():
+            for name, value in values.items():
+                setattr(importlib.import_module(mod_name), name, value)
         layers = importlib.import_module("megatron.core.tensor_parallel.layers")
         for fn in ("linear_with_grad_accumulation_and_async_allreduce",
                    "linear_with_frozen_weight"):  # called by name from ColumnParallelLinear

@@ -24,7 +24,7 @@ import contextlib
 import torch
 
 from recipes.lib import compat, train
-from recipes.lib.train import KDConfig
+from recipes.lib.train_config import KDConfig
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
 import modelopt.torch.distill as mtd  # noqa: E402

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.lib import batches, compat, runtime, train, train_stage
+from recipes.lib import batches, compat, runtime, train, train_config, train_stage
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
 from megatron.core import parallel_state as ps  # noqa: E402
@@ -154,7 +154,7 @@ class CachedTeacher(torch.nn.Module):
         return self.output_layer(logits)[0].transpose(0, 1)  # [s, b, v] -> GPTModel's [b, s, v]
 
 
-def record(teacher: tuple, dc: train.KDConfig, seed: int, folder: Path,
+def record(teacher: tuple, dc: train_config.KDConfig, seed: int, folder: Path,
            top_k: int | None) -> dict:
     """The teacher's logits for every micro-batch a tournament run of `dc` reads, one file per
     batch (`encode`), through megatron's pipeline schedule one global batch at a time, each
@@ -211,7 +211,7 @@ def _prepare(folder: Path, top_k: int | None) -> None:
     (folder / "encoding.json").write_text(json.dumps(top_k))
 
 
-def _todo(dc: train.KDConfig, seed: int, folder: Path) -> list[list[dict]]:
+def _todo(dc: train_config.KDConfig, seed: int, folder: Path) -> list[list[dict]]:
     """Per global batch of the tournament (training steps, then validation), the micro-batches
     still to record. Decided on every rank before any file is written (a killed recording's
     files are kept; a batch met twice is recorded once): the stages of a pipeline agree."""

@@ -26,7 +26,7 @@ from typing import Protocol
 from recipes.lib.arch import WIDTH_KEYS, Arch, pruned_arch
 
 if typing.TYPE_CHECKING:  # torch at import: this module stays light (see the module doc)
-    from recipes.lib.train import KDConfig
+    from recipes.lib.train_config import KDConfig
 
 HPARAMS = (*WIDTH_KEYS, "num_layers")
 SCORE_NAMES = {"kd_loss": "KD loss", "lm_loss": "LM loss", "lm_eval": "lm-eval score"}

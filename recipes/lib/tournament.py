@@ -34,11 +34,11 @@ import torch.distributed as dist
 from recipes.lib import (checkpoint, config, harness, interop, logit_cache, megatron_data,
                          modelopt_local, runtime, stage)
 from recipes.lib import model as M
-from recipes.lib import tokens, train, train_stage
+from recipes.lib import tokens, train, train_config, train_stage
 from recipes.lib.arch import Arch
 from recipes.lib.search import (HPARAMS, SCORE_NAMES, Budget, SearchConfig, arch_of,
                                 cache_plan, candidate_filter, constraint, tournament_steps)
-from recipes.lib.train import KDConfig
+from recipes.lib.train_config import KDConfig
 
 modelopt_local.enable()  # before ModelOpt's prune plugin (recipes/lib/modelopt_local.py)
 import modelopt.torch.prune as mtp  # noqa: E402
@@ -60,7 +60,7 @@ def resolve(cfg: config.Config, source: interop.Source) -> dict:
         d.data, cfg.run.dir, source.arch.vocab_size, source.hf_config.get("eos_token_id"),
         "distill.data"))
     configured = tournament_config(d, tournament_steps(s, d.global_batch_size, d.seq_length))
-    dc, _ = train.resolve_precision(configured, cfg.run.dir)
+    dc, _ = train_config.resolve_precision(configured, cfg.run.dir)
     train_stage.check_data(dc, "distill", source.arch.vocab_size)
     if s.score == "lm_eval":
         check_lm_eval(s, dc, source)

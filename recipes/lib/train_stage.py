@@ -30,6 +30,7 @@ from recipes.lib.arch import Arch, distill_flops_per_token, training_memory, val
 from recipes.lib.interop import Source
 from recipes.lib.preempt import Fault, StopOnSignal
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
+from recipes.lib.train_config import OPERATIONAL, KDConfig, TrainConfig, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ FP8_MIN_CAPABILITY = {"tensorwise": ((8, 9), "Ada or Hopper"), "delayed": ((8, 9
                       "blockwise": ((9, 0), "Hopper"), "mxfp8": ((10, 0), "Blackwell")}
 
 
-def check_precision(c: train.TrainConfig) -> None:
+def check_precision(c: TrainConfig) -> None:
     """Before anything is loaded: the layer spec exists here (spec=te needs Transformer Engine),
     fp8 (the student's or a KD teacher's) needs Transformer Engine on a GPU that has fp8 and
     the TE layer spec (TrainConfig already refuses fp8 with spec=local)."""
@@ -59,7 +60,7 @@ def check_precision(c: train.TrainConfig) -> None:
                              f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use {fix}")
 
 
-def build_kwargs(c: train.TrainConfig, precision: str | None = None) -> dict:
+def build_kwargs(c: TrainConfig, precision: str | None = None) -> dict:
     """M.build() arguments for `precision` (default: the stage's): fp8 = bf16 parameters + TE
     fp8 compute with the configured recipe."""
     precision = precision or c.precision
@@ -69,7 +70,7 @@ def build_kwargs(c: train.TrainConfig, precision: str | None = None) -> dict:
     return kw
 
 
-def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
+def fp8_recipe_kwargs(c: TrainConfig) -> dict:
     """megatron TransformerConfig fields of the fp8 recipe (recorded in the manifest as is)."""
     kw = {"fp8": "hybrid", "fp8_recipe": c.fp8_recipe,
           "fp8_amax_history_len": c.fp8_amax_history_len,
@@ -80,7 +81,7 @@ def fp8_recipe_kwargs(c: train.TrainConfig) -> dict:
     return kw
 
 
-def build_loaded(c: train.TrainConfig, model: tuple[Arch, Path], precision: str | None = None):
+def build_loaded(c: TrainConfig, model: tuple[Arch, Path], precision: str | None = None):
     """The model (architecture, weights folder) built for `c` in `precision` (default the
     stage's, see build_kwargs) with its weights loaded; inside the process groups."""
     from recipes.lib import model as M  # lazy: megatron (see train.py's module doc)
@@ -91,7 +92,7 @@ def build_loaded(c: train.TrainConfig, model: tuple[Arch, Path], precision: str 
     return m
 
 
-def build_distillation(c: train.KDConfig, student: tuple[Arch, Path], teacher,
+def build_distillation(c: KDConfig, student: tuple[Arch, Path], teacher,
                        kd_vocab: int | None = None) -> tuple:
     """(model, make_step, schedule_kwargs) for train.train: the student (architecture, weights
     folder) as ModelOpt's DistillationModel around the frozen teacher ((architecture, weights
@@ -110,7 +111,7 @@ def build_distillation(c: train.KDConfig, student: tuple[Arch, Path], teacher,
             kd.schedule_kwargs(c))
 
 
-def check_data(c: train.TrainConfig, name: str, vocab_size: int) -> None:
+def check_data(c: TrainConfig, name: str, vocab_size: int) -> None:
     for d in c.data:
         m = tokens.data_manifest(d, vocab_size, f"{name}.data")
         for split in ("train", "valid"):
@@ -133,13 +134,13 @@ def read_models(name: str, roles: tuple[str, ...], cfg: config.Config) -> dict[s
     return sources
 
 
-def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, Source],
-        build: Callable[[train.TrainConfig], tuple],
-        manifest: Callable[[train.TrainConfig], dict]) -> dict:
+def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source],
+        build: Callable[[TrainConfig], tuple],
+        manifest: Callable[[TrainConfig], dict]) -> dict:
     """The whole training stage: `sources` = {role: checkpoint} (read_models) with role "input"
     the model trained; `build(c)` (inside the process groups) returns (model, make_step,
     schedule_kwargs or None) for train.train; `manifest(c)` the stage's own manifest fields.
-    Both get `c` with precision=auto made concrete (train.resolve_precision)."""
+    Both get `c` with precision=auto made concrete (resolve_precision)."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     check_precision(c)
     src = sources["input"]
@@ -156,15 +157,15 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
               **{f"data.{i}": d for i, d in enumerate(c.data)}}
     extra = {"tp": tp, "pp": pp, "seed": cfg.run.seed}
     # operational fields (save cadence, signals, logging) leave a finished stage finished
-    stage = StageDir(name, out, fingerprint(c, extra, ignore=train.OPERATIONAL), cfg.run.force,
+    stage = StageDir(name, out, fingerprint(c, extra, ignore=OPERATIONAL), cfg.run.force,
                      inputs=inputs)
     if stage.already_done():
         runtime.on_rank0(lambda: cleanup(out, c.keep_checkpoints))
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items()
-                    if k not in train.OPERATIONAL}, **extra}
-    c, auto = train.resolve_precision(c, cfg.run.dir)
+                    if k not in OPERATIONAL}, **extra}
+    c, auto = resolve_precision(c, cfg.run.dir)
     if auto:  # a resume on a machine that would choose otherwise is refused, not mixed
         resumable["precision_auto"] = c.precision
     resumable["optimizer"] = train.optimizer_kind(c)  # its checkpoints differ by kind
@@ -215,7 +216,7 @@ def run(name: str, cfg: config.Config, c: train.TrainConfig, sources: dict[str, 
         return done
 
 
-def memory_note(name: str, c: train.TrainConfig, sources: dict[str, Source], tp: int, pp: int,
+def memory_note(name: str, c: TrainConfig, sources: dict[str, Source], tp: int, pp: int,
                 dp: int) -> dict:
     """The peak memory per GPU estimated for this run (arch.training_memory, what `plan`
     prints), the GPU's memory (None on a CPU) and a text naming both and the settings that

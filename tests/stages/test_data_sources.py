@@ -51,7 +51,7 @@ def test_training_honours_the_chat_loss_mask(trained_run, chat_data, tmp_path):
     """teacher_correction on chat data: its first validation LM loss is the masked mean an
     independent transformers computation gives on the same batches; the unmasked mean differs,
     so the mask decides; and every masked label is a user or template token."""
-    from recipes.lib import batches, train
+    from recipes.lib import batches, train, train_config
 
     run = trained_run["run"]
     out = tmp_path / "tc"
@@ -60,8 +60,8 @@ def test_training_honours_the_chat_loss_mask(trained_run, chat_data, tmp_path):
         f"teacher_correction.output={out}", "teacher_correction.train_iters=2",
         "teacher_correction.eval_interval=2"]) == 0
     first = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[0])
-    c = train.TrainConfig(input="-", data=[str(chat_data)], seq_length=64, global_batch_size=4,
-                          train_iters=2, warmup_iters=1, eval_iters=1)
+    c = train_config.TrainConfig(input="-", data=[str(chat_data)], seq_length=64,
+                                 global_batch_size=4, train_iters=2, warmup_iters=1, eval_iters=1)
     with runtime.distributed(1, 1):
         _, valid = batches.datasets(c, 1234, tmp_path / "cache")
         val = batches.micro_batches(valid, 0, c, train.check_layout(c, 1))

@@ -29,10 +29,10 @@ def student(tmp_path_factory, trained_run):
 def kd_on_valid(teacher_hf, student_hf, run, columns, cache):
     """KL(teacher || student) per token over the first `columns` logits, averaged over the
     validation batches distill's loop reads, with transformers."""
-    from recipes.lib import batches, train
+    from recipes.lib import batches, train, train_config
 
-    c = train.TrainConfig(input="-", data=[str(run / "data")], seq_length=64,
-                          global_batch_size=4, train_iters=2, warmup_iters=1, eval_iters=1)
+    c = train_config.TrainConfig(input="-", data=[str(run / "data")], seq_length=64,
+                                 global_batch_size=4, train_iters=2, warmup_iters=1, eval_iters=1)
     with runtime.distributed(1, 1):
         _, valid = batches.datasets(c, 1234, cache)
         val = batches.micro_batches(valid, 0, c, train.check_layout(c, 1))

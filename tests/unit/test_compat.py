@@ -131,7 +131,7 @@ def test_where_te_is_installed_without_cuda_the_local_model_and_optimizer_stay_l
     (model.block_spec), nor the optimizer (compat's Mechanism 4, re-applied)."""
     import importlib
 
-    from recipes.lib import compat, runtime, train
+    from recipes.lib import compat, runtime, train, train_config
     from recipes.lib import model as M  # compat.apply(): megatron imports here
 
     class CudaOnly(torch.nn.Module):  # what TE's modules and FusedAdam do without a GPU
@@ -152,6 +152,6 @@ def test_where_te_is_installed_without_cuda_the_local_model_and_optimizer_stay_l
         model = M.build(arch, dtype="fp32", spec="local", init=True)
         assert type(model.decoder.final_layernorm) is not CudaOnly
         assert type(model.decoder.final_layernorm) is type(model.decoder.layers[0].input_layernorm)
-        cfg = train.TrainConfig(input="-", data=["-"], train_iters=2, warmup_iters=0)
+        cfg = train_config.TrainConfig(input="-", data=["-"], train_iters=2, warmup_iters=0)
         ddp, opt, _ = train.build_optimizer(model, cfg)
         assert type(opt.optimizer).__module__.startswith("torch.optim")

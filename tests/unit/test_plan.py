@@ -78,7 +78,7 @@ def test_search_preview_prices_the_tournament_and_its_teacher_cache(budget_gb, e
     """The search's shapes fit the target by our count; a budget in tokens becomes whole steps
     of distill's global batch; the teacher cache is what the budget allows."""
     from recipes.lib import logit_cache
-    from recipes.lib.train import TrainConfig
+    from recipes.lib.train_config import TrainConfig
 
     argv = ["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), *SEARCH_8B,
             f"prune.search={{tournament_tokens: 5e7, teacher_cache_max_gb: {budget_gb}}}"]

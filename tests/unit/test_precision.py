@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from recipes.lib import runtime, train
+from recipes.lib import runtime, train_config
 
 
 def test_the_decision_both_ways():
@@ -64,8 +64,8 @@ def test_training_configs_resolve_auto_for_student_and_teacher(machine, tmp_path
 
     c = DistillConfig(input="-", teacher="-", data=["-"], train_iters=4, warmup_iters=1)
     assert c.precision == "auto" and c.teacher_precision == "auto"
-    resolved, choice = train.resolve_precision(c, tmp_path)
+    resolved, choice = train_config.resolve_precision(c, tmp_path)
     assert resolved.precision == resolved.teacher_precision == "fp32" == choice["precision"]
     fixed = DistillConfig(input="-", teacher="-", data=["-"], train_iters=4, warmup_iters=1,
                           precision="fp32", teacher_precision="bf16")
-    assert train.resolve_precision(fixed, tmp_path) == (fixed, None)
+    assert train_config.resolve_precision(fixed, tmp_path) == (fixed, None)

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from recipes.lib import checkpoint, runtime, train
+from recipes.lib import checkpoint, runtime, train, train_config
 from tests.unit.test_mapping_8b import LLAMA31_8B
 
 NO_TE = importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
@@ -22,7 +22,7 @@ def test_auto_is_local_without_te_and_te_is_refused():
 
 
 def tc(**kw):
-    return train.TrainConfig(input="-", data=["-"], train_iters=4, warmup_iters=1, **kw)
+    return train_config.TrainConfig(input="-", data=["-"], train_iters=4, warmup_iters=1, **kw)
 
 
 def test_fp8_with_the_local_spec_is_refused_at_config_time():
