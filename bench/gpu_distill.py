@@ -17,8 +17,8 @@ or peak leaks into the next; a run the machine cannot do (no TE, no fp8) is skip
 Per run: tokens/s; model TFLOP/s counted with attention (arch.distill_flops_per_token: 3x
 the student's forward + the teacher's, causal attention at s/2 keys per token); MFU against
 the GPU's dense bf16 peak (metrics.PEAK_TFLOPS; omitted for a GPU not listed, never another
-chip's number); peak memory allocated and reserved; `plan`'s estimate for the same shapes and its ratio to the peak;
-the resolved spec, fp8 recipe and TE attention backend; the KD loss at every step. The summary
+chip's number); peak memory allocated and reserved; `plan`'s estimate for the same shapes and
+its ratio to the peak; the resolved spec, fp8 recipe and TE attention backend; the KD loss at every step. The summary
 compares each run with TE bf16 (speed, last-step KD loss) and checks the issue's goals.
 `--profile`: one more step under torch.profiler, its device time by kernel and by kind.
 """
@@ -157,7 +157,8 @@ def measure(run: str, seq: int, a) -> dict:
         c = distill.DistillConfig(input="-", teacher="-", data=["-"], seq_length=seq,
                                   micro_batch_size=1, global_batch_size=a.microbatches,
                                   train_iters=a.warmup + a.steps, warmup_iters=0,
-                                  precision_aware_optimizer=a.precision_aware, **fields)
+                                  precision_aware_optimizer=a.precision_aware,
+                                  recompute_layers=a.recompute, **fields)
         train_stage.check_precision(c)
         train.check_optimizer(c, 1)
         teacher = M.build(t, **train_stage.build_kwargs(c, c.teacher_precision))
@@ -188,7 +189,7 @@ def measure(run: str, seq: int, a) -> dict:
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tflops(device)
     est = training_memory(t, s, seq, 1, 1, 1, a.precision_aware, c.precision,
-                          c.teacher_precision, c.fp8_bf16_edge_layers) / 2**30
+                          c.teacher_precision, c.fp8_bf16_edge_layers, a.recompute) / 2**30
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else runtime.peak_rss_mb() / 1024
     spec = runtime.resolve_spec(c.spec)
     return {"run": run, "seq_length": seq, "device": device, "microbatches": a.microbatches,
@@ -286,6 +287,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     ap.add_argument("--precision-aware", action="store_true",
                     help="megatron's precision-aware optimizer (TE FusedAdam) in every run")
+    ap.add_argument("--recompute", type=int, default=0,
+                    help="distill.recompute_layers in every run (student layers recomputed)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke test)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per (run, seq)")
     ap.add_argument("--profile", action="store_true",
@@ -305,7 +308,8 @@ def main() -> None:
            "torch": torch.__version__, "cuda": torch.version.cuda,
            "teacher_params": t.num_params(), "student_params": s.num_params(),
            "settings": {k: getattr(a, k) for k in ("microbatches", "warmup", "steps",
-                                                   "precision_aware", "tiny", "profile")},
+                                                   "precision_aware", "recompute", "tiny",
+                                                   "profile")},
            "results": {}}
     for seq in a.seqs:
         res = out["results"][seq] = {}
@@ -317,7 +321,8 @@ def main() -> None:
             part.unlink(missing_ok=True)
             cmd = [sys.executable, __file__, "--json", str(part), "--only", run,
                    "--seqs", str(seq), *(f"--{k}={getattr(a, k)}" for k in
-                                         ("microbatches", "warmup", "steps", "timeout"))]
+                                         ("microbatches", "warmup", "steps", "timeout",
+                                          "recompute"))]
             cmd += (["--tiny"] * a.tiny + ["--precision-aware"] * a.precision_aware
                     + ["--profile"] * a.profile)
             t0 = time.time()

@@ -15,8 +15,9 @@ shard; fp32 master weights and Adam moments sharded over data-parallel ranks), a
 teacher with the same TP/PP, and fp32 student + teacher logits; with
 distill.precision_aware_optimizer, 2 bytes less per student parameter (16-bit remainders
 instead of fp32 master weights); with distill.precision=fp8 (or teacher_precision=fp8), TE's
-cached fp8 weight copies, less the bf16 matmul inputs it stores as fp8 (arch.prune_memory,
-arch.training_memory, arch.fp8_memory; within 1.1% of the H200's peaks, docs/gpu.md). GPU
+cached fp8 weight copies, less the bf16 matmul inputs it stores as fp8; with
+distill.recompute_layers, those layers' inputs alone (arch.prune_memory, arch.training_memory,
+arch.fp8_memory, arch.stored_activations; within 1.1% of the H200's peaks, docs/gpu.md). GPU
 hours = model FLOPs (arch.distill_flops_per_token: matmuls and causal attention, 3x the
 student's forward + the teacher's) / (peak FLOP/s * MFU).
 """
@@ -113,12 +114,14 @@ def distill_section(cfg: config.Config) -> dict:
 
 def memory_settings(cfg: config.Config) -> dict:
     """The distill settings that change its memory (training_memory's keywords): the
-    precision-aware optimizer, and fp8 for the student, or the teacher too (never by default)."""
+    precision-aware optimizer, fp8 for the student, or the teacher too (never by default), and
+    activation recompute."""
     d = distill_section(cfg)
     return {"precision_aware": bool(d.get("precision_aware_optimizer")),
             "precision": d.get("precision", "auto"),
             "teacher_precision": d.get("teacher_precision") or "bf16",
-            "bf16_edge_layers": int(d.get("fp8_bf16_edge_layers") or 0)}
+            "bf16_edge_layers": int(d.get("fp8_bf16_edge_layers") or 0),
+            "recompute_layers": int(d.get("recompute_layers") or 0)}
 
 
 def estimate(cfg: config.Config) -> dict:

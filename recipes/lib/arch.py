@@ -219,37 +219,50 @@ def fp8_layers(a: Arch, precision: str, bf16_edge_layers: int = 0) -> int:
     return max(a.num_layers - 2 * bf16_edge_layers, 0) if precision == "fp8" else 0
 
 
-def fp8_memory(a: Arch, seq: int, layers: int, training: bool) -> float:
+def fp8_memory(a: Arch, seq: int, layers: int, training: bool, recomputed: int = 0) -> float:
     """Bytes Transformer Engine's fp8 adds to `layers` layers of `a` (TE 2.20's Linear, read in
     its source): each weight's fp8 copy is cached between micro-batches, one byte per weight for
     the forward, and when training a second (the column-wise copy, for the input gradient); a
     training layer keeps its matmuls' inputs in fp8 for the weight gradient instead of bf16, one
     byte less per element (q, k, v and gate / up see the hidden state, o the attention output,
     down the SwiGLU output). Against the H200's measured peaks (docs/gpu.md): 8B -> 4.5B at seq
-    4096, 1.1% under with an fp8 student, 1.1% under with an fp8 teacher too."""
+    4096, 1.1% under with an fp8 student, 1.1% under with an fp8 teacher too. `recomputed` of
+    the layers keep no inputs at all (stored_activations)."""
     weights = a._layer_matmul_params * (2 if training else 1)
     inputs = seq * (2 * a.hidden_size + a.num_attention_heads * a.head_dim
                     + a.ffn_hidden_size) if training else 0
-    return layers * (weights - inputs)
+    return layers * weights - max(layers - recomputed, 0) * inputs
+
+
+def stored_activations(a: Arch, seq: int, layers: int, recompute_layers: int = 0) -> float:
+    """Peak bytes `layers` layers of `a` keep for the backward at micro-batch 1, the first
+    `recompute_layers` of them recomputed (megatron's block method): those keep their bf16
+    input alone; the peak is the end of the forward, or with every layer recomputed the
+    backward's recompute of one layer (the later ones' activations are freed by then)."""
+    r = min(recompute_layers, layers)
+    return r * 2 * seq * a.hidden_size + max(layers - r, 1 if r else 0) * layer_activations(a, seq)
 
 
 def training_memory(t: Arch | None, s: Arch, seq: int, tp: int, pp: int, dp: int,
                     precision_aware: bool = False, precision: str = "bf16",
-                    teacher_precision: str = "bf16", bf16_edge_layers: int = 0) -> float:
+                    teacher_precision: str = "bf16", bf16_edge_layers: int = 0,
+                    recompute_layers: int = 0) -> float:
     """Bytes per GPU of training `s` against the frozen teacher `t` (None: no teacher, as
     teacher correction), `seq` tokens per micro-batch: megatron's distributed optimizer (bf16
     params + fp32 grads per model-parallel shard; fp32 master weights and Adam moments sharded
     over DP, or bf16 + 16-bit remainders with `precision_aware`), a bf16 teacher at the same
-    TP/PP, activations (`layer_activations`) / TP, fp32 student (+ teacher) logits, and what
-    fp8 adds where the student's `precision` or the teacher's is fp8 (`fp8_memory`)."""
+    TP/PP, activations (`stored_activations` of a stage's layers, `recompute_layers` of them
+    recomputed) / TP, fp32 student (+ teacher) logits, and what fp8 adds where the student's
+    `precision` or the teacher's is fp8 (`fp8_memory`)."""
     mp = tp * pp
     state = 10 if precision_aware else 12  # master weights (or remainders) + Adam moments
     teacher = 2 * t.num_params() / mp if t is not None else 0
-    fp8 = fp8_memory(s, seq, fp8_layers(s, precision, bf16_edge_layers), True)
+    fp8 = fp8_memory(s, seq, fp8_layers(s, precision, bf16_edge_layers), True,
+                     min(recompute_layers, s.num_layers // pp) * pp)
     if t is not None:
         fp8 += fp8_memory(t, seq, fp8_layers(t, teacher_precision, bf16_edge_layers), False)
     return (teacher + 6 * s.num_params() / mp + state * s.num_params() / (mp * dp)
-            + layer_activations(s, seq) * s.num_layers / pp / tp
+            + stored_activations(s, seq, s.num_layers // pp, recompute_layers) / tp
             + (2 if t is not None else 1) * 4 * seq * s.padded_vocab_size / tp + fp8 / mp)
 
 

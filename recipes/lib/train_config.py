@@ -18,7 +18,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # changing these between restarts does not change the numbers a run produces
 OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
-               "fault", "keep_checkpoints", "output", "preempt_signals"}
+               "fault", "keep_checkpoints", "output", "preempt_signals", "recompute_layers"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -78,6 +78,12 @@ class TrainConfig(config.ModelInput):
     FusedAdam) keeps the fp32 master weights as the bf16 weights plus 16-bit remainders, 2
     bytes per parameter less (16 instead of 18 for the student); fp32 Adam moments as before.
     The bf16 weights are then the master's truncation instead of its rounding."""
+    recompute_layers: int = 0
+    """Activation recompute (megatron's full granularity, block method): the first N transformer
+    layers of each pipeline stage keep only their input for the backward and run their forward
+    again there; 0: none; N >= the layers per stage: all of them. Memory for time (about a
+    third more student compute at all layers; `plan` counts it); the same numbers, so it can
+    change between restarts. Not with intermediate_layer_pairs on decoder.layers.*."""
     eval_interval: int = 100
     """Validate every this many steps (and at the end)."""
     eval_iters: int = 4
@@ -111,8 +117,9 @@ class TrainConfig(config.ModelInput):
         if self.fp8_amax_compute_algo not in ("max", "most_recent"):
             raise ValueError(f"fp8_amax_compute_algo={self.fp8_amax_compute_algo!r}; use max "
                              "or most_recent")
-        if self.fp8_bf16_edge_layers < 0:
-            raise ValueError(f"fp8_bf16_edge_layers={self.fp8_bf16_edge_layers} must be >= 0")
+        for k in ("fp8_bf16_edge_layers", "recompute_layers"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k}={getattr(self, k)} must be >= 0")
         if self.optimizer not in ("auto", "standard", "distributed"):
             raise ValueError(f"optimizer={self.optimizer!r}; use auto, standard or distributed")
         if self.precision_aware_optimizer and self.precision == "fp32":
@@ -189,6 +196,12 @@ class KDConfig(TrainConfig):
             if len(pair) not in (2, 3) or (len(pair) == 3 and pair[2] not in ("cosine", "mse")):
                 raise ValueError(f"intermediate_layer_pairs entry {pair}: use "
                                  "[student_module, teacher_module, cosine|mse]")
+            if self.recompute_layers and str(pair[0]).startswith("decoder.layers."):
+                raise ValueError(  # its hook would see the no-grad forward: a loss, no gradient
+                    f"intermediate_layer_pairs entry {pair} with recompute_layers="
+                    f"{self.recompute_layers}: a recomputed layer's output is first computed "
+                    "without gradients, so that loss would train nothing; pair "
+                    "decoder.final_layernorm instead, or set recompute_layers=0")
 
 
 def resolve_precision(c: TrainConfig, run_dir: str | Path) -> tuple[TrainConfig, dict | None]:

@@ -61,12 +61,16 @@ def check_precision(c: TrainConfig) -> None:
 
 
 def build_kwargs(c: TrainConfig, precision: str | None = None) -> dict:
-    """M.build() arguments for `precision` (default: the stage's): fp8 = bf16 parameters + TE
-    fp8 compute with the configured recipe."""
-    precision = precision or c.precision
-    kw = {"dtype": "fp32" if precision == "fp32" else "bf16", "spec": c.spec, "init": False}
-    if precision == "fp8":
+    """M.build() arguments for a frozen model in `precision` (a teacher), or for the model
+    trained (None: the stage's precision, with its activation recompute): fp8 = bf16 parameters
+    + TE fp8 compute with the configured recipe."""
+    kw = {"dtype": "fp32" if (precision or c.precision) == "fp32" else "bf16", "spec": c.spec,
+          "init": False}
+    if (precision or c.precision) == "fp8":
         kw.update(fp8_recipe_kwargs(c))
+    if precision is None and c.recompute_layers:
+        kw.update(recompute_granularity="full", recompute_method="block",
+                  recompute_num_layers=c.recompute_layers)
     return kw
 
 
@@ -226,10 +230,12 @@ def memory_note(name: str, c: TrainConfig, sources: dict[str, Source], tp: int, 
     est = training_memory(teacher, sources["input"].arch, c.seq_length * c.micro_batch_size, tp,
                           pp, dp, c.precision_aware_optimizer, c.precision,
                           getattr(c, "teacher_precision", None) or "bf16",
-                          c.fp8_bf16_edge_layers) / 2**30
+                          c.fp8_bf16_edge_layers, c.recompute_layers) / 2**30
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 \
         if torch.cuda.is_available() else None
+    layers = sources["input"].arch.num_layers // pp
     fixes = [f"{name}.micro_batch_size=1" if c.micro_batch_size > 1 else None,
+             f"{name}.recompute_layers={layers}" if c.recompute_layers < layers else None,
              None if c.precision_aware_optimizer else f"{name}.precision_aware_optimizer=true",
              "a larger parallel.pp or parallel.tp", f"a shorter {name}.seq_length"]
     text = (f"Estimated peak at tp={tp} pp={pp} dp={dp}, {c.micro_batch_size} x "

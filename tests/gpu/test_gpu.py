@@ -156,6 +156,25 @@ def test_precision_aware_optimizer_trains_like_the_standard_one(trained_run, tmp
         assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=3e-2), (std, pao)
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(not have_te(), reason="needs Transformer Engine")
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_recompute_under_te_trains_like_without(trained_run, tmp_path, precision):
+    """Activation recompute under TE (megatron's checkpoint in bf16, TE's te_checkpoint in fp8)
+    follows the same loss history as storing everything."""
+    from recipes import distill, prune
+    from tests.stages.test_distill import args, metrics
+
+    prune.main(["--config", TINY, f"run.dir={trained_run['run']}",
+                f"convert.hf_path={trained_run['hf']}"])
+    short = ["distill.train_iters=4", "distill.eval_interval=4", f"distill.precision={precision}"]
+    distill.main(args(trained_run, tmp_path / "all", *short))
+    distill.main(args(trained_run, tmp_path / "rc", *short, "distill.recompute_layers=8"))
+    stored, recomputed = metrics(tmp_path / "all"), metrics(tmp_path / "rc")
+    for a, b in zip(stored[1:], recomputed[1:]):
+        assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-2), (stored, recomputed)
+
+
 def test_signal_save_and_resume_on_gpu(trained_run, tmp_path):
     """On CUDA the RNG state includes megatron's CUDA tracker and the optimizer state lives on
     the GPU: save on SIGUSR1 at step 6, resume, and match an uninterrupted run (tiny, fp32)."""

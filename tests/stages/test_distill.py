@@ -141,12 +141,26 @@ def test_resume_after_sigkill_gives_identical_losses(pruned, straight, tmp_path)
     assert_same_history(metrics(straight), metrics(tmp_path / "killed"))
 
 
+def test_recomputing_activations_trains_the_same_run(pruned, straight, tmp_path):
+    """recompute_layers keeps less for the backward and gives the same losses (fp32, to 1e-6):
+    an uninterrupted run with one of the student's layers recomputed equals `straight` (so it
+    is operational: a resume may change it, see the next test). With an intermediate loss
+    inside the recomputed layers it is refused (no gradient would reach it)."""
+    distill.main(args(pruned, tmp_path / "one", "distill.recompute_layers=1"))
+    assert_same_history(metrics(straight), metrics(tmp_path / "one"))
+    with pytest.raises(ValueError, match=r"recompute_layers=1: a recomputed layer's output is "
+                                         r"first computed without gradients"):
+        distill.main(args(pruned, tmp_path / "x", "distill.recompute_layers=1",
+                          "distill.intermediate_layer_pairs=[[decoder.layers.0, decoder.layers.1"
+                          ", cosine]]"))
+
+
 def test_finished_run_ignores_operational_changes_but_not_the_seed(pruned, straight):
     """Save cadence, signals and logging cannot change a finished run's result: skipped. A new
     seed can: refused (it would otherwise be silently skipped)."""
     before = (straight / "manifest.json").read_text()
     distill.main(args(pruned, straight, "distill.save_interval=2", "distill.log_interval=3",
-                      "distill.preempt_signals=[SIGTERM]"))
+                      "distill.preempt_signals=[SIGTERM]", "distill.recompute_layers=8"))
     assert (straight / "manifest.json").read_text() == before
     with pytest.raises(FileExistsError, match="already holds a different distill run"):
         distill.main(args(pruned, straight, "run.seed=7"))
@@ -314,9 +328,10 @@ def test_out_of_gpu_memory_names_the_estimate_and_the_fixes(pruned, tmp_path, mo
     assert str(e.value) == (
         "distill ran out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB). "
         f"Estimated peak at tp=1 pp=1 dp=1, 2 x 64 tokens per micro-batch: {est:.1f} GiB per "
-        "GPU; lower it with distill.micro_batch_size=1, distill.precision_aware_optimizer=true, "
-        "a larger parallel.pp or parallel.tp, a shorter distill.seq_length (make plan lists the "
-        "layouts that fit)")
+        "GPU; lower it with distill.micro_batch_size=1, distill.recompute_layers="
+        f"{src['prune']['num_layers']}, distill.precision_aware_optimizer=true, a larger "
+        "parallel.pp or parallel.tp, a shorter distill.seq_length (make plan lists the layouts "
+        "that fit)")
     assert (tmp_path / ".d.tmp" / "run.json").is_file()
 
 

@@ -155,3 +155,34 @@ def test_where_te_is_installed_without_cuda_the_local_model_and_optimizer_stay_l
         cfg = train_config.TrainConfig(input="-", data=["-"], train_iters=2, warmup_iters=0)
         ddp, opt, _ = train.build_optimizer(model, cfg)
         assert type(opt.optimizer).__module__.startswith("torch.optim")
+
+
+def test_activation_recompute_runs_on_a_cpu_with_the_same_gradients():
+    """megatron's recompute (block method) saves and restores the CUDA generator around each
+    recomputed layer; without CUDA it failed ("Torch not compiled with CUDA enabled"; compat's
+    mechanism 5). Recomputing 1 or both layers gives the same loss and gradients, bit for bit,
+    and keeps less for the backward; `plan`'s peak (arch.stored_activations) falls too."""
+    from recipes.lib import runtime
+    from recipes.lib import model as M
+    from recipes.lib.arch import stored_activations
+
+    arch, tokens = small_arch(), torch.randint(0, 100, (2, 32))
+    runs = {}
+    with runtime.distributed(1, 1):
+        for layers in (0, 1, 2):
+            torch.manual_seed(0)
+            kw = {"recompute_granularity": "full", "recompute_method": "block",
+                  "recompute_num_layers": layers} if layers else {}
+            m = M.build(arch, dtype="fp32", init=True, **kw).train()
+            kept = []
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
+                loss = m(tokens, torch.arange(32).expand(2, 32), None, labels=tokens).mean()
+            loss.backward()
+            runs[layers] = loss.item(), [p.grad for p in m.parameters()], sum(kept)
+    for layers in (1, 2):
+        assert runs[layers][0] == runs[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(runs[layers][1], runs[0][1]))
+    assert runs[0][2] > runs[1][2] > runs[2][2]
+    plan = [stored_activations(arch, 32, 2, r) for r in (0, 1, 2)]  # peaks: the backward
+    assert plan[0] > plan[2] > plan[1]  # recomputes a layer in full, after layer 2's are freed

@@ -118,9 +118,10 @@ def test_distill_memory_estimate_meets_the_h200s_peaks(precision, teacher, peak_
     assert est == pytest.approx(peak_gib, rel=0.02)
 
 
-def test_plan_counts_fp8_and_its_bf16_edge_layers(capsys):
+def test_plan_counts_fp8_and_recompute(capsys):
     """fp8 costs memory (cached fp8 weights; with TE's fp8 inputs saved instead of bf16), the
-    teacher's fp8 more, and layers kept in bf16 at the edges give some of it back."""
+    teacher's fp8 more, and layers kept in bf16 at the edges give some of it back; recomputed
+    layers keep their input alone."""
     from recipes.lib import config
 
     def distill_gb(*extra):
@@ -133,3 +134,6 @@ def test_plan_counts_fp8_and_its_bf16_edge_layers(capsys):
     edges = distill_gb("distill.precision=fp8", "distill.fp8_bf16_edge_layers=2")
     assert bf16 < edges < fp8 < both
     assert distill_gb("distill.precision=bf16", "distill.fp8_bf16_edge_layers=2") == bf16
+    half = distill_gb("distill.recompute_layers=16")
+    every = distill_gb("distill.recompute_layers=32")
+    assert every < half < bf16  # 32 layers: their inputs alone, and one layer's while recomputed
