@@ -371,6 +371,8 @@ def test_nonsense_values_are_refused_before_work(pruned, tmp_path):  # noqa: F81
          "is a 'data' stage output; this needs the output of convert"),
         (distill.main, [f"distill.output={tmp_path}/d", "run.log_level=verbose"],
          "run.log_level='verbose'; use one of"),
+        (distill.main, [f"distill.output={tmp_path}/d", "distill.recompute_layers=-1"],
+         "recompute_layers=-1 must be >= 0"),
     ]
     for main, extra, message in cases:
         with pytest.raises(ValueError, match=message):
