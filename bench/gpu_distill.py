@@ -18,8 +18,10 @@ Per run: tokens/s; model TFLOP/s counted with attention (arch.distill_flops_per_
 the student's forward + the teacher's, causal attention at s/2 keys per token); MFU against
 the GPU's dense bf16 peak (metrics.PEAK_TFLOPS; omitted for a GPU not listed, never another
 chip's number); peak memory allocated and reserved; `plan`'s estimate for the same shapes and
-its ratio to the peak; the resolved spec, fp8 recipe and TE attention backend; the KD loss at every step. The summary
-compares each run with TE bf16 (speed, last-step KD loss) and checks the issue's goals.
+its ratio to the peak; the resolved spec, fp8 recipe and TE attention backend; the KD loss
+at every step; the share of the step's model FLOPs in fp8 matmuls. The summary compares each
+run with TE bf16 (speed, last-step KD loss; for fp8, the Amdahl ceiling and the fp8 matmul
+speed-up the measured speed implies, `fp8_speedups`) and checks the issue's goals.
 `--profile`: one more step under torch.profiler, its device time by kernel and by kind.
 """
 from __future__ import annotations
@@ -147,7 +149,7 @@ def measure(run: str, seq: int, a) -> dict:
     from recipes import distill
     from recipes.lib import kd, runtime, train, train_stage
     from recipes.lib import model as M
-    from recipes.lib.arch import distill_flops_per_token, training_memory
+    from recipes.lib.arch import distill_flops_per_token, fp8_flops_per_token, training_memory
     from recipes.lib.metrics import peak_tflops
 
     t, s = archs(a.tiny)
@@ -199,6 +201,9 @@ def measure(run: str, seq: int, a) -> dict:
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
             "plan_estimate_gb": est, "plan_over_peak": est / mem,
             "kd_loss": losses, "spec": spec,
+            "fp8_flop_share": fp8_flops_per_token(t, s, c.precision, c.teacher_precision,
+                                                  c.fp8_bf16_edge_layers)
+            / distill_flops_per_token(t, s, seq),
             "precision": c.precision, "teacher_precision": c.teacher_precision,
             "fp8": train_stage.fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
             "optimizer": train.optimizer_kind(c), "fusions": M.fusions(c.spec),
@@ -232,6 +237,20 @@ def profile_step(step, top: int = 25) -> dict:
             "top": [[name[:160], ms, n] for name, ms, n in ev[:top]]}
 
 
+def fp8_speedups(share: float | None, speed: float) -> dict:
+    """What an fp8 run's speed says of its fp8 matmuls, by Amdahl's law, taking every model
+    FLOP of the bf16 step to cost the same time: `share` of them ran in fp8 (the layers'
+    matmuls, arch.fp8_flops_per_token); the step's speed-up if those ran 2x faster and nothing
+    else changed (the ceiling fp8 GEMMs could give), and the speed-up the fp8 matmuls, their
+    casts and scaling included, must have had to give the measured `speed`."""
+    if not share:
+        return {}
+    out = {"fp8_flop_share": share, "ceiling_at_2x_matmuls": 1 / (1 - share / 2)}
+    if 1 / speed - 1 + share > 0:
+        out["implied_fp8_matmul_speedup"] = share / (1 / speed - 1 + share)
+    return out
+
+
 def summarize(results: dict) -> dict:
     """Per sequence length: each run against TE bf16 (tokens/s ratio, last-step KD loss
     relative difference) and the issue's goals, met or not (None: not measured)."""
@@ -248,6 +267,7 @@ def summarize(results: dict) -> dict:
                 rows[r]["speed_vs_te_bf16"] = v["tokens_per_s"] / base["tokens_per_s"]
                 rows[r]["kd_loss_rel_vs_te_bf16"] = \
                     abs(v["kd_loss"][-1] - base["kd_loss"][-1]) / abs(base["kd_loss"][-1])
+                rows[r].update(fp8_speedups(v.get("fp8_flop_share"), rows[r]["speed_vs_te_bf16"]))
         got = lambda r, k: rows.get(r, {}).get(k)  # noqa: E731
         goals = {
             "te_bf16_mfu >= 0.38": None if got("te-bf16", "mfu") is None

@@ -201,6 +201,16 @@ def distill_flops_per_token(teacher: Arch | None, student: Arch, seq: int) -> fl
     return 3 * student.flops_per_token(seq) + (teacher.flops_per_token(seq) if teacher else 0)
 
 
+def fp8_flops_per_token(t: Arch, s: Arch, precision: str, teacher_precision: str,
+                        bf16_edge_layers: int = 0) -> float:
+    """The part of distill_flops_per_token that runs in fp8: the matmuls of the transformer
+    layers in fp8 (fp8_layers), 3x the student's and 1x the teacher's; the LM heads and the
+    attention stay in bf16 (the GPU benchmark's fp8 share of a step)."""
+    per_layer = 2 * s._layer_matmul_params, 2 * t._layer_matmul_params
+    return (3 * per_layer[0] * fp8_layers(s, precision, bf16_edge_layers)
+            + per_layer[1] * fp8_layers(t, teacher_precision, bf16_edge_layers))
+
+
 def layer_activations(a: Arch, seq: int) -> float:
     """Bytes one layer stores for the backward at micro-batch 1, with fused (flash) attention:
     34*s*h (Korthikanti et al. 2022 without the s^2 term)."""

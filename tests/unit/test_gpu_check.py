@@ -43,12 +43,39 @@ def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
         assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["device_ms"])
         assert prof["by_kind_ms"]["gemm"] > 0
         assert r["spec"] == "local" and r["optimizer"] == "standard"
+        assert r["fp8_flop_share"] == 0
     # the same init and batches: the first step's KD loss agrees across precisions
     assert bf16["kd_loss"][0] == pytest.approx(fp32["kd_loss"][0], rel=2e-2)
     assert fp32["kd_loss"][0] > 0.1
     if not torch.cuda.is_available():
         assert "needs Transformer Engine" in runs["te-fp8"]["skipped"]
     assert "runs" in out["summary"]["32"]
+
+
+def test_fp8_speedups_follow_amdahl_at_the_h200s_shapes():
+    """The share of a distillation step's FLOPs in fp8 matmuls (8B -> 4.5B, seq 4096): about
+    half with the student in fp8, four fifths with the teacher too. A run at the 2x-matmul
+    ceiling implies 2x matmuls, one at TE bf16's speed 1x; the H200's runs (2026-12-04:
+    1.13x, 1.21x) imply ~1.3x fp8 matmuls, casts and scaling included, in both."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_distill import archs, fp8_speedups
+
+    from recipes.lib.arch import distill_flops_per_token, fp8_flops_per_token
+
+    t, s = archs(False)
+    share = {k: fp8_flops_per_token(t, s, "fp8", teacher) / distill_flops_per_token(t, s, 4096)
+             for k, teacher in (("student", "bf16"), ("both", "fp8"))}
+    assert 0.45 < share["student"] < 0.55 and 0.78 < share["both"] < 0.86
+    assert fp8_flops_per_token(t, s, "bf16", "bf16") == 0
+    assert fp8_flops_per_token(t, s, "fp8", "bf16", 2) < fp8_flops_per_token(t, s, "fp8", "bf16")
+    for sh in share.values():
+        ceiling = fp8_speedups(sh, 1.0)["ceiling_at_2x_matmuls"]
+        assert fp8_speedups(sh, ceiling)["implied_fp8_matmul_speedup"] == pytest.approx(2)
+        assert fp8_speedups(sh, 1.0)["implied_fp8_matmul_speedup"] == pytest.approx(1)
+    h200 = {"student": 12841 / 11374, "both": 13819 / 11374}
+    implied = {k: fp8_speedups(share[k], h200[k])["implied_fp8_matmul_speedup"] for k in share}
+    assert 1.2 < implied["student"] < 1.4 and 1.2 < implied["both"] < 1.4
+    assert fp8_speedups(0.0, 1.1) == {}
 
 
 def test_gpu_wheels_are_all_pinned():
