@@ -18,6 +18,8 @@
 # Transformer Engine kit (scripts/te_kit.py, `make te-kit`) in $TE_KIT: its parts verified, the
 # machine checked against it, then installed (its prebuilt torch extension, or built here), and
 # its kernels run once against torch's (te-kernels).
+# PACK_TO=<folder>: on exit, whatever happened, the JSON files there and everything else in $OUT
+# as one logs.tgz (a device tool that brings back a few files of one folder).
 # Without CUDA it skips, exit 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,12 @@ TEST_S=${TEST_S:-180}       # any one test
 TEST_JOBS=${TEST_JOBS:-4}   # tests at once
 BENCH_S=${BENCH_S:-200}     # the benchmark, all its runs
 mkdir -p "$OUT"
+pack() {
+  [ -n "${PACK_TO:-}" ] || return 0
+  mkdir -p "$PACK_TO" && cp "$OUT"/*.json "$PACK_TO"/ 2>/dev/null
+  tar czf "$PACK_TO/logs.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
+}
+trap pack EXIT
 summary() {  # summary NAME STATUS DETAIL: one line on stdout, one entry in gpu_check.json
   echo "gpu_check: $1: $2${3:+ ($3)}"
   "$PY" - "$OUT/gpu_check.json" "$1" "$2" "${3:-}" <<'PY'

@@ -4,6 +4,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -13,11 +14,19 @@ from tests.conftest import ROOT
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
 def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
+    """Without CUDA: skipped, exit 0; with PACK_TO, the JSON files and a tarball of the rest
+    land there even so."""
+    out, packed = tmp_path / "out", tmp_path / "packed"
     p = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True,
-                       text=True, env={**os.environ, "OUT": str(tmp_path), "PY": sys.executable})
+                       text=True, env={**os.environ, "OUT": str(out), "PY": sys.executable,
+                                       "PACK_TO": str(packed)})
     assert p.returncode == 0
     assert "no CUDA device here: skipped" in p.stdout
-    assert json.loads((tmp_path / "gpu_check.json").read_text()) == {"skipped": "no CUDA device"}
+    assert json.loads((out / "gpu_check.json").read_text()) == {"skipped": "no CUDA device"}
+    assert sorted(f.name for f in packed.iterdir()) == ["gpu_bench.json", "gpu_check.json",
+                                                        "logs.tgz"]
+    with tarfile.open(packed / "logs.tgz") as tar:
+        assert "out/gpu_check.json" in tar.getnames()
 
 
 @pytest.mark.slow
