@@ -35,7 +35,7 @@ from recipes.lib import (checkpoint, config, harness, interop, logit_cache, mega
                          modelopt_local, runtime, stage)
 from recipes.lib import model as M
 from recipes.lib import tokens, train, train_config, train_stage
-from recipes.lib.arch import Arch
+from recipes.lib.arch import Arch, distill_flops_per_token
 from recipes.lib.search import (HPARAMS, SCORE_NAMES, Budget, SearchConfig, arch_of,
                                 cache_plan, candidate_filter, constraint, tournament_steps)
 from recipes.lib.train_config import KDConfig
@@ -200,7 +200,8 @@ def _train_candidate(cand: dict, folder: Path, teacher: interop.Source, dc: KDCo
     model, make_step, schedule = train_stage.build_distillation(
         dc, (arch, folder / "iter_0000000"), t)
     final = train.train(dc, run_dir, model, make_step,
-                        {"stage": f"tournament c{cand['candidate']}"}, seed,
+                        {"stage": f"tournament c{cand['candidate']}", "flops_per_token":
+                         distill_flops_per_token(teacher.arch, arch, dc.seq_length)}, seed,
                         schedule_kwargs=schedule)
     if s.keep_tournament:
         steps = dc.train_iters

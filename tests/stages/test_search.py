@@ -109,6 +109,9 @@ def test_search_and_tournament(trained_run, tmp_path):
     assert winner["winner"] and res["winner"] == winner["candidate"] == m["search"]["winner"]
     assert {k: m["arch"][k] for k in winner["arch"]} == winner["arch"]
     assert res["tournament"]["tokens_per_candidate"] == 4 * 4 * 64
+    for cand in cands:  # each candidate logs its speed like a distill run (model FLOPs too)
+        rows = (out / "tournament" / f"c{cand['candidate']}" / "logs" / "metrics.jsonl").open()
+        assert all(json.loads(r)["model_tflops_per_rank"] > 0 for r in list(rows)[1:])
     # independent check: export each tournament-distilled candidate and the teacher, and compute
     # the same held-out KD loss with transformers
     teacher_hf = tmp_path / "teacher_hf"
