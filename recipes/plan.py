@@ -160,7 +160,7 @@ def estimate(cfg: config.Config) -> dict:
         "memory_gb": {k: v / GB for k, v in mem.items()},
         "prune_pp_that_fit": [q for q in (1, 2, 4, 8) if teacher.num_layers % q == 0
                               and prune_memory(teacher, prune_seq, q) / GB <= p.gpu_memory_gb],
-        "distill_layouts": layouts(teacher, student, p, settings),
+        "distill_layouts": layouts(teacher, student, p, settings), "distill_memory": settings,
         "inference_speedup": inference_ratios(teacher, student, p.seq_length, p.inference_batch),
         "distill": {"tokens": p.distill_tokens, "steps": steps, "flops": flops,
                     "gpu_hours": gpu_s / 3600, "wall_hours": gpu_s / 3600 / p.gpus},
@@ -238,6 +238,11 @@ def render(e: dict, p: PlanConfig) -> str:
     for k, v in e["memory_gb"].items():
         fits = "" if "host" in k else ("  fits" if v <= p.gpu_memory_gb else "  DOES NOT FIT")
         lines.append(f"  {k:34s} {v:8.1f} GB{fits}")
+    m = e["distill_memory"]
+    lines.append(f"  (distill counted with precision={m['precision']}, teacher_precision="
+                 f"{m['teacher_precision']}, fp8_bf16_edge_layers={m['bf16_edge_layers']}, "
+                 f"recompute_layers={m['recompute_layers']}, precision_aware_optimizer="
+                 f"{str(m['precision_aware']).lower()}: the recipe's distill section)")
     lines.append(f"  prune fits at PP in {e['prune_pp_that_fit']}")
     fit = [f"TP{x['tp']}xPP{x['pp']} ({x['distill_gb']:.0f} GB)" for x in e["distill_layouts"]
            if x["fits"]]

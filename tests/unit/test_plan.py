@@ -134,6 +134,11 @@ def test_plan_counts_fp8_and_recompute(capsys):
     edges = distill_gb("distill.precision=fp8", "distill.fp8_bf16_edge_layers=2")
     assert bf16 < edges < fp8 < both
     assert distill_gb("distill.precision=bf16", "distill.fp8_bf16_edge_layers=2") == bf16
+    plan.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), "distill.precision=fp8",
+               "distill.recompute_layers=16"])
+    assert ("(distill counted with precision=fp8, teacher_precision=bf16, fp8_bf16_edge_layers=0, "
+            "recompute_layers=16, precision_aware_optimizer=false: the recipe's distill section)"
+            ) in capsys.readouterr().out
     half = distill_gb("distill.recompute_layers=16")
     every = distill_gb("distill.recompute_layers=32")
     assert every < half < bf16  # 32 layers: their inputs alone, and one layer's while recomputed
