@@ -190,8 +190,7 @@ def measure(run: str, seq: int, a) -> dict:
     flops = tokens * distill_flops_per_token(t, s, seq) / step_s
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tflops(device)
-    est = training_memory(t, s, seq, 1, 1, 1, a.precision_aware, c.precision,
-                          c.teacher_precision, c.fp8_bf16_edge_layers, a.recompute) / 2**30
+    est = training_memory(t, s, seq, 1, 1, 1, **c.memory_settings()) / 2**30
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else runtime.peak_rss_mb() / 1024
     spec = runtime.resolve_spec(c.spec)
     return {"run": run, "seq_length": seq, "device": device, "microbatches": a.microbatches,

@@ -162,6 +162,14 @@ class TrainConfig(config.ModelInput):
                 raise ValueError(f"data_weights={self.data_weights}: {bad} are not positive "
                                  "numbers; give one weight > 0 per data folder, e.g. [0.7, 0.3]")
 
+    def memory_settings(self) -> dict:
+        """What changes this run's GPU memory, as arch.training_memory's keywords (the
+        training stage's out-of-memory note and the GPU benchmark count the same; `plan` reads
+        them from the recipe's raw distill section)."""
+        return {"precision_aware": self.precision_aware_optimizer, "precision": self.precision,
+                "teacher_precision": "bf16", "bf16_edge_layers": self.fp8_bf16_edge_layers,
+                "recompute_layers": self.recompute_layers}
+
 
 @dataclasses.dataclass(kw_only=True)
 class KDConfig(TrainConfig):
@@ -202,6 +210,9 @@ class KDConfig(TrainConfig):
                     f"{self.recompute_layers}: a recomputed layer's output is first computed "
                     "without gradients, so that loss would train nothing; pair "
                     "decoder.final_layernorm instead, or set recompute_layers=0")
+
+    def memory_settings(self) -> dict:
+        return {**super().memory_settings(), "teacher_precision": self.teacher_precision}
 
 
 def resolve_precision(c: TrainConfig, run_dir: str | Path) -> tuple[TrainConfig, dict | None]:

@@ -64,9 +64,9 @@ def build_kwargs(c: TrainConfig, precision: str | None = None) -> dict:
     """M.build() arguments for a frozen model in `precision` (a teacher), or for the model
     trained (None: the stage's precision, with its activation recompute): fp8 = bf16 parameters
     + TE fp8 compute with the configured recipe."""
-    kw = {"dtype": "fp32" if (precision or c.precision) == "fp32" else "bf16", "spec": c.spec,
-          "init": False}
-    if (precision or c.precision) == "fp8":
+    computes = precision or c.precision
+    kw = {"dtype": "fp32" if computes == "fp32" else "bf16", "spec": c.spec, "init": False}
+    if computes == "fp8":
         kw.update(fp8_recipe_kwargs(c))
     if precision is None and c.recompute_layers:
         kw.update(recompute_granularity="full", recompute_method="block",
@@ -228,9 +228,7 @@ def memory_note(name: str, c: TrainConfig, sources: dict[str, Source], tp: int, 
     one that ran out."""
     teacher = sources["teacher"].arch if "teacher" in sources else None
     est = training_memory(teacher, sources["input"].arch, c.seq_length * c.micro_batch_size, tp,
-                          pp, dp, c.precision_aware_optimizer, c.precision,
-                          getattr(c, "teacher_precision", None) or "bf16",
-                          c.fp8_bf16_edge_layers, c.recompute_layers) / 2**30
+                          pp, dp, **c.memory_settings()) / 2**30
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 \
         if torch.cuda.is_available() else None
     layers = sources["input"].arch.num_layers // pp

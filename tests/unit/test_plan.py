@@ -1,4 +1,5 @@
 """`plan` on the paper's two recipes, without weights; impossible targets fail."""
+import json
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,6 @@ def test_distill_memory_estimate_meets_the_h200s_peaks(precision, teacher, peak_
     """The peaks one H200 measured (docs/gpu.md, 2026-12-04: bench/gpu_distill.py, Llama-3.1-8B
     teacher and its 4.5B student, seq 4096, TE 2.20.2, distributed optimizer at DP=1): the
     estimate within 2% of each. Without TE's fp8 weight copies it was 5% and 10% under."""
-    import json
-
     from recipes.lib.arch import Arch, training_memory
 
     t = Arch.from_hf_config(json.loads((CONF / "arch" / "llama-3.1-8b.json").read_text()))
@@ -142,3 +141,26 @@ def test_plan_counts_fp8_and_recompute(capsys):
     half = distill_gb("distill.recompute_layers=16")
     every = distill_gb("distill.recompute_layers=32")
     assert every < half < bf16  # 32 layers: their inputs alone, and one layer's while recomputed
+
+
+def test_a_training_configs_memory_settings_are_what_plan_counts():
+    """A typed distill config hands arch.training_memory the same settings plan reads from
+    the raw section: the teacher's fp8 from a KD config, none without a teacher."""
+    from recipes.lib import config
+    from recipes.lib.arch import Arch, training_memory
+    from recipes.lib.train_config import KDConfig, TrainConfig
+
+    t = Arch.from_hf_config(json.loads((CONF / "arch" / "llama-3.1-8b.json").read_text()))
+    s = Arch(**{**t.to_dict(), "hidden_size": 3072, "ffn_hidden_size": 9216})
+    over = ["distill.precision=fp8", "distill.teacher_precision=fp8",
+            "distill.recompute_layers=4", "distill.fp8_bf16_edge_layers=1"]
+    raw = plan.memory_settings(config.load(str(CONF / "llama31_8b_to_4b_width.yaml"), over,
+                                           "plan", ("prune",)))
+    kd = KDConfig(input="-", data=["-"], train_iters=4, warmup_iters=1, spec="te",
+                  precision="fp8", teacher_precision="fp8", recompute_layers=4,
+                  fp8_bf16_edge_layers=1)
+    assert kd.memory_settings() == raw
+    assert training_memory(t, s, 4096, 1, 1, 1, **kd.memory_settings()) > training_memory(
+        t, s, 4096, 1, 1, 1, **{**kd.memory_settings(), "teacher_precision": "bf16"})
+    assert TrainConfig(input="-", data=["-"], train_iters=4, warmup_iters=1,
+                       precision="bf16").memory_settings()["teacher_precision"] == "bf16"
