@@ -22,7 +22,9 @@ its ratio to the peak; the resolved spec, fp8 recipe and TE attention backend; t
 at every step; the share of the step's model FLOPs in fp8 matmuls. The summary compares each
 run with TE bf16 (speed, last-step KD loss; for fp8, the Amdahl ceiling and the fp8 matmul
 speed-up the measured speed implies, `fp8_speedups`) and checks the issue's goals.
-`--profile`: one more step under torch.profiler, its device time by kernel and by kind.
+`--profile`: six more steps, two of them traced by torch.profiler (of either parity): per
+traced step its wall, host and device time (how much of it no kernel ran) and device time by
+kind; the longest kernels.
 """
 from __future__ import annotations
 
@@ -209,31 +211,61 @@ def measure(run: str, seq: int, a) -> dict:
             "attention": attention_backend(spec), **({"profile": prof} if prof else {})}
 
 
-def profile_step(step, top: int = 25) -> dict:
-    """One step under torch.profiler: self device time per CUDA kernel (per op's self CPU time
-    without CUDA), the `top` longest, and the sums per KERNEL_KINDS kind (names matched, so
-    approximate)."""
-    import re
-
-    from torch.profiler import ProfilerActivity, profile
+def profile_step(step, top: int = 25, steps: int = 2) -> dict:
+    """`steps` steps traced by torch.profiler, each after one untraced and one warm-up step (the
+    profiler's start skews the step it starts in), so consecutive traced steps are of either
+    parity (the H200's fp8 step times alternated, ~1.27 s / ~1.49 s). Per traced step: its wall
+    time, the host's time to enqueue it (to the final synchronize), its kernels' device time and
+    count, the share of the wall time no kernel ran (large: launch-bound, or the device waits on
+    the host), device time by kind (KERNEL_KINDS, names matched, so approximate); the `top`
+    longest kernels of the first (self device time; each op's self CPU time without CUDA); the
+    wall time of every step run here."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = torch.cuda.is_available()
     acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-    with profile(activities=acts) as p:
-        step()
-        if cuda:
-            torch.cuda.synchronize()
+    traced, timing = [], []
+    with profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=1, repeat=steps),
+                 on_trace_ready=lambda p: traced.append((len(timing) - 1,
+                                                         kernel_times(p, cuda)))) as p:
+        for _ in range(3 * steps):
+            t0 = time.perf_counter()
+            step()
+            host = time.perf_counter() - t0
+            if cuda:
+                torch.cuda.synchronize()
+            timing.append((host, time.perf_counter() - t0))
+            p.step()
+    per_step = []
+    for i, ev in traced:
+        (host, wall), device = timing[i], sum(ms for _, ms, _ in ev)
+        per_step.append({"step": i, "wall_ms": wall * 1e3, "host_ms": host * 1e3,
+                         "device_ms": device, "kernels": sum(n for *_, n in ev),
+                         "device_idle_share": max(0.0, 1 - device / (wall * 1e3)),
+                         "by_kind_ms": by_kind(ev)})
+    return {"device_ms": per_step[0]["device_ms"], "by_kind_ms": per_step[0]["by_kind_ms"],
+            "top": [[name[:160], ms, n] for name, ms, n in traced[0][1][:top]],
+            "steps": per_step, "wall_ms_every_step": [w * 1e3 for _, w in timing]}
+
+
+def kernel_times(p, cuda: bool) -> list:
+    """[(name, self device ms, calls)] of a finished trace, longest first (CPU ops' self time
+    without CUDA)."""
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     gpu = torch.autograd.DeviceType.CUDA
     kernel = lambda e: not cuda or getattr(e, "device_type", None) == gpu  # noqa: E731
-    ev = sorted(((e.key, getattr(e, attr) / 1e3, e.count) for e in p.key_averages()
-                 if kernel(e) and getattr(e, attr) > 0), key=lambda x: -x[1])
+    return sorted(((e.key, getattr(e, attr) / 1e3, e.count) for e in p.key_averages()
+                   if kernel(e) and getattr(e, attr) > 0), key=lambda x: -x[1])
+
+
+def by_kind(ev: list) -> dict:
+    import re
+
     kinds: dict = {}
     for name, ms, _ in ev:
         kind = next((k for k, rx in KERNEL_KINDS if re.search(rx, name, re.I)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + ms
-    return {"device_ms": sum(ms for _, ms, _ in ev), "by_kind_ms": kinds,
-            "top": [[name[:160], ms, n] for name, ms, n in ev[:top]]}
+    return kinds
 
 
 def fp8_speedups(share: float | None, speed: float) -> dict:
@@ -311,7 +343,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke test)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per (run, seq)")
     ap.add_argument("--profile", action="store_true",
-                    help="one more step under torch.profiler: device time by kernel and kind")
+                    help="two steps traced by torch.profiler: wall, host, device time by kind")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # child: this run, in this process
     a = ap.parse_args()
     if a.only:

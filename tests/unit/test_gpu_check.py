@@ -47,10 +47,15 @@ def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
     for r in (fp32, bf16):
         assert len(r["kd_loss"]) == len(r["step_s"]) == 3 and r["tokens_per_s"] > 0
         assert r["median_step_s"] == statistics.median(r["step_s"][1:])
-        prof = r["profile"]  # one more step, by kernel and kind: the kinds add up to the step
+        prof = r["profile"]  # two traced steps of either parity: the kinds add up to each
         assert prof["device_ms"] > 0 and prof["top"][0][1] >= prof["top"][-1][1]
-        assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["device_ms"])
-        assert prof["by_kind_ms"]["gemm"] > 0
+        assert [st["step"] for st in prof["steps"]] == [2, 5]
+        assert len(prof["wall_ms_every_step"]) == 6
+        assert prof["steps"][0]["device_ms"] == prof["device_ms"]
+        for st in prof["steps"]:
+            assert sum(st["by_kind_ms"].values()) == pytest.approx(st["device_ms"])
+            assert st["by_kind_ms"]["gemm"] > 0 and st["kernels"] > 10
+            assert 0 < st["host_ms"] <= st["wall_ms"] and 0 <= st["device_idle_share"] < 1
         assert r["spec"] == "local" and r["optimizer"] == "standard"
         assert r["fp8_flop_share"] == 0
     # the same init and batches: the first step's KD loss agrees across precisions
