@@ -4,6 +4,7 @@
     python tests/bridge/tool.py import HF_DIR OUT            HF -> Bridge checkpoint (AutoBridge)
     python tests/bridge/tool.py export CKPT HF_CONFIG OUT    Bridge's export_ckpt -> HF folder
     python tests/bridge/tool.py logits CKPT HF_CONFIG TOKENS OUT   load_megatron_model + forward
+    python tests/bridge/tool.py export ... + logits ...     several, in one process (one import)
 
 What Bridge 0.6.2 needs to run on this CPU, Python 3.11 machine, and nothing else, is set up by
 `shim()` (test code, not the recipe's): `typing.override` (3.12) from typing_extensions; empty
@@ -113,6 +114,14 @@ def bridge_for(hf_config: str):
 
 def main(argv):
     shim()
+    while "+" in argv:
+        i = argv.index("+")
+        command(argv[:i])
+        argv = argv[i + 1:]
+    command(argv)
+
+
+def command(argv):
     import torch
     from megatron.bridge import AutoBridge
     from megatron.bridge.training.model_load_save import temporary_distributed_context

@@ -249,19 +249,24 @@ def test_a_damaged_export_is_refused_by_evaluate(trained_run, tmp_path, how):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_a_damaged_newest_checkpoint_is_reported_and_skipped(pruned, straight, tmp_path,  # noqa: F811
-                                                             how):
+def test_damaged_newest_checkpoints_are_reported_and_skipped(pruned, straight,  # noqa: F811
+                                                            tmp_path):
+    """A resume verifies the newest checkpoint before loading it: the newest, truncated, is set
+    aside by its size, the one before, with a flipped byte, by its checksum; the run resumes
+    from the one before those and gives the uninterrupted run's history."""
     out = tmp_path / "d"
-    run_subprocess(args(pruned, out, "distill.save_interval=2", "distill.fault=kill_after:7"),
-                   rc=-9)
+    keep = ("distill.save_interval=2", "distill.keep_last=3")
+    run_subprocess(args(pruned, out, *keep, "distill.fault=kill_after:7"), rc=-9)
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000004", "iter_0000006"]
-    victim = largest_distcp(ckpts / "iter_0000006")
-    damage(victim, how)
-    stderr = run_subprocess(args(pruned, out, "distill.save_interval=2"))
-    assert f"iter_0000006 is damaged: {victim.name}" in stderr
-    assert "iter_0000004 (step 4)" in stderr
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000002", "iter_0000004",
+                                                              "iter_0000006"]
+    victims = {step: largest_distcp(ckpts / f"iter_000000{step}") for step in (6, 4)}
+    damage(victims[6], "truncate")
+    damage(victims[4], "flip")
+    stderr = run_subprocess(args(pruned, out, *keep))
+    assert f"iter_0000006 is damaged: {victims[6].name} is " in stderr  # ... bytes
+    assert f"iter_0000004 is damaged: {victims[4].name} has checksum" in stderr
+    assert "iter_0000002 (step 2)" in stderr
     assert_same_history(metrics(straight), metrics(out))
 
 
