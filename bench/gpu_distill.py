@@ -19,7 +19,8 @@ the student's forward + the teacher's, causal attention at s/2 keys per token); 
 the GPU's dense bf16 peak (metrics.PEAK_TFLOPS; omitted for a GPU not listed, never another
 chip's number); peak memory allocated and reserved; `plan`'s estimate for the same shapes and
 its ratio to the peak; the resolved spec, fp8 recipe and TE attention backend; the KD loss
-at every step; the share of the step's model FLOPs in fp8 matmuls. The summary compares each
+at every step; the share of the step's model FLOPs in fp8 matmuls; Python's garbage
+collections during the timed steps (a host pause can idle the device). The summary compares each
 run with TE bf16 (speed, last-step KD loss; for fp8, the Amdahl ceiling and the fp8 matmul
 speed-up the measured speed implies, `fp8_speedups`) and checks the issue's goals.
 `--profile`: six more steps, two of them traced by torch.profiler (of either parity): per
@@ -29,6 +30,7 @@ kind; the longest kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -176,15 +178,18 @@ def measure(run: str, seq: int, a) -> dict:
         step_batches = the_batches(s.vocab_size, seq, a.microbatches,
                                    next(model.parameters()).device)
         times, losses = [], []
-        for _ in range(a.warmup + a.steps):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            reports, *_ = train.optimizer_step(ddp, opt, sched, run_step, step_batches)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            losses.append(train.reduce_report(reports)["kd_loss"])
+        with gc_pauses() as pauses:
+            for i in range(a.warmup + a.steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                if i == a.warmup:
+                    pauses.clear()  # the timed steps' only
+                t0 = time.perf_counter()
+                reports, *_ = train.optimizer_step(ddp, opt, sched, run_step, step_batches)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                losses.append(train.reduce_report(reports)["kd_loss"])
         prof = profile_step(lambda: train.optimizer_step(ddp, opt, sched, run_step,
                                                          step_batches)) if a.profile else None
     step_s = statistics.median(times[a.warmup:])
@@ -201,7 +206,7 @@ def measure(run: str, seq: int, a) -> dict:
             "peak_memory_gb": mem,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
             "plan_estimate_gb": est, "plan_over_peak": est / mem,
-            "kd_loss": losses, "spec": spec,
+            "kd_loss": losses, "spec": spec, "gc_in_timed_steps": gc_summary(pauses),
             "fp8_flop_share": fp8_flops_per_token(t, s, c.precision, c.teacher_precision,
                                                   c.fp8_bf16_edge_layers)
             / distill_flops_per_token(t, s, seq),
@@ -209,6 +214,34 @@ def measure(run: str, seq: int, a) -> dict:
             "fp8": train_stage.fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
             "optimizer": train.optimizer_kind(c), "fusions": M.fusions(c.spec),
             "attention": attention_backend(spec), **({"profile": prof} if prof else {})}
+
+
+@contextlib.contextmanager
+def gc_pauses():
+    """[(generation, seconds)] of every collection Python's garbage collector makes meanwhile
+    (a pause of the host, which a long collection turns into an idle device)."""
+    import gc
+
+    out, start = [], []
+
+    def seen(phase, info):
+        if phase == "start":
+            start[:] = [time.perf_counter()]
+        elif start:
+            out.append((info["generation"], time.perf_counter() - start[0]))
+
+    gc.callbacks.append(seen)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(seen)
+
+
+def gc_summary(pauses: list) -> dict:
+    """Collections and seconds per generation."""
+    gens = sorted({g for g, _ in pauses})
+    return {f"gen{g}": {"collections": sum(1 for x, _ in pauses if x == g),
+                        "seconds": sum(s for x, s in pauses if x == g)} for g in gens}
 
 
 def profile_step(step, top: int = 25, steps: int = 2) -> dict:

@@ -58,6 +58,7 @@ def test_gpu_benchmark_path_in_tiny_mode(tmp_path):
             assert 0 < st["host_ms"] <= st["wall_ms"] and 0 <= st["device_idle_share"] < 1
         assert r["spec"] == "local" and r["optimizer"] == "standard"
         assert r["fp8_flop_share"] == 0
+        assert all(g["collections"] > 0 for g in r["gc_in_timed_steps"].values())
     # the same init and batches: the first step's KD loss agrees across precisions
     assert bf16["kd_loss"][0] == pytest.approx(fp32["kd_loss"][0], rel=2e-2)
     assert fp32["kd_loss"][0] > 0.1
@@ -209,3 +210,26 @@ def test_junit_summary_names_the_cause_of_a_failure(tmp_path):
          "TypeError: Object of type Tensor is not JSON serializable"),
         ("test test_wrong_exit", "fail", "assert 0 == 75")]
     assert summary(str(tmp_path / "missing.xml"))[0][:2] == ("tests", "fail")
+
+
+def test_the_benchmark_records_the_garbage_collectors_pauses():
+    """gc_pauses sees every collection made inside it, by generation, and nothing after it."""
+    import gc
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_distill import gc_pauses, gc_summary
+
+    before = list(gc.callbacks)
+    gc.disable()  # no automatic collection meanwhile
+    try:
+        with gc_pauses() as pauses:
+            gc.collect(0)
+            gc.collect(2)
+            gc.collect(2)
+        gc.collect(1)
+    finally:
+        gc.enable()
+    assert gc.callbacks == before
+    got = gc_summary(pauses)
+    assert {k: v["collections"] for k, v in got.items()} == {"gen0": 1, "gen2": 2}
+    assert got["gen2"]["seconds"] > 0
