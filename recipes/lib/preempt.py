@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,10 @@ class Fault:
     kill_after (SIGKILL after step STEP), kill_in_save (SIGKILL once the checkpoint of STEP is
     written but before it is marked complete), signal_after (the last rank alone sends itself
     SIGUSR1 after step STEP), kill_in_finish (SIGKILL at point STEP of a training stage's finish,
-    see train_stage)."""
+    see train_stage); and step_ms (each training step lasts at least STEP milliseconds: a
+    test's pace, the same on a fast machine and a slow one)."""
 
-    KINDS = ("kill_after", "kill_in_save", "signal_after", "kill_in_finish")
+    KINDS = ("kill_after", "kill_in_save", "signal_after", "kill_in_finish", "step_ms")
 
     def __init__(self, spec: str | None):
         self.kind, self.step = None, None
@@ -53,6 +55,12 @@ class Fault:
                 os.kill(os.getpid(), signal.SIGUSR1)
         else:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+    def pace(self, started: float) -> None:
+        """With step_ms:N, sleep out the rest of N ms since `started` (time.time())."""
+        if self.kind == "step_ms":
+            time.sleep(max(0.0, started + self.step / 1000 - time.time()))
 
 
 class StopOnSignal:

@@ -97,6 +97,7 @@ def check_optimizer(c: TrainConfig, dp: int) -> None:
 def build_optimizer(model, c: TrainConfig):
     """DDP wrapper, megatron optimizer (optimizer_kind) and LR schedule."""
     # lazy: megatron (see the module doc)
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel as DDP
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -105,9 +106,14 @@ def build_optimizer(model, c: TrainConfig):
     kind = optimizer_kind(c)
     distributed = kind != "standard"
     cfg = model.config
+    dp = ps.get_data_parallel_world_size()
+    overlap = c.overlap_grad_reduce and dp > 1
     ddp = DDP(cfg, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
         use_distributed_optimizer=distributed), model)
+    if overlap:
+        log.info("gradient reduction overlapped with the backward: %d bucket(s) over DP=%d",
+                 sum(len(g.buckets) for g in ddp.bucket_groups), dp)
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
         adam_beta1=0.9, adam_beta2=c.adam_beta2, clip_grad=c.clip_grad,
@@ -205,6 +211,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
                                 | {"tok/s": f"{row['tokens_per_s']:.0f}"})
             fault.at("kill_after", step)
             fault.at("signal_after", step)
+            fault.pace(t0)
             stopping = stop.agreed() and step < c.train_iters
             if stopping or step % c.save_interval == 0 or step == c.train_iters:
                 resume.save_checkpoint(ckpts, step, ddp, opt, sched,

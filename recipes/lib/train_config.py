@@ -18,7 +18,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # changing these between restarts does not change the numbers a run produces
 OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
-               "fault", "keep_checkpoints", "output", "preempt_signals", "recompute_layers"}
+               "fault", "keep_checkpoints", "output", "preempt_signals", "recompute_layers",
+               "overlap_grad_reduce"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -78,6 +79,11 @@ class TrainConfig(config.ModelInput):
     FusedAdam) keeps the fp32 master weights as the bf16 weights plus 16-bit remainders, 2
     bytes per parameter less (16 instead of 18 for the student); fp32 Adam moments as before.
     The bf16 weights are then the master's truncation instead of its rounding."""
+    overlap_grad_reduce: bool = True
+    """With data parallelism (DP > 1): reduce the gradients bucket by bucket (megatron's DDP,
+    buckets of 40M elements) while the step's last backward is still running, instead of all
+    at once after it (Megatron-LM's and Megatron-Bridge's default); the same numbers, so it can
+    change between restarts. Nothing to reduce at DP=1."""
     recompute_layers: int = 0
     """Activation recompute (megatron's full granularity, block method): the first N transformer
     layers of each pipeline stage keep only their input for the backward and run their forward
@@ -100,8 +106,9 @@ class TrainConfig(config.ModelInput):
     """Signals on which training saves at the end of the current step and exits with code 75
     (empty: the default actions)."""
     fault: str | None = None
-    """Fault injection for tests: 'kill_after:N' (SIGKILL after step N), 'kill_in_save:N', or
-    'signal_after:N' (the last rank alone sends itself SIGUSR1 after step N)."""
+    """Fault injection for tests: 'kill_after:N' (SIGKILL after step N), 'kill_in_save:N',
+    'signal_after:N' (the last rank alone sends itself SIGUSR1 after step N), or 'step_ms:N'
+    (each step lasts at least N ms)."""
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

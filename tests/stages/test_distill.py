@@ -303,6 +303,21 @@ def test_parallel_layouts_match_tp1(pruned, tmp_path, layout):
         assert b[s] == pytest.approx(a[s], rel=1e-3, abs=1e-6), (layout, s, a, b)
 
 
+@pytest.mark.slow
+def test_dp2_with_overlapped_gradient_reduction_trains_the_dp1_run(pruned, tmp_path):
+    """DP=2, the gradients reduced while the step's last backward runs (the default): the DP=1
+    run's losses to 1e-6 and its gradient norms (a reduction missed or counted twice shows
+    there); the stage says it overlapped."""
+    common = ("distill.train_iters=2", "distill.save_interval=2", "distill.eval_interval=2")
+    assert distill.main(args(pruned, tmp_path / "dp1", *common)) == 0
+    dp2 = torchrun("recipes.distill", *args(pruned, tmp_path / "dp2", *common))
+    assert "gradient reduction overlapped with the backward: 1 bucket(s) over DP=2" in dp2.stderr
+    one, two = metrics(tmp_path / "dp1"), metrics(tmp_path / "dp2")
+    assert_same_history(one, two)
+    norms = [(a["grad_norm"], b["grad_norm"]) for a, b in zip(one, two) if "grad_norm" in a]
+    assert len(norms) == 2 and all(b == pytest.approx(a, rel=1e-5) for a, b in norms)
+
+
 def test_fp8_without_transformer_engine_fails_first(pruned, tmp_path):
     with pytest.raises(ValueError, match="precision=fp8 needs Transformer Engine"):
         distill.main(args(pruned, tmp_path / "d", "distill.precision=fp8"))

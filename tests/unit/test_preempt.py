@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from recipes.lib.preempt import StopOnSignal, signals_deferred
+from recipes.lib.preempt import Fault, StopOnSignal, signals_deferred
 
 
 def _sleep():
@@ -78,3 +78,15 @@ def test_check_restores_a_replaced_handler_and_a_blocked_signal(caplog):
         stop.check()
         assert "SIGUSR1 handled in Python by <Handlers.SIG_IGN" in caplog.text
         faulthandler.unregister(signal.SIGUSR1)
+
+
+def test_a_paced_step_lasts_at_least_its_milliseconds():
+    """fault=step_ms:N (the Slurm time-limit test's pace): a step that took less is padded to N
+    ms; a longer one, or no such fault, is not."""
+    t0 = time.time()
+    Fault("step_ms:80").pace(t0)
+    assert time.time() - t0 >= 0.08
+    for fault, started in ((Fault("step_ms:80"), time.time() - 1), (Fault(None), time.time())):
+        t1 = time.time()
+        fault.pace(started)
+        assert time.time() - t1 < 0.05
