@@ -94,6 +94,12 @@ def check_optimizer(c: TrainConfig, dp: int) -> None:
                          f"reduce-scatter), here DP={dp}: set optimizer=auto or standard")
 
 
+# megatron's default at DP <= 40, fixed here: its own grows with DP past 40, and the distributed
+# optimizer's checkpoint (dp_reshardable) is laid out per bucket, resharding over DP only for the
+# same buckets
+GRAD_BUCKET_ELEMENTS = 40_000_000
+
+
 def build_optimizer(model, c: TrainConfig):
     """DDP wrapper, megatron optimizer (optimizer_kind) and LR schedule."""
     # lazy: megatron (see the module doc)
@@ -106,14 +112,14 @@ def build_optimizer(model, c: TrainConfig):
     kind = optimizer_kind(c)
     distributed = kind != "standard"
     cfg = model.config
-    dp = ps.get_data_parallel_world_size()
-    overlap = c.overlap_grad_reduce and dp > 1
     ddp = DDP(cfg, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=c.overlap_grad_reduce,
+        bucket_size=GRAD_BUCKET_ELEMENTS if c.overlap_grad_reduce else None,
         use_distributed_optimizer=distributed), model)
-    if overlap:
+    if c.overlap_grad_reduce:
         log.info("gradient reduction overlapped with the backward: %d bucket(s) over DP=%d",
-                 sum(len(g.buckets) for g in ddp.bucket_groups), dp)
+                 sum(len(g.buckets) for g in ddp.bucket_groups),
+                 ps.get_data_parallel_world_size())
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
         adam_beta1=0.9, adam_beta2=c.adam_beta2, clip_grad=c.clip_grad,

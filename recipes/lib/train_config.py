@@ -18,8 +18,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # changing these between restarts does not change the numbers a run produces
 OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
-               "fault", "keep_checkpoints", "output", "preempt_signals", "recompute_layers",
-               "overlap_grad_reduce"}
+               "fault", "keep_checkpoints", "output", "preempt_signals", "recompute_layers"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -80,10 +79,11 @@ class TrainConfig(config.ModelInput):
     bytes per parameter less (16 instead of 18 for the student); fp32 Adam moments as before.
     The bf16 weights are then the master's truncation instead of its rounding."""
     overlap_grad_reduce: bool = True
-    """With data parallelism (DP > 1): reduce the gradients bucket by bucket (megatron's DDP,
-    buckets of 40M elements) while the step's last backward is still running, instead of all
-    at once after it (Megatron-LM's and Megatron-Bridge's default); the same numbers, so it can
-    change between restarts. Nothing to reduce at DP=1."""
+    """Reduce the gradients over data-parallel ranks bucket by bucket (megatron's DDP, buckets
+    of 40M elements at any DP) while the step's last backward is still running, instead of all
+    at once after it (Megatron-LM's and Megatron-Bridge's default); the same numbers. It lays
+    out the distributed optimizer's checkpoint (a part per bucket), so it is fixed for a run;
+    at DP=1 as at any DP, so that a checkpoint reshards over DP."""
     recompute_layers: int = 0
     """Activation recompute (megatron's full granularity, block method): the first N transformer
     layers of each pipeline stage keep only their input for the backward and run their forward
