@@ -56,7 +56,6 @@ class Fault:
         else:
             os.kill(os.getpid(), signal.SIGKILL)
 
-
     def pace(self, started: float) -> None:
         """With step_ms:N, sleep out the rest of N ms since `started` (time.time())."""
         if self.kind == "step_ms":
