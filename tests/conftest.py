@@ -4,15 +4,27 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.tiny_models import write_tiny_llama
+# Under pytest-xdist (`make test` runs TEST_JOBS workers), each worker and every process it starts
+# gets its share of the cores before torch is imported: with two OpenMP threads each, two workers
+# on two cores oversubscribe them, and an in-process training test ran 4x slower.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(
+        1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
+
+from tests.tiny_models import write_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "conf" / "tiny.yaml")
+# the longest modules first (measured on 2 cores: 150-360 s each, the Slurm one mostly waiting
+# on its jobs), so that `--dist loadfile` starts them at once and the short ones fill in after
+FIRST = ("test_slurm.py", "test_distill.py", "test_search.py", "test_integrity.py")
 
 
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(FIRST)))  # stable: the rest in order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -34,8 +34,9 @@ class Fault:
     kill_after (SIGKILL after step STEP), kill_in_save (SIGKILL once the checkpoint of STEP is
     written but before it is marked complete), signal_after (the last rank alone sends itself
     SIGUSR1 after step STEP), kill_in_finish (SIGKILL at point STEP of a training stage's finish,
-    see train_stage); and step_ms (each training step lasts at least STEP milliseconds: a
-    test's pace, the same on a fast machine and a slow one)."""
+    see train_stage); and step_ms (each step of a run started from scratch lasts at least STEP
+    milliseconds, a resumed run goes at full speed: a test's slow first run that a time limit
+    stops, the same on a fast machine and a slow one, then a quick rerun)."""
 
     KINDS = ("kill_after", "kill_in_save", "signal_after", "kill_in_finish", "step_ms")
 
@@ -56,9 +57,10 @@ class Fault:
         else:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def pace(self, started: float) -> None:
-        """With step_ms:N, sleep out the rest of N ms since `started` (time.time())."""
-        if self.kind == "step_ms":
+    def pace(self, started: float, resumed: bool = False) -> None:
+        """With step_ms:N, unless the run resumed, sleep out the rest of N ms since `started`
+        (time.time())."""
+        if self.kind == "step_ms" and not resumed:
             time.sleep(max(0.0, started + self.step / 1000 - time.time()))
 
 

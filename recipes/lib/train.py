@@ -172,6 +172,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     train_ds, valid_ds = batches.datasets(c, seed, work / "cache")
     ckpts = work / "checkpoints"
     step = resume.resume(ckpts, ddp, opt, sched, c.global_batch_size)
+    resumed = step > 0
     metrics = Metrics(work / "logs", step)
     run_step = scheduled(c, ddp, make_step, schedule_kwargs)
     tokens_per_step, flops = c.global_batch_size * c.seq_length, meta.get("flops_per_token")
@@ -217,7 +218,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
                                 | {"tok/s": f"{row['tokens_per_s']:.0f}"})
             fault.at("kill_after", step)
             fault.at("signal_after", step)
-            fault.pace(t0)
+            fault.pace(t0, resumed)
             stopping = stop.agreed() and step < c.train_iters
             if stopping or step % c.save_interval == 0 or step == c.train_iters:
                 resume.save_checkpoint(ckpts, step, ddp, opt, sched,

@@ -130,11 +130,11 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm, chain):
     """distill: STEPS steps under a 2-minute limit with USR1 60 s before it: it saves at the
     current step, exits 75, the batch script requeues it, the rerun resumes from that step,
     until done; the export waits and has parity. Slurm may send the signal up to 60 s early
-    (its resolution), so 0-60 s after a start (seen: 35-45 s); each step lasts at least
-    STEP_MS (a test fault), so the training, 60 s, outlasts the first run on any machine, and
-    the restarts do not depend on its speed (with a fixed 2,500 steps: none on a fast host,
-    where the training finished before the signal; five, 8.6 min, on a slow one). Usually one
-    or two restarts; a slower or busy machine may need more, hence the long timeout."""
+    (its resolution), so 0-60 s after a start (seen: 35-45 s). Each step of the first run
+    lasts at least STEP_MS (a test fault), so its training, 60 s, outlasts the signal on any
+    machine; the resumed run goes at full speed and finishes in seconds: one restart (with a
+    fixed 2,500 steps unpaced: none on a fast host, five, 8.6 min, on a slow one; with every
+    run paced, one or two, 118-162 s). A busy machine may need more, hence the long timeout."""
     run = chain["run"]
     ids = submit(slurm, run, chain["hf"], "cluster.stages=[distill,export]",
                  "cluster.time.distill=00:02:00", f"distill.output={run}/distill_pre",

@@ -82,11 +82,13 @@ def test_check_restores_a_replaced_handler_and_a_blocked_signal(caplog):
 
 def test_a_paced_step_lasts_at_least_its_milliseconds():
     """fault=step_ms:N (the Slurm time-limit test's pace): a step that took less is padded to N
-    ms; a longer one, or no such fault, is not."""
+    ms; a longer one, a resumed run's, or no such fault, is not."""
     t0 = time.time()
     Fault("step_ms:80").pace(t0)
     assert time.time() - t0 >= 0.08
-    for fault, started in ((Fault("step_ms:80"), time.time() - 1), (Fault(None), time.time())):
+    for fault, started, resumed in ((Fault("step_ms:80"), time.time() - 1, False),
+                                    (Fault("step_ms:80"), time.time(), True),
+                                    (Fault(None), time.time(), False)):
         t1 = time.time()
-        fault.pace(started)
+        fault.pace(started, resumed)
         assert time.time() - t1 < 0.05
