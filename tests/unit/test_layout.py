@@ -120,3 +120,11 @@ def test_loading_a_stage_config_stays_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_the_modules_make_test_starts_first_exist():
+    """tests/conftest.py's FIRST (the longest modules, started first across the xdist workers)
+    names modules that exist: a renamed one would silently end up last, and the suite slower."""
+    from tests.conftest import FIRST
+
+    assert all(len(list((ROOT / "tests").rglob(name))) == 1 for name in FIRST), FIRST
