@@ -83,7 +83,7 @@ te-kit: setup  ## an offline Transformer Engine kit for such a machine (its GPU'
 DEMO_CE = teacher_correction.input=$(DEMO_DIR)/prune teacher_correction.output=$(DEMO_DIR)/ce_trained \
 	'teacher_correction.train_iters=$${distill.train_iters}'
 
-demo: setup assets  ## the paper's recipe on SmolLM2-135M + Jane Austen on this CPU (17-26 min), with a cross-entropy baseline, then the report
+demo: setup assets  ## the paper's recipe on SmolLM2-135M + Jane Austen on this CPU (16-29 min), with a cross-entropy baseline, then the report
 	$(call DEMO,data)
 	$(call DEMO,convert)
 	$(call DEMO,teacher_correction)

@@ -81,7 +81,8 @@ class EvaluateConfig:
     """Measure generation throughput of every model (same prompts and settings)."""
     speed_models: list | None = None
     """Names to time when speed=true (default: all); models of one architecture run at one speed,
-    so one of them suffices. Must include the reference."""
+    so one of them suffices. Must include the reference. They are loaded together, after the
+    scoring, and their runs interleaved (a drifting host slows them alike)."""
     speed_batch_sizes: list = dataclasses.field(default_factory=lambda: [1, 8])
     """Batch sizes of the throughput measurement."""
     speed_prompt_tokens: int = 128
@@ -178,12 +179,8 @@ def speedups(speed: dict, reference: str) -> dict:
 def score(name: str, path, rec: dict, c: EvaluateConfig, dtype: str, device: str,
           windows: torch.Tensor, seed: int, results: dict) -> None:
     """One model on `device`, its files checked against `rec` (exported_record, {} for none)
-    first: its held-out loss, generations and speed, into `results`."""
-    from transformers import AutoModelForCausalLM  # lazy: after harness.offline() in run()
-
-    integrity.refuse_damaged(path, rec=rec)  # before it is read
-    model = compat.hf_linears(  # fp32 GEMMs through oneDNN where faster (CPU)
-        AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval().to(device))
+    first: its held-out loss and generations, into `results`."""
+    model = load_model(path, rec, dtype, device)
     results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),
                                 "params": sum(p.numel() for p in model.parameters())}
     h = results["heldout"][name]
@@ -192,12 +189,27 @@ def score(name: str, path, rec: dict, c: EvaluateConfig, dtype: str, device: str
     if c.prompts:
         tok = tokens.load_tokenizer(path, f"evaluate.models.{name}")
         results["generations"][name] = generate(model, tok, c.prompts, c.max_new_tokens)
-    if c.speed and name in (c.speed_models or c.models):
-        results["speed"][name] = speed.generation_speed(
-            model, model.config.vocab_size, c.speed_prompt_tokens, c.speed_new_tokens,
-            c.speed_batch_sizes, c.speed_repeats, seed)
-        log.info("%s: %s", name, {k: v for k, v in results["speed"][name].items()
-                                  if k.startswith("batch_")})
+
+
+def load_model(path, rec: dict, dtype: str, device: str):
+    """An HF model for scoring, its files checked against `rec` before they are read."""
+    from transformers import AutoModelForCausalLM  # lazy: after harness.offline() in run()
+
+    integrity.refuse_damaged(path, rec=rec)
+    return compat.hf_linears(  # fp32 GEMMs through oneDNN where faster (CPU)
+        AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval().to(device))
+
+
+def time_generation(c: EvaluateConfig, records: dict, dtype: str, device: str, seed: int) -> dict:
+    """The speed models' generation throughput, loaded together and their runs interleaved."""
+    models = {n: load_model(c.models[n], records[n], dtype, device)
+              for n in c.speed_models or c.models}
+    vocab = min(m.config.vocab_size for m in models.values())  # ids every model has
+    out = speed.generation_speeds(models, vocab, c.speed_prompt_tokens, c.speed_new_tokens,
+                                  c.speed_batch_sizes, c.speed_repeats, seed)
+    for name, s in out.items():
+        log.info("%s: %s", name, {k: v for k, v in s.items() if k.startswith("batch_")})
+    return out
 
 
 def run(cfg: config.Config) -> dict:
@@ -239,7 +251,8 @@ def run(cfg: config.Config) -> dict:
         score(name, path, records[name], c, dtype, device, windows, cfg.run.seed, results)
         if device == "cuda":
             torch.cuda.empty_cache()  # the next model's room
-    if results["speed"]:
+    if c.speed:
+        results["speed"] = time_generation(c, records, dtype, device, cfg.run.seed)
         results["speedup"] = speedups(results["speed"], c.reference)
     specs = harness.task_specs(c.suite, c.tasks)
     paths = list(c.task_paths or [])
