@@ -108,7 +108,7 @@ class TrainConfig(config.ModelInput):
     fault: str | None = None
     """Fault injection for tests: 'kill_after:N' (SIGKILL after step N), 'kill_in_save:N',
     'signal_after:N' (the last rank alone sends itself SIGUSR1 after step N), or 'step_ms:N'
-    (each step lasts at least N ms)."""
+    (each step of a run started from scratch lasts at least N ms; a resumed run is not paced)."""
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
