@@ -22,10 +22,11 @@ its ratio to the peak; the resolved spec, fp8 recipe and TE attention backend; t
 at every step; the share of the step's model FLOPs in fp8 matmuls; Python's garbage
 collections during the timed steps (a host pause can idle the device). The summary compares each
 run with TE bf16 (speed, last-step KD loss; for fp8, the Amdahl ceiling and the fp8 matmul
-speed-up the measured speed implies, `fp8_speedups`) and checks the issue's goals.
-`--profile`: six more steps, two of them traced by torch.profiler (of either parity): per
-traced step its wall, host and device time (how much of it no kernel ran) and device time by
-kind; the longest kernels.
+speed-up the measured speed implies by FLOPs, `fp8_speedups`) and checks the issue's goals.
+`--profile` (bench/gpu_profile.py): six more steps, two of them traced by torch.profiler (of
+either parity): per traced step its wall, host and kernel time (how much of it no kernel ran)
+and kernel time by kind; the longest kernels; for an fp8 run beside TE bf16, what the two
+profiles say (`by_kernel_time`: the fp8 GEMMs' speed-up, the casts' cost, the ceiling).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from gpu_profile import fp8_kernel_ceilings, profile_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,13 +59,6 @@ RUNS = {
     "te-fp8-blockwise": {"spec": "te", "precision": "fp8", "fp8_recipe": "blockwise"},
     "te-fp8-delayed": {"spec": "te", "precision": "fp8", "fp8_recipe": "delayed"},
 }
-# --profile: a kernel's kind by its name (first match), to see where a step's time goes
-KERNEL_KINDS = [("attention", r"fmha|flash|attn|cudnn"),
-                ("gemm", r"gemm|cutlass|nvjet|xmma|cublas|matmul|\bmm\b|addmm|linear"),
-                ("fp8 cast / scale", r"quantiz|cast|amax|fp8|scale"),
-                ("optimizer", r"adam|multi_tensor"), ("norm", r"norm"),
-                ("softmax / loss", r"softmax|entropy|kl_div|logsumexp"),
-                ("copy", r"copy|memcpy|memset|cat|fill")]
 TINY_RUNS = {"local-fp32": {"spec": "local", "precision": "fp32"}, **RUNS}
 # the issue's goals: (run, over, at least) for tokens/s ratios; MFU and loss below
 GOALS = {"te_bf16_mfu": 0.38, "fp8_speedup": 1.2, "fp8_teacher_speedup": 1.35,
@@ -193,6 +188,8 @@ def measure(run: str, seq: int, a) -> dict:
         prof = profile_step(lambda: train.optimizer_step(ddp, opt, sched, run_step,
                                                          step_batches)) if a.profile else None
     step_s = statistics.median(times[a.warmup:])
+    fp8_flops = fp8_flops_per_token(t, s, c.precision, c.teacher_precision,
+                                    c.fp8_bf16_edge_layers)
     tokens = a.microbatches * seq
     flops = tokens * distill_flops_per_token(t, s, seq) / step_s
     device = torch.cuda.get_device_name() if cuda else "cpu"
@@ -207,9 +204,9 @@ def measure(run: str, seq: int, a) -> dict:
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
             "plan_estimate_gb": est, "plan_over_peak": est / mem,
             "kd_loss": losses, "spec": spec, "gc_in_timed_steps": gc_summary(pauses),
-            "fp8_flop_share": fp8_flops_per_token(t, s, c.precision, c.teacher_precision,
-                                                  c.fp8_bf16_edge_layers)
-            / distill_flops_per_token(t, s, seq),
+            "fp8_flop_share": fp8_flops / distill_flops_per_token(t, s, seq),
+            # of the GEMMs' FLOPs alone (at seq 0 attention has none)
+            "fp8_gemm_share": fp8_flops / distill_flops_per_token(t, s, 0),
             "precision": c.precision, "teacher_precision": c.teacher_precision,
             "fp8": train_stage.fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
             "optimizer": train.optimizer_kind(c), "fusions": M.fusions(c.spec),
@@ -244,63 +241,6 @@ def gc_summary(pauses: list) -> dict:
                         "seconds": sum(s for x, s in pauses if x == g)} for g in gens}
 
 
-def profile_step(step, top: int = 25, steps: int = 2) -> dict:
-    """`steps` steps traced by torch.profiler, each after one untraced and one warm-up step (the
-    profiler's start skews the step it starts in), so consecutive traced steps are of either
-    parity (the H200's fp8 step times alternated, ~1.27 s / ~1.49 s). Per traced step: its wall
-    time, the host's time to enqueue it (to the final synchronize), its kernels' device time and
-    count, the share of the wall time no kernel ran (large: launch-bound, or the device waits on
-    the host), device time by kind (KERNEL_KINDS, names matched, so approximate); the `top`
-    longest kernels of the first (self device time; each op's self CPU time without CUDA); the
-    wall time of every step run here."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    cuda = torch.cuda.is_available()
-    acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-    traced, timing = [], []
-    with profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=1, repeat=steps),
-                 on_trace_ready=lambda p: traced.append((len(timing) - 1,
-                                                         kernel_times(p, cuda)))) as p:
-        for _ in range(3 * steps):
-            t0 = time.perf_counter()
-            step()
-            host = time.perf_counter() - t0
-            if cuda:
-                torch.cuda.synchronize()
-            timing.append((host, time.perf_counter() - t0))
-            p.step()
-    per_step = []
-    for i, ev in traced:
-        (host, wall), device = timing[i], sum(ms for _, ms, _ in ev)
-        per_step.append({"step": i, "wall_ms": wall * 1e3, "host_ms": host * 1e3,
-                         "device_ms": device, "kernels": sum(n for *_, n in ev),
-                         "device_idle_share": max(0.0, 1 - device / (wall * 1e3)),
-                         "by_kind_ms": by_kind(ev)})
-    return {"device_ms": per_step[0]["device_ms"], "by_kind_ms": per_step[0]["by_kind_ms"],
-            "top": [[name[:160], ms, n] for name, ms, n in traced[0][1][:top]],
-            "steps": per_step, "wall_ms_every_step": [w * 1e3 for _, w in timing]}
-
-
-def kernel_times(p, cuda: bool) -> list:
-    """[(name, self device ms, calls)] of a finished trace, longest first (CPU ops' self time
-    without CUDA)."""
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    gpu = torch.autograd.DeviceType.CUDA
-    kernel = lambda e: not cuda or getattr(e, "device_type", None) == gpu  # noqa: E731
-    return sorted(((e.key, getattr(e, attr) / 1e3, e.count) for e in p.key_averages()
-                   if kernel(e) and getattr(e, attr) > 0), key=lambda x: -x[1])
-
-
-def by_kind(ev: list) -> dict:
-    import re
-
-    kinds: dict = {}
-    for name, ms, _ in ev:
-        kind = next((k for k, rx in KERNEL_KINDS if re.search(rx, name, re.I)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + ms
-    return kinds
-
-
 def fp8_speedups(share: float | None, speed: float) -> dict:
     """What an fp8 run's speed says of its fp8 matmuls, by Amdahl's law, taking every model
     FLOP of the bf16 step to cost the same time: `share` of them ran in fp8 (the layers'
@@ -332,6 +272,9 @@ def summarize(results: dict) -> dict:
                 rows[r]["kd_loss_rel_vs_te_bf16"] = \
                     abs(v["kd_loss"][-1] - base["kd_loss"][-1]) / abs(base["kd_loss"][-1])
                 rows[r].update(fp8_speedups(v.get("fp8_flop_share"), rows[r]["speed_vs_te_bf16"]))
+                if "profile" in base and "profile" in v and v.get("fp8_gemm_share"):
+                    rows[r]["by_kernel_time"] = fp8_kernel_ceilings(
+                        base["profile"], v["profile"], v["fp8_gemm_share"])
         got = lambda r, k: rows.get(r, {}).get(k)  # noqa: E731
         goals = {
             "te_bf16_mfu >= 0.38": None if got("te-bf16", "mfu") is None

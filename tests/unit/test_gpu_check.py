@@ -71,7 +71,8 @@ def test_fp8_speedups_follow_amdahl_at_the_h200s_shapes():
     """The share of a distillation step's FLOPs in fp8 matmuls (8B -> 4.5B, seq 4096): about
     half with the student in fp8, four fifths with the teacher too. A run at the 2x-matmul
     ceiling implies 2x matmuls, one at TE bf16's speed 1x; the H200's runs (2026-12-04:
-    1.13x, 1.21x) imply ~1.3x fp8 matmuls, casts and scaling included, in both."""
+    1.13x, 1.21x) imply ~1.3x fp8 matmuls, casts and scaling included, in both, by FLOPs
+    (the profiles show ~1.85x GEMMs: the next test)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_distill import archs, fp8_speedups
 
@@ -91,6 +92,78 @@ def test_fp8_speedups_follow_amdahl_at_the_h200s_shapes():
     implied = {k: fp8_speedups(share[k], h200[k])["implied_fp8_matmul_speedup"] for k in share}
     assert 1.2 < implied["student"] < 1.4 and 1.2 < implied["both"] < 1.4
     assert fp8_speedups(0.0, 1.1) == {}
+
+
+def test_profile_counts_kernels_not_annotations():
+    """--profile's device time is its kernels' (names and ms from the H200's fp8 step,
+    2026-12-04): not torch.profiler's step and optimizer annotations, which carry the span of
+    the kernels under them and, counted, doubled the step's device time (2668 ms in a 1444 ms
+    step) and gave an idle share of 0; and each kernel of its kind: not as fp8 casts the
+    optimizer's multi_tensor_scale, torch's nocast copy, nor its add with a dtype cast (the
+    fp32 main_grad += bf16 grad: 70 of the bf16 step's 107 ms of "fp8 cast / scale")."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_profile import by_kind, kernel_times
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    ev = [("ProfilerStep*", 1443.7, 1, True), ("Optimizer.step#FusedAdam.step", 37.5, 1, None),
+          ("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT", 195.7, 136, False),
+          ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", 92.2, 128, False),
+          ("void transformer_engine::(anonymous namespace)::amax_kernel<16, true>", 17.8, 1024,
+           False),
+          ("cast_transpose_optimized_kernel(__nv_bfloat16 const*, __nv_fp8_e4m3*)", 16.3, 640,
+           False),
+          ("void multi_tensor_apply_kernel<TensorListMetadata<2, false>, transformer_engine::"
+           "multi_tensor_scale::ScalePtrFunctor>", 10.0, 217, False),
+          ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::"
+           "native::direct_copy_kernel_cuda", 14.2, 512, False),
+          ("void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>, "
+           "at::native::memory::LoadWithCast<2>, at::native::memory::StoreWithCast<1> >", 69.8,
+           780, False),
+          ("aten::mm", 0.0, 800, False)]
+    fake = SimpleNamespace(key_averages=lambda: [
+        SimpleNamespace(key=k, self_device_time_total=ms * 1e3, count=n, is_user_annotation=a,
+                        device_type=cpu if k.startswith("aten") else cuda)
+        for k, ms, n, a in ev])
+    kt = kernel_times(fake, True)
+    assert [k for k, *_ in kt][:2] == [ev[2][0], ev[3][0]] and len(kt) == 7
+    assert sum(ms for _, ms, _ in kt) == pytest.approx(195.7 + 92.2 + 17.8 + 16.3 + 10 + 14.2
+                                                       + 69.8)
+    assert by_kind(kt) == pytest.approx({"gemm": 195.7, "attention": 92.2, "optimizer": 10.0,
+                                         "fp8 cast / scale": 17.8 + 16.3, "copy": 14.2,
+                                         "other": 69.8})
+
+
+def test_fp8_ceilings_by_kernel_time_from_the_h200s_profiles():
+    """The H200's traced steps (seq 4096, 2026-12-04; kernels ms, bf16's "casts" torch's own):
+    the fp8 GEMMs ran ~1.85x their bf16 time, the casts added 54 ms, and 2x GEMMs with free
+    casts would give 1.21x, where the FLOP count gave a 1.34x ceiling. The summary carries
+    it for an fp8 run profiled beside TE bf16."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_distill import archs, summarize
+    from gpu_profile import fp8_kernel_ceilings
+
+    from recipes.lib.arch import distill_flops_per_token, fp8_flops_per_token
+
+    t, s = archs(False)
+    gemm_share = fp8_flops_per_token(t, s, "fp8", "bf16") / distill_flops_per_token(t, s, 0)
+    assert 0.55 < gemm_share < 0.58  # the LM heads' and the teacher's GEMMs stay bf16
+    bf16 = {"device_ms": 1354.0, "by_kind_ms": {"gemm": 836.8, "attention": 180.3,
+                                                "fp8 cast / scale": 106.7, "other": 230.2}}
+    fp8 = {"device_ms": 1187.3, "by_kind_ms": {"gemm": 620.3, "attention": 175.2,
+                                               "fp8 cast / scale": 160.4, "other": 231.4}}
+    got = fp8_kernel_ceilings(bf16, fp8, gemm_share)
+    assert got["kernel_speedup"] == pytest.approx(1354.0 / 1187.3)
+    assert 1.8 < got["fp8_gemm_speedup"] < 1.9 and got["fp8_cast_ms"] == pytest.approx(53.7)
+    assert 1.19 < got["ceiling_2x_gemms_free_casts"] < 1.23
+    assert fp8_kernel_ceilings(bf16, bf16, gemm_share)["fp8_gemm_speedup"] is None
+    run = {"mfu": 0.5, "peak_memory_gb": 100.0, "plan_over_peak": 1.0, "kd_loss": [0.5]}
+    out = summarize({"4096": {
+        "te-bf16": {**run, "tokens_per_s": 11461.0, "fp8_flop_share": 0.0, "profile": bf16},
+        "te-fp8": {**run, "tokens_per_s": 12841.0, "fp8_flop_share": 0.5077,
+                   "fp8_gemm_share": gemm_share, "profile": fp8}}})["4096"]["runs"]
+    assert out["te-fp8"]["by_kernel_time"] == got and "by_kernel_time" not in out["te-bf16"]
 
 
 def test_gpu_wheels_are_all_pinned():
