@@ -54,7 +54,8 @@ class PlanConfig:
     peak_tflops: float = 989.0
     """Dense bf16 peak per GPU (H100 SXM: 989)."""
     mfu: float = 0.40
-    """Assumed model FLOP utilisation."""
+    """Assumed model FLOP utilisation (one H200 measured 54% for TE bf16 distillation at seq
+    8192, DP=1, docs/gpu.md; a cluster's communication takes some of it)."""
     inference_batch: int = 32
     """Batch of the larger decode estimate (KV cache bytes grow with it)."""
 
