@@ -1,9 +1,15 @@
 # Minitron recipe. `make help` lists the targets.
-#   make setup                      create .venv with the pinned stack (every target depends on it)
+#   make setup [TORCH=cpu|cuda]     create .venv with the pinned stack (every target depends on it)
 #   make test                       the CPU test suite
 #   make convert RECIPE=conf/x.yaml ARGS="run.dir=runs/x convert.hf_path=..." [NPROC=2]
 SHELL := /bin/bash
-PYTHON ?= python3.11
+# make setup: PYTHON (empty: the first of python3.12, python3.11 that runs), TORCH (auto: cuda
+# where nvidia-smi lists a GPU, else cpu), TE (auto: Transformer Engine on a cuda venv), TE_KIT
+# (an offline TE kit folder instead); scripts/setup_venv.sh says what each does
+PYTHON ?=
+TORCH ?= auto
+TE ?= auto
+TE_KIT ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 RECIPE ?= conf/tiny.yaml
@@ -41,14 +47,10 @@ DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_
 help:  ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-19s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed  ## create .venv: Python 3.11, torch 2.13.0, megatron-core 0.19.2, ModelOpt 0.47.0
+setup: $(VENV)/.installed  ## create .venv (Python 3.12 or 3.11; TORCH=auto|cpu|cuda, TE=auto|pip|none): torch 2.13.0, megatron-core 0.19.2, ModelOpt 0.47.0
 
-$(VENV)/.installed: requirements.txt requirements-engine.txt requirements.lock pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements.txt -c requirements.lock
-	$(VENV)/bin/pip install -q --no-deps --ignore-requires-python -r requirements-engine.txt
-	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+$(VENV)/.installed: requirements.txt requirements-engine.txt requirements-gpu.txt requirements.lock pyproject.toml scripts/setup_venv.sh
+	bash scripts/setup_venv.sh $(VENV) "$(PYTHON)" $(TORCH) $(TE) "$(TE_KIT)"
 	touch $@
 
 all: setup  ## the stages in STAGES (data convert prune distill export): LAUNCH=local|docker runs it here, LAUNCH=slurm submits it (DRY_RUN=1 prints)
@@ -76,8 +78,8 @@ bridge-env: setup  ## Megatron-Bridge 0.6.2 (with its own transformers) into .br
 gpu-wheels: setup  ## the pinned wheels a CUDA-torch machine without network needs for gpu-check, into .whl/ (KIT=.te-kit: less what the kit carries)
 	KIT=$(KIT) bash scripts/gpu_wheels.sh .whl
 
-te-kit: setup  ## an offline Transformer Engine kit for such a machine (its GPU's code only: one 36 MiB part) into .te-kit/ (TE_KIT=.te-kit there)
-	$(PY) scripts/te_kit.py build --dest .te-kit
+te-kit: setup  ## an offline Transformer Engine kit into .te-kit/ for the GPU host FOR=host.json describes (scripts/te_kit.py describe there), or for this one
+	$(PY) scripts/te_kit.py build --dest .te-kit $(if $(FOR),--for $(FOR))
 
 # the cross-entropy baseline: the same pruned student, steps and batches as distill, no teacher
 DEMO_CE = teacher_correction.input=$(DEMO_DIR)/prune teacher_correction.output=$(DEMO_DIR)/ce_trained \

@@ -2,13 +2,19 @@
 clusters): built here, carried over in one part (or a few) small enough for a 64 MiB transfer,
 checked and installed there.
 
-    python scripts/te_kit.py build   [--dest .te-kit] [--te 2.20.2] [--python 3.12]
-                                     [--torch 2.11.0+cu130] [--cuda 13.0] [--arch 90]
-                                     [--with pydantic,...] [--all-archs] [--no-prebuild]
-                                     [--build-dir .te-kit-build]
+    python scripts/te_kit.py describe > host.json                # there: what the kit is for
+    python scripts/te_kit.py build   [--dest .te-kit] [--for host.json] [--te 2.20.2]
+                                     [--python 3.12] [--torch 2.11.0+cu130] [--cuda 13.0]
+                                     [--arch 90] [--with pydantic,...] [--all-archs]
+                                     [--no-prebuild] [--build-dir .te-kit-build]
     python scripts/te_kit.py verify  [--kit .te-kit]            # every part, and the whole
     python scripts/te_kit.py install [--kit .te-kit] [--jobs 16] # there: checks the machine too
     python scripts/te_kit.py kernels                            # there: TE's kernels vs torch
+
+Which host a kit is for: `--for host.json`, what `describe` printed on that host (its venv's
+Python, torch, CUDA and GPU architecture: `make setup TORCH=cuda TE=none` there first), or the
+machine `build` runs on when it has a CUDA torch and a GPU; --python/--torch/--cuda/--arch
+override single values. A build that can tell neither refuses, naming these ways.
 
 What a kit holds: `transformer-engine-cu13` (the core library: a 276.5 MB wheel with CUDA code
 for nine GPU architectures, slimmed here to the host's, --arch, unless --all-archs: ~32 MB, see
@@ -460,6 +466,39 @@ def this_machine() -> dict:
             "torch_git": torch.version.git_version}
 
 
+TARGET = ("python", "torch", "cuda", "arch")
+
+
+def target(a, here=None) -> dict:
+    """What the kit is built for: --for's JSON, else this machine where it has a CUDA torch and
+    a GPU, with --python/--torch/--cuda/--arch over either."""
+    if a.host:
+        try:
+            base = json.loads(Path(a.host).read_text())
+        except (OSError, ValueError) as e:
+            raise KitError(f"--for {a.host}: not the JSON of `te_kit.py describe` ({e}): run "
+                           "`python scripts/te_kit.py describe > host.json` on the GPU host")
+        if not isinstance(base, dict):
+            raise KitError(f"--for {a.host}: not the JSON object `te_kit.py describe` prints")
+    else:
+        try:
+            base = here or this_machine()
+        except ImportError:
+            base = {}
+        if not base.get("arch"):
+            base = {}
+    out = {k: getattr(a, k) or base.get(k) for k in TARGET}
+    missing = [k for k in TARGET if not out[k]]
+    if missing:
+        raise KitError(f"which GPU host is the kit for? {', '.join(missing)} unknown: run "
+                       "`python scripts/te_kit.py describe > host.json` on that host and build "
+                       "with --for host.json (or give --python, --torch, --cuda and --arch)")
+    if not str(out["arch"]).isdigit():
+        raise KitError(f"--arch {out['arch']}: a GPU architecture as digits, e.g. 90 (H100, "
+                       "H200), 100 (B200), 80 (A100)")
+    return {k: str(v) for k, v in out.items()}
+
+
 def check_machine(built_for: dict, here: dict) -> None:
     """The kit's Python, torch, CUDA and GPU architecture against this machine's."""
     diff = {k: (built_for.get(k), here.get(k)) for k in ("python", "torch", "cuda", "arch")
@@ -580,10 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build")
     b.add_argument("--dest", default=".te-kit")
     b.add_argument("--te", default="2.20.2")
-    b.add_argument("--python", default="3.12")
-    b.add_argument("--torch", default="2.11.0+cu130")
-    b.add_argument("--cuda", default="13.0")
-    b.add_argument("--arch", default="90")
+    b.add_argument("--for", dest="host", help="the host's `describe` JSON")
+    b.add_argument("--python", help="the host's Python, X.Y")
+    b.add_argument("--torch", help="the host's torch version, e.g. 2.13.0 or 2.11.0+cu130")
+    b.add_argument("--cuda", help="the host torch's CUDA version, e.g. 13.0")
+    b.add_argument("--arch", help="the host GPU's architecture, e.g. 90")
     b.add_argument("--with", dest="extras", type=lambda v: [x for x in v.split(",") if x],
                    default=EXTRAS, help="the wheels TE imports that the host may lack, comma "
                    f"separated, pinned in requirements.lock (default {','.join(EXTRAS)})")
@@ -595,15 +635,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--build-dir", default=".te-kit-build",
                    help="the build venv (~5.5 GB of wheels, kept for the next build)")
     sub.add_parser("kernels", help="run TE's kernels once on this GPU against torch")
+    sub.add_parser("describe", help="this host's Python, torch, CUDA and GPU (JSON for --for)")
     for name in ("verify", "install"):
         s = sub.add_parser(name)
         s.add_argument("--kit", default=".te-kit")
         s.add_argument("--jobs", type=int, default=os.cpu_count())
     a = ap.parse_args(argv)
     try:
-        if a.cmd == "build":
-            built_for = {"python": a.python, "torch": a.torch, "cuda": a.cuda, "arch": a.arch,
-                         "te": a.te}
+        if a.cmd == "describe":
+            print(json.dumps(this_machine(), indent=1))
+        elif a.cmd == "build":
+            built_for = {**target(a), "te": a.te}
+            for k in TARGET:
+                setattr(a, k, built_for[k])
             with tempfile.TemporaryDirectory() as tmp:
                 files = download(a.te, a.python, Path(tmp), a.extras)
                 if not a.all_archs:  # the core library with the host's GPU code only

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import types
 import zipfile
 
 import pytest
@@ -265,7 +266,8 @@ def test_a_failed_tool_is_named_not_a_traceback(tmp_path, monkeypatch, capsys):
         raise subprocess.CalledProcessError(1, ["pip", "download", "transformer-engine-cu13"],
                                             stderr=b"ERROR: No matching distribution found")
     monkeypatch.setattr(te_kit, "download", download)
-    assert te_kit.main(["build", "--dest", str(tmp_path / "kit"), "--no-prebuild"]) == 2
+    assert te_kit.main(["build", "--dest", str(tmp_path / "kit"), "--no-prebuild", "--python",
+                        "3.12", "--torch", "2.13.0+cu130", "--cuda", "13.0", "--arch", "90"]) == 2
     err = capsys.readouterr().err
     assert err == ("te_kit: pip download transformer-engine-cu13 failed (exit 1): ERROR: No "
                    "matching distribution found\n")
@@ -336,3 +338,38 @@ def test_the_extra_wheels_are_the_pinned_versions():
     assert te_kit.pinned("pydantic-core") == te_kit.pinned("pydantic_core")
     with pytest.raises(te_kit.KitError, match="no-such-thing is not pinned in requirements.lock"):
         te_kit.pinned("no-such-thing")
+
+
+def test_the_kit_is_built_for_the_host_it_names_not_a_fixed_one(tmp_path, monkeypatch, capsys):
+    """`describe` on the GPU host, `build --for` its JSON here; flags override single values; a
+    build that cannot tell which host it is for (no --for, no GPU here) refuses in one line."""
+    host = {"python": "3.12", "torch": "2.13.0+cu130", "cuda": "13.0", "arch": "100",
+            "torch_git": "abc"}
+    monkeypatch.setattr(te_kit, "this_machine", lambda: dict(host))
+    assert te_kit.main(["describe"]) == 0
+    described = tmp_path / "host.json"
+    described.write_text(capsys.readouterr().out)
+    got = {}
+
+    def download(te, python, dest, extras):
+        got["python"] = python
+        raise te_kit.KitError("stop here")
+    monkeypatch.setattr(te_kit, "download", download)
+    build = ["build", "--dest", str(tmp_path / "kit"), "--no-prebuild"]
+    monkeypatch.setattr(te_kit, "this_machine", lambda: {"python": "3.11", "torch": "2.13.0",
+                                                         "cuda": None, "arch": None})
+    assert te_kit.main(build) == 2  # a CPU machine, no --for: which host?
+    assert "which GPU host is the kit for? python, torch, cuda, arch unknown: run `python " \
+        "scripts/te_kit.py describe > host.json`" in capsys.readouterr().err
+    a = types.SimpleNamespace(host=str(described), python=None, torch=None, cuda=None,
+                              arch="90")
+    assert te_kit.target(a) == {"python": "3.12", "torch": "2.13.0+cu130", "cuda": "13.0",
+                                "arch": "90"}
+    assert te_kit.main([*build, "--for", str(described)]) == 2 and got["python"] == "3.12"
+    assert capsys.readouterr().err == "te_kit: stop here\n"
+    described.write_text("[1, 2]")
+    assert te_kit.main([*build, "--for", str(described)]) == 2
+    assert "not the JSON object `te_kit.py describe` prints" in capsys.readouterr().err
+    # on the GPU host itself, nothing to name
+    monkeypatch.setattr(te_kit, "this_machine", lambda: dict(host))
+    assert te_kit.main(build) == 2 and "stop here" in capsys.readouterr().err
