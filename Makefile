@@ -23,18 +23,27 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reor
 LAUNCH ?= local
 IMAGE ?= minitron-recipes:latest
 MOUNTS ?= $(CURDIR)/data
-STAGES ?= data convert prune distill export
+# make all: the stages to chain (empty: the recipe's cluster.stages, by default data convert
+# prune distill export evaluate report), under every LAUNCH
+STAGES ?=
+comma := ,
+empty :=
+space := $(empty) $(empty)
+CHAIN = $(if $(strip $(STAGES)),'cluster.stages=[$(subst $(space),$(comma),$(strip $(STAGES)))]')
 
 # torchrun forwards SIGUSR1 too and waits up to 10 min for the ranks to save and stop (exit 75)
 TORCHRUN_ENV := PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600
+DOCKER = docker run --rm --gpus all --ipc=host --ulimit memlock=-1 -v $(CURDIR):/workspace/minitron-recipes \
+	$(foreach m,$(MOUNTS),-v $(m):$(m)) $(foreach e,$(TORCHRUN_ENV),-e $(e)) -w /workspace/minitron-recipes $(IMAGE)
 ifeq ($(LAUNCH),docker)
-RUN := docker run --rm --gpus all --ipc=host --ulimit memlock=-1 -v $(CURDIR):/workspace/minitron-recipes \
-	$(foreach m,$(MOUNTS),-v $(m):$(m)) $(foreach e,$(TORCHRUN_ENV),-e $(e)) -w /workspace/minitron-recipes \
-	$(IMAGE) torchrun --nproc-per-node $(NPROC) -m
+RUN := $(DOCKER) torchrun --nproc-per-node $(NPROC) -m
+RUN1 := $(DOCKER) python -m
 else ifeq ($(NPROC),1)
 RUN := $(PY) -m
+RUN1 := $(PY) -m
 else
 RUN := $(TORCHRUN_ENV) $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m
+RUN1 := $(PY) -m
 endif
 
 DEMO_DIR ?= runs/demo
@@ -53,11 +62,11 @@ $(VENV)/.installed: requirements.txt requirements-engine.txt requirements-gpu.tx
 	bash scripts/setup_venv.sh $(VENV) "$(PYTHON)" $(TORCH) $(TE) "$(TE_KIT)"
 	touch $@
 
-all: setup  ## the stages in STAGES (data convert prune distill export): LAUNCH=local|docker runs it here, LAUNCH=slurm submits it (DRY_RUN=1 prints)
+all: setup  ## the chain (STAGES, or the recipe's cluster.stages), each stage at its own layout: LAUNCH=local|docker on NPROC GPUs here, LAUNCH=slurm submits (DRY_RUN=1 prints)
 ifeq ($(LAUNCH),slurm)
-	$(PY) -m recipes.launch --config $(RECIPE) $(if $(DRY_RUN),--dry-run) $(ARGS)
+	$(PY) -m recipes.launch --config $(RECIPE) $(if $(DRY_RUN),--dry-run) $(ARGS) $(CHAIN)
 else
-	set -e; for s in $(STAGES); do $(RUN) recipes.$$s --config $(RECIPE) $(ARGS); done
+	$(PY) -m recipes.launch --config $(RECIPE) --local $(NPROC) $(if $(filter docker,$(LAUNCH)),--image $(IMAGE) $(foreach m,$(MOUNTS),--mount $(m))) $(if $(DRY_RUN),--dry-run) $(ARGS) $(CHAIN)
 endif
 
 status: setup  ## LAUNCH=slurm: the submitted chain's jobs (state, restarts, logs) and committed stages
@@ -134,8 +143,8 @@ test: setup  ## run the CPU test suite (unit, stages, torchrun, Slurm, Bridge; g
 test-fast: setup  ## the quick tier (a few minutes): no multi-process, Slurm or Bridge tests (-m "not slow")
 	$(PYTEST) -m "not slow" $(PYTEST_ARGS) tests
 
-data: setup  ## text/JSONL -> indexed dataset: ARGS="run.dir=... data.input=... data.tokenizer=..."
-	$(RUN) recipes.data --config $(RECIPE) $(ARGS)
+data: setup  ## text/JSONL -> indexed dataset (one process; data.workers tokenize): ARGS="run.dir=... data.input=... data.tokenizer=..."
+	$(RUN1) recipes.data --config $(RECIPE) $(ARGS)
 
 convert: setup  ## HF folder -> megatron checkpoint: ARGS="run.dir=... convert.hf_path=..."
 	$(RUN) recipes.convert --config $(RECIPE) $(ARGS)
@@ -149,11 +158,11 @@ prune: setup  ## Minitron pruning (TP=1, any PP): ARGS="run.dir=..." [NPROC=N AR
 distill: setup  ## knowledge distillation (resumes when rerun; SIGUSR1/SIGTERM save and stop): [NPROC=N ARGS="parallel.tp=.. parallel.pp=.."]
 	$(RUN) recipes.distill --config $(RECIPE) $(ARGS)
 
-evaluate: setup  ## held-out loss / perplexity (+ generations, lm-eval where available) of HF folders
-	$(PY) -m recipes.evaluate --config $(RECIPE) $(ARGS)
+evaluate: setup  ## held-out loss / perplexity (+ generations, lm-eval where available) of HF folders (one process, one GPU where there is one)
+	$(RUN1) recipes.evaluate --config $(RECIPE) $(ARGS)
 
 report: setup  ## markdown report with plots for a run directory
-	$(PY) -m recipes.report --config $(RECIPE) $(ARGS)
+	$(RUN1) recipes.report --config $(RECIPE) $(ARGS)
 
 plan: setup  ## print architectures, parameter counts, memory and GPU-hours of a recipe (no weights)
 	$(PY) -m recipes.plan --config $(RECIPE) $(ARGS)

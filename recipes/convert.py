@@ -22,6 +22,7 @@ from recipes.lib import (checkpoint, config, disk, hf_weights, interop, mapping,
                          tokens)
 from recipes.lib.arch import Arch, human, read_hf_config, validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.errors import Refusal
 
 log = logging.getLogger("recipes.convert")
 
@@ -40,7 +41,7 @@ class ConvertConfig:
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"convert.dtype={self.dtype!r}; use fp32 or bf16")
+            raise Refusal(f"convert.dtype={self.dtype!r}; use fp32 or bf16")
 
 
 def run(cfg: config.Config) -> dict:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from recipes.lib import config, documents, megatron_data, stage, tokens
 from recipes.lib.arch import read_hf_config
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.errors import Refusal
 
 log = logging.getLogger("recipes.data")
 SPLITS = ("train", "valid", "test")
@@ -71,12 +72,12 @@ class DataConfig:
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts) \
                 or sum(float(p) for p in parts) <= 0:
-            raise ValueError(f"data.split={self.split!r}; give three non-negative proportions "
+            raise Refusal(f"data.split={self.split!r}; give three non-negative proportions "
                              "train,valid,test such as 98,1,1")
         if self.workers < 1:
-            raise ValueError("data.workers must be >= 1")
+            raise Refusal("data.workers must be >= 1")
         if self.on_bad_row not in ("fail", "skip"):
-            raise ValueError(f"data.on_bad_row={self.on_bad_row!r}; use fail or skip")
+            raise Refusal(f"data.on_bad_row={self.on_bad_row!r}; use fail or skip")
 
     @property
     def proportions(self) -> list[float]:
@@ -106,7 +107,7 @@ def open_tokenizer(c: DataConfig):
     tok = tokens.load_tokenizer(c.tokenizer, "data.tokenizer")
     eod = tok.eos_token_id
     if eod is None or eod >= vocab_size or len(tok) > vocab_size + 256:
-        raise ValueError(f"tokenizer in {c.tokenizer} ({len(tok)} entries, eos={eod}) does not "
+        raise Refusal(f"tokenizer in {c.tokenizer} ({len(tok)} entries, eos={eod}) does not "
                          f"match the teacher's vocab_size={vocab_size}; use the teacher's own "
                          "tokenizer (data.tokenizer=<teacher HF folder>)")
     return tok, vocab_size, eod
@@ -121,7 +122,7 @@ def survey(reader: documents.Reader, tok, vocab_size: int, c: DataConfig) -> dic
         n_docs += 1
         if doc.messages is not None:
             if n_chat == 0 and not tok.chat_template:
-                raise ValueError(f"{doc.where} is a chat ('{c.messages_field}'), but the "
+                raise Refusal(f"{doc.where} is a chat ('{c.messages_field}'), but the "
                                  f"tokenizer {c.tokenizer} has no chat template: use the "
                                  "instruct model's tokenizer, or give text instead")
             if n_chat == 0:
@@ -132,7 +133,7 @@ def survey(reader: documents.Reader, tok, vocab_size: int, c: DataConfig) -> dic
         elif len(sample) < SAMPLE_DOCS:
             sample.append("".join(itertools.islice(doc.pieces, 1)))
     if n_docs == 0:
-        raise ValueError(f"data.input={c.input}: no documents of at least {c.min_chars} chars")
+        raise Refusal(f"data.input={c.input}: no documents of at least {c.min_chars} chars")
     checked = tokens.check_tokenizer(tok, sample, vocab_size, c.tokenizer)
     return {"documents": n_docs, "chats": n_chat, "tokenizer_check": checked,
             "skipped_rows": dict(reader.skipped)}
@@ -226,7 +227,7 @@ def tokenize(c: DataConfig, tok, reader, assign, n_docs: int, vocab_size: int, e
             for (i, last, _), (ids, mask) in zip(batch, encode(tok, batch)):
                 max_id = max(max_id, int(ids.max()) if ids.size else -1)
                 if max_id >= vocab_size:
-                    raise ValueError(f"document {i} has token id {max_id} >= vocab_size "
+                    raise Refusal(f"document {i} has token id {max_id} >= vocab_size "
                                      f"{vocab_size}: tokenizer and teacher do not match")
                 split = SPLITS[assign[i]]
                 if last:  # EOD: a target of a text document, not of a chat's last turn
@@ -270,7 +271,7 @@ def run(cfg: config.Config) -> dict:
     assign = split_assignment(n_docs, c.proportions, cfg.run.seed)
     for i, name in enumerate(SPLITS):
         if c.proportions[i] > 0 and not (assign == i).any():
-            raise ValueError(f"split '{name}' got no documents ({n_docs} documents, split "
+            raise Refusal(f"split '{name}' got no documents ({n_docs} documents, split "
                              f"{c.split}); add documents or set data.split with {name}=0")
     dtype = np.uint16 if vocab_size < 65500 else np.int32
     # tokens take itemsize bytes where the text took >= 2 bytes each (a generous estimate)
@@ -278,7 +279,7 @@ def run(cfg: config.Config) -> dict:
     res = tokenize(c, tok, reader, assign, n_docs, vocab_size, eod,
                    Writer(tmp, dtype, found["chats"]))
     if res["empty"] > EMPTY_MAX * n_docs:
-        raise ValueError(f"{res['empty']} of {n_docs} documents encoded to no tokens with the "
+        raise Refusal(f"{res['empty']} of {n_docs} documents encoded to no tokens with the "
                          f"tokenizer {c.tokenizer}: the dataset is not published; use the "
                          "model's own tokenizer")
     (tmp / "config.yaml").write_text(config.to_yaml(cfg))
@@ -295,7 +296,7 @@ def run(cfg: config.Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage.main(run, "data", __doc__, argv)
+    return stage.main(run, "data", __doc__, argv, one_process=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from recipes.lib import config, stage, tokens, train_config, train_stage
+from recipes.lib.errors import Refusal
 
 log = logging.getLogger("recipes.distill")
 
@@ -41,7 +42,7 @@ def shared_vocabulary(student, teacher, tp: int) -> int:
     sv, tv = student.arch.vocab_size, teacher.arch.vocab_size
     if student.tokenizer is None or teacher.tokenizer is None:
         if sv != tv:
-            raise ValueError(f"student vocab {sv} != teacher vocab {tv}, and without both "
+            raise Refusal(f"student vocab {sv} != teacher vocab {tv}, and without both "
                              "tokenizers they cannot be compared: name each model's HF folder "
                              "(distill.input_hf_config / distill.teacher_hf_config)")
         return sv
@@ -49,14 +50,14 @@ def shared_vocabulary(student, teacher, tp: int) -> int:
            for x, k in ((student, "distill.input"), (teacher, "distill.teacher"))]
     for i in range(min(sv, tv)):
         if ids[0].get(i) != ids[1].get(i):
-            raise ValueError(f"the student's and the teacher's tokenizers differ at id {i} "
+            raise Refusal(f"the student's and the teacher's tokenizers differ at id {i} "
                              f"(student {ids[0].get(i)!r}, teacher {ids[1].get(i)!r}): "
                              "distillation compares the same tokens' logits, so both need one "
                              "tokenizer; distil into a student of the teacher's family")
     if sv == tv:
         return sv
     if tp > 1:
-        raise ValueError(f"student and teacher pad their vocabularies differently ({sv} vs "
+        raise Refusal(f"student and teacher pad their vocabularies differently ({sv} vs "
                          f"{tv}): distil them at parallel.tp=1 (the logit shards would not "
                          "line up)")
     shared = min(sv, tv, max(i for i in ids[0] if i < min(sv, tv)) + 1)

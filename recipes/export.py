@@ -22,6 +22,7 @@ import torch
 from recipes.lib import checkpoint, config, disk, integrity, interop, runtime, stage
 from recipes.lib.arch import validate_layout
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
+from recipes.lib.errors import BadState, Refusal
 
 log = logging.getLogger("recipes.export")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,9 +51,9 @@ class ExportConfig(config.ModelInput):
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"export.dtype={self.dtype!r}; use one of {list(DTYPES)}")
+            raise Refusal(f"export.dtype={self.dtype!r}; use one of {list(DTYPES)}")
         if self.shard_size_mb < 1:
-            raise ValueError("export.shard_size_mb must be >= 1")
+            raise Refusal("export.shard_size_mb must be >= 1")
 
 
 def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,7 @@ def run(cfg: config.Config) -> dict:
                 log.info("logit parity megatron vs exported HF: max |diff| = %.3g (atol %.g)",
                          diff, c.parity_atol)
                 if not diff <= c.parity_atol:
-                    raise RuntimeError(
+                    raise BadState(
                         f"export parity failed: max |logit diff| {diff:.4g} > export.parity_atol="
                         f"{c.parity_atol}; the folder was not published (left in {tmp})")
             # every file's size and CRC32 (evaluate checks them); the manifest comes last

@@ -1,9 +1,20 @@
-"""Submit a recipe's stages to Slurm as a chain of jobs, in the project's container (pyxis) or
-bare-metal, and report on a submitted chain.
+"""Run a recipe's chain of stages (`cluster.stages`) here, in the project's container, or as a
+chain of Slurm jobs (in the container through pyxis, or bare-metal), each stage at its own
+layout; and report on a submitted chain.
 
     python -m recipes.launch --config conf/llama31_8b_to_4b_width.yaml [--dry-run] [overrides]
+    python -m recipes.launch --config ... --local 8 [--image minitron-recipes:latest]
     python -m recipes.launch --config ... --status [overrides]      # or make status LAUNCH=slurm
-    make all LAUNCH=slurm RECIPE=conf/llama31_8b_to_4b_width.yaml [DRY_RUN=1]
+    make all [LAUNCH=local|docker|slurm] [NPROC=8] RECIPE=... [STAGES="distill export"] [DRY_RUN=1]
+
+Layouts: prune, distill and teacher_correction run at `cluster.layout.<stage>` where the recipe
+sets one, else at plan's choice (recipes/lib/layout.py: the fastest that fits
+plan.gpu_memory_gb) for the stage's GPUs: cluster.nodes.<stage> x cluster.gpus_per_node on
+Slurm, NPROC here. A layout the models, the GPUs or the batch do not divide is refused before
+anything runs. data and report run as one process; evaluate as one process on one GPU.
+
+Here (`--local N`): the stages one after another, torchrun for a stage of more than one rank,
+each in the container with `--image` (docker run, this checkout mounted at its workdir).
 
 Bare-metal (`cluster.container_image=null`, for clusters without pyxis): the jobs run
 `cluster.python` (default: the interpreter that submits, e.g. this checkout's .venv) in the
@@ -27,101 +38,38 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from recipes.lib import config
+from recipes.lib import config, layout
+from recipes.lib.cluster import STAGES, WORKDIR, ClusterConfig
 from recipes.lib.stage import cli
+from recipes.lib.errors import Refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "scripts" / "slurm" / "stage.sbatch.in"
-GPU_STAGES = ("convert", "teacher_correction", "prune", "distill", "export")
+GPU_STAGES = ("convert", "teacher_correction", "prune", "distill", "export", "evaluate")
 RESUMABLE = ("teacher_correction", "distill")
-DEFAULT_LAYOUT = {"prune": {"tp": 1, "pp": 8}, "distill": {"tp": 8, "pp": 1},
-                  "teacher_correction": {"tp": 8, "pp": 1}}
-
-
-@dataclasses.dataclass(kw_only=True)
-class ClusterConfig:
-    account: str = ""
-    """Slurm account (--account); empty: the user's default."""
-    partition: str = ""
-    """Slurm partition (--partition); empty: the default."""
-    container_image: str | None = "./minitron-recipes+latest.sqsh"
-    """Image for pyxis: docker/Dockerfile's build (`make docker-build`, then `enroot import
-    dockerd://minitron-recipes:latest` in this directory), or a registry tag of it. Not the bare
-    NeMo image: it lacks this project's pinned megatron-core / ModelOpt. null: bare-metal."""
-    python: str | None = None
-    """Bare-metal only: the Python that runs the stages (default: the one running the
-    launcher, e.g. this checkout's .venv/bin/python)."""
-    gpus: bool = True
-    """Request GPUs (--gpus-per-node, --exclusive); false on CPU-only clusters (tests,
-    scripts/slurm/local_cluster.sh). Tasks per node stay gpus_per_node."""
-    container_mounts: str = ""
-    """Comma-separated src:dst mounts (data, models, absolute run directories)."""
-    workdir: str = "/workspace/minitron-recipes"
-    """This repository inside the container."""
-    mount_repo: bool = True
-    """Mount this checkout at `workdir`: the code and conf/ that rendered the scripts run, and a
-    relative run.dir lands on the shared filesystem, not in the container."""
-    gpus_per_node: int = 8
-    """GPUs (= tasks) per node."""
-    stages: list = dataclasses.field(
-        default_factory=lambda: ["data", "convert", "prune", "distill", "export"])
-    """Stages to chain, in order."""
-    nodes: dict = dataclasses.field(default_factory=lambda: {"distill": 32})
-    """Nodes per stage (default 1)."""
-    layout: dict = dataclasses.field(default_factory=dict)
-    """TP/PP per stage, merged over DEFAULT_LAYOUT (prune must be TP=1)."""
-    time: dict = dataclasses.field(default_factory=lambda: {"distill": "04:00:00"})
-    """Time limit per stage (default 04:00:00)."""
-    signal_grace_s: int = 300
-    """Seconds before the time limit at which training saves and requeues; must exceed one step
-    plus one checkpoint save."""
-    extra_sbatch: list = dataclasses.field(default_factory=list)
-    """Further #SBATCH lines, e.g. ["--qos=high"]."""
-    tournament_jobs: bool = False
-    """prune with a tournament (prune.target_* + prune.search.tournament_steps/tokens): run
-    each candidate's distillation as a job of its own (prune_c1..prune_c<top_k>, side by side
-    after prune_prepare, each with prune's layout and requeued like training), then `prune`
-    picks the winner. Off: one prune job trains the candidates one after another."""
-
-    def __post_init__(self):
-        self.layout = {k: {"tp": 1, "pp": 1, **DEFAULT_LAYOUT.get(k, {}), **self.layout.get(k, {})}
-                       for k in {*DEFAULT_LAYOUT, *self.layout}}
-        if self.signal_grace_s < 60:
-            raise ValueError(f"cluster.signal_grace_s={self.signal_grace_s}: leave at least 60 s "
-                             "(one training step plus one checkpoint save) before the time limit")
-        if self.gpus_per_node < 1:
-            raise ValueError("cluster.gpus_per_node must be >= 1")
-        for job, t in self.time.items():
-            if not isinstance(t, str):  # YAML 1.1 reads 12:00:00 as 43200 (base 60)
-                raise ValueError(
-                    f"cluster.time.{job}={t!r} is a number, not a Slurm time (YAML reads "
-                    "12:00:00 as 43200, base 60, and Slurm would take it as minutes): quote it, "
-                    f"cluster.time.{job}=\"'12:00:00'\" on the command line or '12:00:00' in "
-                    "the YAML, or write 0-12:00:00")
-        if self.layout.get("prune", {}).get("tp", 1) != 1:
-            raise ValueError("cluster.layout.prune.tp must be 1 (ModelOpt Minitron pruning)")
-        for key, value in (("account", self.account), ("partition", self.partition),
-                           *(("extra_sbatch", x) for x in self.extra_sbatch)):
-            if any(ch.isspace() for ch in str(value)):
-                raise ValueError(f"cluster.{key}={value!r} contains whitespace: a #SBATCH line "
-                                 "cannot carry it")
+PLANNED = ("prune", "distill", "teacher_correction")  # plan chooses these layouts
+ONE_RANK = ("data", "evaluate", "report")
+# torchrun forwards SIGUSR1 too and waits up to 10 min for the ranks to save and stop (exit 75)
+TORCHRUN_ENV = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}
 
 
 def resources(stage: str, c: ClusterConfig) -> tuple[int, int, dict]:
     """(nodes, tasks per node, TP/PP layout) of a stage's job."""
-    lay = c.layout.get(stage, {"tp": 1, "pp": 1})  # complete after __post_init__
+    lay = c.layout.get(stage, {"tp": 1, "pp": 1})  # complete after __post_init__ / laid_out
     mp = lay["tp"] * lay["pp"]
     if stage in RESUMABLE:  # training: every GPU of every node, data parallel over TP*PP groups
         nodes, tasks = int(c.nodes.get(stage, 1)), c.gpus_per_node
         if (nodes * tasks) % mp:
-            raise ValueError(f"{stage}: {nodes} node(s) x {tasks} GPUs is not a multiple of "
+            raise Refusal(f"{stage}: {nodes} node(s) x {tasks} GPUs is not a multiple of "
                              f"TP*PP={lay['tp']}*{lay['pp']}")
-    elif stage in GPU_STAGES:  # one model replica: TP*PP ranks
+    elif stage in GPU_STAGES and stage not in ONE_RANK:  # one model replica: TP*PP ranks
         nodes, tasks = -(-mp // c.gpus_per_node), min(mp, c.gpus_per_node)
     else:
         nodes, tasks = 1, 1
@@ -131,10 +79,79 @@ def resources(stage: str, c: ClusterConfig) -> tuple[int, int, dict]:
 def stage_argv(stage: str, c: ClusterConfig, recipe: str, overrides: list[str]) -> list[str]:
     """The stage's command-line arguments, exactly as given (written to <stage>.args.json)."""
     args = ["--config", recipe, *overrides]
-    if stage in GPU_STAGES:
+    if stage in GPU_STAGES and stage not in ONE_RANK:
         lay = resources(stage, c)[2]
         args += [f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}"]
+        if lay.get("recompute_layers"):  # plan's choice: nothing fits without it
+            args.append(f"{stage}.recompute_layers={lay['recompute_layers']}")
     return args
+
+
+def laid_out(cfg: config.Config, c: ClusterConfig, gpus: dict) -> ClusterConfig:
+    """`c` with a layout for each chained stage plan lays out (prune, distill,
+    teacher_correction) that the recipe leaves to it: plan's choice for `gpus[stage]` GPUs.
+    Layouts set by hand are checked against the models and the GPUs (refused where they do not
+    divide them; a warning where plan's memory estimate exceeds the GPU's)."""
+    todo = [s for s in PLANNED if s in c.stages]
+    if not todo:
+        return c
+    try:
+        arch = layout.models(cfg)
+    except (ValueError, OSError) as e:  # no teacher config.json to read yet
+        need = [s for s in todo if s not in c.layout]
+        if need:
+            raise Refusal(f"cluster.layout.{need[0]} is not set and plan cannot choose it: "
+                             f"{e}") from None
+        return c  # every layout by hand, the models unknown before convert: run as given
+    chosen = {}
+    for stage in todo:
+        x = layout.stage_layout(cfg, stage, gpus[stage], arch)
+        if stage == "prune":
+            chosen[stage] = {"tp": 1, "pp": x}
+            continue
+        if stage in c.layout and not layout.fits(x.gb, cfg.section("plan").gpu_memory_gb):
+            print(f"launch: warning: {stage} at cluster.layout.{stage} {x.describe()} exceeds "
+                  f"plan.gpu_memory_gb={cfg.section('plan').gpu_memory_gb:g} by plan's estimate",
+                  file=sys.stderr)
+        chosen[stage] = {"tp": x.tp, "pp": x.pp, **(
+            {"recompute_layers": x.recompute_layers} if x.recompute_layers
+            and not layout.memory_settings(cfg)["recompute_layers"] else {})}
+    return dataclasses.replace(c, layout={**chosen, **c.layout})
+
+
+def local_commands(c: ClusterConfig, recipe: str, overrides: list[str], nproc: int,
+                   image: str | None = None, mounts: tuple = ()) -> list[tuple[str, list[str]]]:
+    """[(stage, argv)] running the chain here on `nproc` GPUs (or CPU processes): torchrun for
+    a stage of more than one rank, and everything inside `image` (docker run) when given."""
+    out = []
+    for stage in c.stages:
+        lay = c.layout.get(stage, {"tp": 1, "pp": 1})
+        n = 1 if stage in ONE_RANK or stage not in GPU_STAGES else \
+            nproc if stage in RESUMABLE else lay["tp"] * lay["pp"]
+        if n > nproc or nproc % (lay["tp"] * lay["pp"]):
+            raise Refusal(f"{stage} at TP={lay['tp']} PP={lay['pp']} does not fit NPROC={nproc}"
+                             f": set cluster.layout.{stage} to a TP x PP dividing {nproc}, or "
+                             "raise NPROC")
+        python = "python" if image else sys.executable
+        run = [python, "-m"] if n == 1 else (
+            ["torchrun" if image else str(Path(sys.executable).with_name("torchrun")),
+             "--nproc-per-node", str(n), "-m"])
+        argv = [*run, f"recipes.{stage}", *stage_argv(stage, c, recipe, overrides)]
+        if image:
+            argv = ["docker", "run", "--rm", "--ipc=host", "--ulimit", "memlock=-1",
+                    *(["--gpus", "all"] if stage in GPU_STAGES else []),
+                    "-v", f"{ROOT}:{WORKDIR}", *[a for m in mounts for a in ("-v", f"{m}:{m}")],
+                    *[a for k, v in TORCHRUN_ENV.items() for a in ("-e", f"{k}={v}")],
+                    "-w", WORKDIR, image, *argv]
+        out.append((stage, argv))
+    return out
+
+
+def run_here(commands: list[tuple[str, list[str]]], dry_run: bool) -> None:
+    for stage, argv in commands:
+        print(f"### {stage}\n$ {shlex.join(argv)}", flush=True)
+        if not dry_run:
+            subprocess.run(argv, check=True, env={**os.environ, **TORCHRUN_ENV})
 
 
 def job_groups(stage: str, c: ClusterConfig,
@@ -146,7 +163,7 @@ def job_groups(stage: str, c: ClusterConfig,
         return [[(stage, [])]]
     p = cfg.typed("prune")  # its values checked now, before anything is submitted
     if not p.tournament:
-        raise ValueError("cluster.tournament_jobs=true but prune runs no tournament: set "
+        raise Refusal("cluster.tournament_jobs=true but prune runs no tournament: set "
                          "prune.target_params (or target_memory_mb) and "
                          "prune.search.tournament_steps (or tournament_tokens)")
     job = "prune.tournament_job="
@@ -176,8 +193,9 @@ def render(stage: str, c: ClusterConfig, recipe: str, run_dir: str, job: str | N
     requeue = stage in RESUMABLE or is_candidate(job)  # training: saves on a signal, resumes
     sbatch = [f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
               f"--time={c.time.get(job, c.time.get(stage, '04:00:00'))}"]
-    if gpu and c.gpus:
-        sbatch += [f"--gpus-per-node={c.gpus_per_node}", "--exclusive"]
+    if gpu and c.gpus:  # a one-rank GPU stage (evaluate) takes one GPU of a shared node
+        sbatch += ["--gpus-per-node=1"] if stage in ONE_RANK else \
+            [f"--gpus-per-node={c.gpus_per_node}", "--exclusive"]
     if c.account:
         sbatch.append(f"--account={c.account}")
     if c.partition:
@@ -221,13 +239,13 @@ def submit(c: ClusterConfig, recipe: str, run_dir: str, overrides: list[str],
     `cfg`: the whole recipe (its prune section decides prune's tournament jobs)."""
     image = c.container_image
     if not dry_run and image and image.startswith(("/", "./")) and not Path(image).is_file():
-        raise ValueError(f"cluster.container_image={image} does not exist: build it with `make "
+        raise Refusal(f"cluster.container_image={image} does not exist: build it with `make "
                          "docker-build && enroot import dockerd://minitron-recipes:latest`, set "
                          "cluster.container_image (MINITRON_IMAGE) to your image, or run "
                          "bare-metal with cluster.container_image=null")
     unknown = [s for s in c.stages if s not in config.SECTIONS or s in ("cluster", "plan")]
     if unknown:
-        raise ValueError(f"cluster.stages has unknown stage(s) {unknown}")
+        raise Refusal(f"cluster.stages has unknown stage(s) {unknown}")
     groups = [(stage, g) for stage in c.stages for g in job_groups(stage, c, cfg)]
     jobs, prev = {}, []
     for stage, group in groups:
@@ -287,15 +305,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
     ap.add_argument("--status", action="store_true", help="the submitted chain's state")
+    ap.add_argument("--local", type=int, metavar="NPROC",
+                    help="run the chain here on NPROC GPUs (or CPU processes) instead of Slurm")
+    ap.add_argument("--image", help="with --local: run each stage in this container image")
+    ap.add_argument("--mount", action="append", default=[],
+                    help="with --image: a host folder mounted at the same path (repeatable)")
     ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
 
     def go() -> int:
-        cfg = config.load(a.config, a.overrides, stage="cluster")
+        cfg = config.load(a.config, a.overrides, stage="cluster", also=("plan",))
+        c = cfg.cluster
         if a.status:
-            print(status(cfg.cluster, cfg.run.dir))
+            print(status(c, cfg.run.dir))
+        elif a.local is not None:
+            if a.local < 1:
+                raise Refusal(f"NPROC={a.local} must be >= 1")
+            c = laid_out(cfg, c, dict.fromkeys(PLANNED, a.local))
+            run_here(local_commands(c, a.config, a.overrides, a.local, a.image,
+                                    tuple(a.mount)), a.dry_run)
         else:
-            submit(cfg.cluster, a.config, cfg.run.dir, a.overrides, a.dry_run, cfg)
+            c = laid_out(cfg, c, {s: int(c.nodes.get(s, 1)) * c.gpus_per_node for s in PLANNED})
+            submit(c, a.config, cfg.run.dir, a.overrides, a.dry_run, cfg)
         return 0
 
     return cli(go, "launch") if argv is None else go()

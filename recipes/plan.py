@@ -24,69 +24,40 @@ student's forward + the teacher's) / (peak FLOP/s * MFU).
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import types
-from pathlib import Path
 
-from recipes.lib import config, search, stage
+from recipes.lib import config, layout, search, stage
 from recipes.lib.arch import (WIDTH_KEYS, Arch, distill_flops_per_token, prune_memory,
-                               pruned_arch, training_memory, validate_layout)
+                               validate_layout)
 from recipes.lib.train_config import TrainConfig
+from recipes.lib.errors import Refusal
 
 GB = 1024**3
 
 
 @dataclasses.dataclass(kw_only=True)
 class PlanConfig:
-    teacher_config: str
-    """The teacher's config.json, or its HF folder (no weights needed)."""
-    distill_tokens: float = 94e9
-    """Distillation token budget (the paper: 94B)."""
-    seq_length: int = 8192
-    """Distillation sequence length (the paper: 8192)."""
-    global_batch_size: int = 1152
-    """Distillation sequences per step (the paper: 1152)."""
-    gpus: int = 256
-    """GPUs for distillation (the paper: 256 H100)."""
+    teacher_config: str | None = None
+    """The teacher's config.json, or its HF folder (no weights needed); default: convert.hf_path.
+    The token budget is distill's (train_iters x global_batch_size x seq_length), the GPUs the
+    cluster's (cluster.nodes.distill x cluster.gpus_per_node)."""
     gpu_memory_gb: float = 80.0
-    """Memory per GPU, for the fits / does-not-fit column."""
+    """Memory per GPU (GiB): what a layout must fit."""
     peak_tflops: float = 989.0
     """Dense bf16 peak per GPU (H100 SXM: 989)."""
     mfu: float = 0.40
-    """Assumed model FLOP utilisation (one H200 measured 54% for TE bf16 distillation at seq
-    8192, DP=1, docs/gpu.md; a cluster's communication takes some of it)."""
+    """Assumed model FLOP utilisation of TP=1 PP=1 (one H200 measured 54% for TE bf16
+    distillation at seq 8192, docs/measured.md; a cluster's communication takes some of it);
+    other layouts are slower by recipes/lib/layout.py's estimate."""
     inference_batch: int = 32
     """Batch of the larger decode estimate (KV cache bytes grow with it)."""
 
     def __post_init__(self):
         if not 0 < self.mfu <= 1:
-            raise ValueError(f"plan.mfu={self.mfu} must be in (0, 1]")
-
-
-def teacher_arch(path: str) -> Arch:
-    p = Path(path)
-    if p.is_dir():
-        return Arch.from_hf_dir(p)
-    if not p.is_file():
-        raise FileNotFoundError(f"plan.teacher_config={path}: no such file or folder")
-    return Arch.from_hf_config(json.loads(p.read_text()), str(p))
-
-
-def layouts(t: Arch, s: Arch, p: PlanConfig, settings: dict) -> list[dict]:
-    """TP x PP layouts valid for both models, with their distillation memory per GPU
-    (`settings`: memory_settings)."""
-    out = []
-    for tp in (1, 2, 4, 8):
-        for pp in (1, 2, 4, 8):
-            if t.num_query_groups % tp or s.num_layers % pp or t.num_layers % pp \
-                    or p.gpus % (tp * pp):
-                continue
-            gb = training_memory(t, s, p.seq_length, tp, pp, p.gpus // (tp * pp),
-                                 **settings) / GB
-            out.append({"tp": tp, "pp": pp, "dp": p.gpus // (tp * pp), "distill_gb": gb,
-                        "fits": gb <= p.gpu_memory_gb})
-    return out
+            raise Refusal(f"plan.mfu={self.mfu} must be in (0, 1]")
+        if self.gpu_memory_gb <= 0:
+            raise Refusal(f"plan.gpu_memory_gb={self.gpu_memory_gb} must be > 0")
 
 
 def inference_ratios(t: Arch, s: Arch, seq: int, batch: int) -> dict:
@@ -107,64 +78,45 @@ def inference_ratios(t: Arch, s: Arch, seq: int, batch: int) -> dict:
             "prefill": prefill_flops(t) / prefill_flops(s), "seq_length": seq}
 
 
-def distill_section(cfg: config.Config) -> dict:
-    """The recipe's distill settings as written (plan types only its own and prune's)."""
-    d = cfg.get("distill")
-    return d if isinstance(d, dict) else {}
-
-
-def memory_settings(cfg: config.Config) -> dict:
-    """The distill settings that change its memory (training_memory's keywords): the
-    precision-aware optimizer, fp8 for the student, or the teacher too (never by default), and
-    activation recompute."""
-    d = distill_section(cfg)
-    return {"precision_aware": bool(d.get("precision_aware_optimizer")),
-            "precision": d.get("precision", "auto"),
-            "teacher_precision": d.get("teacher_precision") or "bf16",
-            "bf16_edge_layers": int(d.get("fp8_bf16_edge_layers") or 0),
-            "recompute_layers": int(d.get("recompute_layers") or 0)}
-
-
 def estimate(cfg: config.Config) -> dict:
     """All the numbers `plan` prints, as a dict. `cfg` has a typed `plan` and, if the recipe
     prunes, a typed `prune` section."""
     p: PlanConfig = cfg.plan
-    teacher = teacher_arch(p.teacher_config)
-    prune_cfg = cfg.get("prune")
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    searched = search_preview(teacher, prune_cfg, cfg, p) if prune_cfg and \
-        prune_cfg.searching else None
-    if searched:  # the budget below is the largest shape the search would consider
-        student, drop = searched["shapes"][0], None
-    else:
-        student, drop = pruned_arch(teacher, prune_cfg) if prune_cfg else (teacher, None)
-    validate_layout(teacher, tp, pp)
-    validate_layout(student, tp, pp)
+    arch = teacher, student, drop = layout.models(cfg)
+    prune = cfg.get("prune")
+    searched = search_preview(teacher, prune, cfg, p) if prune and prune.searching else None
+    validate_layout(teacher, cfg.parallel.tp, cfg.parallel.pp)
+    validate_layout(student, cfg.parallel.tp, cfg.parallel.pp)
     nt, ns = teacher.num_params(), student.num_params()
-    dp = max(p.gpus // (tp * pp), 1)
-    settings = memory_settings(cfg)
-    steps = p.distill_tokens / (p.seq_length * p.global_batch_size)
-    flops = distill_flops_per_token(teacher, student, p.seq_length) * p.distill_tokens
-    gpu_s = flops / (p.peak_tflops * 1e12 * p.mfu)
-    prune_seq = prune_cfg.seq_length if prune_cfg else 4096
-    mem = {
-        "convert (host RAM per process)": 2 * teacher.padded_vocab_size * teacher.hidden_size * 2,
-        f"prune (per GPU, TP=1 PP={pp})": prune_memory(teacher, prune_seq, pp),
-        f"distill (per GPU, TP={tp} PP={pp})": training_memory(teacher, student, p.seq_length,
-                                                               tp, pp, dp, **settings),
-        "export (host RAM, rank 0)": 2 * ns,
-    }
+    b, gpus = layout.budget(cfg), layout.training_gpus(cfg)
+    lay, problem = {}, []
+    for stage in ("prune", "teacher_correction", "distill"):
+        try:
+            lay[stage] = layout.stage_layout(cfg, stage, gpus, arch)
+        except Refusal as e:  # printed as the plan's verdict; launch refuses with it
+            problem.append(str(e))
+    flops = distill_flops_per_token(teacher, student, b["seq_length"]) * b["tokens"]
+    gpu_s = flops / (p.peak_tflops * 1e12 * p.mfu) * (
+        lay["distill"].slowdown if "distill" in lay else 1)
+    prune_seq = cfg.prune.seq_length if "prune" in cfg else 4096
+    mem = {"convert (host RAM per process)":
+           2 * teacher.padded_vocab_size * teacher.hidden_size * 2 / GB}
+    if "prune" in lay:
+        mem[f"prune (per GPU, TP=1 PP={lay['prune']})"] = prune_memory(
+            teacher, prune_seq, lay["prune"]) / GB
+    for stage in ("teacher_correction", "distill"):
+        if stage in lay:
+            mem[f"{stage} (per GPU, {lay[stage].describe().split(' (')[0]})"] = lay[stage].gb
+    mem["export (host RAM, rank 0)"] = 2 * ns / GB
     return {
         "teacher": {**teacher.to_dict(), "params": nt},
         "student": {**student.to_dict(), "params": ns},
-        "drop_layers_1indexed": drop, "parallel": {"tp": tp, "pp": pp, "dp": dp},
-        "memory_gb": {k: v / GB for k, v in mem.items()},
-        "prune_pp_that_fit": [q for q in (1, 2, 4, 8) if teacher.num_layers % q == 0
-                              and prune_memory(teacher, prune_seq, q) / GB <= p.gpu_memory_gb],
-        "distill_layouts": layouts(teacher, student, p, settings), "distill_memory": settings,
-        "inference_speedup": inference_ratios(teacher, student, p.seq_length, p.inference_batch),
-        "distill": {"tokens": p.distill_tokens, "steps": steps, "flops": flops,
-                    "gpu_hours": gpu_s / 3600, "wall_hours": gpu_s / 3600 / p.gpus},
+        "drop_layers_1indexed": drop, "gpus": gpus, "layouts": lay, "layout_problems": problem,
+        "memory_gb": mem, "distill_memory": layout.memory_settings(cfg),
+        "inference_speedup": inference_ratios(teacher, student, b["seq_length"],
+                                              p.inference_batch),
+        "distill": {**b, "flops": flops, "gpu_hours": gpu_s / 3600,
+                    "wall_hours": gpu_s / 3600 / gpus},
         "search": searched and {**searched, "shapes": [
             {**{k: a.to_dict()[k] for k in (*WIDTH_KEYS, "num_layers")}, "params": a.num_params()}
             for a in searched["shapes"]]},
@@ -177,9 +129,8 @@ def search_preview(teacher: Arch, c: search.Budget, cfg: config.Config, p: PlanC
     target = search.constraint(c, teacher)
     space, shapes = search.check_target(c, teacher, cfg.parallel.pp)
     top = shapes[:s.top_k]
-    d = distill_section(cfg)
-    gbs, seq = int(d.get("global_batch_size", p.global_batch_size)), int(d.get(
-        "seq_length", p.seq_length))
+    d, b = layout.distill_section(cfg), layout.budget(cfg)
+    gbs, seq = b["global_batch_size"], b["seq_length"]
     steps = search.tournament_steps(s, gbs, seq)
     out = {"constraint": target, "space": space, "fitting": len(shapes), "shapes": top,
            "top_k": s.top_k, "tournament_steps": steps}
@@ -187,7 +138,7 @@ def search_preview(teacher: Arch, c: search.Budget, cfg: config.Config, p: PlanC
         tokens = steps * gbs * seq
         flops = sum(distill_flops_per_token(teacher, a, seq) for a in top) * tokens
         dc = types.SimpleNamespace(train_iters=steps, global_batch_size=gbs, seq_length=seq,
-                                   micro_batch_size=int(d.get("micro_batch_size", 1)),
+                                   micro_batch_size=b["micro_batch_size"],
                                    eval_iters=int(d.get("eval_iters", TrainConfig.eval_iters)),
                                    intermediate_layer_pairs=d.get("intermediate_layer_pairs"),
                                    teacher_precision=d.get("teacher_precision")
@@ -233,26 +184,29 @@ def render(e: dict, p: PlanConfig) -> str:
                  f"({s['params'] / t['params']:.1%}) |")
     if e["drop_layers_1indexed"]:
         lines.append(f"\ndropped layers (1-indexed): {e['drop_layers_1indexed']}")
-    par = e["parallel"]
-    lines.append(f"\nmemory at TP={par['tp']} PP={par['pp']} DP={par['dp']} "
-                 f"(estimates; GPU has {p.gpu_memory_gb:.0f} GB):")
+    lay = e["layouts"]
+    lines.append(f"\non {e['gpus']} GPUs of {p.gpu_memory_gb:.0f} GB (cluster.nodes.distill x "
+                 "cluster.gpus_per_node), the layouts make all and the launcher run "
+                 "(cluster.layout sets one by hand; estimates, fitting "
+                 f"{layout.HEADROOM:.0%} of a GPU):")
     for k, v in e["memory_gb"].items():
-        fits = "" if "host" in k else ("  fits" if v <= p.gpu_memory_gb else "  DOES NOT FIT")
-        lines.append(f"  {k:34s} {v:8.1f} GB{fits}")
+        fits = "" if "host" in k else ("  fits" if layout.fits(v, p.gpu_memory_gb)
+                                       else "  DOES NOT FIT")
+        lines.append(f"  {k:46s} {v:8.1f} GB{fits}")
+    lines += [f"  {x}" for x in e["layout_problems"]]
     m = e["distill_memory"]
-    lines.append(f"  (distill counted with precision={m['precision']}, teacher_precision="
+    lines.append(f"  (training counted with precision={m['precision']}, teacher_precision="
                  f"{m['teacher_precision']}, fp8_bf16_edge_layers={m['bf16_edge_layers']}, "
                  f"recompute_layers={m['recompute_layers']}, precision_aware_optimizer="
                  f"{str(m['precision_aware']).lower()}: the recipe's distill section)")
-    lines.append(f"  prune fits at PP in {e['prune_pp_that_fit']}")
-    fit = [f"TP{x['tp']}xPP{x['pp']} ({x['distill_gb']:.0f} GB)" for x in e["distill_layouts"]
-           if x["fits"]]
-    lines.append(f"  distill layouts that fit on {p.gpus} GPUs: {', '.join(fit) or 'none'}")
     d = e["distill"]
-    lines.append(f"\ndistillation: {d['tokens'] / 1e9:.1f}B tokens = {d['steps']:,.0f} steps of "
-                 f"{p.global_batch_size} x {p.seq_length}; {d['flops']:.3g} FLOPs; "
+    at = (f" at {lay['distill'].describe().split(' (')[0]} (x{lay['distill'].slowdown:.2f} the "
+          "time of TP=1 PP=1)") if "distill" in lay else ""
+    lines.append(f"\ndistillation: {d['tokens'] / 1e9:.1f}B tokens = {d['train_iters']:,} steps "
+                 f"of {d['global_batch_size']} x {d['seq_length']} (distill.train_iters, "
+                 f"global_batch_size, seq_length); {d['flops']:.3g} FLOPs; "
                  f"~{d['gpu_hours']:,.0f} GPU-hours at {p.mfu:.0%} MFU of "
-                 f"{p.peak_tflops:.0f} TFLOP/s = ~{d['wall_hours']:.1f} h on {p.gpus} GPUs")
+                 f"{p.peak_tflops:.0f} TFLOP/s{at} = ~{d['wall_hours']:.1f} h on {e['gpus']} GPUs")
     inf = e["inference_speedup"]
     lines.append(f"\nexpected inference speed-up of the student (bf16, context {inf['seq_length']}"
                  "): decode " + ", ".join(f"{v:.2f}x at batch {k.split('_')[-1]}"
@@ -267,7 +221,7 @@ def show(cfg: config.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage.main(show, "plan", __doc__, argv, also=("prune",))
+    return stage.main(show, "plan", __doc__, argv, also=("prune", "cluster"))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from recipes.lib import (checkpoint, config, disk, importance, interop, megatron
 from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch, validate_layout
 from recipes.lib.search import SearchConfig, arch_of, check_target, constraint
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.errors import Refusal
 
 log = logging.getLogger("recipes.prune")
 OPERATIONAL = ("tournament_job",)  # how the work is split into jobs, not what it computes
@@ -99,43 +100,43 @@ class PruneConfig(config.ModelInput):
 
     def __post_init__(self):
         if self.depth_method not in DEPTH_METHODS:
-            raise ValueError(f"prune.depth_method={self.depth_method!r}; use one of {DEPTH_METHODS}")
+            raise Refusal(f"prune.depth_method={self.depth_method!r}; use one of {DEPTH_METHODS}")
         if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"prune.dtype={self.dtype!r}; use fp32 or bf16")
+            raise Refusal(f"prune.dtype={self.dtype!r}; use fp32 or bf16")
         if self.drop_layers is not None and self.depth_method != "drop_layers":
-            raise ValueError("prune.drop_layers is set but prune.depth_method="
+            raise Refusal("prune.drop_layers is set but prune.depth_method="
                              f"{self.depth_method}; set prune.depth_method=drop_layers")
         for k in ("calib_samples", "seq_length", "micro_batch_size", "depth_eval_samples"):
             if getattr(self, k) < 1:
-                raise ValueError(f"prune.{k} must be >= 1")
+                raise Refusal(f"prune.{k} must be >= 1")
         if self.searching:
             self._check_target()
         elif self.search:
-            raise ValueError("prune.search is set but no prune.target_params / "
+            raise Refusal("prune.search is set but no prune.target_params / "
                              "prune.target_memory_mb")
         if self.tournament_job is not None:
             if not self.tournament:
-                raise ValueError(f"prune.tournament_job={self.tournament_job!r} but prune runs no "
+                raise Refusal(f"prune.tournament_job={self.tournament_job!r} but prune runs no "
                                  "tournament (prune.target_* with prune.search.tournament_steps "
                                  "or tournament_tokens)")
             if not re.fullmatch(r"prepare|c[1-9]\d*", str(self.tournament_job)):
-                raise ValueError(f"prune.tournament_job={self.tournament_job!r}: prepare or c<i> "
+                raise Refusal(f"prune.tournament_job={self.tournament_job!r}: prepare or c<i> "
                                  "(the launcher sets it; leave it unset to run the whole stage)")
         if self.calib_samples % self.micro_batch_size:
-            raise ValueError(f"prune.calib_samples={self.calib_samples} is not a multiple of "
+            raise Refusal(f"prune.calib_samples={self.calib_samples} is not a multiple of "
                              f"prune.micro_batch_size={self.micro_batch_size}")
 
     def _check_target(self) -> None:
         if self.target_params is not None and self.target_memory_mb is not None:
-            raise ValueError("set prune.target_params or prune.target_memory_mb, not both")
+            raise Refusal("set prune.target_params or prune.target_memory_mb, not both")
         sizes = [k for k in (*WIDTH_KEYS, "num_layers", "drop_layers")
                  if getattr(self, k) is not None]
         if sizes:
-            raise ValueError(f"prune.target_* searches the shape: unset {sizes} (or drop the "
+            raise Refusal(f"prune.target_* searches the shape: unset {sizes} (or drop the "
                              "target and choose the sizes yourself)")
         target = self.target_params if self.target_params is not None else self.target_memory_mb
         if not target > 0:
-            raise ValueError(f"the prune target must be > 0, not {target}")
+            raise Refusal(f"the prune target must be > 0, not {target}")
         self.search = self.search or SearchConfig()
 
 
@@ -171,7 +172,7 @@ def check_data(c: PruneConfig, data_manifest: dict, need_valid: bool) -> None:
                                                    else 0)):
         avail = tokens.available_windows(data_manifest["tokens"][split], c.seq_length)
         if n > avail:
-            raise ValueError(f"prune needs {n} windows of {c.seq_length + 1} tokens from the "
+            raise Refusal(f"prune needs {n} windows of {c.seq_length + 1} tokens from the "
                              f"{split} split, which has {data_manifest['tokens'][split]} tokens "
                              f"({avail} windows); lower prune.calib_samples / "
                              "prune.depth_eval_samples / prune.seq_length or add data")
@@ -183,7 +184,7 @@ def resolve(cfg: config.Config) -> Plan:
     c: PruneConfig = cfg.prune
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if tp != 1:
-        raise ValueError(f"parallel.tp={tp}: ModelOpt Minitron pruning requires TP=1; prune with "
+        raise Refusal(f"parallel.tp={tp}: ModelOpt Minitron pruning requires TP=1; prune with "
                          "parallel.tp=1 parallel.pp=N, then distill at any TP/PP")
     source = interop.open_source(c.input, "prune.input", ("convert", "teacher_correction"),
                                  c.input_hf_config)
@@ -207,7 +208,7 @@ def resolve(cfg: config.Config) -> Plan:
         check_data(c, data_manifest, need_valid=student.num_layers < teacher.num_layers
                    and c.depth_method == "contiguous")
         if student.num_layers % pp:
-            raise ValueError(f"the pruned model's {student.num_layers} layers do not divide into "
+            raise Refusal(f"the pruned model's {student.num_layers} layers do not divide into "
                              f"parallel.pp={pp} stages; choose a PP that divides both layer "
                              "counts")
         plan = {"student": student, "drop": drop}

@@ -327,7 +327,7 @@ def run(cfg: config.Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage.main(run, "report", __doc__, argv)
+    return stage.main(run, "report", __doc__, argv, one_process=True)
 
 
 if __name__ == "__main__":

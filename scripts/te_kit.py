@@ -427,13 +427,26 @@ def pack(files: list[Path], dest: Path, built_for: dict, part_bytes: int = PART_
 
 
 # ---- there: verify, check the machine, install ---------------------------------------------
+def read_manifest(mf: Path) -> dict:
+    """A kit's manifest.json, or a KitError naming it: damaged (cut, not JSON) or not a kit's."""
+    try:
+        m = json.loads(mf.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise KitError(f"{mf} is damaged ({type(e).__name__}: {e}): carry the kit's "
+                       "manifest.json again (scripts/te_kit.py verify checks it)") from None
+    if not isinstance(m, dict) or not isinstance(m.get("parts"), list) or "built_for" not in m:
+        raise KitError(f"{mf} is not a kit's manifest (no parts / built_for): carry the one "
+                       "`scripts/te_kit.py build` wrote")
+    return m
+
+
 def assemble(kit: Path, out: Path) -> list[Path]:
     """Every part checked (present, its size and sha256), the tar rebuilt and checked as a
     whole, its files extracted into `out` and checked against the manifest."""
     mf = kit / "manifest.json"
     if not mf.is_file():
         raise KitError(f"{mf} is missing: carry the kit's manifest.json with its parts")
-    m = json.loads(mf.read_text())
+    m = read_manifest(mf)
     data = bytearray()
     for p in m["parts"]:
         path = kit / p["path"]
@@ -524,8 +537,7 @@ def absent(python: str, modules: dict) -> list:
 def install(kit: Path, jobs: int, python: str = sys.executable) -> str:
     """Install the kit; returns how the torch extension got here (prebuilt, or built here and
     why)."""
-    m = json.loads((kit / "manifest.json").read_text()) if (kit / "manifest.json").is_file() \
-        else None
+    m = read_manifest(kit / "manifest.json") if (kit / "manifest.json").is_file() else None
     with tempfile.TemporaryDirectory() as tmp:
         files = assemble(kit, Path(tmp))  # parts first: a damaged kit is named before anything
         here = this_machine()

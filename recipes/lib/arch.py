@@ -8,6 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Protocol
+from recipes.lib.errors import MissingInput, Refusal
 
 # Megatron's llama3 RoPE scaling (rotary_pos_embedding.py `_apply_scaling`) hard-codes these; a
 # checkpoint asking for other values would be converted silently wrong, so it is refused.
@@ -54,7 +55,7 @@ class Arch:
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
+            raise Refusal(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                              f"of num_query_groups={self.num_query_groups}")
 
     @property
@@ -101,24 +102,24 @@ class Arch:
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "Arch":
         mt = cfg.get("model_type")
         if mt not in FAMILIES:
-            raise ValueError(f"{source}: model_type={mt!r} is not supported; this recipe converts "
+            raise Refusal(f"{source}: model_type={mt!r} is not supported; this recipe converts "
                              f"the dense families {', '.join(FAMILIES)} ("
                              f"{', '.join(f['architectures'] for f in FAMILIES.values())}); "
                              "mixture-of-experts and other architectures are not")
         fam = FAMILIES[mt]
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
-                raise ValueError(f"{source}: {flag}=true is not supported: {mt} with biases on "
+                raise Refusal(f"{source}: {flag}=true is not supported: {mt} with biases on "
                                  "every projection has no megatron layout here")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act={cfg['hidden_act']!r}; these families use "
+            raise Refusal(f"{source}: hidden_act={cfg['hidden_act']!r}; these families use "
                              "'silu'")
         window = cfg.get("sliding_window")
         if cfg.get("use_sliding_window") is False:  # Qwen2/3 carry a window they do not use
             window = None
         missing = [k for k in REQUIRED_HF_KEYS if cfg.get(k) is None]
         if missing:
-            raise ValueError(f"{source} lacks {missing}: not a complete config of a Llama-family "
+            raise Refusal(f"{source} lacks {missing}: not a complete config of a Llama-family "
                              "model; re-download it or add the fields")
         heads = cfg["num_attention_heads"]
         # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`
@@ -129,11 +130,11 @@ class Arch:
         if rtype == "llama3":
             for k, want in MEGATRON_LLAMA3_ROPE.items():
                 if float(rope.get(k, want)) != want:
-                    raise ValueError(f"{source}: rope {k}={rope[k]} differs from the {want} that "
+                    raise Refusal(f"{source}: rope {k}={rope[k]} differs from the {want} that "
                                      "megatron-core's llama3 RoPE scaling hard-codes")
             factor = float(rope["factor"])
         elif rtype != "default":
-            raise ValueError(f"{source}: rope_type={rtype!r} unsupported (use default or llama3)")
+            raise Refusal(f"{source}: rope_type={rtype!r} unsupported (use default or llama3)")
         return cls(
             num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
             ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads,
@@ -188,7 +189,7 @@ class Arch:
     def check_seq_length(self, seq_length: int, key: str) -> None:
         """Refuse sequences whose attention a sliding window would have restricted."""
         if self.sliding_window is not None and seq_length > self.sliding_window:
-            raise ValueError(
+            raise Refusal(
                 f"{key}={seq_length} exceeds the model's sliding_window={self.sliding_window}: "
                 "the teacher attends only to the last window tokens, megatron's layers here to "
                 f"all of them, so results would change; use {key}<={self.sliding_window}")
@@ -287,12 +288,12 @@ def human(n: float) -> str:
 def read_hf_config(path: Path) -> dict:
     f = Path(path) / "config.json"
     if not f.is_file():
-        raise FileNotFoundError(f"{f} not found: point the stage at a Hugging Face model folder "
+        raise MissingInput(f"{f} not found: point the stage at a Hugging Face model folder "
                                 "(config.json + *.safetensors + tokenizer files)")
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON ({e}); re-download the checkpoint") from e
+        raise Refusal(f"{f} is not valid JSON ({e}); re-download the checkpoint") from e
 
 
 # ---- layouts and prune targets (used by every stage that builds a model, and by plan) --------
@@ -305,11 +306,11 @@ def validate_layout(arch: Arch, tp: int, pp: int) -> None:
     for what, n in (("num_attention_heads", arch.num_attention_heads),
                     ("num_query_groups (KV heads)", arch.num_query_groups)):
         if n % tp:
-            raise ValueError(f"parallel.tp={tp} does not divide {what}={n}; choose a TP that "
+            raise Refusal(f"parallel.tp={tp} does not divide {what}={n}; choose a TP that "
                              f"divides both heads ({arch.num_attention_heads}) and KV groups "
                              f"({arch.num_query_groups})")
     if arch.num_layers % pp:
-        raise ValueError(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
+        raise Refusal(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
 
 
 class PruneTargets(Protocol):
@@ -329,15 +330,15 @@ def pruned_arch(t: Arch, c: PruneTargets) -> tuple[Arch, list[int] | None]:
     new = {k: getattr(t, k) if getattr(c, k) is None else getattr(c, k) for k in WIDTH_KEYS}
     for k in WIDTH_KEYS:
         if new[k] > getattr(t, k) or new[k] < 1:
-            raise ValueError(f"prune.{k}={new[k]} must be between 1 and the teacher's "
+            raise Refusal(f"prune.{k}={new[k]} must be between 1 and the teacher's "
                              f"{getattr(t, k)}")
     if new["num_attention_heads"] % t.num_query_groups:
-        raise ValueError(f"prune.num_attention_heads={new['num_attention_heads']} must be a "
+        raise Refusal(f"prune.num_attention_heads={new['num_attention_heads']} must be a "
                          f"multiple of the {t.num_query_groups} KV groups (ModelOpt keeps every "
                          "group and trims heads within each)")
     if new["hidden_size"] % new["num_attention_heads"]:
         h, n = new["hidden_size"], new["num_attention_heads"]
-        raise ValueError(f"prune.hidden_size={h} is not a multiple of num_attention_heads={n}: "
+        raise Refusal(f"prune.hidden_size={h} is not a multiple of num_attention_heads={n}: "
                          "transformers' LlamaConfig refuses such a model even with an explicit "
                          f"head_dim, so it could not be exported; use {h // n * n} or "
                          f"{(h // n + 1) * n}")
@@ -345,23 +346,23 @@ def pruned_arch(t: Arch, c: PruneTargets) -> tuple[Arch, list[int] | None]:
     layers = t.num_layers if c.num_layers is None else c.num_layers
     if c.depth_method == "drop_layers":
         if not c.drop_layers:
-            raise ValueError("prune.depth_method=drop_layers needs prune.drop_layers=[...] "
+            raise Refusal("prune.depth_method=drop_layers needs prune.drop_layers=[...] "
                              "(1-indexed, as in the paper)")
         drop = [int(x) for x in c.drop_layers]
         bad = [x for x in drop if not 1 <= x <= t.num_layers]
         if bad:
-            raise ValueError(f"prune.drop_layers has {bad} outside 1..{t.num_layers} (the list is "
+            raise Refusal(f"prune.drop_layers has {bad} outside 1..{t.num_layers} (the list is "
                              f"1-indexed: HF model.layers.i is layer i+1)")
         dups = sorted({x for x in drop if drop.count(x) > 1})
         if dups:
-            raise ValueError(f"prune.drop_layers lists {dups} more than once")
+            raise Refusal(f"prune.drop_layers lists {dups} more than once")
         if c.num_layers is not None and c.num_layers != t.num_layers - len(drop):
-            raise ValueError(f"prune.num_layers={c.num_layers} but dropping {len(drop)} of "
+            raise Refusal(f"prune.num_layers={c.num_layers} but dropping {len(drop)} of "
                              f"{t.num_layers} layers leaves {t.num_layers - len(drop)}")
         layers = t.num_layers - len(drop)
         if layers < 1:
-            raise ValueError("prune.drop_layers drops every layer")
+            raise Refusal("prune.drop_layers drops every layer")
     elif not 1 <= layers <= t.num_layers:
-        raise ValueError(f"prune.num_layers={layers} must be between 1 and the teacher's "
+        raise Refusal(f"prune.num_layers={layers} must be between 1 and the teacher's "
                          f"{t.num_layers}")
     return Arch(**{**t.to_dict(), **new, "num_layers": layers}), drop

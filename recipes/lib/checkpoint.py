@@ -40,6 +40,7 @@ from recipes.lib import compat, integrity, interop, mapping, runtime
 from recipes.lib.arch import Arch
 from recipes.lib.hf_weights import TOKENIZER_FILES, HFReader
 from recipes.lib.preempt import signals_deferred
+from recipes.lib.errors import MissingInput, MissingKey, Refusal
 
 def _dist_ckpt():
     compat.apply()
@@ -145,7 +146,7 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
     than the real `vocab_size` is refused."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
-        raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint "
+        raise MissingInput(f"{directory} is not a megatron distributed checkpoint "
                                 "(no metadata.json); point at a finished stage folder")
     integrity.refuse_damaged(directory)  # every file's size and CRC32, before reading a tensor
     # lazy: megatron, after compat.apply() in _dist_ckpt()
@@ -155,7 +156,7 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
     saved = dc.load_tensors_metadata(str(directory))
     rows = {k: t.global_shape[0] for k, t in saved.items() if k in VOCAB_KEYS}
     if vocab_size is not None and any(n < vocab_size for n in rows.values()):
-        raise ValueError(f"{directory} has {min(rows.values())} vocabulary rows, fewer than the "
+        raise Refusal(f"{directory} has {min(rows.values())} vocabulary rows, fewer than the "
                          f"architecture's vocab_size={vocab_size}: it is another model's "
                          "checkpoint; name the config.json that describes it")
     sharded = model.sharded_state_dict()
@@ -165,7 +166,7 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
              and tuple(saved[t.key].global_shape) != tuple(t.global_shape)]
     if wrong:
         k, have, want = wrong[0]
-        raise ValueError(f"{directory} does not hold the architecture it was read with: {k} is "
+        raise Refusal(f"{directory} does not hold the architecture it was read with: {k} is "
                          f"{list(have)} there, {list(want)} in the model ({len(wrong)} tensors "
                          "differ); for a Megatron-LM checkpoint name the model's own config.json "
                          "(*_hf_config)")
@@ -192,7 +193,7 @@ def check_key_mismatch(directory, model_only: list[str], ckpt_only: list[str]) -
     if bad_model or bad_ckpt:
         def show(keys):
             return f"{keys[:4]}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
-        raise KeyError(
+        raise MissingKey(
             f"{directory} does not match the model built from its manifest's architecture: "
             + (f"the model needs {show(bad_model)} that the checkpoint lacks" if bad_model else "")
             + ("; " if bad_model and bad_ckpt else "")

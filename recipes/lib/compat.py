@@ -44,6 +44,7 @@ import types
 import torch
 
 from recipes.lib import cpu_linear
+from recipes.lib.errors import BadState
 
 _APPLIED = False
 
@@ -231,7 +232,7 @@ def _install_triton_standin() -> None:
     stub.GLOBAL_BLOCK_SIZE = 1024
 
     def _unavailable(*_a, **_k):
-        raise RuntimeError("MoE paged stash needs triton (GPU); this dense-model build has none")
+        raise BadState("MoE paged stash needs triton (GPU); this dense-model build has none")
 
     stub.paged_stash_copy_kernel = _unavailable
     stub.paged_stash_pop_kernel = _unavailable

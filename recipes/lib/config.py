@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from recipes.lib.errors import Refusal
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -36,9 +37,9 @@ class RunConfig:
 
     def __post_init__(self):
         if not self.dir:
-            raise ValueError("run.dir is empty; pass run.dir=runs/<name>")
+            raise Refusal("run.dir is empty; pass run.dir=runs/<name>")
         if self.log_level.upper() not in LOG_LEVELS:
-            raise ValueError(f"run.log_level={self.log_level!r}; use one of {LOG_LEVELS}")
+            raise Refusal(f"run.log_level={self.log_level!r}; use one of {LOG_LEVELS}")
         self.log_level = self.log_level.upper()
 
 
@@ -52,7 +53,7 @@ class ParallelConfig:
     def __post_init__(self):
         for k in ("tp", "pp"):
             if getattr(self, k) < 1:
-                raise ValueError(f"parallel.{k}={getattr(self, k)} must be >= 1")
+                raise Refusal(f"parallel.{k}={getattr(self, k)} must be >= 1")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -83,11 +84,11 @@ SECTIONS = {
     "evaluate": "recipes.evaluate:EvaluateConfig",
     "report": "recipes.report:ReportConfig",
     "plan": "recipes.plan:PlanConfig",
-    "cluster": "recipes.launch:ClusterConfig",
+    "cluster": "recipes.lib.cluster:ClusterConfig",
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(Refusal):
     pass
 
 
@@ -103,6 +104,11 @@ class Config(dict):
             return self.get(name)
         self[name] = _coerce(_section_class(name), name, _resolved(self.merged, name))
         return self[name]
+
+    def section(self, name: str):
+        """Section `name` typed (`typed`), or its dataclass's defaults where the recipe has none
+        (plan, cluster: every field has one)."""
+        return self.typed(name) or _section_class(name)()
 
     def __getattr__(self, name):
         try:

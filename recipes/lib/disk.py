@@ -17,11 +17,12 @@ import shutil
 from pathlib import Path
 
 from recipes.lib.arch import Arch
+from recipes.lib.errors import Refusal
 
 NEARLY_FULL = 64 << 20  # a write that fails with less than this left failed for want of space
 
 
-class NoSpace(OSError):
+class NoSpace(Refusal, OSError):
     """The filesystem of a stage's output is (or would be) full."""
 
 

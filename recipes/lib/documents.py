@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from recipes.lib.stage import short
+from recipes.lib.errors import MissingInput, Refusal
 
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 CHUNK_CHARS = 1 << 18  # a long document is tokenised in pieces of at most ~256k characters
@@ -42,12 +43,12 @@ def find_files(path: Path) -> list[Path]:
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p))
     else:
-        raise FileNotFoundError(f"data.input={path} does not exist")
+        raise MissingInput(f"data.input={path} does not exist")
     bad = [f for f in files if not file_format(f)]
     if bad:
-        raise ValueError(f"{bad[0]}: unsupported file type; use {', '.join(FORMATS)}")
+        raise Refusal(f"{bad[0]}: unsupported file type; use {', '.join(FORMATS)}")
     if not files:
-        raise ValueError(f"data.input={path} holds no {' / '.join(FORMATS)} files")
+        raise Refusal(f"data.input={path} holds no {' / '.join(FORMATS)} files")
     return files
 
 
@@ -58,7 +59,7 @@ class Document:
     messages: list | None = None         # a chat: [{role, content}, ...]
 
 
-class BadRow(ValueError):
+class BadRow(Refusal):
     """A row that is not a document."""
 
 
@@ -111,7 +112,7 @@ class Reader:
             if self.on_bad_row == "skip":
                 self.skipped[str(f)] += 1
                 return None
-            raise ValueError(f"{f}:{n}: {e}; fix or drop the row, or set data.on_bad_row=skip "
+            raise Refusal(f"{f}:{n}: {e}; fix or drop the row, or set data.on_bad_row=skip "
                              "to leave such rows out (counted in the manifest)") from None
         if len(text.strip()) < self.min_chars:
             return None
@@ -196,7 +197,7 @@ def _json_rows(f: Path) -> Iterator[tuple[int, object]]:
     except Exception as e:  # EOFError / OSError (gzip), EOFError / ZstdError (zstandard)
         if not isinstance(e, (EOFError, OSError)) and type(e).__name__ != "ZstdError":
             raise
-        raise ValueError(f"{f} is damaged after line {n} ({type(e).__name__}: {e}); "
+        raise Refusal(f"{f} is damaged after line {n} ({type(e).__name__}: {e}); "
                          "re-download or re-compress it") from e
 
 
@@ -210,12 +211,12 @@ def _parquet_rows(f: Path, text_field: str, messages_field: str):
     try:
         pf = pq.ParquetFile(f)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{f} is not a readable Parquet file ({e}); re-download it") from e
+        raise Refusal(f"{f} is not a readable Parquet file ({e}); re-download it") from e
     names = pf.schema_arrow.names
     column = text_field if text_field in names else messages_field if messages_field in names \
         else None
     if column is None:
-        raise ValueError(f"{f} has no column '{text_field}' (columns: {names[:10]}); set "
+        raise Refusal(f"{f} has no column '{text_field}' (columns: {names[:10]}); set "
                          "data.text_field to the column holding the text")
     n = 0
     try:
@@ -225,7 +226,7 @@ def _parquet_rows(f: Path, text_field: str, messages_field: str):
                 yield n, {column: value} if value is not None else BadRow(
                     f"'{column}' is null")
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{f} is damaged at row {n + 1} ({e}); re-download it") from e
+        raise Refusal(f"{f} is damaged at row {n + 1} ({e}); re-download it") from e
 
 
 def split(text: str) -> Iterator[str]:
@@ -243,8 +244,8 @@ def split(text: str) -> Iterator[str]:
     yield text
 
 
-def not_utf8(f: Path, e: UnicodeDecodeError, after: int) -> ValueError:
-    return ValueError(f"{f} is not UTF-8 text ({e.reason}, after character {after:,}): convert "
+def not_utf8(f: Path, e: UnicodeDecodeError, after: int) -> Refusal:
+    return Refusal(f"{f} is not UTF-8 text ({e.reason}, after character {after:,}): convert "
                       "it (e.g. iconv -f latin1 -t utf-8) or leave it out")
 
 

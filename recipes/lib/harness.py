@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from recipes.lib.errors import Refusal
 
 log = logging.getLogger("recipes.harness")
 
@@ -66,7 +67,7 @@ def check_task(task: str, include_paths: list) -> None:
 
     tm = TaskManager(include_path=[str(p) for p in include_paths] or None)
     if task not in {*tm.all_tasks, *tm.all_groups}:
-        raise ValueError(f"lm-eval has no task {task!r}: name an installed task, {CLOZE}, or a "
+        raise Refusal(f"lm-eval has no task {task!r}: name an installed task, {CLOZE}, or a "
                          "local task YAML's `task:` with its folder in the task paths")
 
 

@@ -21,6 +21,7 @@ import struct
 from pathlib import Path
 
 import torch
+from recipes.lib.errors import MissingInput, MissingKey, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +44,36 @@ def safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
         if head.startswith(b"version "):
-            raise ValueError(f"{path} is a Git-LFS pointer, not weights: fetch the real files "
+            raise Refusal(f"{path} is a Git-LFS pointer, not weights: fetch the real files "
                              "(git lfs pull, or huggingface-cli download)")
         if len(head) < 8:
-            raise ValueError(f"{path} is {size} bytes: empty or truncated; re-download it")
+            raise Refusal(f"{path} is {size} bytes: empty or truncated; re-download it")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise ValueError(f"{path}: header of {n} bytes in a {size}-byte file: truncated or "
+            raise Refusal(f"{path}: header of {n} bytes in a {size}-byte file: truncated or "
                              "not a safetensors file; re-download it")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: unreadable safetensors header ({e}); re-download it") from e
+            raise Refusal(f"{path}: unreadable safetensors header ({e}); re-download it") from e
     header.pop("__metadata__", None)
     end = 0
     for name, h in header.items():
         dtype = SAFETENSORS_DTYPES.get(h.get("dtype"))
         begin, stop = h["data_offsets"]
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has dtype {h.get('dtype')!r}, which this "
+            raise Refusal(f"{path}: tensor {name} has dtype {h.get('dtype')!r}, which this "
                              f"recipe does not read ({sorted(SAFETENSORS_DTYPES)})")
         want = torch.Size(h["shape"]).numel() * dtype.itemsize
         if stop - begin != want:
-            raise ValueError(f"{path}: tensor {name} spans {stop - begin} bytes, its shape "
+            raise Refusal(f"{path}: tensor {name} spans {stop - begin} bytes, its shape "
                              f"{h['shape']} and dtype {h['dtype']} need {want}: corrupt file")
         if 8 + n + stop > size:
-            raise ValueError(f"{path} is truncated: {size} bytes, but tensor {name} ends at byte "
+            raise Refusal(f"{path} is truncated: {size} bytes, but tensor {name} ends at byte "
                              f"{8 + n + stop}; re-download it")
         end = max(end, stop)
     if 8 + n + end != size:
-        raise ValueError(f"{path} is {size} bytes, its header describes {8 + n + end}: "
+        raise Refusal(f"{path} is {size} bytes, its header describes {8 + n + end}: "
                          "truncated or padded; re-download it")
     return {k: {**v, "start": 8 + n} for k, v in header.items()}
 
@@ -96,16 +97,16 @@ class HFReader:
             headers["model.safetensors"] = safetensors_header(self.path / "model.safetensors")
             weight_map = dict.fromkeys(headers["model.safetensors"], "model.safetensors")
         else:
-            raise FileNotFoundError(f"{self.path}: no model.safetensors or "
+            raise MissingInput(f"{self.path}: no model.safetensors or "
                                     "model.safetensors.index.json; convert .bin checkpoints to "
                                     "safetensors first (transformers: save_pretrained)")
         missing_files = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
         if missing_files:
-            raise FileNotFoundError(f"{self.path}: shard(s) {missing_files} listed in the index "
+            raise MissingInput(f"{self.path}: shard(s) {missing_files} listed in the index "
                                     "are missing; re-download the checkpoint")
         missing = sorted(set(needed) - set(weight_map))
         if missing:
-            raise KeyError(f"{self.path}: tensors {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            raise MissingKey(f"{self.path}: tensors {missing[:5]}{'...' if len(missing) > 5 else ''}"
                            f" ({len(missing)} in all) are not in the checkpoint; config.json and "
                            "the weights disagree")
         self.weight_map = weight_map
@@ -114,7 +115,7 @@ class HFReader:
                          for f in sorted(set(weight_map.values()))}
         absent = sorted(n for n in needed if n not in self._headers[weight_map[n]])
         if absent:
-            raise KeyError(f"{self.path}: the index names {absent[:5]} but their shards do not "
+            raise MissingKey(f"{self.path}: the index names {absent[:5]} but their shards do not "
                            "hold them; re-download the checkpoint")
         self._check_shapes_and_extras(needed)
 
@@ -124,14 +125,14 @@ class HFReader:
                  if self._headers[self.weight_map[n]][n]["shape"] != list(want)]
         if wrong:
             n, have, want = wrong[0]
-            raise ValueError(f"{self.path}: {n} is {have} in the weights, config.json implies "
+            raise Refusal(f"{self.path}: {n} is {have} in the weights, config.json implies "
                              f"{want} ({len(wrong)} tensor(s) differ); config.json and the "
                              "weights disagree: use the config.json that came with them")
         layers = {int(m.group(1)) for n in needed if (m := LAYER.match(n))}
         beyond = sorted({int(m.group(1)) for n in self.weight_map if (m := LAYER.match(n))}
                         - layers)
         if beyond:
-            raise ValueError(f"{self.path}: the weights hold layer(s) {beyond[:5]} beyond "
+            raise Refusal(f"{self.path}: the weights hold layer(s) {beyond[:5]} beyond "
                              f"config.json's num_hidden_layers={len(layers)}, which would be "
                              "dropped; config.json and the weights disagree: use the config.json "
                              "that came with them")
@@ -150,7 +151,7 @@ class HFReader:
             f.seek(h["start"] + begin)
             got = f.readinto(buf)
         if got != len(buf):  # the file shrank since it was checked
-            raise ValueError(f"{self.path / fname}: tensor {name} read {got} of {len(buf)} "
+            raise Refusal(f"{self.path / fname}: tensor {name} read {got} of {len(buf)} "
                              "bytes; the file changed or is truncated")
         dtype = SAFETENSORS_DTYPES[h["dtype"]]
         if not buf:
@@ -170,7 +171,7 @@ def check_finite(t: torch.Tensor, what: str, chunk: int = 1 << 22) -> None:
     for i in range(0, flat.numel(), chunk):
         if not torch.isfinite(flat[i:i + chunk].abs().amax()):
             bad = int((~torch.isfinite(flat)).sum())
-            raise ValueError(f"{what} holds {bad} NaN / inf value(s) of {flat.numel()}: the "
+            raise Refusal(f"{what} holds {bad} NaN / inf value(s) of {flat.numel()}: the "
                              "checkpoint is damaged or comes from a diverged run; re-download "
                              "it, or convert the last good one")
 

@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import torch.distributed as dist
+from recipes.lib.errors import Refusal
 
 RECORD = "integrity.json"
 
@@ -75,7 +76,7 @@ def read(folder: Path) -> dict | None:
     try:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable integrity record {f} ({e})") from None
+        raise Refusal(f"unreadable integrity record {f} ({e})") from None
 
 
 def size_problem(folder: Path, rec: dict) -> str | None:
@@ -112,6 +113,6 @@ def refuse_damaged(folder: Path, checksums: bool = True, rec: dict | None = None
     rec = read(folder) if rec is None else rec
     found = rec and (problem(folder, rec) if checksums else size_problem(folder, rec))
     if found:
-        raise ValueError(f"{folder} is damaged: {found}; its files are not what was written "
+        raise Refusal(f"{folder} is damaged: {found}; its files are not what was written "
                          "(a partial copy, a failing disk): restore the folder, or rerun the "
                          "stage that wrote it with run.force=true")

@@ -36,6 +36,7 @@ import yaml
 from recipes.lib import integrity
 from recipes.lib.arch import FAMILIES, Arch, read_hf_config
 from recipes.lib.stage import read_manifest
+from recipes.lib.errors import MissingInput, MissingKey, Refusal
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.yaml"
@@ -112,7 +113,7 @@ def write_layout(root: Path, arch: Arch, iteration: int, *, tp: int, pp: int, dt
     """The tracker and run_config.yaml around the weights already in iteration_dir(root, it)."""
     it_dir = iteration_dir(root, iteration)
     if not (it_dir / "metadata.json").is_file():
-        raise FileNotFoundError(f"{it_dir} holds no checkpoint to describe")
+        raise MissingInput(f"{it_dir} holds no checkpoint to describe")
     text = ("# Megatron-Bridge's view of this checkpoint, written by minitron-recipes from the "
             "stage's architecture\n" + yaml.safe_dump(
                 run_config(arch, tp=tp, pp=pp, dtype=dtype, spec=spec), sort_keys=False))
@@ -129,10 +130,10 @@ def read_tracker(root: Path) -> int | str:
     try:
         it = int(text)
     except ValueError:
-        raise ValueError(f"{f} holds {text!r}, not an iteration number or 'release'; it is not "
+        raise Refusal(f"{f} holds {text!r}, not an iteration number or 'release'; it is not "
                          "a Megatron-LM / Megatron-Bridge tracker file") from None
     if it < 0:
-        raise ValueError(f"{f} holds a negative iteration {it}")
+        raise Refusal(f"{f} holds a negative iteration {it}")
     return it
 
 
@@ -145,7 +146,7 @@ def weights_dir(folder: Path) -> Path:
         it = read_tracker(folder)
         d = iteration_dir(folder, it)
         if not (d / "metadata.json").is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{folder / TRACKER} names iteration {it}, but {d} holds no complete checkpoint "
                 "(no metadata.json): the save was interrupted or the folder was moved; write the "
                 "number of a complete iter_* folder into the tracker")
@@ -154,7 +155,7 @@ def weights_dir(folder: Path) -> Path:
         return folder
     if (folder / "checkpoint" / "metadata.json").is_file():
         return folder / "checkpoint"
-    raise FileNotFoundError(
+    raise MissingInput(
         f"{folder} holds no megatron checkpoint: neither a {TRACKER} tracker (a Megatron-LM / "
         "Megatron-Bridge checkpoint root, or a finished stage of ours) nor an iteration folder "
         "with metadata.json")
@@ -164,7 +165,7 @@ def read_run_config(path: Path) -> dict:
     try:
         return yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML ({e})") from e
+        raise Refusal(f"{path} is not valid YAML ({e})") from e
 
 
 def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
@@ -176,7 +177,7 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
 
     def need(key):
         if m.get(key) is None:
-            raise ValueError(f"{path}: model.{key} is missing; name the model's HF config.json "
+            raise Refusal(f"{path}: model.{key} is missing; name the model's HF config.json "
                              "instead (the stage's *_hf_config key)")
         return m[key]
 
@@ -197,7 +198,7 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
     if isinstance(act, dict) and not str(act.get("_target_", "")).endswith(".silu"):
         bad.append(f"activation_func={act.get('_target_')}")
     if bad:
-        raise ValueError(f"{path}: {', '.join(bad)}: not a dense SwiGLU/RMSNorm/RoPE decoder of "
+        raise Refusal(f"{path}: {', '.join(bad)}: not a dense SwiGLU/RMSNorm/RoPE decoder of "
                          f"the families this recipe supports ({', '.join(FAMILIES)})")
     heads = need("num_attention_heads")
     window = m.get("window_size")
@@ -205,7 +206,7 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
         "qwen3" if m.get("qk_layernorm") else "qwen2" if m.get("add_qkv_bias") else
         "mistral" if "mistral" in str(m.get("_target_", "")).lower() else "llama")
     if family not in FAMILIES:
-        raise ValueError(f"{path}: {OURS}.hf_model_type={family!r} is not one of "
+        raise Refusal(f"{path}: {OURS}.hf_model_type={family!r} is not one of "
                          f"{list(FAMILIES)}")
     return Arch(
         num_layers=need("num_layers"), hidden_size=need("hidden_size"),
@@ -264,11 +265,11 @@ def open_source(path: str | Path, key: str, stages: tuple[str, ...],
     names the key and the fix; nothing is loaded."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{key}={path} does not exist or is not a folder")
+        raise MissingInput(f"{key}={path} does not exist or is not a folder")
     if (path / "manifest.json").is_file():
         m = read_manifest(path, stages, key)
         if "arch" not in m:
-            raise KeyError(f"{key}={path}: its manifest.json has no 'arch'")
+            raise MissingKey(f"{key}={path}: its manifest.json has no 'arch'")
         weights = weights_dir(path)
         integrity.refuse_damaged(weights, checksums=False)  # a short copy, before any work
         return Source(path, "stage", Arch.from_dict(m["arch"]), weights,
@@ -276,7 +277,7 @@ def open_source(path: str | Path, key: str, stages: tuple[str, ...],
     try:
         weights = weights_dir(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{key}: {e}; {key} takes a finished stage of ours "
+        raise MissingInput(f"{key}: {e}; {key} takes a finished stage of ours "
                                 f"(e.g. <run.dir>/{stages[0]}) or such a checkpoint") from None
     rc = weights / RUN_CONFIG
     base, tok = {}, None
@@ -296,7 +297,7 @@ def open_source(path: str | Path, key: str, stages: tuple[str, ...],
         if origin and (Path(origin) / "config.json").is_file():
             base = read_hf_config(origin)
     else:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{key}={path} is a megatron checkpoint without {RUN_CONFIG} (Megatron-LM writes "
             f"none): name its architecture with {key}_hf_config=<the model's HF config.json or "
             "HF folder>")

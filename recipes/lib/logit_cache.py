@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from recipes.lib import batches, compat, runtime, train, train_config, train_stage
+from recipes.lib.errors import MissingKey
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
 from megatron.core import parallel_state as ps  # noqa: E402
@@ -148,7 +149,7 @@ class CachedTeacher(torch.nn.Module):
                                dtype=self.config.params_dtype, device=input_ids.device)
         f = self.folder / f"{key(input_ids)}.pt"
         if not f.is_file():
-            raise KeyError(f"{f}: no cached teacher logits for this batch (the tournament's data "
+            raise MissingKey(f"{f}: no cached teacher logits for this batch (the tournament's data "
                            "or settings changed since they were recorded)")
         logits = decode(torch.load(f, map_location="cpu", weights_only=True), input_ids.device)
         return self.output_layer(logits)[0].transpose(0, 1)  # [s, b, v] -> GPTModel's [b, s, v]

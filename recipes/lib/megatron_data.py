@@ -27,6 +27,7 @@ import numpy as np
 
 from recipes.lib import compat, runtime
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
+from recipes.lib.errors import Refusal
 
 SAMPLE_CHUNKS, CHUNK_TOKENS = 64, 1 << 16
 IMPORT_SPLIT = "98,1,1"  # of a prefix named directly in a training / prune stage
@@ -90,14 +91,14 @@ def check(prefix: str, vocab_size: int, key: str) -> dict:
         if len(idx) else 0
     size = Path(f"{prefix}.bin").stat().st_size
     if size != end:
-        raise ValueError(f"{key}={prefix}: {prefix}.bin is {size} bytes, its .idx describes "
+        raise Refusal(f"{key}={prefix}: {prefix}.bin is {size} bytes, its .idx describes "
                          f"{end}: a truncated or mismatched pair; re-copy both files")
     tokens = np.memmap(f"{prefix}.bin", dtype=idx.dtype, mode="r")
     starts = np.linspace(0, max(len(tokens) - CHUNK_TOKENS, 0), SAMPLE_CHUNKS).astype(np.int64)
     top = max(int(tokens[s: s + CHUNK_TOKENS].max()) for s in np.unique(starts)) \
         if len(tokens) else -1
     if top >= vocab_size:
-        raise ValueError(f"{key}={prefix} holds token id {top}, outside the model's vocabulary "
+        raise Refusal(f"{key}={prefix} holds token id {top}, outside the model's vocabulary "
                          f"({vocab_size}): it was tokenised for another model; re-tokenise it "
                          "with the teacher's tokenizer")
     return {"max_token_id_sampled": top, "sampled_tokens": int(min(

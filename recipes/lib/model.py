@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from recipes.lib import compat, mapping, runtime
 from recipes.lib.arch import Arch
+from recipes.lib.errors import MissingKey, Refusal
 
 compat.apply()
 from megatron.core import parallel_state as ps  # noqa: E402
@@ -82,7 +83,7 @@ def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = Fals
     `meta=True` builds structure only, on the meta device (no memory, CPU or GPU machine)."""
     pp = ps.get_pipeline_model_parallel_world_size()
     if arch.num_layers % pp:
-        raise ValueError(f"num_layers={arch.num_layers} is not divisible by PP={pp}; "
+        raise Refusal(f"num_layers={arch.num_layers} is not divisible by PP={pp}; "
                          "choose a pipeline size that divides the layer count")
     if meta:  # megatron passes an explicit CUDA device unless it initialises on the CPU
         config_overrides.update(use_cpu_initialization=True, init_model_with_meta_device=True)
@@ -138,7 +139,7 @@ def local_params(model: GPTModel, arch: Arch):
         if pattern == "output_layer.weight" and arch.tie_embeddings:
             pattern = "embedding.word_embeddings.weight"  # tied copy on the last PP stage
         if pattern not in rules:
-            raise KeyError(f"megatron parameter {name} has no rule in recipes/lib/mapping.py")
+            raise MissingKey(f"megatron parameter {name} has no rule in recipes/lib/mapping.py")
         gname = pattern.format(i=layer + off) if layer is not None else pattern
         yield gname, rules[pattern], p
 
@@ -232,7 +233,7 @@ def forward_loss(model: GPTModel, windows: torch.Tensor, vocab_size: int,
     dev = next(model.parameters()).device
     n, s = windows.shape[0], windows.shape[1] - 1
     if n % micro_batch_size:
-        raise ValueError(f"{n} windows are not a multiple of micro_batch_size {micro_batch_size}")
+        raise Refusal(f"{n} windows are not a multiple of micro_batch_size {micro_batch_size}")
     pos = torch.arange(s, device=dev).unsqueeze(0)
     starts = iter(range(0, n, micro_batch_size))
     tp = ps.get_tensor_model_parallel_world_size()

@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from recipes.lib.errors import Refusal
 
 log = logging.getLogger("recipes")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; rerun the same command to resume
@@ -45,7 +46,7 @@ class Fault:
         if spec:
             kind, _, step = spec.partition(":")
             if kind not in self.KINDS or not step.isdigit():
-                raise ValueError(f"fault={spec!r}; use KIND:STEP with KIND one of {self.KINDS}")
+                raise Refusal(f"fault={spec!r}; use KIND:STEP with KIND one of {self.KINDS}")
             self.kind, self.step = kind, int(step)
 
     def at(self, kind: str, step: int) -> None:

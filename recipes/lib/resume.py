@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from recipes.lib import checkpoint, compat, integrity, runtime
 from recipes.lib.preempt import Fault
+from recipes.lib.errors import Refusal
 
 compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
 from megatron.core import dist_checkpointing, tensor_parallel  # noqa: E402
@@ -194,7 +195,7 @@ def resume(root: Path, ddp, opt, sched, global_batch_size: int) -> int:
         return 0
     prev = json.loads((resumed / "train_state.json").read_text())
     if prev["global_batch_size"] != global_batch_size:
-        raise ValueError(
+        raise Refusal(
             f"{resumed} was trained with global_batch_size={prev['global_batch_size']}, "
             f"this run asks for {global_batch_size}. The data order and LR schedule are "
             "defined per step of one global batch, so resuming would skip or repeat data. "

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from recipes.lib import compat, quiet
+from recipes.lib.errors import BadState, Refusal
 
 log = logging.getLogger("recipes")
 
@@ -84,11 +85,11 @@ def init(tp: int, pp: int, seed: int = 1234) -> None:
         else:  # plain `python -m ...`: a world of one, its store in this process (a free
             # port, picked then bound, raced: EADDRINUSE with 8 stages started at once on the H200)
             if (why := launch_problem()) is not None:
-                raise ValueError(why)
+                raise Refusal(why)
             dist.init_process_group(backend=backend, rank=0, world_size=1, store=dist.HashStore())
     ws = dist.get_world_size()
     if ws % (tp * pp):
-        raise ValueError(
+        raise Refusal(
             f"world size {ws} is not divisible by TP*PP={tp}*{pp}; launch TP*PP*DP processes "
             f"(e.g. torchrun --nproc-per-node {tp * pp})"
         )
@@ -145,7 +146,7 @@ def on_rank0(fn):
         box = [None if err is None else f"{type(err).__name__}: {err}"]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None and err is None:
-            raise RuntimeError(f"rank 0 failed: {box[0]}")
+            raise BadState(f"rank 0 failed: {box[0]}")
     if err is not None:
         raise err
     return result
@@ -197,11 +198,11 @@ def resolve_spec(kind: str = "auto") -> str:
     and GPU), 'te' (Transformer Engine, CUDA only) or 'auto' (TE where it is importable on a
     CUDA machine, else local). Both load the same checkpoints (checkpoint.load)."""
     if kind not in SPECS:
-        raise ValueError(f"spec={kind!r}; use one of {SPECS}")
+        raise Refusal(f"spec={kind!r}; use one of {SPECS}")
     if kind == "auto":
         return "te" if have_te() else "local"
     if kind == "te" and not have_te():
-        raise ValueError("spec=te needs Transformer Engine on a CUDA GPU (the NVIDIA container, "
+        raise Refusal("spec=te needs Transformer Engine on a CUDA GPU (the NVIDIA container, "
                          "docker/); use spec=auto or spec=local here")
     return kind
 

@@ -24,6 +24,7 @@ import typing
 from typing import Protocol
 
 from recipes.lib.arch import WIDTH_KEYS, Arch, pruned_arch
+from recipes.lib.errors import Refusal
 
 if typing.TYPE_CHECKING:  # torch at import: this module stays light (see the module doc)
     from recipes.lib.train_config import KDConfig
@@ -77,32 +78,32 @@ class SearchConfig:
     def __post_init__(self):
         bad = sorted(set(self.hparams) - set(HPARAMS))
         if bad or not self.hparams:
-            raise ValueError(f"prune.search.hparams={self.hparams}: choose among {list(HPARAMS)}")
+            raise Refusal(f"prune.search.hparams={self.hparams}: choose among {list(HPARAMS)}")
         for k in ("max_width_pruning", "max_depth_pruning"):
             if not 0 <= getattr(self, k) < 1:
-                raise ValueError(f"prune.search.{k}={getattr(self, k)} must be in [0, 1)")
+                raise Refusal(f"prune.search.{k}={getattr(self, k)} must be in [0, 1)")
         for k in ("top_k", "hidden_size_divisor", "ffn_hidden_size_divisor", "num_layers_divisor"):
             if getattr(self, k) < 1:
-                raise ValueError(f"prune.search.{k}={getattr(self, k)} must be a whole number "
+                raise Refusal(f"prune.search.{k}={getattr(self, k)} must be a whole number "
                                  ">= 1")
         for k in ("tournament_steps", "tournament_tokens"):
             if getattr(self, k) < 0:
-                raise ValueError(f"prune.search.{k}={getattr(self, k)} must be a whole number "
+                raise Refusal(f"prune.search.{k}={getattr(self, k)} must be a whole number "
                                  ">= 0")
         if self.tournament_steps and self.tournament_tokens:
-            raise ValueError("set prune.search.tournament_steps or tournament_tokens, not both")
+            raise Refusal("set prune.search.tournament_steps or tournament_tokens, not both")
         if self.score not in SCORE_NAMES:
-            raise ValueError(f"prune.search.score={self.score!r}: use one of {list(SCORE_NAMES)}")
+            raise Refusal(f"prune.search.score={self.score!r}: use one of {list(SCORE_NAMES)}")
         if (self.score == "lm_eval") != (self.lm_eval_task is not None):
-            raise ValueError("prune.search.score=lm_eval and prune.search.lm_eval_task go "
+            raise Refusal("prune.search.score=lm_eval and prune.search.lm_eval_task go "
                              "together: name the task (e.g. heldout_cloze, or a local task with "
                              "lm_eval_task_paths) or score by kd_loss / lm_loss")
         if self.teacher_cache_top_k is not None and self.teacher_cache_top_k < 1:
-            raise ValueError(f"prune.search.teacher_cache_top_k={self.teacher_cache_top_k!r}: a "
+            raise Refusal(f"prune.search.teacher_cache_top_k={self.teacher_cache_top_k!r}: a "
                              "whole number >= 1, or null (the full vocabulary when the cache "
                              "fits teacher_cache_max_gb)")
         if not self.teacher_cache_max_gb > 0:
-            raise ValueError(f"prune.search.teacher_cache_max_gb={self.teacher_cache_max_gb} "
+            raise Refusal(f"prune.search.teacher_cache_max_gb={self.teacher_cache_max_gb} "
                              "must be > 0")
 
     @property
@@ -247,7 +248,7 @@ def check_target(c: Budget, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
     unit = (lambda v: f"{v:,.0f} parameters") if key == "params" else (lambda v: f"{v:,.1f} MB")
     mine = measure(teacher, target, {})
     if target[key] >= mine:
-        raise ValueError(f"{name}={getattr(c, name.split('.')[1]):g} asks for {unit(target[key])}"
+        raise Refusal(f"{name}={getattr(c, name.split('.')[1]):g} asks for {unit(target[key])}"
                          f", at or above the teacher's own {unit(mine)} (as ModelOpt counts "
                          "it): nothing to prune; give a smaller target (a fraction < 1 of the "
                          "teacher's, or an absolute size)")
@@ -256,7 +257,7 @@ def check_target(c: Budget, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
         size, arch = loadable[0]
         fixed = [k for k in HPARAMS if k in c.search.hparams
                  and space[k] in ([], [getattr(teacher, k)])]
-        raise ValueError(
+        raise Refusal(
             f"no shape on the search grid meets {name} ({unit(target[key])}): the smallest "
             f"reachable is {unit(size)} ({', '.join(f'{k} {getattr(arch, k)}' for k in HPARAMS)})"
             f". Raise the target to at least that, or widen the grid: prune.search."

@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
-import linecache
 import logging
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from recipes.lib import config, disk, runtime
 from recipes.lib.preempt import EXIT_PREEMPTED, Preempted, ignore_late_signals
+from recipes.lib.errors import BadState, MissingInput, NotAllowed, OutputExists, Refusal
 
 PACKAGES = ("torch", "megatron-core", "nvidia-modelopt", "transformers", "safetensors")
 
@@ -64,11 +64,11 @@ def read_manifest(stage_dir: Path, stages: tuple[str, ...] | None = None,
     config key that named the folder, goes into the error)."""
     f = Path(stage_dir) / "manifest.json"
     if not f.is_file():
-        raise FileNotFoundError(f"{stage_dir} has no manifest.json: it is not a finished stage "
+        raise MissingInput(f"{stage_dir} has no manifest.json: it is not a finished stage "
                                 "output; run the stage that produces it first")
     m = json.loads(f.read_text())
     if stages and m.get("stage") not in stages:
-        raise ValueError(f"{(key + '=') if key else ''}{stage_dir} is a {m.get('stage')!r} stage "
+        raise Refusal(f"{(key + '=') if key else ''}{stage_dir} is a {m.get('stage')!r} stage "
                          f"output; this needs the output of {' or '.join(stages)} (e.g. "
                          f"<run.dir>/{stages[0]})")
     return m
@@ -152,14 +152,14 @@ class StageDir:
         if mf.is_file():
             prev = json.loads(mf.read_text())
             if prev.get("stage") != self.stage:
-                raise FileExistsError(
+                raise OutputExists(
                     f"{self.out} holds the output of stage {prev.get('stage')!r}, not "
                     f"{self.stage!r}; run.force=true replaces only this stage's own output: "
                     "choose another output folder")
             if self.force:
                 return False
             if prev.get("fingerprint") != self.fp:
-                raise FileExistsError(
+                raise OutputExists(
                     f"{self.out} already holds a different {prev.get('stage')} run "
                     f"(fingerprint {prev.get('fingerprint')} != {self.fp}); choose another "
                     "run.dir or pass run.force=true to replace it")
@@ -173,7 +173,7 @@ class StageDir:
             changed = {k: _changed(old.get(k), v) for k, v in self.signatures.items()}
             changed = {k: v for k, v in changed.items() if v}
             if changed:
-                raise FileExistsError(
+                raise OutputExists(
                     f"{self.out}: input changed since it was made ({prev.get('ended')}): "
                     + "; ".join(f"{k} ({', '.join(Path(x).name for x in v[:3])}"
                                 f"{' ...' if len(v) > 3 else ''})" for k, v in changed.items())
@@ -181,7 +181,7 @@ class StageDir:
             release_locks()
             return True
         elif self.out.exists() and any(self.out.iterdir()):
-            raise FileExistsError(f"{self.out} exists, is not empty and has no manifest.json; "
+            raise OutputExists(f"{self.out} exists, is not empty and has no manifest.json; "
                                   "move it away or choose another run.dir")
         return False
 
@@ -262,7 +262,7 @@ class StageDir:
         jobs): without the stage's lock (each part locks its own, `lock_folder`)."""
         mark = self.tmp / "run.json"
         if not mark.is_file():
-            raise FileNotFoundError(f"{self.tmp} holds no unfinished {self.stage} run to join: "
+            raise MissingInput(f"{self.tmp} holds no unfinished {self.stage} run to join: "
                                     "run the job that starts it first")
         self._same_run(mark, {**resumable, "input_signature": self.signatures},
                        "run every job of the chain with the same settings")
@@ -270,7 +270,7 @@ class StageDir:
 
     def _same_run(self, mark: Path, resumable: dict, fix: str) -> None:
         if diff := differences(mark, resumable):
-            raise ValueError(f"{self.tmp} holds an unfinished {self.stage} run with other "
+            raise Refusal(f"{self.tmp} holds an unfinished {self.stage} run with other "
                              f"settings or inputs: {diff}; {fix}")
 
     def commit(self, manifest: dict) -> dict:
@@ -320,14 +320,14 @@ def lock_folder(out: Path, what: str) -> None:
     except OSError as e:
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
-        raise PermissionError(f"cannot write {out}: {e.strerror} ({disk.device(out.parent)}); "
+        raise NotAllowed(f"cannot write {out}: {e.strerror} ({disk.device(out.parent)}); "
                               "choose another run.dir or output folder") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise RuntimeError(
+        raise BadState(
             f"{out} is being written by another run ({holder}; lock {path}); wait for it to "
             "finish, or stop it, before running this stage on the same folder") from None
     except OSError as e:  # a filesystem without locks: Lustre -o noflock, NFS -o nolock
@@ -359,7 +359,7 @@ def _refuse_overlap(out: Path, inputs: dict) -> None:
             how = "is" if o == p else "contains" if o in p.parents else \
                 "lies inside" if p.is_dir() and p in o.parents else None
             if how:
-                raise ValueError(f"the output {out} {how} the input {role} ({p}); a stage "
+                raise Refusal(f"the output {out} {how} the input {role} ({p}); a stage "
                                  "never writes into its input: choose another output folder")
 
 
@@ -376,9 +376,11 @@ def short(v, width: int = 120) -> str:
     return text if len(text) < width else text[:width - 3] + "..."
 
 
-def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple = ()) -> int:
+def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple = (),
+         one_process: bool = False) -> int:
     """Every stage's entry point: parse `--config` + overrides for `stage`, log on rank 0,
-    `run(cfg)`. Exit 0 when finished, EXIT_PREEMPTED when it saved and stopped on a signal (a
+    `run(cfg)`. `one_process`: the stage refuses a world of several ranks (torchrun, NPROC),
+    where each would write the same folder. Exit 0 when finished, EXIT_PREEMPTED when it saved and stopped on a signal (a
     scheduler requeues; the rerun resumes). As a process of its own (argv None) a refusal of bad
     input is one line on stderr and exit EXIT_REFUSED (`cli`); called with argv (tests, Python
     callers) it raises."""
@@ -386,7 +388,11 @@ def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple =
         cfg = config.parse_args(argv, stage, doc, also)
         runtime.setup_logging(cfg.run.log_level)
         if (why := runtime.launch_problem()) is not None:  # before any lock or folder
-            raise ValueError(why)
+            raise Refusal(why)
+        if one_process and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            raise Refusal(f"{stage} runs as one process, not {os.environ['WORLD_SIZE']} "
+                             "(torchrun, NPROC): each would write the same folder; run it "
+                             f"without them (make {stage}, or make all, which does)")
         try:
             run(cfg)
         except Preempted as e:
@@ -406,25 +412,10 @@ def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple =
 
 
 EXIT_REFUSED = 2  # bad input, refused with a message that names the fix (as argparse exits)
-PACKAGE = str(Path(__file__).resolve().parents[1])  # recipes/
-
-
 def refusal(e: BaseException) -> str | None:
-    """The message of a refusal of bad input: an exception our own code raised on purpose (a
-    `raise` statement in recipes/, whose message names the value and the fix), config errors
-    included. Anything else (an upstream error, an implicit KeyError of ours) is a bug and
-    keeps its traceback."""
-    if not isinstance(e, (ValueError, LookupError, OSError, RuntimeError)):
-        return None
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None or not tb.tb_frame.f_code.co_filename.startswith(PACKAGE):
-        return None
-    if not linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip() \
-            .startswith("raise"):
-        return None
-    return e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    """The message of a refusal of bad input (recipes.lib.errors.Refusal, config errors
+    included), or None: anything else is a bug and keeps its traceback."""
+    return str(e) if isinstance(e, Refusal) else None
 
 
 def cli(fn, name: str) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from recipes.lib import compat
 from recipes.lib.stage import read_manifest, short
+from recipes.lib.errors import Refusal
 
 
 def split_tokens(data_dir: str | Path, split: str) -> np.ndarray:
@@ -37,7 +38,7 @@ def data_manifest(data_dir: str | Path, vocab_size: int, key: str) -> dict:
     the vocabulary of the model that will read it."""
     m = read_manifest(data_dir, ("data",), key)
     if m.get("vocab_size") != vocab_size or m.get("max_token_id", -1) >= vocab_size:
-        raise ValueError(
+        raise Refusal(
             f"{key}={data_dir} was tokenised with {m.get('tokenizer')} (vocab_size "
             f"{m.get('vocab_size')}, largest id {m.get('max_token_id')}), but the model has "
             f"vocab_size {vocab_size}: re-run the data stage with data.tokenizer=<the teacher's "
@@ -54,7 +55,7 @@ def windows(data_dir: str | Path, split: str, seq_length: int, n: int, seed: int
     toks = split_tokens(data_dir, split)
     avail = available_windows(len(toks), seq_length)
     if n > avail:
-        raise ValueError(f"{split} split of {data_dir} has {len(toks)} tokens = {avail} windows of "
+        raise Refusal(f"{split} split of {data_dir} has {len(toks)} tokens = {avail} windows of "
                          f"{seq_length + 1}; {n} requested. Use fewer samples, a shorter "
                          "seq_length, or more data")
     idx = np.sort(np.random.default_rng(seed).permutation(avail)[:n])
@@ -75,13 +76,13 @@ def check_tokenizer_files(path: Path, key: str) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         f = Path(path) / name
         if f.is_file() and f.stat().st_size == 0:
-            raise ValueError(f"{key}: {f} is empty (0 bytes), a failed download or copy; "
+            raise Refusal(f"{key}: {f} is empty (0 bytes), a failed download or copy; "
                              "restore the model's tokenizer files")
         if f.is_file():
             try:
                 json.loads(f.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{key}: {f} is not valid JSON ({e}); restore the model's "
+                raise Refusal(f"{key}: {f} is not valid JSON ({e}); restore the model's "
                                  "tokenizer files") from e
 
 
@@ -96,7 +97,7 @@ def load_tokenizer(path: str | Path, key: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, named with the fix
-        raise ValueError(f"{key}={path}: transformers cannot load its tokenizer "
+        raise Refusal(f"{key}={path}: transformers cannot load its tokenizer "
                          f"({type(e).__name__}: {short(str(e), 200)}); point {key} at the "
                          "model's HF folder with its tokenizer files") from e
 
@@ -114,25 +115,25 @@ def check_tokenizer(tok, texts: list[str], vocab_size: int, name: str) -> dict:
         checked += 1
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"the tokenizer {name} encodes text to no tokens ({short(text, 60)} "
+            raise Refusal(f"the tokenizer {name} encodes text to no tokens ({short(text, 60)} "
                              "-> []): it is not the tokenizer this text and model need, or "
                              "transformers rebuilt it as another kind (check its "
                              "tokenizer_class); use the model's own tokenizer")
         if max(ids) >= vocab_size:
-            raise ValueError(f"the tokenizer {name} gives id {max(ids)} for {short(text, 60)}, "
+            raise Refusal(f"the tokenizer {name} gives id {max(ids)} for {short(text, 60)}, "
                              f"outside the model's vocabulary ({vocab_size}): use the model's "
                              "own tokenizer")
         unknown = ids.count(unk) if unk is not None else 0
         n_tok, n_unk = n_tok + len(ids), n_unk + unknown
         if unknown > UNKNOWN_MAX * len(ids):
-            raise ValueError(f"the tokenizer {name} maps {unknown / len(ids):.1%} of a sample's "
+            raise Refusal(f"the tokenizer {name} maps {unknown / len(ids):.1%} of a sample's "
                              f"tokens to its unknown token {tok.unk_token!r} (in "
                              f"{short(text, 60)}): it does not cover this text; use the "
                              "model's own tokenizer")
         back = tok.decode(ids, skip_special_tokens=True)
         a, b = re.sub(r"\s+", "", text), re.sub(r"\s+", "", back)
         if a != b and difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() < ROUND_TRIP_MIN:
-            raise ValueError(f"the tokenizer {name} does not give the text back: "
+            raise Refusal(f"the tokenizer {name} does not give the text back: "
                              f"{short(text, 60)} decodes to {short(back, 60)}; use the "
                              "model's own tokenizer (or one that covers this text)")
     return {"documents": checked, "tokens": n_tok,
@@ -156,7 +157,7 @@ def encode_chat(tok, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
             continue
         before, upto = render(messages[:k], prompt=True), render(messages[:k + 1])
         if not (upto.startswith(before) and full.startswith(upto)):
-            raise ValueError(f"the chat template of {tok.name_or_path} renders a conversation's "
+            raise Refusal(f"the chat template of {tok.name_or_path} renders a conversation's "
                              "beginning differently from the whole conversation, so the "
                              "assistant turns cannot be located for the loss mask; use a "
                              "template without that (or single-turn chats)")

@@ -39,6 +39,7 @@ from recipes.lib.arch import Arch, distill_flops_per_token
 from recipes.lib.search import (HPARAMS, SCORE_NAMES, Budget, SearchConfig, arch_of,
                                 cache_plan, candidate_filter, constraint, tournament_steps)
 from recipes.lib.train_config import KDConfig
+from recipes.lib.errors import BadState, MissingInput, Refusal
 
 modelopt_local.enable()  # before ModelOpt's prune plugin (recipes/lib/modelopt_local.py)
 import modelopt.torch.prune as mtp  # noqa: E402
@@ -53,7 +54,7 @@ def resolve(cfg: config.Config, source: interop.Source) -> dict:
     teacher cache, and an lm-eval score's task."""
     s: SearchConfig = cfg.prune.search
     if "distill" not in cfg:
-        raise ValueError("prune.search.tournament_steps / tournament_tokens need the distill "
+        raise Refusal("prune.search.tournament_steps / tournament_tokens need the distill "
                          "section (the tournament distils each candidate with its settings)")
     d = cfg.typed("distill")
     d = dataclasses.replace(d, data=megatron_data.as_folders(
@@ -233,7 +234,7 @@ def candidate_job(i: int, tmp: Path, teacher: interop.Source, dc: KDConfig, seed
     work folder the `prepare` job left; its result.json is what the final prune job reads."""
     prepared = tmp / "tournament" / "prepared.json"
     if not prepared.is_file():
-        raise FileNotFoundError(f"{prepared} is missing: the prune job with "
+        raise MissingInput(f"{prepared} is missing: the prune job with "
                                 "prune.tournament_job=prepare has not finished")
     cand = next((x for x in json.loads(prepared.read_text()) if x["candidate"] == i), None)
     if cand is None:  # the search found fewer shapes than top_k
@@ -248,14 +249,14 @@ def candidate_job(i: int, tmp: Path, teacher: interop.Source, dc: KDConfig, seed
 def check_lm_eval(s: SearchConfig, dc: KDConfig, teacher: interop.Source) -> None:
     """score=lm_eval, before any work: the teacher's tokenizer, the task, the cloze data."""
     if teacher.tokenizer is None:
-        raise ValueError("prune.search.score=lm_eval needs the teacher's tokenizer: give "
+        raise Refusal("prune.search.score=lm_eval needs the teacher's tokenizer: give "
                          "prune.input_hf_config an HF folder")
     spec = harness.task_specs(None, [s.lm_eval_task])[0]
     harness.check_task(spec["task"], s.lm_eval_task_paths)
     if spec["task"] == harness.CLOZE:
         m = tokens.data_manifest(dc.data[0], teacher.arch.vocab_size, "distill.data")
         if tokens.available_windows(m["tokens"]["test"], dc.seq_length) < 1:
-            raise ValueError(f"{dc.data[0]}: the test split is shorter than one window of "
+            raise Refusal(f"{dc.data[0]}: the test split is shorter than one window of "
                              f"{dc.seq_length + 1} tokens, which {harness.CLOZE} needs")
 
 
@@ -284,7 +285,7 @@ def lm_eval_score(model, arch: Arch, dc: KDConfig, folder: Path, seed: int, s: S
         res = harness.run({"candidate": folder}, [spec], paths, 8, s.lm_eval_limit,
                           "float32", seed)[spec["task"]]
         if "scores" not in res:
-            raise RuntimeError(f"prune.search.lm_eval_task {spec['task']!r} cannot run here: "
+            raise BadState(f"prune.search.lm_eval_task {spec['task']!r} cannot run here: "
                                f"{res.get('unavailable')}")
         box = [res["scores"]["candidate"]]
         shutil.rmtree(folder)

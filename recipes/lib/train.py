@@ -32,6 +32,7 @@ from recipes.lib import compat, runtime
 from recipes.lib.metrics import Metrics, peak_memory_mb, speed
 from recipes.lib.preempt import Fault, Preempted, StopOnSignal
 from recipes.lib.train_config import TrainConfig
+from recipes.lib.errors import BadState, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 def check_layout(c: TrainConfig, dp: int) -> int:
     """Micro-batches per step; errors when the global batch does not split evenly."""
     if c.global_batch_size % (c.micro_batch_size * dp):
-        raise ValueError(f"global_batch_size={c.global_batch_size} is not divisible by "
+        raise Refusal(f"global_batch_size={c.global_batch_size} is not divisible by "
                          f"micro_batch_size*DP={c.micro_batch_size}*{dp}")
     return c.global_batch_size // (c.micro_batch_size * dp)
 
@@ -87,10 +88,10 @@ def check_optimizer(c: TrainConfig, dp: int) -> None:
     """Before any work: the precision-aware optimizer needs TE's FusedAdam on a GPU; the
     distributed optimizer on a CPU needs DP=1 (gloo has no reduce-scatter)."""
     if c.precision_aware_optimizer and not runtime.have_te():
-        raise ValueError("precision_aware_optimizer needs Transformer Engine's FusedAdam on a "
+        raise Refusal("precision_aware_optimizer needs Transformer Engine's FusedAdam on a "
                          "CUDA GPU (the NVIDIA container); set it false on this machine")
     if optimizer_kind(c) == "distributed" and dp > 1 and not torch.cuda.is_available():
-        raise ValueError(f"optimizer=distributed on a CPU runs at DP=1 only (gloo has no "
+        raise Refusal(f"optimizer=distributed on a CPU runs at DP=1 only (gloo has no "
                          f"reduce-scatter), here DP={dp}: set optimizer=auto or standard")
 
 
@@ -239,7 +240,7 @@ def check_finite(row: dict, ckpts: Path) -> None:
         from recipes.lib import resume  # lazy: it imports megatron
 
         saved = [p.name for p in resume.complete_checkpoints(ckpts)]
-        raise RuntimeError(
+        raise BadState(
             f"step {row['step']}: {', '.join(f'{k} = {v}' for k, v in bad.items())}: the run "
             "diverged, or the teacher, the student or the data holds NaN / inf values; "
             + (f"its newest checkpoint is {saved[-1]}" if saved else "nothing was saved")

@@ -31,6 +31,7 @@ from recipes.lib.interop import Source
 from recipes.lib.preempt import Fault, StopOnSignal
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 from recipes.lib.train_config import OPERATIONAL, KDConfig, TrainConfig, resolve_precision
+from recipes.lib.errors import BadState, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def check_precision(c: TrainConfig) -> None:
     if "fp8" not in (c.precision, getattr(c, "teacher_precision", None)):
         return
     if spec != "te":
-        raise ValueError("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
+        raise Refusal("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
                          "container, docker/); use precision=bf16 here")
     if c.fp8_recipe in FP8_MIN_CAPABILITY:
         need, name = FP8_MIN_CAPABILITY[c.fp8_recipe]
@@ -56,7 +57,7 @@ def check_precision(c: TrainConfig) -> None:
         if have < need:
             fix = "fp8_recipe=tensorwise" if have >= FP8_MIN_CAPABILITY["tensorwise"][0] \
                 else "precision=bf16"
-            raise ValueError(f"fp8_recipe={c.fp8_recipe} needs a {name} GPU (compute capability "
+            raise Refusal(f"fp8_recipe={c.fp8_recipe} needs a {name} GPU (compute capability "
                              f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use {fix}")
 
 
@@ -120,7 +121,7 @@ def check_data(c: TrainConfig, name: str, vocab_size: int) -> None:
         m = tokens.data_manifest(d, vocab_size, f"{name}.data")
         for split in ("train", "valid"):
             if m["tokens"][split] < c.seq_length + 1:
-                raise ValueError(f"{d}: the {split} split has {m['tokens'][split]} tokens, fewer "
+                raise Refusal(f"{d}: the {split} split has {m['tokens'][split]} tokens, fewer "
                                  f"than one sequence of {c.seq_length + 1}; add data or lower "
                                  "seq_length")
 
@@ -191,7 +192,7 @@ def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source
                                 distill_flops_per_token(teacher, arch, c.seq_length)},
                                 cfg.run.seed, stop, schedule)
         except torch.OutOfMemoryError as e:  # the checkpoints saved so far stay for a resume
-            raise RuntimeError(f"{name} ran out of GPU memory ({str(e).splitlines()[0]}). "
+            raise BadState(f"{name} ran out of GPU memory ({str(e).splitlines()[0]}). "
                                f"{memory['text']}") from e
         fault = Fault(c.fault)
         # ModelOpt hides a KD teacher from the state dict here

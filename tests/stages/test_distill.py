@@ -379,6 +379,7 @@ def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
     container) and scontrol: the real stage saves on the signal and exits 75, the script asks
     for a requeue and exits 0; the 'requeued' run resumes and finishes without a requeue."""
     from recipes import launch
+    from recipes.lib.cluster import ClusterConfig
 
     bin_ = tmp_path / "bin"
     bin_.mkdir()
@@ -391,7 +392,7 @@ def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
     for f in ("srun", "scontrol", "python"):
         (bin_ / f).chmod(0o755)
     out = tmp_path / "d"
-    cluster = launch.ClusterConfig(gpus_per_node=1, nodes={"distill": 1},
+    cluster = ClusterConfig(gpus_per_node=1, nodes={"distill": 1},
                                    layout={"distill": {"tp": 1}})
     script = launch.write_job("distill", cluster, TINY, str(tmp_path), args(pruned, out)[2:])
     log = tmp_path / "scontrol.log"

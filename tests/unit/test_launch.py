@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from recipes import launch
+from recipes.lib.cluster import ClusterConfig
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -24,17 +25,20 @@ def dry_run(recipe, *extra, capsys, argv=None):
 @pytest.mark.parametrize("recipe", ["llama31_8b_to_4b_width.yaml",
                                     "llama31_8b_to_4b_depth.yaml"])
 def test_chain_resources_container_and_requeue(recipe, capsys):
+    plan_choice = {"llama31_8b_to_4b_width.yaml": ["parallel.tp=1", "parallel.pp=2"],
+                   "llama31_8b_to_4b_depth.yaml": ["parallel.tp=1", "parallel.pp=1"]}[recipe]
     argv = {}
     scripts, submits = dry_run(recipe, "cluster.account=proj", "cluster.partition=batch",
                                "cluster.container_mounts=/lustre:/lustre", capsys=capsys,
                                argv=argv)
-    assert list(scripts) == ["data", "convert", "prune", "distill", "export"]
+    assert list(scripts) == ["data", "convert", "prune", "distill", "export", "evaluate",
+                             "report"]
     # afterok chain, each job on the previous one
     assert "--dependency" not in submits[0]
     for prev, cur in zip(scripts, submits[1:]):
         assert f"--dependency=afterok:${{JOB_{prev.upper()}}}" in cur
     d = scripts["distill"]
-    assert "#SBATCH --nodes=32" in d and "#SBATCH --gpus-per-node=8" in d
+    assert "#SBATCH --nodes=1" in d and "#SBATCH --gpus-per-node=8" in d
     assert "#SBATCH --ntasks-per-node=8" in d and "#SBATCH --account=proj" in d
     assert "#SBATCH --requeue" in d and "#SBATCH --open-mode=append" in d
     assert "#SBATCH --signal=USR1@300" in d  # to the tasks: training saves, exits 75
@@ -42,16 +46,19 @@ def test_chain_resources_container_and_requeue(recipe, capsys):
     assert "--container-image=./minitron-recipes+latest.sqsh" in d  # our build, not bare NeMo
     # this checkout at the workdir (code, conf/, relative run dirs), then the user's mounts
     assert f"--container-mounts={launch.ROOT}:/workspace/minitron-recipes,/lustre:/lustre" in d
-    assert argv["distill"][-2:] == ["parallel.tp=8", "parallel.pp=1"]
+    assert argv["distill"][-2:] == plan_choice  # plan's, for one node of 80 GB GPUs
     assert '"$MINITRON_PYTHON" -m recipes.distill --args-file' in d
     assert "MINITRON_PYTHON=python" in d  # the container's python
     assert submits[3].startswith("--job-name=minitron-") and "--output=" in submits[3]
     p = scripts["prune"]
-    assert argv["prune"][-2:] == ["parallel.tp=1", "parallel.pp=8"]
-    assert "#SBATCH --ntasks-per-node=8" in p
+    assert argv["prune"][-2:] == ["parallel.tp=1", "parallel.pp=1"]  # the fewest that fit
+    assert "#SBATCH --ntasks-per-node=1" in p
     assert "--requeue" not in p and "--signal" not in p and "if false && " in p
     assert "#SBATCH --ntasks-per-node=1" in scripts["data"]
-    assert "--gpus-per-node" not in scripts["data"]
+    assert "--gpus-per-node" not in scripts["data"] and "--gpus-per-node" not in scripts["report"]
+    e = scripts["evaluate"]  # one process on one GPU, the node shared
+    assert "#SBATCH --gpus-per-node=1" in e and "--exclusive" not in e
+    assert "#SBATCH --ntasks-per-node=1" in e and "parallel.tp" not in " ".join(argv["evaluate"])
     for s in scripts.values():
         assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in s
         assert "MASTER_ADDR=$(scontrol show hostnames" in s
@@ -62,9 +69,10 @@ def test_layout_errors(capsys):
         dry_run("llama31_8b_to_4b_width.yaml", "cluster.layout.prune.tp=2", capsys=capsys)
     with pytest.raises(ValueError, match="signal_grace_s=30: leave at least 60 s"):
         dry_run("llama31_8b_to_4b_width.yaml", "cluster.signal_grace_s=30", capsys=capsys)
-    with pytest.raises(ValueError, match="is not a multiple of TP\\*PP=8\\*2"):
+    with pytest.raises(ValueError, match=r"cluster.layout.distill=\{'tp': 8, 'pp': 2\} does not "
+                       "divide the models, the 4 GPUs"):
         dry_run("llama31_8b_to_4b_width.yaml", "cluster.layout.distill.pp=2",
-                "cluster.nodes.distill=1", "cluster.gpus_per_node=4", capsys=capsys)
+                "cluster.layout.distill.tp=8", "cluster.gpus_per_node=4", capsys=capsys)
 
 
 def test_missing_image_is_refused_before_anything_is_submitted(tmp_path):
@@ -102,7 +110,7 @@ def test_overrides_reach_the_stage_byte_for_byte(tmp_path):
     for f in ("srun", "scontrol", "python"):
         (bin_ / f).chmod(0o755)
     run_dir = tmp_path / "my runs; $(id)"
-    c = launch.ClusterConfig(gpus_per_node=1, nodes={"distill": 1}, layout={"distill": {"tp": 1}},
+    c = ClusterConfig(gpus_per_node=1, nodes={"distill": 1}, layout={"distill": {"tp": 1}},
                              container_image="./my image.sqsh")
     script = launch.write_job("distill", c, "conf/tiny.yaml", str(run_dir), HOSTILE)
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "ARGV_OUT": str(tmp_path / "a"),
@@ -119,7 +127,7 @@ def test_overrides_reach_the_stage_byte_for_byte(tmp_path):
 
 def test_whitespace_in_sbatch_lines_is_refused():
     with pytest.raises(ValueError, match="cluster.account='my proj' contains whitespace"):
-        launch.ClusterConfig(account="my proj")
+        ClusterConfig(account="my proj")
 
 
 def test_a_finished_stage_process_ignores_late_preemption_signals(monkeypatch):
@@ -161,14 +169,14 @@ def test_tournament_candidates_as_jobs_of_their_own(capsys):
                                "cluster.tournament_jobs=true", "cluster.time.prune_c2='12:00:00'",
                                capsys=capsys, argv=argv)
     assert list(scripts) == ["data", "convert", "prune_prepare", "prune_c1", "prune_c2",
-                             "prune_c3", "prune", "distill", "export"]
+                             "prune_c3", "prune", "distill", "export", "evaluate", "report"]
     deps = {j: re.search(r"--dependency=afterok:([^' ]+)", s) for j, s in zip(scripts, submits)}
     assert deps["prune_prepare"].group(1) == "${JOB_CONVERT}"
     for i in (1, 2, 3):
         assert deps[f"prune_c{i}"].group(1) == "${JOB_PRUNE_PREPARE}"
         c = scripts[f"prune_c{i}"]
         assert argv[f"prune_c{i}"][-3:] == [f"prune.tournament_job=c{i}", "parallel.tp=1",
-                                            "parallel.pp=8"]
+                                            "parallel.pp=1"]
         assert "#SBATCH --requeue" in c and 'if true && [ "$rc" -eq 75 ]' in c
         assert f"slurm/prune_c{i}.args.json" in c and "-m recipes.prune" in c
     assert "#SBATCH --time=12:00:00" in scripts["prune_c2"]
@@ -191,3 +199,89 @@ def test_a_time_yaml_reads_as_a_number_is_refused():
                        "cluster.time.distill="):
         launch.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), "--dry-run",
                      "cluster.time.distill=12:00:00"])
+
+
+TINY = str(CONF / "tiny.yaml")
+
+
+def here(*extra, capsys):
+    assert launch.main(["--config", TINY, "--dry-run", "run.dir=runs/t", "convert.hf_path=/m",
+                        "data.input=/d", *extra]) == 0
+    return [(m[0], m[1].split()) for m in
+            re.findall(r"^### (\w+)\n\$ (.*)$", capsys.readouterr().out, re.M)]
+
+
+def test_make_all_here_runs_each_stage_at_its_own_layout(capsys):
+    """make all NPROC=2: data, evaluate and report as one process; convert, prune and export at
+    their TP x PP; training over all NPROC; STAGES (cluster.stages) picks the chain; under
+    LAUNCH=docker every stage runs in the image, the GPU stages with the GPUs."""
+    got = dict(here("--local", "2", "cluster.layout.export.tp=2", capsys=capsys))
+    assert list(got) == launch.STAGES
+    for stage in ("data", "convert", "prune", "evaluate", "report"):
+        assert got[stage][1:3] == ["-m", f"recipes.{stage}"], got[stage]
+    assert got["distill"][1:4] == ["--nproc-per-node", "2", "-m"]
+    assert got["export"][1:3] == ["--nproc-per-node", "2"]
+    assert got["export"][-2:] == ["parallel.tp=2", "parallel.pp=1"]
+    assert "parallel.tp=1" not in got["data"]
+    docker = dict(here("--local", "2", "--image", "img:1", "--mount", "/lustre",
+                       "cluster.stages=[data,distill,evaluate]", capsys=capsys))
+    assert list(docker) == ["data", "distill", "evaluate"]
+    assert "--gpus" not in docker["data"] and "--gpus" in docker["evaluate"]
+    img = docker["distill"].index("img:1")
+    assert docker["distill"][img + 1:img + 4] == ["torchrun", "--nproc-per-node", "2"]
+    assert ["-v", "/lustre:/lustre"] == docker["distill"][
+        docker["distill"].index("/lustre:/lustre") - 1:][:2]
+    with pytest.raises(ValueError, match="prune at TP=1 PP=2 does not fit NPROC=1: set "
+                       "cluster.layout.prune"):
+        here("--local", "1", "cluster.layout.prune.pp=2", capsys=capsys)
+
+
+def test_the_chain_takes_plans_layouts_unless_set_by_hand(capsys):
+    """No layout in the recipe: plan's choice for the GPUs there are (recompute passed on when
+    only it fits); one by hand wins; an impossible one is refused before anything runs."""
+    argv = {}
+    dry_run("llama31_8b_to_4b_width.yaml", "plan.gpu_memory_gb=64", "cluster.gpus_per_node=2",
+            capsys=capsys, argv=argv)
+    assert argv["distill"][-3:] == ["parallel.tp=1", "parallel.pp=2", "distill.recompute_layers=16"]
+    dry_run("llama31_8b_to_4b_width.yaml", "cluster.layout.distill.tp=4", capsys=capsys,
+            argv=argv)
+    assert argv["distill"][-2:] == ["parallel.tp=4", "parallel.pp=1"]
+    with pytest.raises(ValueError, match="no layout fits 90% of 8 GB per GPU"):
+        dry_run("llama31_8b_to_4b_width.yaml", "plan.gpu_memory_gb=8", capsys=capsys)
+
+
+def test_data_evaluate_and_report_refuse_several_ranks(monkeypatch, tmp_path):
+    """Under torchrun every rank would write the same folder: refused before any folder."""
+    from recipes import data, evaluate, report
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for stage in (data, evaluate, report):
+        name = stage.__name__.split(".")[-1]
+        with pytest.raises(ValueError, match=f"{name} runs as one process, not 2 \\(torchrun, "
+                           "NPROC\\): each would write the same folder"):
+            stage.main(["--config", TINY, f"run.dir={tmp_path}", "convert.hf_path=/m",
+                        "data.input=/d"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_make_all_with_two_processes_writes_the_data_once(hf_models, tmp_path):
+    """`make all NPROC=2 STAGES=data` on the tiny recipe, as typed: one process writes the data
+    folder once (its manifest and one log), nothing is left half-written."""
+    import subprocess
+    import sys
+
+    from tests.corpus import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=30)
+    run = tmp_path / "run"
+    p = subprocess.run(["make", "--no-print-directory", "all", "NPROC=2", "STAGES=data",
+                        f"PY={sys.executable}",
+                        f"ARGS=run.dir={run} convert.hf_path={hf_models['gqa']} "
+                        f"data.input={corpus}"], cwd=launch.ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout.count("### ") == 1 and "-m recipes.data" in p.stdout
+    assert "torchrun" not in p.stdout
+    assert sorted(x.name for x in run.iterdir() if x.name != ".data.lock") == ["data"]
+    assert (run / "data" / "manifest.json").is_file()
+    assert {x.name for x in (run / "data").iterdir()} >= {"train.bin", "valid.bin", "test.bin"}

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from recipes import plan
+from recipes.lib import layout
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -15,7 +16,7 @@ def test_paper_recipes(recipe, student, capsys):
     assert plan.main(["--config", str(CONF / f"{recipe}.yaml")]) == 0
     out = capsys.readouterr().out
     assert f"| parameters | 8.03B | {student} " in out
-    assert "9,961 steps of 1152 x 8192" in out  # 94B tokens, as in the paper
+    assert "94.0B tokens = 9,960 steps of 1152 x 8192" in out  # the paper's budget, distill's keys
 
 
 def test_depth_recipe_drops_the_papers_block(capsys):
@@ -126,10 +127,11 @@ def test_plan_counts_fp8_and_recompute(capsys):
     from recipes.lib import config
 
     def distill_gb(*extra):
-        e = plan.estimate(config.load(str(CONF / "llama31_8b_to_4b_width.yaml"), list(extra),
-                                      "plan", ("prune",)))
-        return next(v for k, v in e["memory_gb"].items() if k.startswith("distill"))
+        e = plan.estimate(config.load(str(CONF / "llama31_8b_to_4b_width.yaml"), [
+            *extra, "cluster.layout.distill.tp=1"], "plan", ("prune", "cluster")))
+        return e["layouts"]["distill"].gb
 
+    # at one layout for all (plan would choose another for some)
     bf16, fp8 = distill_gb(), distill_gb("distill.precision=fp8")
     both = distill_gb("distill.precision=fp8", "distill.teacher_precision=fp8")
     edges = distill_gb("distill.precision=fp8", "distill.fp8_bf16_edge_layers=2")
@@ -137,7 +139,7 @@ def test_plan_counts_fp8_and_recompute(capsys):
     assert distill_gb("distill.precision=bf16", "distill.fp8_bf16_edge_layers=2") == bf16
     plan.main(["--config", str(CONF / "llama31_8b_to_4b_width.yaml"), "distill.precision=fp8",
                "distill.recompute_layers=16"])
-    assert ("(distill counted with precision=fp8, teacher_precision=bf16, fp8_bf16_edge_layers=0, "
+    assert ("(training counted with precision=fp8, teacher_precision=bf16, fp8_bf16_edge_layers=0, "
             "recompute_layers=16, precision_aware_optimizer=false: the recipe's distill section)"
             ) in capsys.readouterr().out
     half = distill_gb("distill.recompute_layers=16")
@@ -156,7 +158,7 @@ def test_a_training_configs_memory_settings_are_what_plan_counts():
     s = Arch(**{**t.to_dict(), "hidden_size": 3072, "ffn_hidden_size": 9216})
     over = ["distill.precision=fp8", "distill.teacher_precision=fp8",
             "distill.recompute_layers=4", "distill.fp8_bf16_edge_layers=1"]
-    raw = plan.memory_settings(config.load(str(CONF / "llama31_8b_to_4b_width.yaml"), over,
+    raw = layout.memory_settings(config.load(str(CONF / "llama31_8b_to_4b_width.yaml"), over,
                                            "plan", ("prune",)))
     kd = KDConfig(input="-", data=["-"], train_iters=4, warmup_iters=1, spec="te",
                   precision="fp8", teacher_precision="fp8", recompute_layers=4,
@@ -166,3 +168,52 @@ def test_a_training_configs_memory_settings_are_what_plan_counts():
         t, s, 4096, 1, 1, 1, **{**kd.memory_settings(), "teacher_precision": "bf16"})
     assert TrainConfig(input="-", data=["-"], train_iters=4, warmup_iters=1,
                        precision="bf16").memory_settings()["teacher_precision"] == "bf16"
+
+
+def load(recipe, *extra):
+    from recipes.lib import config
+    return config.load(str(CONF / f"{recipe}.yaml"), list(extra), "plan", ("prune", "cluster"))
+
+
+def test_the_budget_is_distills_and_the_gpus_the_clusters():
+    """One source of truth: distill.train_iters x global_batch_size x seq_length are the tokens
+    plan prices, cluster.nodes.distill x gpus_per_node the GPUs; plan has no keys of its own
+    for them."""
+    base = plan.estimate(load("llama31_8b_to_4b_width"))["distill"]
+    short = plan.estimate(load("llama31_8b_to_4b_width", "distill.train_iters=100"))["distill"]
+    assert short["tokens"] == 100 * 1152 * 8192 and base["tokens"] == 9960 * 1152 * 8192
+    assert short["gpu_hours"] == pytest.approx(base["gpu_hours"] * 100 / 9960)
+    big = plan.estimate(load("llama31_8b_to_4b_width", "cluster.nodes.distill=32"))
+    assert big["gpus"] == 256 and big["distill"]["wall_hours"] < base["wall_hours"] / 30
+    from recipes.lib.config import ConfigError
+    with pytest.raises(ConfigError, match="distill_tokens"):
+        load("llama31_8b_to_4b_width", "plan.distill_tokens=1e9")
+
+
+@pytest.mark.parametrize("memory, want", [(80, (1, 2, 0)), (141, (1, 1, 0)), (40, (1, 4, 0))])
+def test_the_fastest_layout_that_fits_is_chosen(memory, want):
+    """8 GPUs, Llama-3.1-8B -> 4.5B at seq 8192: TP=1 PP=1 does not fit an 80 GB GPU (the
+    teacher, the student's state and fp32 logits of 128k columns), PP=2 does and its bubble
+    over 288 micro-batches costs less than TP=2's all-reduces; a 141 GB GPU holds TP=1 PP=1 (as
+    the H200 measured, 123 GiB at DP=1); every choice fits and is the fastest that does."""
+
+    e = plan.estimate(load("llama31_8b_to_4b_width", f"plan.gpu_memory_gb={memory}"))
+    got = e["layouts"]["distill"]
+    assert (got.tp, got.pp, got.recompute_layers) == want
+    assert layout.fits(got.gb, memory) and got.tp * got.pp * got.dp == 8
+    t, s, _ = layout.models(load("llama31_8b_to_4b_width"))
+    options = layout.candidates(t, s, gpus=8, seq=8192, global_batch=1152, micro_batch=1,
+                                settings=layout.memory_settings(load("llama31_8b_to_4b_width")))
+    faster = [x for x in options if x.slowdown < got.slowdown]
+    assert not any(layout.fits(x.gb, memory) for x in faster)
+    assert len(faster) == {80: 1, 141: 0, 40: 2}[memory]
+
+
+def test_an_impossible_layout_is_refused_with_the_fix():
+
+    with pytest.raises(ValueError, match=r"cluster.layout.distill=\{'tp': 3, 'pp': 1\} does not "
+                       "divide the models, the 8 GPUs and the global batch: remove it"):
+        layout.stage_layout(load("llama31_8b_to_4b_width", "cluster.layout.distill.tp=3"), "distill")
+    e = plan.estimate(load("llama31_8b_to_4b_width", "plan.gpu_memory_gb=8"))
+    assert "distill" not in e["layouts"]
+    assert "distill on 8 GPUs: no layout fits 90% of 8 GB per GPU" in e["layout_problems"][-1]

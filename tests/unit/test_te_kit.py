@@ -373,3 +373,19 @@ def test_the_kit_is_built_for_the_host_it_names_not_a_fixed_one(tmp_path, monkey
     # on the GPU host itself, nothing to name
     monkeypatch.setattr(te_kit, "this_machine", lambda: dict(host))
     assert te_kit.main(build) == 2 and "stop here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t[:len(t) // 2], "manifest.json is damaged (JSONDecodeError"),
+    (lambda t: "[]", "is not a kit's manifest (no parts / built_for)"),
+    (lambda t: "\udcff", "manifest.json is damaged"),
+])
+def test_a_damaged_manifest_is_one_line_not_a_traceback(kit, capsys, damage, message):
+    folder, _, _ = kit
+    mf = folder / "manifest.json"
+    text = damage(mf.read_text())
+    mf.write_bytes(text.encode("utf-8", "surrogateescape"))
+    for cmd in ("verify", "install"):
+        assert te_kit.main([cmd, "--kit", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("te_kit: ") and message in err and err.count("\n") == 1, err
