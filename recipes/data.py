@@ -60,7 +60,10 @@ class DataConfig:
     """JSONL field / Parquet column holding a chat ([{role, content}, ...]) where a record has
     no text: rendered with the tokenizer's chat template, loss on the assistant turns only."""
     on_bad_row: str = "fail"
-    """fail | skip: a row that is not a document (not JSON, no field, null or not a string)."""
+    """fail | skip: a row that is not a document (not JSON or not UTF-8, a lone surrogate, no
+    field, null or not a string, malformed messages, a chat the template refuses)."""
+    on_duplicate_file: str = "fail"
+    """fail | skip: two input files with the same content (skip: read the first alone)."""
     split: str = "98,1,1"
     """train,valid,test proportions (documents)."""
     workers: int = 2
@@ -76,8 +79,9 @@ class DataConfig:
                              "train,valid,test such as 98,1,1")
         if self.workers < 1:
             raise Refusal("data.workers must be >= 1")
-        if self.on_bad_row not in ("fail", "skip"):
-            raise Refusal(f"data.on_bad_row={self.on_bad_row!r}; use fail or skip")
+        for key in ("on_bad_row", "on_duplicate_file"):
+            if getattr(self, key) not in ("fail", "skip"):
+                raise Refusal(f"data.{key}={getattr(self, key)!r}; use fail or skip")
 
     @property
     def proportions(self) -> list[float]:
@@ -125,8 +129,6 @@ def survey(reader: documents.Reader, tok, vocab_size: int, c: DataConfig) -> dic
                 raise Refusal(f"{doc.where} is a chat ('{c.messages_field}'), but the "
                                  f"tokenizer {c.tokenizer} has no chat template: use the "
                                  "instruct model's tokenizer, or give text instead")
-            if n_chat == 0:
-                tokens.encode_chat(tok, doc.messages)  # a template that cannot place the mask
             n_chat += 1
             if len(sample) < SAMPLE_DOCS:
                 sample.append("\n".join(m["content"] for m in doc.messages))
@@ -136,7 +138,7 @@ def survey(reader: documents.Reader, tok, vocab_size: int, c: DataConfig) -> dic
         raise Refusal(f"data.input={c.input}: no documents of at least {c.min_chars} chars")
     checked = tokens.check_tokenizer(tok, sample, vocab_size, c.tokenizer)
     return {"documents": n_docs, "chats": n_chat, "tokenizer_check": checked,
-            "skipped_rows": dict(reader.skipped)}
+            "skipped_rows": dict(reader.skipped), "skipped_kinds": dict(reader.kinds)}
 
 
 BATCH_CHARS = 4 << 20  # text per batch encode (bounded memory; ~16 pieces of the longest)
@@ -254,7 +256,11 @@ def run(cfg: config.Config) -> dict:
         return megatron_data.import_stage(
             c.input, out, c.proportions, vocab_size, eod, str(Path(c.tokenizer).resolve()),
             "data.input", cfg.run.force, {"seed": cfg.run.seed})
-    files = documents.find_files(Path(c.input))
+    found_files = documents.find_files(Path(c.input), c.on_duplicate_file)
+    files = found_files.files
+    for why, paths in found_files.skipped.items():
+        log.info("skipped %d %s: %s%s", len(paths), why, ", ".join(map(str, paths[:3])),
+                 ", ..." if len(paths) > 3 else "")
     tok, vocab_size, eod = open_tokenizer(c)
     tok_files = [Path(c.tokenizer) / f for f in ("config.json", "tokenizer.json",
                                                  "tokenizer_config.json", "tokenizer.model")
@@ -265,7 +271,8 @@ def run(cfg: config.Config) -> dict:
     if sdir.already_done():
         log.info("%s is complete (same inputs and config): skipping", out)
         return read_manifest(out)
-    reader = documents.Reader(files, c.text_field, c.messages_field, c.min_chars, c.on_bad_row)
+    reader = documents.Reader(files, c.text_field, c.messages_field, c.min_chars, c.on_bad_row,
+                              check_chat=lambda m: tok.chat_template and tokens.chat_spans(tok, m))
     found = survey(reader, tok, vocab_size, c)
     n_docs = found["documents"]
     assign = split_assignment(n_docs, c.proportions, cfg.run.seed)
@@ -286,11 +293,17 @@ def run(cfg: config.Config) -> dict:
     log.info("documents %s, tokens %s%s", res["documents"], res["tokens"],
              f", {found['chats']} chats (loss on assistant turns)" if found["chats"] else "")
     return sdir.commit({
-        "input": {"files": [str(f) for f in files]}, "tokenizer": str(Path(c.tokenizer).resolve()),
+        "input": {"files": [str(f) for f in files],
+                  "skipped": {k: len(v) for k, v in found_files.skipped.items() if v},
+                  "skipped_paths": {k: [str(p) for p in v[:100]]
+                                    for k, v in found_files.skipped.items() if v},
+                  "duplicates": {str(k): str(v) for k, v in found_files.duplicates.items()}},
+        "tokenizer": str(Path(c.tokenizer).resolve()),
         "vocab_size": vocab_size, "max_token_id": res["max_token_id"], "eod": eod,
         "dtype": np.dtype(dtype).name, "documents": res["documents"], "tokens": res["tokens"],
         "loss_mask": bool(found["chats"]), "chats": found["chats"],
-        "skipped_rows": found["skipped_rows"], "tokenizer_check": found["tokenizer_check"],
+        "skipped_rows": found["skipped_rows"], "skipped_kinds": found["skipped_kinds"],
+        "tokenizer_check": found["tokenizer_check"],
         "metrics": {"documents": sum(res["documents"].values()),
                     "tokens": sum(res["tokens"].values())}})
 

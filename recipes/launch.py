@@ -27,9 +27,9 @@ running one task per GPU with `srun` + pyxis/enroot (`--container-image`); ranks
 through MASTER_ADDR/MASTER_PORT from the job's first node, as torchrun would. Jobs chain with
 `--dependency=afterok` and `--kill-on-invalid-dep=yes`: when a stage fails, the jobs after it
 are cancelled (Reason=DependencyNeverSatisfied) instead of pending forever, and nothing after
-it is published. The job ids go to <run.dir>/slurm/jobs.json for `--status`. Training stages are `--requeue`d and their tasks get SIGUSR1
-`signal_grace_s` before the time limit: training saves a checkpoint at the end of the current step
-and exits 75, on which the batch script requeues the job; the rerun resumes from that checkpoint
+it is published. The job ids go to <run.dir>/slurm/jobs.json for `--status`. Training stages
+are `--requeue`d and their tasks get SIGUSR1 `signal_grace_s` before the time limit: training
+saves a checkpoint at the end of the current step and exits 75, on which the batch script requeues the job; the rerun resumes from that checkpoint
 (a preempting SIGTERM does the same). `--dry-run` prints the scripts and sbatch lines and submits
 nothing.
 """

@@ -7,20 +7,32 @@
     .parquet                      one document per row of the text column (or messages column),
                                   read one record batch at a time
 
-A directory is searched recursively and may mix formats. A bad row (not JSON, no text or
-messages field, a null or non-string cell, malformed messages) is refused naming the file and
-the row, or with `on_bad_row=skip` left out and counted (`Reader.skipped`, in the manifest). A
-corrupt file (a truncated .gz, a damaged Parquet footer) is refused naming the file.
+A directory is searched recursively and may mix formats. What tools leave beside data is not
+read, as pyarrow's and HF datasets' discovery does not: hidden files and folders and tool
+markers (a name starting with "." or "_": .ipynb_checkpoints/, .git/, _SUCCESS, _temporary/,
+Hadoop's .crc files), editor backups (name~), and files of no data format; `find_files` lists
+them. Two files with the same content are refused (their documents would be published twice,
+possibly in train and in test), or with `on_duplicate="skip"` the later one is left out.
+
+A bad row (not JSON, not UTF-8, a lone surrogate in its text, no text or messages field, a null
+or non-string cell, malformed messages, a chat its tokenizer's template refuses) is refused
+naming the file and the row, or with `on_bad_row=skip` left out and counted per file and per
+kind (`Reader.skipped`, `Reader.kinds`, in the manifest). A corrupt file (a truncated .gz, a
+damaged Parquet footer) is refused naming the file; legal encodings are read (zstd frames with
+long windows or skippable frames between them, gzip files of several members).
 """
 from __future__ import annotations
 
 import codecs
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
-from collections import Counter
-from collections.abc import Iterator
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from recipes.lib.stage import short
@@ -29,6 +41,10 @@ from recipes.lib.errors import MissingInput, Refusal
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 CHUNK_CHARS = 1 << 18  # a long document is tokenised in pieces of at most ~256k characters
 PARQUET_BATCH = 1024   # rows per Parquet record batch read
+TOOL_PREFIXES = (".", "_")  # hidden, or a tool's marker / scratch: pyarrow's ignore_prefixes
+TOOL_SUFFIXES = (".crc", "~")  # Hadoop's checksums, editor backups
+ZSTD_MAX_WINDOW = 1 << 31  # zstd --long=31, the largest window (the default limit: 2**27)
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \uXXXX escapes can leave half a pair
 
 
 def file_format(path: Path) -> str | None:
@@ -37,19 +53,74 @@ def file_format(path: Path) -> str | None:
     return max((f for f in FORMATS if name.endswith(f)), key=len, default=None)
 
 
-def find_files(path: Path) -> list[Path]:
+@dataclasses.dataclass
+class Found:
+    """The data files of an input, and what was left out: {why: [paths]} (a skipped folder is
+    one entry), and {duplicate: the earlier file with its content} for on_duplicate=skip."""
+    files: list[Path]
+    skipped: dict = dataclasses.field(default_factory=dict)
+    duplicates: dict = dataclasses.field(default_factory=dict)
+
+
+def find_files(path: Path, on_duplicate: str = "fail") -> Found:
+    """The data files of `path` (a file, or a folder searched recursively without what tools
+    leave beside data), sorted; two with the same content refused, or the later skipped."""
+    skipped = defaultdict(list)
     if path.is_file():
+        if not file_format(path):
+            raise Refusal(f"{path}: unsupported file type; use {', '.join(FORMATS)}")
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p))
+        files = []
+        for top, dirs, names in os.walk(path):
+            for d in sorted(dirs):
+                if d.startswith(TOOL_PREFIXES):
+                    skipped["hidden, or a tool's marker"].append(Path(top, d))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(TOOL_PREFIXES))
+            for name in sorted(names):
+                f = Path(top, name)
+                if name.startswith(TOOL_PREFIXES) or name.endswith(TOOL_SUFFIXES):
+                    skipped["hidden, or a tool's marker"].append(f)
+                elif not file_format(f):
+                    skipped["not a data file"].append(f)
+                elif f.is_file():
+                    files.append(f)
+        files.sort()
     else:
         raise MissingInput(f"data.input={path} does not exist")
-    bad = [f for f in files if not file_format(f)]
-    if bad:
-        raise Refusal(f"{bad[0]}: unsupported file type; use {', '.join(FORMATS)}")
     if not files:
-        raise Refusal(f"data.input={path} holds no {' / '.join(FORMATS)} files")
-    return files
+        raise Refusal(f"data.input={path} holds no {' / '.join(FORMATS)} files"
+                      + (f" (skipped: {dict((k, len(v)) for k, v in skipped.items())})"
+                         if skipped else ""))
+    duplicates = same_content(files)
+    if duplicates and on_duplicate != "skip":
+        dup, first = next(iter(duplicates.items()))
+        raise Refusal(f"{dup} has the same content as {first}: its documents would be published "
+                      "twice, and could land in both train and test; remove one, or set "
+                      "data.on_duplicate_file=skip to read the first alone")
+    skipped["duplicate content"] += list(duplicates)
+    return Found([f for f in files if f not in duplicates], dict(skipped), duplicates)
+
+
+def same_content(files: list[Path]) -> dict[Path, Path]:
+    """{file: an earlier file with the same bytes}: files of equal size hashed (sha256) and
+    compared; a file of a size no other has is never read here."""
+    by_size = defaultdict(list)
+    for f in files:
+        by_size[f.stat().st_size].append(f)
+    out = {}
+    for group in (g for g in by_size.values() if len(g) > 1):
+        seen = {}
+        for f in group:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+            if h.digest() in seen:
+                out[f] = seen[h.digest()]
+            else:
+                seen[h.digest()] = f
+    return out
 
 
 @dataclasses.dataclass
@@ -60,21 +131,27 @@ class Document:
 
 
 class BadRow(Refusal):
-    """A row that is not a document."""
+    """A row that is not a document; `kind` counts it when skipped."""
+
+    def __init__(self, message: str, kind: str = "malformed"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class Reader:
     """The documents of `files`, in order, each time it is iterated. `skipped` counts the bad
-    rows left out per file (on_bad_row=skip) in the last pass."""
+    rows left out per file (on_bad_row=skip) in the last pass, `kinds` per kind. `check_chat`
+    renders a chat as the tokenizer will (its template may refuse it: a bad row too)."""
 
     def __init__(self, files: list[Path], text_field: str, messages_field: str, min_chars: int,
-                 on_bad_row: str):
+                 on_bad_row: str, check_chat: Callable[[list], object] | None = None):
         self.files, self.text_field, self.messages_field = files, text_field, messages_field
-        self.min_chars, self.on_bad_row = min_chars, on_bad_row
+        self.min_chars, self.on_bad_row, self.check_chat = min_chars, on_bad_row, check_chat
         self.skipped: Counter = Counter()
+        self.kinds: Counter = Counter()
 
     def __iter__(self) -> Iterator[Document]:
-        self.skipped = Counter()
+        self.skipped, self.kinds = Counter(), Counter()
         for f in self.files:
             try:
                 if file_format(f) == ".txt":
@@ -95,22 +172,27 @@ class Reader:
             if isinstance(row, BadRow):
                 raise row
             if not isinstance(row, dict):
-                raise BadRow(f"not a JSON object ({short(row, 40)})")
+                raise BadRow(f"not a JSON object ({short(row, 40)})", "not JSON")
             if row.get(self.messages_field) is not None and row.get(self.text_field) is None:
                 messages = check_messages(row[self.messages_field], self.messages_field)
                 if sum(len(m["content"]) for m in messages) < self.min_chars:
                     return None
+                for m in messages:
+                    lone_surrogate(m["content"])
+                self._render(messages)
                 return Document(f"{f}:{n}", messages=messages)
             if self.text_field not in row:
                 raise BadRow(f"no '{self.text_field}' (or '{self.messages_field}') field; set "
-                             "data.text_field")
+                             "data.text_field", "no text field")
             text = row[self.text_field]
             if not isinstance(text, str):
                 raise BadRow(f"'{self.text_field}' is {type(text).__name__} "
-                             f"{short(text, 40)}, not a string")
+                             f"{short(text, 40)}, not a string", "not a string")
+            lone_surrogate(text)
         except BadRow as e:
             if self.on_bad_row == "skip":
                 self.skipped[str(f)] += 1
+                self.kinds[e.kind] += 1
                 return None
             raise Refusal(f"{f}:{n}: {e}; fix or drop the row, or set data.on_bad_row=skip "
                              "to leave such rows out (counted in the manifest)") from None
@@ -119,15 +201,37 @@ class Reader:
         return Document(f"{f}:{n}", pieces=split(text))
 
 
+    def _render(self, messages: list) -> None:
+        if self.check_chat is None:
+            return
+        try:
+            self.check_chat(messages)
+        except Refusal as e:
+            raise BadRow(str(e), "chat template") from None
+        except Exception as e:  # the tokenizer's own template: jinja2's TemplateError, a
+            # KeyError or TypeError from its code, raise_exception(...) on turns it rejects
+            raise BadRow(f"the chat template refuses it ({type(e).__name__}: {e})",
+                         "chat template") from None
+
+
+def lone_surrogate(text: str) -> None:
+    """A BadRow for text holding half a UTF-16 surrogate pair (valid JSON, not valid text: it
+    cannot be encoded, and tokenizers fail on it)."""
+    m = SURROGATE.search(text)
+    if m:
+        raise BadRow(f"a lone surrogate \\u{ord(m.group()):04x} at character {m.start()} (a "
+                     "JSON \\u escape without its pair)", "lone surrogate")
+
+
 def check_messages(messages, field: str) -> list[dict]:
     """A chat's messages: a non-empty list of {role: str, content: str} with an assistant turn."""
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str)
             and isinstance(m.get("content"), str) for m in messages):
         raise BadRow(f"'{field}' is not a list of {{role, content}} with string values "
-                     f"({short(messages, 60)})")
+                     f"({short(messages, 60)})", "bad messages")
     if not any(m["role"] == "assistant" for m in messages):
-        raise BadRow(f"'{field}' has no assistant turn: nothing to learn from")
+        raise BadRow(f"'{field}' has no assistant turn: nothing to learn from", "bad messages")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -139,7 +243,10 @@ class _Zstd(io.RawIOBase):
         import zstandard  # lazy: only for .zst input
 
         self._zstd, self._fh, self._rest = zstandard, open(f, "rb"), b""
-        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._d = self._frame()
+
+    def _frame(self):
+        return self._zstd.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
 
     def readable(self) -> bool:
         return True
@@ -153,7 +260,7 @@ class _Zstd(io.RawIOBase):
                 return 0
             while chunk:
                 if self._d.eof:  # the next frame
-                    self._d = self._zstd.ZstdDecompressor().decompressobj()
+                    self._d = self._frame()
                 self._rest += self._d.decompress(chunk)
                 chunk = self._d.unused_data
         n = min(len(b), len(self._rest))
@@ -191,9 +298,9 @@ def _json_rows(f: Path) -> Iterator[tuple[int, object]]:
                 try:
                     yield n, json.loads(line.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    yield n, BadRow(f"not UTF-8 text ({e.reason} at byte {e.start})")
+                    yield n, BadRow(f"not UTF-8 text ({e.reason} at byte {e.start})", "not UTF-8")
                 except json.JSONDecodeError as e:
-                    yield n, BadRow(f"not a JSON object ({e})")
+                    yield n, BadRow(f"not a JSON object ({e})", "not JSON")
     except Exception as e:  # EOFError / OSError (gzip), EOFError / ZstdError (zstandard)
         if not isinstance(e, (EOFError, OSError)) and type(e).__name__ != "ZstdError":
             raise
@@ -224,7 +331,7 @@ def _parquet_rows(f: Path, text_field: str, messages_field: str):
             for value in batch.column(0).to_pylist():
                 n += 1
                 yield n, {column: value} if value is not None else BadRow(
-                    f"'{column}' is null")
+                    f"'{column}' is null", "null")
     except (pa.ArrowException, OSError) as e:
         raise Refusal(f"{f} is damaged at row {n + 1} ({e}); re-download it") from e
 

@@ -140,13 +140,13 @@ def check_tokenizer(tok, texts: list[str], vocab_size: int, name: str) -> dict:
             "unknown_fraction": round(n_unk / n_tok, 6) if n_tok else 0.0}
 
 
-def encode_chat(tok, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """A chat rendered with the tokenizer's chat template: its token ids and a 0/1 mask that is
-    1 on the assistant turns (their content and the end-of-turn tokens the template puts after
-    it), found by rendering each prefix of the conversation (with the generation prompt before
-    an assistant turn) and mapping the characters to tokens by their offsets. A template whose
-    rendering of a prefix is not a prefix of the whole (some drop earlier turns' reasoning) is
-    refused: the mask could not be placed."""
+def chat_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """A chat rendered with the tokenizer's chat template, and the character spans of its
+    assistant turns (their content and the end-of-turn text the template puts after it), found
+    by rendering each prefix of the conversation (with the generation prompt before an
+    assistant turn). A template whose rendering of a prefix is not a prefix of the whole (some
+    drop earlier turns' reasoning) is refused: the mask could not be placed. What the template
+    itself raises (turns it rejects) propagates: the data stage names the row."""
     def render(msgs, prompt=False):
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt) \
             if msgs or prompt else ""
@@ -158,10 +158,17 @@ def encode_chat(tok, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         before, upto = render(messages[:k], prompt=True), render(messages[:k + 1])
         if not (upto.startswith(before) and full.startswith(upto)):
             raise Refusal(f"the chat template of {tok.name_or_path} renders a conversation's "
-                             "beginning differently from the whole conversation, so the "
-                             "assistant turns cannot be located for the loss mask; use a "
-                             "template without that (or single-turn chats)")
+                          "beginning differently from the whole conversation, so the "
+                          "assistant turns cannot be located for the loss mask; use a "
+                          "template without that (or single-turn chats)")
         spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_chat(tok, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """A chat's token ids and a 0/1 mask that is 1 on the assistant turns (`chat_spans`),
+    mapping the characters to tokens by their offsets."""
+    full, spans = chat_spans(tok, messages)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(a <= (s + e) / 2 < b for a, b in spans)) for s, e in enc["offset_mapping"]]
     return np.asarray(enc["input_ids"], dtype=np.int32), np.asarray(mask, dtype=np.uint8)

@@ -213,7 +213,8 @@ def test_an_impossible_layout_is_refused_with_the_fix():
 
     with pytest.raises(ValueError, match=r"cluster.layout.distill=\{'tp': 3, 'pp': 1\} does not "
                        "divide the models, the 8 GPUs and the global batch: remove it"):
-        layout.stage_layout(load("llama31_8b_to_4b_width", "cluster.layout.distill.tp=3"), "distill")
+        layout.stage_layout(load("llama31_8b_to_4b_width", "cluster.layout.distill.tp=3"),
+                            "distill")
     e = plan.estimate(load("llama31_8b_to_4b_width", "plan.gpu_memory_gb=8"))
     assert "distill" not in e["layouts"]
     assert "distill on 8 GPUs: no layout fits 90% of 8 GB per GPU" in e["layout_problems"][-1]
