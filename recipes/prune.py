@@ -190,7 +190,8 @@ def resolve(cfg: config.Config) -> Plan:
                                  c.input_hf_config)
     teacher = source.arch
     c.data = megatron_data.as_folders([c.data], cfg.run.dir, teacher.vocab_size,  # a prefix:
-                                      source.hf_config.get("eos_token_id"), "prune.data")[0]
+                                      source.hf_config.get("eos_token_id"), "prune.data",
+                                      cfg.run.force)[0]
     data_manifest = tokens.data_manifest(c.data, teacher.vocab_size, "prune.data")
     validate_layout(teacher, tp, pp)
     teacher.check_seq_length(c.seq_length, "prune.seq_length")

@@ -5,12 +5,16 @@ A prefix has no splits of its own. `import_prefix` makes it a data stage folder:
 are cut into train / valid / test by the split proportions, in order (the first documents train,
 then valid, then test: Megatron's own split string does the same), and each split is an index
 file of its own whose sequence pointers point into the original .bin (each split's `.bin` is a
-symbolic link to it). Before that: the .idx must describe the .bin exactly (its size), and the
-token ids of a sample spread over the .bin (SAMPLE_CHUNKS x CHUNK_TOKENS) must lie inside the
-model's vocabulary; the manifest says both were checked, and how the splits were chosen.
+symbolic link to it). Before that, both files are checked in full, each problem named in one
+line (`check`): the .idx's header (magic, version, dtype), its size for the counts it declares,
+its sequence lengths, pointers and document boundaries against each other and against the
+.bin's size; then every token id of the .bin against the model's vocabulary, memory-mapped and
+vectorised a chunk of SCAN_TOKENS at a time (docs/data.md gives the cost). The manifest says
+what was checked, and how the splits were chosen.
 
 In `distill.data` / `teacher_correction.data` / `prune.data` a prefix is imported on first use
-into <run.dir>/data_import/<name> (`as_folders`); a Megatron-LM-style blend
+into <run.dir>/data_import/<name> (`as_folders`; a prefix changed since is refused, and redone
+with run.force=true); a Megatron-LM-style blend
 ["0.7", "/data/a_text_document", "0.3", "/data/b_text_document"] gives the weights
 (`parse_blend`).
 """
@@ -27,9 +31,9 @@ import numpy as np
 
 from recipes.lib import compat, runtime
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
-from recipes.lib.errors import Refusal
+from recipes.lib.errors import OutputExists, Refusal
 
-SAMPLE_CHUNKS, CHUNK_TOKENS = 64, 1 << 16
+SCAN_TOKENS = 1 << 26  # token ids checked per vectorised step (256 MB of int32)
 IMPORT_SPLIT = "98,1,1"  # of a prefix named directly in a training / prune stage
 
 
@@ -82,27 +86,68 @@ def _index(prefix: str):
     return IndexedDataset(str(prefix), multimodal=False, mmap=True)
 
 
+def read_index(prefix: str, key: str) -> dict:
+    """The .idx of `prefix` read and checked against itself and the .bin: {dtype, lengths,
+    pointers, documents} (memory-mapped), or a Refusal naming the file and what is wrong."""
+    f = Path(f"{prefix}.idx")
+    size, head = f.stat().st_size, 9 + 8 + 1 + 8 + 8
+
+    def bad(what: str) -> Refusal:
+        return Refusal(f"{key}={prefix}: {f} {what}; re-copy it (or re-run Megatron-LM's "
+                       "preprocess_data.py)")
+
+    with open(f, "rb") as fh:
+        header = fh.read(head)
+    if len(header) < head or header[:9] != INDEX_HEADER:
+        raise bad("is not a Megatron index (no MMIDIDX header)" if header[:9] != INDEX_HEADER
+                  else f"is cut: {size} bytes, shorter than its header")
+    version, code, n_seq, n_docs = struct.unpack("<QBQQ", header[9:])
+    dtypes = {v: k for k, v in DTYPE_CODES.items()}
+    if version != 1 or code not in dtypes:
+        raise bad(f"has version {version} / dtype code {code}: not Megatron's format 1")
+    want = head + n_seq * (4 + 8) + n_docs * 8
+    if size != want:
+        raise bad(f"is {size} bytes where its header's {n_seq} sequences and {n_docs - 1} "
+                  f"documents need {want}: cut or damaged")
+    lengths = np.memmap(f, np.int32, "r", head, (n_seq,))
+    pointers = np.memmap(f, np.int64, "r", head + 4 * n_seq, (n_seq,))
+    docs = np.memmap(f, np.int64, "r", head + 12 * n_seq, (n_docs,))
+    item = np.dtype(dtypes[code]).itemsize
+    if n_docs < 1 or docs[0] != 0 or docs[-1] != n_seq or (np.diff(docs) < 0).any():
+        raise bad("has document boundaries that do not run from 0 to its sequence count")
+    for i in range(0, n_seq, SCAN_TOKENS // 4):  # bounded memory: 16M sequences at a time
+        ln, pt = lengths[i: i + SCAN_TOKENS // 4 + 1], pointers[i: i + SCAN_TOKENS // 4 + 1]
+        if (ln < 0).any() or pt[0] < 0 or (pt[1:] < pt[:-1] + ln[:-1].astype(np.int64) * item) \
+                .any():
+            raise bad(f"has sequence pointers that overlap or precede the file (sequences "
+                      f"{i:,} to {i + len(ln) - 1:,})")
+    end = int(pointers[-1]) + int(lengths[-1]) * item if n_seq else 0
+    bin_size = Path(f"{prefix}.bin").stat().st_size
+    if bin_size != end:
+        raise Refusal(f"{key}={prefix}: {prefix}.bin is {bin_size} bytes, its .idx describes "
+                      f"{end}: a truncated or mismatched pair; re-copy both files")
+    return {"dtype": dtypes[code], "lengths": lengths, "pointers": pointers, "documents": docs}
+
+
 def check(prefix: str, vocab_size: int, key: str) -> dict:
-    """The prefix's index against its .bin, and a sample of its ids against the vocabulary;
+    """The prefix's index (`read_index`), and every token id of its .bin inside the vocabulary;
     what was checked (the manifest's)."""
-    ds = _index(prefix)
-    idx, itemsize = ds.index, np.dtype(ds.index.dtype).itemsize
-    end = int(idx.sequence_pointers[-1]) + int(idx.sequence_lengths[-1]) * itemsize \
-        if len(idx) else 0
-    size = Path(f"{prefix}.bin").stat().st_size
-    if size != end:
-        raise Refusal(f"{key}={prefix}: {prefix}.bin is {size} bytes, its .idx describes "
-                         f"{end}: a truncated or mismatched pair; re-copy both files")
-    tokens = np.memmap(f"{prefix}.bin", dtype=idx.dtype, mode="r")
-    starts = np.linspace(0, max(len(tokens) - CHUNK_TOKENS, 0), SAMPLE_CHUNKS).astype(np.int64)
-    top = max(int(tokens[s: s + CHUNK_TOKENS].max()) for s in np.unique(starts)) \
-        if len(tokens) else -1
-    if top >= vocab_size:
-        raise Refusal(f"{key}={prefix} holds token id {top}, outside the model's vocabulary "
-                         f"({vocab_size}): it was tokenised for another model; re-tokenise it "
-                         "with the teacher's tokenizer")
-    return {"max_token_id_sampled": top, "sampled_tokens": int(min(
-        len(tokens), SAMPLE_CHUNKS * CHUNK_TOKENS)), "bytes": size}
+    idx = read_index(prefix, key)
+    tokens = np.memmap(f"{prefix}.bin", dtype=idx["dtype"], mode="r")
+    top, low = -1, 0
+    for i in range(0, len(tokens), SCAN_TOKENS):
+        chunk = tokens[i: i + SCAN_TOKENS]
+        top, low = max(top, int(chunk.max())), min(low, int(chunk.min()))
+        if top >= vocab_size or low < 0:
+            j = i + int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0])
+            seq = int(np.searchsorted(idx["pointers"], j * tokens.itemsize, "right")) - 1
+            doc = int(np.searchsorted(idx["documents"], seq, "right")) - 1
+            raise Refusal(f"{key}={prefix} holds token id {int(tokens[j])} (token {j:,}, "
+                          f"document {doc:,}), outside the model's vocabulary ({vocab_size}): "
+                          "it was tokenised for another model; re-tokenise it with the "
+                          "teacher's tokenizer")
+    return {"max_token_id": top, "checked_tokens": int(len(tokens)),
+            "bytes": int(tokens.nbytes), "index": "checked in full"}
 
 
 def import_prefix(prefix: str, out: Path, proportions: list[float]) -> dict:
@@ -142,21 +187,28 @@ class Import:
 def import_stage(prefix: str, out: Path, proportions: list[float], vocab_size: int, eod: int,
                  tokenizer: str | None, key: str, force: bool = False, extra: dict | None = None):
     """`prefix` as a finished data stage folder at `out` (made once; reused while the prefix's
-    files are unchanged): checked, split, committed with a manifest like the data stage's."""
+    files are unchanged, refused when they changed unless `force`, which redoes it then):
+    checked, split, committed with a manifest like the data stage's."""
     files = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx")]
     spec = Import(prefix=str(Path(prefix).resolve()), proportions=proportions,
                   vocab_size=vocab_size, eod=eod)
     # the prefix is signed by size and mtime: hashing a corpus of this size is what importing
     # without copying avoids
-    sdir = StageDir("data", out, fingerprint(spec, extra), force, inputs={"prefix": files})
-    if sdir.already_done():
-        return read_manifest(out)
+    sdir = StageDir("data", out, fingerprint(spec, extra), False, inputs={"prefix": files})
+    try:
+        if sdir.already_done():
+            return read_manifest(out)
+    except OutputExists:
+        if not force:
+            raise
+        sdir = StageDir("data", out, fingerprint(spec, extra), True, inputs={"prefix": files})
+        sdir.already_done()
     checked = check(prefix, vocab_size, key)
     tmp = sdir.begin()
     res = import_prefix(prefix, tmp, proportions)
     return sdir.commit({
         "input": {"prefix": spec.prefix}, "tokenizer": tokenizer, "vocab_size": vocab_size,
-        "max_token_id": checked["max_token_id_sampled"], "eod": eod, "dtype": res["dtype"],
+        "max_token_id": checked["max_token_id"], "eod": eod, "dtype": res["dtype"],
         "documents": res["documents"], "tokens": res["tokens"], "loss_mask": False,
         "import": {**checked, "splits": "documents in order: the first train, then valid, "
                    "then test, by the proportions " + ",".join(f"{p:g}" for p in proportions),
@@ -166,10 +218,11 @@ def import_stage(prefix: str, out: Path, proportions: list[float], vocab_size: i
 
 
 def as_folders(entries: list[str], run_dir: str | Path, vocab_size: int, eod, key: str,
-               wait_s: float = 1800) -> list[str]:
+               force: bool = False, wait_s: float = 1800) -> list[str]:
     """Data entries with each Megatron prefix replaced by its import under
     <run_dir>/data_import/ (made on first use by rank 0; the other ranks wait for it); stage
-    folders as they are. `eod`: the model's eos id (an int, a list of them, or None)."""
+    folders as they are. `eod`: the model's eos id (an int, a list of them, or None); `force`
+    (run.force): a changed prefix is imported again instead of refused."""
     out = []
     for e in entries:
         if is_prefix(e) and not (Path(e) / "manifest.json").is_file():
@@ -178,7 +231,7 @@ def as_folders(entries: list[str], run_dir: str | Path, vocab_size: int, eod, ke
             eod = eod[0] if isinstance(eod, list) and eod else eod
             if runtime.rank() == 0:
                 import_stage(e, folder, [p / sum(props) for p in props], vocab_size,
-                             -1 if eod is None else int(eod), None, key)
+                             -1 if eod is None else int(eod), None, key, force)
             else:
                 deadline = time.time() + wait_s
                 while not (folder / "manifest.json").is_file() and time.time() < deadline:

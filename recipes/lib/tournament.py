@@ -59,7 +59,7 @@ def resolve(cfg: config.Config, source: interop.Source) -> dict:
     d = cfg.typed("distill")
     d = dataclasses.replace(d, data=megatron_data.as_folders(
         d.data, cfg.run.dir, source.arch.vocab_size, source.hf_config.get("eos_token_id"),
-        "distill.data"))
+        "distill.data", cfg.run.force))
     configured = tournament_config(d, tournament_steps(s, d.global_batch_size, d.seq_length))
     dc, _ = train_config.resolve_precision(configured, cfg.run.dir)
     train_stage.check_data(dc, "distill", source.arch.vocab_size)

@@ -152,7 +152,7 @@ def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source
     tokenized = sources.get("teacher", src)  # the data speak the teacher's tokenizer (distill)
     c = dataclasses.replace(c, data=megatron_data.as_folders(  # Megatron prefixes, imported
         c.data, cfg.run.dir, tokenized.arch.vocab_size,
-        tokenized.hf_config.get("eos_token_id"), f"{name}.data"))
+        tokenized.hf_config.get("eos_token_id"), f"{name}.data", cfg.run.force))
     check_data(c, name, tokenized.arch.vocab_size)
     dp = max(int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp), 1)
     train.check_layout(c, dp)

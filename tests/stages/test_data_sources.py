@@ -3,6 +3,8 @@
 existing Megatron indexed datasets (prefixes) imported without copying, named directly in a
 training stage, blended Megatron-LM style, and refused when they do not fit the model."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import data, distill, teacher_correction
-from recipes.lib import runtime, tokens
+from recipes.lib import megatron_data, runtime, tokens
 from tests.conftest import TINY
 from tests.stages.test_data_formats import chat_tokenizer
 
@@ -143,3 +145,48 @@ def test_a_run_directory_with_spaces(trained_run, tmp_path):
     assert export.main([*common, f"export.input={run / 'distill'}"]) == 0
     m = json.loads((run / "export" / "manifest.json").read_text())
     assert m["metrics"]["parity_max_abs_diff"] < 1e-4
+
+
+def test_an_imported_prefix_is_checked_in_full(trained_run, tmp_path):
+    """A cut or damaged .idx is named in one line (not megatron's traceback); a document of
+    out-of-range ids between any sample's windows is found; a changed prefix is refused, and
+    run.force=true imports it again."""
+    import struct
+
+    run = trained_run["run"]
+    args = ["--config", TINY, f"run.dir={tmp_path}", f"data.tokenizer={trained_run['hf']}"]
+    cut = write_prefix(run / "data", tmp_path / "cut_text_document")
+    idx = Path(f"{cut}.idx")
+    whole = idx.read_bytes()
+    idx.write_bytes(whole[: len(whole) - 12])
+    with pytest.raises(ValueError, match=r"cut_text_document.idx is \d+ bytes where its header's "
+                                         r"\d+ sequences and \d+ documents need \d+: cut"):
+        data.main([*args, f"data.input={cut}", f"data.output={tmp_path / 'o1'}"])
+    idx.write_bytes(b"NOTANIDX!" + whole[9:])
+    with pytest.raises(ValueError, match="is not a Megatron index"):
+        data.main([*args, f"data.input={cut}", f"data.output={tmp_path / 'o1'}"])
+    idx.write_bytes(whole[:9] + struct.pack("<Q", 2) + whole[17:])
+    with pytest.raises(ValueError, match="has version 2 / dtype code"):
+        data.main([*args, f"data.input={cut}", f"data.output={tmp_path / 'o1'}"])
+    # one bad id in the middle of the .bin, far from where a sample of windows would look
+    odd = write_prefix(run / "data", tmp_path / "odd_text_document")
+    tok = np.memmap(f"{odd}.bin", dtype=np.uint16, mode="r+")
+    where = len(tok) // 2 + 7
+    tok[where] = 60000
+    tok.flush()
+    with pytest.raises(ValueError, match=rf"holds token id 60000 \(token {where:,}, document "
+                                         r"[\d,]+\), outside the model's vocabulary \(1001\)"):
+        data.main([*args, f"data.input={odd}", f"data.output={tmp_path / 'o2'}"])
+    # imported by a training stage, changed, refused; run.force=true imports it again
+    good = write_prefix(run / "data", tmp_path / "good_text_document")
+    entries = megatron_data.as_folders([str(good)], tmp_path, 1001, 0, "distill.data")
+    with open(f"{good}.bin", "r+b") as f:  # rewritten in place, one token changed
+        f.seek(10)
+        f.write(b"\x05\x00")
+    os.utime(f"{good}.bin", (1, 1))
+    with pytest.raises(ValueError, match=r"input changed since it was made .*run.force=true"):
+        megatron_data.as_folders([str(good)], tmp_path, 1001, 0, "distill.data")
+    again = megatron_data.as_folders([str(good)], tmp_path, 1001, 0, "distill.data", force=True)
+    assert again == entries
+    assert json.loads((Path(again[0]) / "manifest.json").read_text())["import"][
+        "checked_tokens"] > 0
