@@ -76,7 +76,7 @@ class DataConfig:
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts) \
                 or sum(float(p) for p in parts) <= 0:
             raise Refusal(f"data.split={self.split!r}; give three non-negative proportions "
-                             "train,valid,test such as 98,1,1")
+                          "train,valid,test such as 98,1,1")
         if self.workers < 1:
             raise Refusal("data.workers must be >= 1")
         for key in ("on_bad_row", "on_duplicate_file"):
@@ -112,8 +112,8 @@ def open_tokenizer(c: DataConfig):
     eod = tok.eos_token_id
     if eod is None or eod >= vocab_size or len(tok) > vocab_size + 256:
         raise Refusal(f"tokenizer in {c.tokenizer} ({len(tok)} entries, eos={eod}) does not "
-                         f"match the teacher's vocab_size={vocab_size}; use the teacher's own "
-                         "tokenizer (data.tokenizer=<teacher HF folder>)")
+                      f"match the teacher's vocab_size={vocab_size}; use the teacher's own "
+                      "tokenizer (data.tokenizer=<teacher HF folder>)")
     return tok, vocab_size, eod
 
 
@@ -127,8 +127,8 @@ def survey(reader: documents.Reader, tok, vocab_size: int, c: DataConfig) -> dic
         if doc.messages is not None:
             if n_chat == 0 and not tok.chat_template:
                 raise Refusal(f"{doc.where} is a chat ('{c.messages_field}'), but the "
-                                 f"tokenizer {c.tokenizer} has no chat template: use the "
-                                 "instruct model's tokenizer, or give text instead")
+                              f"tokenizer {c.tokenizer} has no chat template: use the "
+                              "instruct model's tokenizer, or give text instead")
             n_chat += 1
             if len(sample) < SAMPLE_DOCS:
                 sample.append("\n".join(m["content"] for m in doc.messages))
@@ -230,7 +230,7 @@ def tokenize(c: DataConfig, tok, reader, assign, n_docs: int, vocab_size: int, e
                 max_id = max(max_id, int(ids.max()) if ids.size else -1)
                 if max_id >= vocab_size:
                     raise Refusal(f"document {i} has token id {max_id} >= vocab_size "
-                                     f"{vocab_size}: tokenizer and teacher do not match")
+                                  f"{vocab_size}: tokenizer and teacher do not match")
                 split = SPLITS[assign[i]]
                 if last:  # EOD: a target of a text document, not of a chat's last turn
                     ids = np.append(ids, np.int32(eod))
@@ -279,7 +279,7 @@ def run(cfg: config.Config) -> dict:
     for i, name in enumerate(SPLITS):
         if c.proportions[i] > 0 and not (assign == i).any():
             raise Refusal(f"split '{name}' got no documents ({n_docs} documents, split "
-                             f"{c.split}); add documents or set data.split with {name}=0")
+                          f"{c.split}); add documents or set data.split with {name}=0")
     dtype = np.uint16 if vocab_size < 65500 else np.int32
     # tokens take itemsize bytes where the text took >= 2 bytes each (a generous estimate)
     tmp = sdir.begin(need=sum(f.stat().st_size for f in files) * np.dtype(dtype).itemsize // 2)
@@ -287,8 +287,8 @@ def run(cfg: config.Config) -> dict:
                    Writer(tmp, dtype, found["chats"]))
     if res["empty"] > EMPTY_MAX * n_docs:
         raise Refusal(f"{res['empty']} of {n_docs} documents encoded to no tokens with the "
-                         f"tokenizer {c.tokenizer}: the dataset is not published; use the "
-                         "model's own tokenizer")
+                      f"tokenizer {c.tokenizer}: the dataset is not published; use the "
+                      "model's own tokenizer")
     (tmp / "config.yaml").write_text(config.to_yaml(cfg))
     log.info("documents %s, tokens %s%s", res["documents"], res["tokens"],
              f", {found['chats']} chats (loss on assistant turns)" if found["chats"] else "")

@@ -43,23 +43,23 @@ def shared_vocabulary(student, teacher, tp: int) -> int:
     if student.tokenizer is None or teacher.tokenizer is None:
         if sv != tv:
             raise Refusal(f"student vocab {sv} != teacher vocab {tv}, and without both "
-                             "tokenizers they cannot be compared: name each model's HF folder "
-                             "(distill.input_hf_config / distill.teacher_hf_config)")
+                          "tokenizers they cannot be compared: name each model's HF folder "
+                          "(distill.input_hf_config / distill.teacher_hf_config)")
         return sv
     ids = [{i: t for t, i in tokens.load_tokenizer(x.tokenizer, k).get_vocab().items()}
            for x, k in ((student, "distill.input"), (teacher, "distill.teacher"))]
     for i in range(min(sv, tv)):
         if ids[0].get(i) != ids[1].get(i):
             raise Refusal(f"the student's and the teacher's tokenizers differ at id {i} "
-                             f"(student {ids[0].get(i)!r}, teacher {ids[1].get(i)!r}): "
-                             "distillation compares the same tokens' logits, so both need one "
-                             "tokenizer; distil into a student of the teacher's family")
+                          f"(student {ids[0].get(i)!r}, teacher {ids[1].get(i)!r}): "
+                          "distillation compares the same tokens' logits, so both need one "
+                          "tokenizer; distil into a student of the teacher's family")
     if sv == tv:
         return sv
     if tp > 1:
         raise Refusal(f"student and teacher pad their vocabularies differently ({sv} vs "
-                         f"{tv}): distil them at parallel.tp=1 (the logit shards would not "
-                         "line up)")
+                      f"{tv}): distil them at parallel.tp=1 (the logit shards would not "
+                      "line up)")
     shared = min(sv, tv, max(i for i in ids[0] if i < min(sv, tv)) + 1)
     log.info("student vocab %d, teacher vocab %d, one tokenizer: KD over the %d shared entries",
              sv, tv, shared)

@@ -99,18 +99,18 @@ class EvaluateConfig:
         unknown = [n for n in self.include or [] if n not in self.models]
         if unknown:
             raise Refusal(f"evaluate.include names {unknown}, not in evaluate.models "
-                             f"({sorted(self.models)})")
+                          f"({sorted(self.models)})")
         self.models = {n: self.models[n] for n in (self.include or self.models)}
         self.reference = self.reference or next(iter(self.models))
         if self.reference not in self.models:
             raise Refusal(f"evaluate.reference={self.reference!r} is not one of the models "
-                             f"{sorted(self.models)}")
+                          f"{sorted(self.models)}")
         if self.dtype not in ("auto", *DTYPES):
             raise Refusal(f"evaluate.dtype={self.dtype!r}; use auto or one of "
-                             f"{sorted(DTYPES)}")
+                          f"{sorted(DTYPES)}")
         if self.suite is not None and self.suite not in harness.SUITES:
             raise Refusal(f"evaluate.suite={self.suite!r}; use one of {sorted(harness.SUITES)} "
-                             "or null")
+                          "or null")
         for k in ("cloze_samples", "cloze_tokens", "speed_prompt_tokens", "speed_repeats",
                   "lm_eval_batch_size"):
             if getattr(self, k) < 1:
@@ -119,12 +119,12 @@ class EvaluateConfig:
                 self.reference not in self.speed_models
                 or any(n not in self.models for n in self.speed_models)):
             raise Refusal(f"evaluate.speed_models={self.speed_models} must name models being "
-                             f"scored ({sorted(self.models)}) including the reference "
-                             f"{self.reference!r}")
+                          f"scored ({sorted(self.models)}) including the reference "
+                          f"{self.reference!r}")
         if self.speed_new_tokens < 2 or not self.speed_batch_sizes or \
                 any(b < 1 for b in self.speed_batch_sizes):
             raise Refusal("evaluate.speed_new_tokens must be >= 2 and speed_batch_sizes "
-                             "positive, e.g. [1, 8]")
+                          "positive, e.g. [1, 8]")
 
 
 @torch.no_grad()
@@ -221,17 +221,17 @@ def run(cfg: config.Config) -> dict:
     for name, path in c.models.items():
         if not (Path(path) / "config.json").is_file():
             raise MissingInput(f"evaluate.models.{name}={path} is not an HF model folder "
-                                    "(no config.json); run export first")
+                               "(no config.json); run export first")
         if not any((Path(path) / w).is_file() for w in HF_WEIGHTS):
             raise MissingInput(f"evaluate.models.{name}={path} holds no weights (none of "
-                                    f"{', '.join(HF_WEIGHTS)}); finish its download or export")
+                               f"{', '.join(HF_WEIGHTS)}); finish its download or export")
         records[name] = exported_record(path) or {}
         integrity.refuse_damaged(path, checksums=False, rec=records[name])
     data_manifest = read_manifest(c.data, ("data",), "evaluate.data")
     avail = tokens.available_windows(data_manifest["tokens"]["test"], c.seq_length)
     if avail < 1:
         raise Refusal(f"the test split of {c.data} has fewer than {c.seq_length + 1} tokens; "
-                         "lower evaluate.seq_length")
+                      "lower evaluate.seq_length")
     sdir = StageDir("evaluate", out, fingerprint(c), cfg.run.force,
                     inputs={**{f"models.{k}": model_input(p) for k, p in c.models.items()},
                             "data": c.data})

@@ -29,8 +29,9 @@ through MASTER_ADDR/MASTER_PORT from the job's first node, as torchrun would. Jo
 are cancelled (Reason=DependencyNeverSatisfied) instead of pending forever, and nothing after
 it is published. The job ids go to <run.dir>/slurm/jobs.json for `--status`. Training stages
 are `--requeue`d and their tasks get SIGUSR1 `signal_grace_s` before the time limit: training
-saves a checkpoint at the end of the current step and exits 75, on which the batch script requeues the job; the rerun resumes from that checkpoint
-(a preempting SIGTERM does the same). `--dry-run` prints the scripts and sbatch lines and submits
+saves a checkpoint at the end of the current step and exits 75, on which the batch script
+requeues the job; the rerun resumes from that checkpoint (a preempting SIGTERM does the same).
+`--dry-run` prints the scripts and sbatch lines (or, with --local, the commands) and runs
 nothing.
 """
 from __future__ import annotations
@@ -68,7 +69,7 @@ def resources(stage: str, c: ClusterConfig) -> tuple[int, int, dict]:
         nodes, tasks = int(c.nodes.get(stage, 1)), c.gpus_per_node
         if (nodes * tasks) % mp:
             raise Refusal(f"{stage}: {nodes} node(s) x {tasks} GPUs is not a multiple of "
-                             f"TP*PP={lay['tp']}*{lay['pp']}")
+                          f"TP*PP={lay['tp']}*{lay['pp']}")
     elif stage in GPU_STAGES and stage not in ONE_RANK:  # one model replica: TP*PP ranks
         nodes, tasks = -(-mp // c.gpus_per_node), min(mp, c.gpus_per_node)
     else:
@@ -101,7 +102,7 @@ def laid_out(cfg: config.Config, c: ClusterConfig, gpus: dict) -> ClusterConfig:
         need = [s for s in todo if s not in c.layout]
         if need:
             raise Refusal(f"cluster.layout.{need[0]} is not set and plan cannot choose it: "
-                             f"{e}") from None
+                          f"{e}") from None
         return c  # every layout by hand, the models unknown before convert: run as given
     chosen = {}
     for stage in todo:
@@ -130,8 +131,8 @@ def local_commands(c: ClusterConfig, recipe: str, overrides: list[str], nproc: i
             nproc if stage in RESUMABLE else lay["tp"] * lay["pp"]
         if n > nproc or nproc % (lay["tp"] * lay["pp"]):
             raise Refusal(f"{stage} at TP={lay['tp']} PP={lay['pp']} does not fit NPROC={nproc}"
-                             f": set cluster.layout.{stage} to a TP x PP dividing {nproc}, or "
-                             "raise NPROC")
+                          f": set cluster.layout.{stage} to a TP x PP dividing {nproc}, or "
+                          "raise NPROC")
         python = "python" if image else sys.executable
         run = [python, "-m"] if n == 1 else (
             ["torchrun" if image else str(Path(sys.executable).with_name("torchrun")),
@@ -164,8 +165,8 @@ def job_groups(stage: str, c: ClusterConfig,
     p = cfg.typed("prune")  # its values checked now, before anything is submitted
     if not p.tournament:
         raise Refusal("cluster.tournament_jobs=true but prune runs no tournament: set "
-                         "prune.target_params (or target_memory_mb) and "
-                         "prune.search.tournament_steps (or tournament_tokens)")
+                      "prune.target_params (or target_memory_mb) and "
+                      "prune.search.tournament_steps (or tournament_tokens)")
     job = "prune.tournament_job="
     return [[("prune_prepare", [job + "prepare"])],
             [(f"prune_c{i}", [f"{job}c{i}"]) for i in range(1, p.search.top_k + 1)],
@@ -240,9 +241,9 @@ def submit(c: ClusterConfig, recipe: str, run_dir: str, overrides: list[str],
     image = c.container_image
     if not dry_run and image and image.startswith(("/", "./")) and not Path(image).is_file():
         raise Refusal(f"cluster.container_image={image} does not exist: build it with `make "
-                         "docker-build && enroot import dockerd://minitron-recipes:latest`, set "
-                         "cluster.container_image (MINITRON_IMAGE) to your image, or run "
-                         "bare-metal with cluster.container_image=null")
+                      "docker-build && enroot import dockerd://minitron-recipes:latest`, set "
+                      "cluster.container_image (MINITRON_IMAGE) to your image, or run "
+                      "bare-metal with cluster.container_image=null")
     unknown = [s for s in c.stages if s not in config.SECTIONS or s in ("cluster", "plan")]
     if unknown:
         raise Refusal(f"cluster.stages has unknown stage(s) {unknown}")

@@ -144,8 +144,8 @@ def search_preview(teacher: Arch, c: search.Budget, cfg: config.Config, p: PlanC
                                    teacher_precision=d.get("teacher_precision")
                                    or d.get("precision", "bf16"))
         out["tournament"] = {"tokens_per_candidate": tokens, "flops": flops,
-                             "gpu_hours": flops / (p.peak_tflops * 1e12 * p.mfu) / 3600,
-                             "teacher_cache": search.cache_plan(s, dc, teacher)}
+                          "gpu_hours": flops / (p.peak_tflops * 1e12 * p.mfu) / 3600,
+                          "teacher_cache": search.cache_plan(s, dc, teacher)}
     return out
 
 

@@ -105,7 +105,7 @@ class PruneConfig(config.ModelInput):
             raise Refusal(f"prune.dtype={self.dtype!r}; use fp32 or bf16")
         if self.drop_layers is not None and self.depth_method != "drop_layers":
             raise Refusal("prune.drop_layers is set but prune.depth_method="
-                             f"{self.depth_method}; set prune.depth_method=drop_layers")
+                          f"{self.depth_method}; set prune.depth_method=drop_layers")
         for k in ("calib_samples", "seq_length", "micro_batch_size", "depth_eval_samples"):
             if getattr(self, k) < 1:
                 raise Refusal(f"prune.{k} must be >= 1")
@@ -113,18 +113,18 @@ class PruneConfig(config.ModelInput):
             self._check_target()
         elif self.search:
             raise Refusal("prune.search is set but no prune.target_params / "
-                             "prune.target_memory_mb")
+                          "prune.target_memory_mb")
         if self.tournament_job is not None:
             if not self.tournament:
                 raise Refusal(f"prune.tournament_job={self.tournament_job!r} but prune runs no "
-                                 "tournament (prune.target_* with prune.search.tournament_steps "
-                                 "or tournament_tokens)")
+                              "tournament (prune.target_* with prune.search.tournament_steps "
+                              "or tournament_tokens)")
             if not re.fullmatch(r"prepare|c[1-9]\d*", str(self.tournament_job)):
                 raise Refusal(f"prune.tournament_job={self.tournament_job!r}: prepare or c<i> "
-                                 "(the launcher sets it; leave it unset to run the whole stage)")
+                              "(the launcher sets it; leave it unset to run the whole stage)")
         if self.calib_samples % self.micro_batch_size:
             raise Refusal(f"prune.calib_samples={self.calib_samples} is not a multiple of "
-                             f"prune.micro_batch_size={self.micro_batch_size}")
+                          f"prune.micro_batch_size={self.micro_batch_size}")
 
     def _check_target(self) -> None:
         if self.target_params is not None and self.target_memory_mb is not None:
@@ -133,7 +133,7 @@ class PruneConfig(config.ModelInput):
                  if getattr(self, k) is not None]
         if sizes:
             raise Refusal(f"prune.target_* searches the shape: unset {sizes} (or drop the "
-                             "target and choose the sizes yourself)")
+                          "target and choose the sizes yourself)")
         target = self.target_params if self.target_params is not None else self.target_memory_mb
         if not target > 0:
             raise Refusal(f"the prune target must be > 0, not {target}")
@@ -173,9 +173,9 @@ def check_data(c: PruneConfig, data_manifest: dict, need_valid: bool) -> None:
         avail = tokens.available_windows(data_manifest["tokens"][split], c.seq_length)
         if n > avail:
             raise Refusal(f"prune needs {n} windows of {c.seq_length + 1} tokens from the "
-                             f"{split} split, which has {data_manifest['tokens'][split]} tokens "
-                             f"({avail} windows); lower prune.calib_samples / "
-                             "prune.depth_eval_samples / prune.seq_length or add data")
+                          f"{split} split, which has {data_manifest['tokens'][split]} tokens "
+                          f"({avail} windows); lower prune.calib_samples / "
+                          "prune.depth_eval_samples / prune.seq_length or add data")
 
 
 def resolve(cfg: config.Config) -> Plan:
@@ -185,7 +185,7 @@ def resolve(cfg: config.Config) -> Plan:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if tp != 1:
         raise Refusal(f"parallel.tp={tp}: ModelOpt Minitron pruning requires TP=1; prune with "
-                         "parallel.tp=1 parallel.pp=N, then distill at any TP/PP")
+                      "parallel.tp=1 parallel.pp=N, then distill at any TP/PP")
     source = interop.open_source(c.input, "prune.input", ("convert", "teacher_correction"),
                                  c.input_hf_config)
     teacher = source.arch
@@ -210,8 +210,8 @@ def resolve(cfg: config.Config) -> Plan:
                    and c.depth_method == "contiguous")
         if student.num_layers % pp:
             raise Refusal(f"the pruned model's {student.num_layers} layers do not divide into "
-                             f"parallel.pp={pp} stages; choose a PP that divides both layer "
-                             "counts")
+                          f"parallel.pp={pp} stages; choose a PP that divides both layer "
+                          "counts")
         plan = {"student": student, "drop": drop}
     extra = {"pp": pp, "seed": cfg.run.seed}
     inputs = {"input": source.input(), "data": c.data}

@@ -56,7 +56,7 @@ class Arch:
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
             raise Refusal(f"num_attention_heads={self.num_attention_heads} is not a multiple "
-                             f"of num_query_groups={self.num_query_groups}")
+                          f"of num_query_groups={self.num_query_groups}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -103,24 +103,24 @@ class Arch:
         mt = cfg.get("model_type")
         if mt not in FAMILIES:
             raise Refusal(f"{source}: model_type={mt!r} is not supported; this recipe converts "
-                             f"the dense families {', '.join(FAMILIES)} ("
-                             f"{', '.join(f['architectures'] for f in FAMILIES.values())}); "
-                             "mixture-of-experts and other architectures are not")
+                          f"the dense families {', '.join(FAMILIES)} ("
+                          f"{', '.join(f['architectures'] for f in FAMILIES.values())}); "
+                          "mixture-of-experts and other architectures are not")
         fam = FAMILIES[mt]
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
                 raise Refusal(f"{source}: {flag}=true is not supported: {mt} with biases on "
-                                 "every projection has no megatron layout here")
+                              "every projection has no megatron layout here")
         if cfg.get("hidden_act", "silu") != "silu":
             raise Refusal(f"{source}: hidden_act={cfg['hidden_act']!r}; these families use "
-                             "'silu'")
+                          "'silu'")
         window = cfg.get("sliding_window")
         if cfg.get("use_sliding_window") is False:  # Qwen2/3 carry a window they do not use
             window = None
         missing = [k for k in REQUIRED_HF_KEYS if cfg.get(k) is None]
         if missing:
             raise Refusal(f"{source} lacks {missing}: not a complete config of a Llama-family "
-                             "model; re-download it or add the fields")
+                          "model; re-download it or add the fields")
         heads = cfg["num_attention_heads"]
         # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -131,7 +131,7 @@ class Arch:
             for k, want in MEGATRON_LLAMA3_ROPE.items():
                 if float(rope.get(k, want)) != want:
                     raise Refusal(f"{source}: rope {k}={rope[k]} differs from the {want} that "
-                                     "megatron-core's llama3 RoPE scaling hard-codes")
+                                  "megatron-core's llama3 RoPE scaling hard-codes")
             factor = float(rope["factor"])
         elif rtype != "default":
             raise Refusal(f"{source}: rope_type={rtype!r} unsupported (use default or llama3)")
@@ -289,7 +289,7 @@ def read_hf_config(path: Path) -> dict:
     f = Path(path) / "config.json"
     if not f.is_file():
         raise MissingInput(f"{f} not found: point the stage at a Hugging Face model folder "
-                                "(config.json + *.safetensors + tokenizer files)")
+                           "(config.json + *.safetensors + tokenizer files)")
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
@@ -307,8 +307,8 @@ def validate_layout(arch: Arch, tp: int, pp: int) -> None:
                     ("num_query_groups (KV heads)", arch.num_query_groups)):
         if n % tp:
             raise Refusal(f"parallel.tp={tp} does not divide {what}={n}; choose a TP that "
-                             f"divides both heads ({arch.num_attention_heads}) and KV groups "
-                             f"({arch.num_query_groups})")
+                          f"divides both heads ({arch.num_attention_heads}) and KV groups "
+                          f"({arch.num_query_groups})")
     if arch.num_layers % pp:
         raise Refusal(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
 
@@ -331,38 +331,38 @@ def pruned_arch(t: Arch, c: PruneTargets) -> tuple[Arch, list[int] | None]:
     for k in WIDTH_KEYS:
         if new[k] > getattr(t, k) or new[k] < 1:
             raise Refusal(f"prune.{k}={new[k]} must be between 1 and the teacher's "
-                             f"{getattr(t, k)}")
+                          f"{getattr(t, k)}")
     if new["num_attention_heads"] % t.num_query_groups:
         raise Refusal(f"prune.num_attention_heads={new['num_attention_heads']} must be a "
-                         f"multiple of the {t.num_query_groups} KV groups (ModelOpt keeps every "
-                         "group and trims heads within each)")
+                      f"multiple of the {t.num_query_groups} KV groups (ModelOpt keeps every "
+                      "group and trims heads within each)")
     if new["hidden_size"] % new["num_attention_heads"]:
         h, n = new["hidden_size"], new["num_attention_heads"]
         raise Refusal(f"prune.hidden_size={h} is not a multiple of num_attention_heads={n}: "
-                         "transformers' LlamaConfig refuses such a model even with an explicit "
-                         f"head_dim, so it could not be exported; use {h // n * n} or "
-                         f"{(h // n + 1) * n}")
+                      "transformers' LlamaConfig refuses such a model even with an explicit "
+                      f"head_dim, so it could not be exported; use {h // n * n} or "
+                      f"{(h // n + 1) * n}")
     drop = None
     layers = t.num_layers if c.num_layers is None else c.num_layers
     if c.depth_method == "drop_layers":
         if not c.drop_layers:
             raise Refusal("prune.depth_method=drop_layers needs prune.drop_layers=[...] "
-                             "(1-indexed, as in the paper)")
+                          "(1-indexed, as in the paper)")
         drop = [int(x) for x in c.drop_layers]
         bad = [x for x in drop if not 1 <= x <= t.num_layers]
         if bad:
             raise Refusal(f"prune.drop_layers has {bad} outside 1..{t.num_layers} (the list is "
-                             f"1-indexed: HF model.layers.i is layer i+1)")
+                          f"1-indexed: HF model.layers.i is layer i+1)")
         dups = sorted({x for x in drop if drop.count(x) > 1})
         if dups:
             raise Refusal(f"prune.drop_layers lists {dups} more than once")
         if c.num_layers is not None and c.num_layers != t.num_layers - len(drop):
             raise Refusal(f"prune.num_layers={c.num_layers} but dropping {len(drop)} of "
-                             f"{t.num_layers} layers leaves {t.num_layers - len(drop)}")
+                          f"{t.num_layers} layers leaves {t.num_layers - len(drop)}")
         layers = t.num_layers - len(drop)
         if layers < 1:
             raise Refusal("prune.drop_layers drops every layer")
     elif not 1 <= layers <= t.num_layers:
         raise Refusal(f"prune.num_layers={layers} must be between 1 and the teacher's "
-                         f"{t.num_layers}")
+                      f"{t.num_layers}")
     return Arch(**{**t.to_dict(), **new, "num_layers": layers}), drop

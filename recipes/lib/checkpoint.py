@@ -147,7 +147,7 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise MissingInput(f"{directory} is not a megatron distributed checkpoint "
-                                "(no metadata.json); point at a finished stage folder")
+                           "(no metadata.json); point at a finished stage folder")
     integrity.refuse_damaged(directory)  # every file's size and CRC32, before reading a tensor
     # lazy: megatron, after compat.apply() in _dist_ckpt()
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -157,8 +157,8 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
     rows = {k: t.global_shape[0] for k, t in saved.items() if k in VOCAB_KEYS}
     if vocab_size is not None and any(n < vocab_size for n in rows.values()):
         raise Refusal(f"{directory} has {min(rows.values())} vocabulary rows, fewer than the "
-                         f"architecture's vocab_size={vocab_size}: it is another model's "
-                         "checkpoint; name the config.json that describes it")
+                      f"architecture's vocab_size={vocab_size}: it is another model's "
+                      "checkpoint; name the config.json that describes it")
     sharded = model.sharded_state_dict()
     wrong = [(t.key, tuple(saved[t.key].global_shape), tuple(t.global_shape))
              for t in sharded.values() if hasattr(t, "global_shape") and t.key in saved
@@ -167,9 +167,9 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
     if wrong:
         k, have, want = wrong[0]
         raise Refusal(f"{directory} does not hold the architecture it was read with: {k} is "
-                         f"{list(have)} there, {list(want)} in the model ({len(wrong)} tensors "
-                         "differ); for a Megatron-LM checkpoint name the model's own config.json "
-                         "(*_hf_config)")
+                      f"{list(have)} there, {list(want)} in the model ({len(wrong)} tensors "
+                      "differ); for a Megatron-LM checkpoint name the model's own config.json "
+                      "(*_hf_config)")
     # megatron's words: "unexpected" = the model asks, the checkpoint lacks; "missing" = the
     # checkpoint has, the model does not ask
     state, in_ckpt_only, in_model_only = dc.load(sharded, str(directory),

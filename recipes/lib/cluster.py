@@ -60,7 +60,7 @@ class ClusterConfig:
         self.layout = {k: {"tp": 1, "pp": 1, **(v or {})} for k, v in self.layout.items()}
         if self.signal_grace_s < 60:
             raise Refusal(f"cluster.signal_grace_s={self.signal_grace_s}: leave at least 60 s "
-                             "(one training step plus one checkpoint save) before the time limit")
+                          "(one training step plus one checkpoint save) before the time limit")
         if self.gpus_per_node < 1:
             raise Refusal("cluster.gpus_per_node must be >= 1")
         for job, t in self.time.items():
@@ -76,4 +76,4 @@ class ClusterConfig:
                            *(("extra_sbatch", x) for x in self.extra_sbatch)):
             if any(ch.isspace() for ch in str(value)):
                 raise Refusal(f"cluster.{key}={value!r} contains whitespace: a #SBATCH line "
-                                 "cannot carry it")
+                              "cannot carry it")

@@ -91,7 +91,7 @@ def find_files(path: Path, on_duplicate: str = "fail") -> Found:
     if not files:
         raise Refusal(f"data.input={path} holds no {' / '.join(FORMATS)} files"
                       + (f" (skipped: {dict((k, len(v)) for k, v in skipped.items())})"
-                         if skipped else ""))
+                      if skipped else ""))
     duplicates = same_content(files)
     if duplicates and on_duplicate != "skip":
         dup, first = next(iter(duplicates.items()))
@@ -195,7 +195,7 @@ class Reader:
                 self.kinds[e.kind] += 1
                 return None
             raise Refusal(f"{f}:{n}: {e}; fix or drop the row, or set data.on_bad_row=skip "
-                             "to leave such rows out (counted in the manifest)") from None
+                          "to leave such rows out (counted in the manifest)") from None
         if len(text.strip()) < self.min_chars:
             return None
         return Document(f"{f}:{n}", pieces=split(text))
@@ -305,7 +305,7 @@ def _json_rows(f: Path) -> Iterator[tuple[int, object]]:
         if not isinstance(e, (EOFError, OSError)) and type(e).__name__ != "ZstdError":
             raise
         raise Refusal(f"{f} is damaged after line {n} ({type(e).__name__}: {e}); "
-                         "re-download or re-compress it") from e
+                      "re-download or re-compress it") from e
 
 
 def _parquet_rows(f: Path, text_field: str, messages_field: str):
@@ -324,7 +324,7 @@ def _parquet_rows(f: Path, text_field: str, messages_field: str):
         else None
     if column is None:
         raise Refusal(f"{f} has no column '{text_field}' (columns: {names[:10]}); set "
-                         "data.text_field to the column holding the text")
+                      "data.text_field to the column holding the text")
     n = 0
     try:
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=[column]):

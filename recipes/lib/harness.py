@@ -68,7 +68,7 @@ def check_task(task: str, include_paths: list) -> None:
     tm = TaskManager(include_path=[str(p) for p in include_paths] or None)
     if task not in {*tm.all_tasks, *tm.all_groups}:
         raise Refusal(f"lm-eval has no task {task!r}: name an installed task, {CLOZE}, or a "
-                         "local task YAML's `task:` with its folder in the task paths")
+                      "local task YAML's `task:` with its folder in the task paths")
 
 
 def cloze_task(windows: np.ndarray, tokenizer, folder: Path) -> dict:

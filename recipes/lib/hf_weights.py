@@ -45,13 +45,13 @@ def safetensors_header(path: Path) -> dict:
         head = f.read(8)
         if head.startswith(b"version "):
             raise Refusal(f"{path} is a Git-LFS pointer, not weights: fetch the real files "
-                             "(git lfs pull, or huggingface-cli download)")
+                          "(git lfs pull, or huggingface-cli download)")
         if len(head) < 8:
             raise Refusal(f"{path} is {size} bytes: empty or truncated; re-download it")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise Refusal(f"{path}: header of {n} bytes in a {size}-byte file: truncated or "
-                             "not a safetensors file; re-download it")
+                          "not a safetensors file; re-download it")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -63,18 +63,18 @@ def safetensors_header(path: Path) -> dict:
         begin, stop = h["data_offsets"]
         if dtype is None:
             raise Refusal(f"{path}: tensor {name} has dtype {h.get('dtype')!r}, which this "
-                             f"recipe does not read ({sorted(SAFETENSORS_DTYPES)})")
+                          f"recipe does not read ({sorted(SAFETENSORS_DTYPES)})")
         want = torch.Size(h["shape"]).numel() * dtype.itemsize
         if stop - begin != want:
             raise Refusal(f"{path}: tensor {name} spans {stop - begin} bytes, its shape "
-                             f"{h['shape']} and dtype {h['dtype']} need {want}: corrupt file")
+                          f"{h['shape']} and dtype {h['dtype']} need {want}: corrupt file")
         if 8 + n + stop > size:
             raise Refusal(f"{path} is truncated: {size} bytes, but tensor {name} ends at byte "
-                             f"{8 + n + stop}; re-download it")
+                          f"{8 + n + stop}; re-download it")
         end = max(end, stop)
     if 8 + n + end != size:
         raise Refusal(f"{path} is {size} bytes, its header describes {8 + n + end}: "
-                         "truncated or padded; re-download it")
+                      "truncated or padded; re-download it")
     return {k: {**v, "start": 8 + n} for k, v in header.items()}
 
 
@@ -98,17 +98,17 @@ class HFReader:
             weight_map = dict.fromkeys(headers["model.safetensors"], "model.safetensors")
         else:
             raise MissingInput(f"{self.path}: no model.safetensors or "
-                                    "model.safetensors.index.json; convert .bin checkpoints to "
-                                    "safetensors first (transformers: save_pretrained)")
+                               "model.safetensors.index.json; convert .bin checkpoints to "
+                               "safetensors first (transformers: save_pretrained)")
         missing_files = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
         if missing_files:
             raise MissingInput(f"{self.path}: shard(s) {missing_files} listed in the index "
-                                    "are missing; re-download the checkpoint")
+                               "are missing; re-download the checkpoint")
         missing = sorted(set(needed) - set(weight_map))
         if missing:
             raise MissingKey(f"{self.path}: tensors {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                           f" ({len(missing)} in all) are not in the checkpoint; config.json and "
-                           "the weights disagree")
+                             f" ({len(missing)} in all) are not in the checkpoint; config.json and "
+                             "the weights disagree")
         self.weight_map = weight_map
         # every shard's header is read and checked now, before any work (cheap: headers only)
         self._headers = {f: headers.get(f) or safetensors_header(self.path / f)
@@ -116,7 +116,7 @@ class HFReader:
         absent = sorted(n for n in needed if n not in self._headers[weight_map[n]])
         if absent:
             raise MissingKey(f"{self.path}: the index names {absent[:5]} but their shards do not "
-                           "hold them; re-download the checkpoint")
+                             "hold them; re-download the checkpoint")
         self._check_shapes_and_extras(needed)
 
     def _check_shapes_and_extras(self, needed: dict[str, tuple[int, ...]]) -> None:
@@ -126,16 +126,16 @@ class HFReader:
         if wrong:
             n, have, want = wrong[0]
             raise Refusal(f"{self.path}: {n} is {have} in the weights, config.json implies "
-                             f"{want} ({len(wrong)} tensor(s) differ); config.json and the "
-                             "weights disagree: use the config.json that came with them")
+                          f"{want} ({len(wrong)} tensor(s) differ); config.json and the "
+                          "weights disagree: use the config.json that came with them")
         layers = {int(m.group(1)) for n in needed if (m := LAYER.match(n))}
         beyond = sorted({int(m.group(1)) for n in self.weight_map if (m := LAYER.match(n))}
                         - layers)
         if beyond:
             raise Refusal(f"{self.path}: the weights hold layer(s) {beyond[:5]} beyond "
-                             f"config.json's num_hidden_layers={len(layers)}, which would be "
-                             "dropped; config.json and the weights disagree: use the config.json "
-                             "that came with them")
+                          f"config.json's num_hidden_layers={len(layers)}, which would be "
+                          "dropped; config.json and the weights disagree: use the config.json "
+                          "that came with them")
         unused = sorted(n for n in set(self.weight_map) - set(needed)
                         if not n.endswith("rotary_emb.inv_freq"))  # buffers, recomputed
         if unused:
@@ -152,7 +152,7 @@ class HFReader:
             got = f.readinto(buf)
         if got != len(buf):  # the file shrank since it was checked
             raise Refusal(f"{self.path / fname}: tensor {name} read {got} of {len(buf)} "
-                             "bytes; the file changed or is truncated")
+                          "bytes; the file changed or is truncated")
         dtype = SAFETENSORS_DTYPES[h["dtype"]]
         if not buf:
             return torch.empty(h["shape"], dtype=dtype)
@@ -172,8 +172,8 @@ def check_finite(t: torch.Tensor, what: str, chunk: int = 1 << 22) -> None:
         if not torch.isfinite(flat[i:i + chunk].abs().amax()):
             bad = int((~torch.isfinite(flat)).sum())
             raise Refusal(f"{what} holds {bad} NaN / inf value(s) of {flat.numel()}: the "
-                             "checkpoint is damaged or comes from a diverged run; re-download "
-                             "it, or convert the last good one")
+                          "checkpoint is damaged or comes from a diverged run; re-download "
+                          "it, or convert the last good one")
 
 
 def hf_files(folder: Path) -> list[Path]:

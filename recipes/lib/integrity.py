@@ -114,5 +114,5 @@ def refuse_damaged(folder: Path, checksums: bool = True, rec: dict | None = None
     found = rec and (problem(folder, rec) if checksums else size_problem(folder, rec))
     if found:
         raise Refusal(f"{folder} is damaged: {found}; its files are not what was written "
-                         "(a partial copy, a failing disk): restore the folder, or rerun the "
-                         "stage that wrote it with run.force=true")
+                      "(a partial copy, a failing disk): restore the folder, or rerun the "
+                      "stage that wrote it with run.force=true")

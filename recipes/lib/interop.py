@@ -131,7 +131,7 @@ def read_tracker(root: Path) -> int | str:
         it = int(text)
     except ValueError:
         raise Refusal(f"{f} holds {text!r}, not an iteration number or 'release'; it is not "
-                         "a Megatron-LM / Megatron-Bridge tracker file") from None
+                      "a Megatron-LM / Megatron-Bridge tracker file") from None
     if it < 0:
         raise Refusal(f"{f} holds a negative iteration {it}")
     return it
@@ -178,7 +178,7 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
     def need(key):
         if m.get(key) is None:
             raise Refusal(f"{path}: model.{key} is missing; name the model's HF config.json "
-                             "instead (the stage's *_hf_config key)")
+                          "instead (the stage's *_hf_config key)")
         return m[key]
 
     bad = []
@@ -199,7 +199,7 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
         bad.append(f"activation_func={act.get('_target_')}")
     if bad:
         raise Refusal(f"{path}: {', '.join(bad)}: not a dense SwiGLU/RMSNorm/RoPE decoder of "
-                         f"the families this recipe supports ({', '.join(FAMILIES)})")
+                      f"the families this recipe supports ({', '.join(FAMILIES)})")
     heads = need("num_attention_heads")
     window = m.get("window_size")
     family = ours.get("hf_model_type") or (
@@ -207,7 +207,7 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
         "mistral" if "mistral" in str(m.get("_target_", "")).lower() else "llama")
     if family not in FAMILIES:
         raise Refusal(f"{path}: {OURS}.hf_model_type={family!r} is not one of "
-                         f"{list(FAMILIES)}")
+                      f"{list(FAMILIES)}")
     return Arch(
         num_layers=need("num_layers"), hidden_size=need("hidden_size"),
         ffn_hidden_size=need("ffn_hidden_size"), num_attention_heads=heads,
@@ -278,7 +278,7 @@ def open_source(path: str | Path, key: str, stages: tuple[str, ...],
         weights = weights_dir(path)
     except FileNotFoundError as e:
         raise MissingInput(f"{key}: {e}; {key} takes a finished stage of ours "
-                                f"(e.g. <run.dir>/{stages[0]}) or such a checkpoint") from None
+                           f"(e.g. <run.dir>/{stages[0]}) or such a checkpoint") from None
     rc = weights / RUN_CONFIG
     base, tok = {}, None
     if hf_config:

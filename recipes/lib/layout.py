@@ -104,11 +104,11 @@ def choose(options: list[Layout], memory_gb: float, what: str) -> Layout:
         return ok[0]
     if not options:
         raise Refusal(f"{what}: no TP x PP divides the models, the GPUs and the global batch: "
-                         "use a GPU count that is a power of two, or set cluster.layout")
+                      "use a GPU count that is a power of two, or set cluster.layout")
     best = min(options, key=lambda x: x.gb)
     raise Refusal(f"{what}: no layout fits {HEADROOM:.0%} of {memory_gb:.0f} GB per GPU (the "
-                     f"smallest: {best.describe()}): add GPUs (cluster.nodes), lower "
-                     "seq_length, or set precision_aware_optimizer=true")
+                  f"smallest: {best.describe()}): add GPUs (cluster.nodes), lower "
+                  "seq_length, or set precision_aware_optimizer=true")
 
 
 def prune_pp(t: Arch, seq: int, gpus: int, memory_gb: float) -> int:
@@ -119,7 +119,7 @@ def prune_pp(t: Arch, seq: int, gpus: int, memory_gb: float) -> int:
                                                           memory_gb):
             return pp
     raise Refusal(f"prune: the teacher's forward does not fit {memory_gb:.0f} GB per GPU at "
-                     f"any pipeline size up to {gpus} GPUs: add GPUs or lower prune.seq_length")
+                  f"any pipeline size up to {gpus} GPUs: add GPUs or lower prune.seq_length")
 
 
 # ---- a recipe's layouts: what plan prints and launch runs -------------------------------------

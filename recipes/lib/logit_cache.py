@@ -150,7 +150,7 @@ class CachedTeacher(torch.nn.Module):
         f = self.folder / f"{key(input_ids)}.pt"
         if not f.is_file():
             raise MissingKey(f"{f}: no cached teacher logits for this batch (the tournament's data "
-                           "or settings changed since they were recorded)")
+                             "or settings changed since they were recorded)")
         logits = decode(torch.load(f, map_location="cpu", weights_only=True), input_ids.device)
         return self.output_layer(logits)[0].transpose(0, 1)  # [s, b, v] -> GPTModel's [b, s, v]
 

@@ -84,7 +84,7 @@ def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = Fals
     pp = ps.get_pipeline_model_parallel_world_size()
     if arch.num_layers % pp:
         raise Refusal(f"num_layers={arch.num_layers} is not divisible by PP={pp}; "
-                         "choose a pipeline size that divides the layer count")
+                      "choose a pipeline size that divides the layer count")
     if meta:  # megatron passes an explicit CUDA device unless it initialises on the CPU
         config_overrides.update(use_cpu_initialization=True, init_model_with_meta_device=True)
         init = False

@@ -203,7 +203,7 @@ def resolve_spec(kind: str = "auto") -> str:
         return "te" if have_te() else "local"
     if kind == "te" and not have_te():
         raise Refusal("spec=te needs Transformer Engine on a CUDA GPU (the NVIDIA container, "
-                         "docker/); use spec=auto or spec=local here")
+                      "docker/); use spec=auto or spec=local here")
     return kind
 
 

@@ -85,26 +85,26 @@ class SearchConfig:
         for k in ("top_k", "hidden_size_divisor", "ffn_hidden_size_divisor", "num_layers_divisor"):
             if getattr(self, k) < 1:
                 raise Refusal(f"prune.search.{k}={getattr(self, k)} must be a whole number "
-                                 ">= 1")
+                              ">= 1")
         for k in ("tournament_steps", "tournament_tokens"):
             if getattr(self, k) < 0:
                 raise Refusal(f"prune.search.{k}={getattr(self, k)} must be a whole number "
-                                 ">= 0")
+                              ">= 0")
         if self.tournament_steps and self.tournament_tokens:
             raise Refusal("set prune.search.tournament_steps or tournament_tokens, not both")
         if self.score not in SCORE_NAMES:
             raise Refusal(f"prune.search.score={self.score!r}: use one of {list(SCORE_NAMES)}")
         if (self.score == "lm_eval") != (self.lm_eval_task is not None):
             raise Refusal("prune.search.score=lm_eval and prune.search.lm_eval_task go "
-                             "together: name the task (e.g. heldout_cloze, or a local task with "
-                             "lm_eval_task_paths) or score by kd_loss / lm_loss")
+                          "together: name the task (e.g. heldout_cloze, or a local task with "
+                          "lm_eval_task_paths) or score by kd_loss / lm_loss")
         if self.teacher_cache_top_k is not None and self.teacher_cache_top_k < 1:
             raise Refusal(f"prune.search.teacher_cache_top_k={self.teacher_cache_top_k!r}: a "
-                             "whole number >= 1, or null (the full vocabulary when the cache "
-                             "fits teacher_cache_max_gb)")
+                          "whole number >= 1, or null (the full vocabulary when the cache "
+                          "fits teacher_cache_max_gb)")
         if not self.teacher_cache_max_gb > 0:
             raise Refusal(f"prune.search.teacher_cache_max_gb={self.teacher_cache_max_gb} "
-                             "must be > 0")
+                          "must be > 0")
 
     @property
     def tournament(self) -> bool:
@@ -249,9 +249,9 @@ def check_target(c: Budget, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
     mine = measure(teacher, target, {})
     if target[key] >= mine:
         raise Refusal(f"{name}={getattr(c, name.split('.')[1]):g} asks for {unit(target[key])}"
-                         f", at or above the teacher's own {unit(mine)} (as ModelOpt counts "
-                         "it): nothing to prune; give a smaller target (a fraction < 1 of the "
-                         "teacher's, or an absolute size)")
+                      f", at or above the teacher's own {unit(mine)} (as ModelOpt counts "
+                      "it): nothing to prune; give a smaller target (a fraction < 1 of the "
+                      "teacher's, or an absolute size)")
     space, fits, loadable = grid(teacher, c.search, target, pp)
     if not fits:
         size, arch = loadable[0]

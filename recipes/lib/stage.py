@@ -65,12 +65,12 @@ def read_manifest(stage_dir: Path, stages: tuple[str, ...] | None = None,
     f = Path(stage_dir) / "manifest.json"
     if not f.is_file():
         raise MissingInput(f"{stage_dir} has no manifest.json: it is not a finished stage "
-                                "output; run the stage that produces it first")
+                           "output; run the stage that produces it first")
     m = json.loads(f.read_text())
     if stages and m.get("stage") not in stages:
         raise Refusal(f"{(key + '=') if key else ''}{stage_dir} is a {m.get('stage')!r} stage "
-                         f"output; this needs the output of {' or '.join(stages)} (e.g. "
-                         f"<run.dir>/{stages[0]})")
+                      f"output; this needs the output of {' or '.join(stages)} (e.g. "
+                      f"<run.dir>/{stages[0]})")
     return m
 
 
@@ -182,7 +182,7 @@ class StageDir:
             return True
         elif self.out.exists() and any(self.out.iterdir()):
             raise OutputExists(f"{self.out} exists, is not empty and has no manifest.json; "
-                                  "move it away or choose another run.dir")
+                               "move it away or choose another run.dir")
         return False
 
     def settle(self) -> None:
@@ -263,7 +263,7 @@ class StageDir:
         mark = self.tmp / "run.json"
         if not mark.is_file():
             raise MissingInput(f"{self.tmp} holds no unfinished {self.stage} run to join: "
-                                    "run the job that starts it first")
+                               "run the job that starts it first")
         self._same_run(mark, {**resumable, "input_signature": self.signatures},
                        "run every job of the chain with the same settings")
         return self.tmp
@@ -271,7 +271,7 @@ class StageDir:
     def _same_run(self, mark: Path, resumable: dict, fix: str) -> None:
         if diff := differences(mark, resumable):
             raise Refusal(f"{self.tmp} holds an unfinished {self.stage} run with other "
-                             f"settings or inputs: {diff}; {fix}")
+                          f"settings or inputs: {diff}; {fix}")
 
     def commit(self, manifest: dict) -> dict:
         runtime.barrier()
@@ -321,7 +321,7 @@ def lock_folder(out: Path, what: str) -> None:
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         raise NotAllowed(f"cannot write {out}: {e.strerror} ({disk.device(out.parent)}); "
-                              "choose another run.dir or output folder") from e
+                         "choose another run.dir or output folder") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -360,7 +360,7 @@ def _refuse_overlap(out: Path, inputs: dict) -> None:
                 "lies inside" if p.is_dir() and p in o.parents else None
             if how:
                 raise Refusal(f"the output {out} {how} the input {role} ({p}); a stage "
-                                 "never writes into its input: choose another output folder")
+                              "never writes into its input: choose another output folder")
 
 
 def differences(mark: Path, resumable: dict) -> str:
@@ -391,8 +391,8 @@ def main(run, stage: str, doc: str, argv: list[str] | None = None, also: tuple =
             raise Refusal(why)
         if one_process and int(os.environ.get("WORLD_SIZE") or 1) > 1:
             raise Refusal(f"{stage} runs as one process, not {os.environ['WORLD_SIZE']} "
-                             "(torchrun, NPROC): each would write the same folder; run it "
-                             f"without them (make {stage}, or make all, which does)")
+                          "(torchrun, NPROC): each would write the same folder; run it "
+                          f"without them (make {stage}, or make all, which does)")
         try:
             run(cfg)
         except Preempted as e:

@@ -56,8 +56,8 @@ def windows(data_dir: str | Path, split: str, seq_length: int, n: int, seed: int
     avail = available_windows(len(toks), seq_length)
     if n > avail:
         raise Refusal(f"{split} split of {data_dir} has {len(toks)} tokens = {avail} windows of "
-                         f"{seq_length + 1}; {n} requested. Use fewer samples, a shorter "
-                         "seq_length, or more data")
+                      f"{seq_length + 1}; {n} requested. Use fewer samples, a shorter "
+                      "seq_length, or more data")
     idx = np.sort(np.random.default_rng(seed).permutation(avail)[:n])
     w = seq_length + 1
     return torch.from_numpy(np.stack([np.asarray(toks[i * w:(i + 1) * w]) for i in idx])
@@ -77,13 +77,13 @@ def check_tokenizer_files(path: Path, key: str) -> None:
         f = Path(path) / name
         if f.is_file() and f.stat().st_size == 0:
             raise Refusal(f"{key}: {f} is empty (0 bytes), a failed download or copy; "
-                             "restore the model's tokenizer files")
+                          "restore the model's tokenizer files")
         if f.is_file():
             try:
                 json.loads(f.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise Refusal(f"{key}: {f} is not valid JSON ({e}); restore the model's "
-                                 "tokenizer files") from e
+                              "tokenizer files") from e
 
 
 def load_tokenizer(path: str | Path, key: str):
@@ -98,8 +98,8 @@ def load_tokenizer(path: str | Path, key: str):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, named with the fix
         raise Refusal(f"{key}={path}: transformers cannot load its tokenizer "
-                         f"({type(e).__name__}: {short(str(e), 200)}); point {key} at the "
-                         "model's HF folder with its tokenizer files") from e
+                      f"({type(e).__name__}: {short(str(e), 200)}); point {key} at the "
+                      "model's HF folder with its tokenizer files") from e
 
 
 def check_tokenizer(tok, texts: list[str], vocab_size: int, name: str) -> dict:
@@ -116,26 +116,26 @@ def check_tokenizer(tok, texts: list[str], vocab_size: int, name: str) -> dict:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise Refusal(f"the tokenizer {name} encodes text to no tokens ({short(text, 60)} "
-                             "-> []): it is not the tokenizer this text and model need, or "
-                             "transformers rebuilt it as another kind (check its "
-                             "tokenizer_class); use the model's own tokenizer")
+                          "-> []): it is not the tokenizer this text and model need, or "
+                          "transformers rebuilt it as another kind (check its "
+                          "tokenizer_class); use the model's own tokenizer")
         if max(ids) >= vocab_size:
             raise Refusal(f"the tokenizer {name} gives id {max(ids)} for {short(text, 60)}, "
-                             f"outside the model's vocabulary ({vocab_size}): use the model's "
-                             "own tokenizer")
+                          f"outside the model's vocabulary ({vocab_size}): use the model's "
+                          "own tokenizer")
         unknown = ids.count(unk) if unk is not None else 0
         n_tok, n_unk = n_tok + len(ids), n_unk + unknown
         if unknown > UNKNOWN_MAX * len(ids):
             raise Refusal(f"the tokenizer {name} maps {unknown / len(ids):.1%} of a sample's "
-                             f"tokens to its unknown token {tok.unk_token!r} (in "
-                             f"{short(text, 60)}): it does not cover this text; use the "
-                             "model's own tokenizer")
+                          f"tokens to its unknown token {tok.unk_token!r} (in "
+                          f"{short(text, 60)}): it does not cover this text; use the "
+                          "model's own tokenizer")
         back = tok.decode(ids, skip_special_tokens=True)
         a, b = re.sub(r"\s+", "", text), re.sub(r"\s+", "", back)
         if a != b and difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() < ROUND_TRIP_MIN:
             raise Refusal(f"the tokenizer {name} does not give the text back: "
-                             f"{short(text, 60)} decodes to {short(back, 60)}; use the "
-                             "model's own tokenizer (or one that covers this text)")
+                          f"{short(text, 60)} decodes to {short(back, 60)}; use the "
+                          "model's own tokenizer (or one that covers this text)")
     return {"documents": checked, "tokens": n_tok,
             "unknown_fraction": round(n_unk / n_tok, 6) if n_tok else 0.0}
 

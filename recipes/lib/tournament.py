@@ -55,7 +55,7 @@ def resolve(cfg: config.Config, source: interop.Source) -> dict:
     s: SearchConfig = cfg.prune.search
     if "distill" not in cfg:
         raise Refusal("prune.search.tournament_steps / tournament_tokens need the distill "
-                         "section (the tournament distils each candidate with its settings)")
+                      "section (the tournament distils each candidate with its settings)")
     d = cfg.typed("distill")
     d = dataclasses.replace(d, data=megatron_data.as_folders(
         d.data, cfg.run.dir, source.arch.vocab_size, source.hf_config.get("eos_token_id"),
@@ -235,7 +235,7 @@ def candidate_job(i: int, tmp: Path, teacher: interop.Source, dc: KDConfig, seed
     prepared = tmp / "tournament" / "prepared.json"
     if not prepared.is_file():
         raise MissingInput(f"{prepared} is missing: the prune job with "
-                                "prune.tournament_job=prepare has not finished")
+                           "prune.tournament_job=prepare has not finished")
     cand = next((x for x in json.loads(prepared.read_text()) if x["candidate"] == i), None)
     if cand is None:  # the search found fewer shapes than top_k
         log.info("the search found fewer than %d candidates: no candidate %d to train", i, i)
@@ -250,14 +250,14 @@ def check_lm_eval(s: SearchConfig, dc: KDConfig, teacher: interop.Source) -> Non
     """score=lm_eval, before any work: the teacher's tokenizer, the task, the cloze data."""
     if teacher.tokenizer is None:
         raise Refusal("prune.search.score=lm_eval needs the teacher's tokenizer: give "
-                         "prune.input_hf_config an HF folder")
+                      "prune.input_hf_config an HF folder")
     spec = harness.task_specs(None, [s.lm_eval_task])[0]
     harness.check_task(spec["task"], s.lm_eval_task_paths)
     if spec["task"] == harness.CLOZE:
         m = tokens.data_manifest(dc.data[0], teacher.arch.vocab_size, "distill.data")
         if tokens.available_windows(m["tokens"]["test"], dc.seq_length) < 1:
             raise Refusal(f"{dc.data[0]}: the test split is shorter than one window of "
-                             f"{dc.seq_length + 1} tokens, which {harness.CLOZE} needs")
+                          f"{dc.seq_length + 1} tokens, which {harness.CLOZE} needs")
 
 
 def lm_eval_score(model, arch: Arch, dc: KDConfig, folder: Path, seed: int, s: SearchConfig,
@@ -286,7 +286,7 @@ def lm_eval_score(model, arch: Arch, dc: KDConfig, folder: Path, seed: int, s: S
                           "float32", seed)[spec["task"]]
         if "scores" not in res:
             raise BadState(f"prune.search.lm_eval_task {spec['task']!r} cannot run here: "
-                               f"{res.get('unavailable')}")
+                           f"{res.get('unavailable')}")
         box = [res["scores"]["candidate"]]
         shutil.rmtree(folder)
     dist.broadcast_object_list(box, src=0)

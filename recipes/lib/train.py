@@ -41,7 +41,7 @@ def check_layout(c: TrainConfig, dp: int) -> int:
     """Micro-batches per step; errors when the global batch does not split evenly."""
     if c.global_batch_size % (c.micro_batch_size * dp):
         raise Refusal(f"global_batch_size={c.global_batch_size} is not divisible by "
-                         f"micro_batch_size*DP={c.micro_batch_size}*{dp}")
+                      f"micro_batch_size*DP={c.micro_batch_size}*{dp}")
     return c.global_batch_size // (c.micro_batch_size * dp)
 
 
@@ -89,10 +89,10 @@ def check_optimizer(c: TrainConfig, dp: int) -> None:
     distributed optimizer on a CPU needs DP=1 (gloo has no reduce-scatter)."""
     if c.precision_aware_optimizer and not runtime.have_te():
         raise Refusal("precision_aware_optimizer needs Transformer Engine's FusedAdam on a "
-                         "CUDA GPU (the NVIDIA container); set it false on this machine")
+                      "CUDA GPU (the NVIDIA container); set it false on this machine")
     if optimizer_kind(c) == "distributed" and dp > 1 and not torch.cuda.is_available():
         raise Refusal(f"optimizer=distributed on a CPU runs at DP=1 only (gloo has no "
-                         f"reduce-scatter), here DP={dp}: set optimizer=auto or standard")
+                      f"reduce-scatter), here DP={dp}: set optimizer=auto or standard")
 
 
 # megatron's default at DP <= 40, fixed here: its own grows with DP past 40, and the distributed

@@ -118,13 +118,13 @@ class TrainConfig(config.ModelInput):
             raise Refusal(f"spec={self.spec!r}; use one of {runtime.SPECS}")
         if self.precision == "fp8" and self.spec == "local":
             raise Refusal("precision=fp8 runs its matmuls in Transformer Engine, which the "
-                             "local spec does not use; use spec=auto (or te) with fp8, or "
-                             "precision=bf16 with spec=local")
+                          "local spec does not use; use spec=auto (or te) with fp8, or "
+                          "precision=bf16 with spec=local")
         if self.fp8_recipe not in FP8_RECIPES:
             raise Refusal(f"fp8_recipe={self.fp8_recipe!r}; use one of {FP8_RECIPES}")
         if self.fp8_amax_compute_algo not in ("max", "most_recent"):
             raise Refusal(f"fp8_amax_compute_algo={self.fp8_amax_compute_algo!r}; use max "
-                             "or most_recent")
+                          "or most_recent")
         for k in ("fp8_bf16_edge_layers", "recompute_layers"):
             if getattr(self, k) < 0:
                 raise Refusal(f"{k}={getattr(self, k)} must be >= 0")
@@ -132,10 +132,10 @@ class TrainConfig(config.ModelInput):
             raise Refusal(f"optimizer={self.optimizer!r}; use auto, standard or distributed")
         if self.precision_aware_optimizer and self.precision == "fp32":
             raise Refusal("precision_aware_optimizer stores bf16 weights plus remainders: "
-                             "use it with precision=bf16 or fp8, or set it false")
+                          "use it with precision=bf16 or fp8, or set it false")
         if self.precision_aware_optimizer and self.optimizer == "standard":
             raise Refusal("precision_aware_optimizer runs in megatron's distributed "
-                             "optimizer: set optimizer=auto (or distributed)")
+                          "optimizer: set optimizer=auto (or distributed)")
         for k in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
                   "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval",
                   "fp8_amax_history_len"):
@@ -143,7 +143,7 @@ class TrainConfig(config.ModelInput):
                 raise Refusal(f"{k}={getattr(self, k)} must be >= 1")
         if not 0 <= self.warmup_iters < self.train_iters:
             raise Refusal(f"warmup_iters={self.warmup_iters} must be below "
-                             f"train_iters={self.train_iters}")
+                          f"train_iters={self.train_iters}")
         if not 0 <= self.min_lr <= self.lr:
             raise Refusal(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
         if isinstance(self.data, str):
@@ -152,23 +152,23 @@ class TrainConfig(config.ModelInput):
         if weights is not None:
             if self.data_weights is not None:
                 raise Refusal("data is a Megatron-LM blend [weight, path, ...] and "
-                                 "data_weights is set too: give the weights once")
+                              "data_weights is set too: give the weights once")
             self.data, self.data_weights = paths, weights
         bad = [x for x in self.preempt_signals if x in ("SIGKILL", "SIGSTOP")
                or not isinstance(getattr(signal, str(x), None), signal.Signals)]
         if bad:
             raise Refusal(f"preempt_signals: {bad} are not signals a process can catch; use "
-                             "names like SIGUSR1, SIGTERM")
+                          "names like SIGUSR1, SIGTERM")
         Fault(self.fault)  # a malformed fault spec fails here, not at the step it names
         if self.data_weights is not None:
             if len(self.data_weights) != len(self.data):
                 raise Refusal(f"data_weights has {len(self.data_weights)} entries for "
-                                 f"{len(self.data)} data folders")
+                              f"{len(self.data)} data folders")
             bad = [w for w in self.data_weights if isinstance(w, bool)
                    or not isinstance(w, (int, float)) or not 0 < w < float("inf")]
             if bad:
                 raise Refusal(f"data_weights={self.data_weights}: {bad} are not positive "
-                                 "numbers; give one weight > 0 per data folder, e.g. [0.7, 0.3]")
+                              "numbers; give one weight > 0 per data folder, e.g. [0.7, 0.3]")
 
     def memory_settings(self) -> dict:
         """What changes this run's GPU memory, as arch.training_memory's keywords (the
@@ -203,7 +203,7 @@ class KDConfig(TrainConfig):
             self.teacher_precision = "bf16" if self.precision == "fp8" else self.precision
         if self.teacher_precision not in PRECISIONS:
             raise Refusal(f"teacher_precision={self.teacher_precision!r}; use one of "
-                             f"{PRECISIONS}")
+                          f"{PRECISIONS}")
         if self.teacher_precision == "fp8" and self.spec == "local":
             raise Refusal("teacher_precision=fp8 needs the TE spec; use spec=auto (or te)")
         if self.kd_temperature <= 0 or self.kd_loss_scale <= 0:
@@ -211,7 +211,7 @@ class KDConfig(TrainConfig):
         for pair in self.intermediate_layer_pairs or []:
             if len(pair) not in (2, 3) or (len(pair) == 3 and pair[2] not in ("cosine", "mse")):
                 raise Refusal(f"intermediate_layer_pairs entry {pair}: use "
-                                 "[student_module, teacher_module, cosine|mse]")
+                              "[student_module, teacher_module, cosine|mse]")
             if self.recompute_layers and str(pair[0]).startswith("decoder.layers."):
                 raise Refusal(  # its hook would see the no-grad forward: a loss, no gradient
                     f"intermediate_layer_pairs entry {pair} with recompute_layers="

@@ -50,7 +50,7 @@ def check_precision(c: TrainConfig) -> None:
         return
     if spec != "te":
         raise Refusal("precision=fp8 needs Transformer Engine on a CUDA GPU (the NVIDIA "
-                         "container, docker/); use precision=bf16 here")
+                      "container, docker/); use precision=bf16 here")
     if c.fp8_recipe in FP8_MIN_CAPABILITY:
         need, name = FP8_MIN_CAPABILITY[c.fp8_recipe]
         have = torch.cuda.get_device_capability()
@@ -58,7 +58,7 @@ def check_precision(c: TrainConfig) -> None:
             fix = "fp8_recipe=tensorwise" if have >= FP8_MIN_CAPABILITY["tensorwise"][0] \
                 else "precision=bf16"
             raise Refusal(f"fp8_recipe={c.fp8_recipe} needs a {name} GPU (compute capability "
-                             f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use {fix}")
+                          f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use {fix}")
 
 
 def build_kwargs(c: TrainConfig, precision: str | None = None) -> dict:
@@ -122,8 +122,8 @@ def check_data(c: TrainConfig, name: str, vocab_size: int) -> None:
         for split in ("train", "valid"):
             if m["tokens"][split] < c.seq_length + 1:
                 raise Refusal(f"{d}: the {split} split has {m['tokens'][split]} tokens, fewer "
-                                 f"than one sequence of {c.seq_length + 1}; add data or lower "
-                                 "seq_length")
+                              f"than one sequence of {c.seq_length + 1}; add data or lower "
+                              "seq_length")
 
 
 def read_models(name: str, roles: tuple[str, ...], cfg: config.Config) -> dict[str, Source]:
@@ -193,7 +193,7 @@ def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source
                                 cfg.run.seed, stop, schedule)
         except torch.OutOfMemoryError as e:  # the checkpoints saved so far stay for a resume
             raise BadState(f"{name} ran out of GPU memory ({str(e).splitlines()[0]}). "
-                               f"{memory['text']}") from e
+                           f"{memory['text']}") from e
         fault = Fault(c.fault)
         # ModelOpt hides a KD teacher from the state dict here
         checkpoint.save(model, interop.iteration_dir(work, c.train_iters), c.train_iters)
