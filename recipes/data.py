@@ -197,12 +197,14 @@ class Writer:
         self.bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
         self.masks = {s: open(tmp / f"{s}_mask.bin", "wb") for s in SPLITS} if masks else None
         self.lengths: dict = {s: [] for s in SPLITS}
+        self.loss_tokens = dict.fromkeys(SPLITS, 0)  # tokens whose mask is 1
 
     def piece(self, split: str, ids: np.ndarray, mask: np.ndarray | None) -> None:
         self.bins[split].write(ids.astype(self.dtype, copy=False).tobytes())
         if self.masks is not None:
             m = np.ones(ids.size, np.uint8) if mask is None else mask
             self.masks[split].write(m.astype(np.uint8, copy=False).tobytes())
+            self.loss_tokens[split] += int(np.count_nonzero(m))
 
     def end_document(self, split: str, length: int) -> None:
         self.lengths[split].append(length)
@@ -283,8 +285,8 @@ def run(cfg: config.Config) -> dict:
     dtype = np.uint16 if vocab_size < 65500 else np.int32
     # tokens take itemsize bytes where the text took >= 2 bytes each (a generous estimate)
     tmp = sdir.begin(need=sum(f.stat().st_size for f in files) * np.dtype(dtype).itemsize // 2)
-    res = tokenize(c, tok, reader, assign, n_docs, vocab_size, eod,
-                   Writer(tmp, dtype, found["chats"]))
+    writer = Writer(tmp, dtype, found["chats"])
+    res = tokenize(c, tok, reader, assign, n_docs, vocab_size, eod, writer)
     if res["empty"] > EMPTY_MAX * n_docs:
         raise Refusal(f"{res['empty']} of {n_docs} documents encoded to no tokens with the "
                       f"tokenizer {c.tokenizer}: the dataset is not published; use the "
@@ -302,6 +304,7 @@ def run(cfg: config.Config) -> dict:
         "vocab_size": vocab_size, "max_token_id": res["max_token_id"], "eod": eod,
         "dtype": np.dtype(dtype).name, "documents": res["documents"], "tokens": res["tokens"],
         "loss_mask": bool(found["chats"]), "chats": found["chats"],
+        **({"loss_tokens": writer.loss_tokens} if found["chats"] else {}),
         "skipped_rows": found["skipped_rows"], "skipped_kinds": found["skipped_kinds"],
         "tokenizer_check": found["tokenizer_check"],
         "metrics": {"documents": sum(res["documents"].values()),

@@ -46,6 +46,22 @@ def data_manifest(data_dir: str | Path, vocab_size: int, key: str) -> dict:
     return m
 
 
+def loss_coverage(data_dir: str | Path, manifest: dict, seq_length: int,
+                  windows: int = 4096) -> tuple[float, float]:
+    """(the fraction of the train split's tokens whose loss mask is 1, the fraction of its
+    first `windows` windows of seq_length + 1 tokens without one): the manifest's count where
+    the data stage recorded it, else the mask file read in chunks."""
+    mask = np.memmap(Path(data_dir) / "train_mask.bin", dtype=np.uint8, mode="r")
+    total = max(int(manifest["tokens"]["train"]), 1)
+    ones = manifest.get("loss_tokens", {}).get("train")
+    if ones is None:
+        ones = sum(int(np.count_nonzero(mask[i: i + (1 << 26)]))
+                   for i in range(0, len(mask), 1 << 26))
+    n = min(windows, len(mask) // (seq_length + 1))
+    per = np.asarray(mask[: n * (seq_length + 1)]).reshape(n, seq_length + 1)[:, 1:].sum(1)
+    return ones / total, float((per == 0).mean()) if n else 0.0
+
+
 def available_windows(n_tokens: int, seq_length: int) -> int:
     return n_tokens // (seq_length + 1)
 

@@ -140,7 +140,10 @@ def build_optimizer(model, c: TrainConfig):
 
 # ---- loss reports -------------------------------------------------------------------------
 def reduce_report(reports: list[dict]) -> dict | None:
-    """Sum {name: [sum, count]} over micro-batches and DP ranks; {name: mean} on global rank 0."""
+    """Sum {name: [sum, count]} over micro-batches and DP ranks; {name: mean} on global rank 0.
+    A micro-batch without a target token (a loss mask of zeros: a window of prompt alone)
+    contributes nothing: a name whose count is 0 over the whole step is left out, never 0/0,
+    and `windows_without_targets` counts such micro-batches where there were any."""
     # lazy: megatron (see the module doc)
     from megatron.core import parallel_state as ps
 
@@ -150,8 +153,12 @@ def reduce_report(reports: list[dict]) -> dict | None:
     if ps.is_pipeline_last_stage() and reports:
         keys = sorted(reports[0])
         t = torch.stack([torch.stack([r[k].float() for r in reports]).sum(0) for k in keys])
+        empty = sum(float(r[keys[0]][1] == 0) for r in reports)
+        t = torch.cat([t, torch.tensor([[empty, 1.0]], device=t.device)])
         dist.all_reduce(t, group=ps.get_data_parallel_group())  # on the GPU under NCCL
-        totals = {k: (t[i, 0] / t[i, 1]).item() for i, k in enumerate(keys)}
+        totals = {k: (t[i, 0] / t[i, 1]).item() for i, k in enumerate(keys) if t[i, 1] > 0}
+        if t[-1, 0] > 0:
+            totals["windows_without_targets"] = int(t[-1, 0].item())
     return last_stage_to_rank0(totals)
 
 
@@ -215,7 +222,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             final = row
             bar.update(1)
             if runtime.is_rank0() and rep:
-                bar.set_postfix({k: f"{v:.4f}" for k, v in rep.items()}
+                bar.set_postfix({k: f"{v:.4f}" for k, v in rep.items() if k.endswith("loss")}
                                 | {"tok/s": f"{row['tokens_per_s']:.0f}"})
             fault.at("kill_after", step)
             fault.at("signal_after", step)

@@ -19,7 +19,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # changing these between restarts does not change the numbers a run produces
 OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
-               "fault", "keep_checkpoints", "output", "preempt_signals", "recompute_layers"}
+               "fault", "keep_checkpoints", "output", "preempt_signals", "recompute_layers",
+               "min_loss_tokens"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -31,6 +32,10 @@ class TrainConfig(config.ModelInput):
     0.3, /data/b] gives its weights."""
     data_weights: list | None = None
     """Blend weights, one per data folder (default: equal)."""
+    min_loss_tokens: float = 0.01
+    """Refuse, before any work, masked (chat) training data whose train split has fewer
+    loss-bearing tokens than this fraction: windows of prompt alone would make most steps
+    learn nothing. 0 switches the check off."""
     seq_length: int = 8192
     """Tokens per sequence (the paper: 8192)."""
     micro_batch_size: int = 1
@@ -144,6 +149,8 @@ class TrainConfig(config.ModelInput):
         if not 0 <= self.warmup_iters < self.train_iters:
             raise Refusal(f"warmup_iters={self.warmup_iters} must be below "
                           f"train_iters={self.train_iters}")
+        if not 0 <= self.min_loss_tokens < 1:
+            raise Refusal(f"min_loss_tokens={self.min_loss_tokens} must be in [0, 1)")
         if not 0 <= self.min_lr <= self.lr:
             raise Refusal(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
         if isinstance(self.data, str):

@@ -117,6 +117,8 @@ def build_distillation(c: KDConfig, student: tuple[Arch, Path], teacher,
 
 
 def check_data(c: TrainConfig, name: str, vocab_size: int) -> None:
+    """Each data folder fits the model and holds a sequence per split; masked (chat) data bears
+    the loss on at least c.min_loss_tokens of its train tokens (logged either way)."""
     for d in c.data:
         m = tokens.data_manifest(d, vocab_size, f"{name}.data")
         for split in ("train", "valid"):
@@ -124,6 +126,18 @@ def check_data(c: TrainConfig, name: str, vocab_size: int) -> None:
                 raise Refusal(f"{d}: the {split} split has {m['tokens'][split]} tokens, fewer "
                               f"than one sequence of {c.seq_length + 1}; add data or lower "
                               "seq_length")
+        if m.get("loss_mask"):
+            frac, empty = tokens.loss_coverage(d, m, c.seq_length)
+            log.info("%s: %.1f%% of the train split's tokens bear the loss; %.0f%% of its "
+                     "%d-token windows have none (they contribute nothing)", d, 100 * frac,
+                     100 * empty, c.seq_length)
+            if frac < c.min_loss_tokens:
+                raise Refusal(
+                    f"{d}: only {frac:.2%} of the train split's tokens bear the loss (assistant "
+                    f"turns), and {empty:.0%} of its {c.seq_length}-token windows none at all: "
+                    f"most steps would learn nothing; raise {name}.seq_length, shorten the "
+                    "prompts, drop such rows before the data stage, or lower "
+                    f"{name}.min_loss_tokens={c.min_loss_tokens} (0: no check)")
 
 
 def read_models(name: str, roles: tuple[str, ...], cfg: config.Config) -> dict[str, Source]:

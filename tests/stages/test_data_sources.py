@@ -190,3 +190,38 @@ def test_an_imported_prefix_is_checked_in_full(trained_run, tmp_path):
     assert again == entries
     assert json.loads((Path(again[0]) / "manifest.json").read_text())["import"][
         "checked_tokens"] > 0
+
+
+def test_windows_without_targets_contribute_nothing_and_are_counted(trained_run, tmp_path):
+    """Prompts far longer than their answers: most 64-token windows hold no assistant token.
+    Refused before work below min_loss_tokens, with the numbers and the fixes; allowed, such
+    windows contribute nothing, are counted, and no loss is 0/0 (it was `lm_loss = nan`,
+    reported as a diverged run)."""
+    (tmp_path / "in").mkdir()
+    long = [[{"role": "user", "content": "abcdefgh" * 40 + str(i)},
+             {"role": "assistant", "content": "xy"}] for i in range(60)]
+    (tmp_path / "in" / "c.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n"
+                                                     for m in long))
+    tok = chat_tokenizer(trained_run["hf"], tmp_path / "tok")
+    data.main(["--config", TINY, f"run.dir={tmp_path / 'run'}", f"data.input={tmp_path / 'in'}",
+               f"data.tokenizer={tok}", "data.split=70,30,0"])
+    d = tmp_path / "run" / "data"
+    m = json.loads((d / "manifest.json").read_text())
+    assert 0 < m["loss_tokens"]["train"] < 0.01 * m["tokens"]["train"]
+    mask = np.fromfile(d / "train_mask.bin", dtype=np.uint8)
+    assert m["loss_tokens"]["train"] == int(mask.sum())
+    run = trained_run["run"]
+    args = ["--config", TINY, f"run.dir={run}", f"teacher_correction.data=[{d}]",
+            f"teacher_correction.output={tmp_path / 'tc'}", "teacher_correction.train_iters=4",
+            "teacher_correction.eval_interval=2", "teacher_correction.global_batch_size=16"]
+    with pytest.raises(ValueError, match=r"only 0.\d\d% of the train split's tokens bear the "
+                                         r"loss .* and \d+% of its 64-token windows none at all"
+                                         r".*lower teacher_correction.min_loss_tokens=0.01"):
+        teacher_correction.main(args)  # the default 1%
+    assert not (tmp_path / "tc").exists()
+    assert teacher_correction.main([*args, "teacher_correction.min_loss_tokens=0.005"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "tc" / "logs" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert all(0 < r["windows_without_targets"] < 16 for r in rows[1:])
+    assert all(np.isfinite(r["lm_loss"]) for r in rows[1:])  # over the windows with targets
+    assert all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
