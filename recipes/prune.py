@@ -189,9 +189,9 @@ def resolve(cfg: config.Config) -> Plan:
     source = interop.open_source(c.input, "prune.input", ("convert", "teacher_correction"),
                                  c.input_hf_config)
     teacher = source.arch
-    c.data = megatron_data.as_folders([c.data], cfg.run.dir, teacher.vocab_size,  # a prefix:
-                                      source.hf_config.get("eos_token_id"), "prune.data",
-                                      cfg.run.force)[0]
+    c.data, = megatron_data.as_folders([c.data], cfg.run.dir, teacher.vocab_size,  # a prefix:
+                                       source.hf_config.get("eos_token_id"), "prune.data",
+                                       cfg.run.force)
     data_manifest = tokens.data_manifest(c.data, teacher.vocab_size, "prune.data")
     validate_layout(teacher, tp, pp)
     teacher.check_seq_length(c.seq_length, "prune.seq_length")
@@ -328,8 +328,7 @@ def prune_searched(c: PruneConfig, plan: Plan, tmp: Path, seed: int) -> Pruned:
         del model
         model = None
         folders = tournament.prepare_candidates(
-            found, lambda: load_teacher(c, plan), teacher, c.search, tmp / "scores",
-            tmp, c.dtype)
+            found, lambda: load_teacher(c, plan), teacher, c.search, tmp / "scores", tmp, c.dtype)
         if c.tournament_job == "prepare":
             tournament.run_tournament([], [], plan.source, plan.dc, tmp / "tournament", seed,
                                       c.search, plan.layout, plan.cache)  # the teacher cache

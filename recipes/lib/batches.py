@@ -20,7 +20,7 @@ from recipes.lib import compat
 from recipes.lib.stage import read_manifest
 from recipes.lib.train_config import TrainConfig
 
-compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
+compat.importable()  # megatron's import needs triton or its stand-in; apply() at use
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: E402
     BlendedMegatronDatasetBuilder,

@@ -1,9 +1,14 @@
-"""CPU compatibility for megatron-core 0.19.2 and nvidia-modelopt 0.47.0.
+"""CPU compatibility for megatron-core 0.19.2 and nvidia-modelopt 0.47.0, and the one patch of
+megatron that applies on a GPU too (`logits_as_computed`). Patches of upstream code live in
+three modules, each saying why: this one, recipes/lib/modelopt_local.py (ModelOpt's pruning for
+the local layer spec, on any device) and recipes/lib/harness.py (lm-evaluation-harness offline).
 
-The ONLY module in this project that patches upstream code. Everything here is applied by
-`apply()` and only when CUDA is absent (or, for the import stand-ins, when the optional GPU
-package is missing). Each patch names the upstream file it works around; delete the entry when
-the upstream release we pin no longer needs it.
+Here `apply()` applies everything, once: the import stand-ins where an optional GPU package is
+missing, `GPTModel._postprocess` everywhere, the rest only without CUDA. It runs where megatron
+is first needed (a stage's process groups, runtime.init; the modules that import megatron at
+their top call it first: megatron's own import needs the triton stand-in), after checking what
+the patches were written for (recipes/lib/upstream.py: the releases, and the parameters the
+positional wrappers read). Delete an entry when the pinned upstream release no longer needs it.
 
 Mechanism 1: upstream modules that hard-code CUDA (``device='cuda'``,
 ``torch.cuda.current_device()``, ``torch.cuda.synchronize()``) get their module-global ``torch``
@@ -12,11 +17,9 @@ CUDA device requests to the CPU. The patch is scoped to those modules; ``torch``
 untouched for everyone else.
 
 Mechanism 2: upstream methods that call `tensor.cuda()` run with `Tensor.cuda` returning the
-tensor itself, for the duration of that call only (`CUDA_TENSOR_METHODS`).
-
-Mechanism 3: upstream code that dispatches on `tensor.type()` being 'torch.cuda.FloatTensor' /
-'torch.cuda.BFloat16Tensor' / 'torch.cuda.HalfTensor' runs with CPU float tensors reporting those
-names, for the duration of that call only (`CUDA_TYPE_CHECKING_CALLS`).
+tensor itself, for the duration of that call only (`CUDA_TENSOR_METHODS`). Mechanism 3: code
+that dispatches on `tensor.type()` being 'torch.cuda.FloatTensor' (BFloat16, Half) runs with CPU
+float tensors reporting those names, during that call only (`CUDA_TYPE_CHECKING_CALLS`).
 
 Mechanism 4: where Transformer Engine or apex is installed but CUDA is not (the NVIDIA container
 on a CPU machine), megatron's optimizer modules get the module globals their own ImportError
@@ -28,9 +31,8 @@ saves and restores the CUDA generator's state around each recomputed layer; a CP
 there `_get_cuda_rng_state` gives None and `_set_cuda_rng_state` does nothing (`NO_CUDA_RNG`).
 The CPU generator and the RNG tracker are saved and restored as before.
 
-Besides these, CPU-only fast paths (`FAST_PATHS`): where an upstream CPU fallback is slow, the
-same computation done faster, switched on only without CUDA and tested for equal results
-against the path it replaces.
+Besides these, CPU-only fast paths (`FAST_PATHS`): a slow upstream CPU fallback done faster,
+only without CUDA, tested for equal results against the path it replaces.
 """
 from __future__ import annotations
 
@@ -43,10 +45,11 @@ import types
 
 import torch
 
-from recipes.lib import cpu_linear
+from recipes.lib import cpu_linear, upstream
 from recipes.lib.errors import BadState
 
 _APPLIED = False
+
 
 # upstream module -> why it is patched (the proxy fixes all of these the same way)
 CUDA_HARDCODED_MODULES = {
@@ -90,10 +93,7 @@ CUDA_HARDCODED_MODULES = {
 def _no_fused_optimizer() -> dict:
     """Module -> the globals megatron's own ImportError branches give it without TE and apex."""
     from megatron.core.utils import (  # lazy: megatron is imported in apply()
-        local_multi_tensor_applier,
-        local_multi_tensor_l2_norm,
-        local_multi_tensor_scale,
-    )
+        local_multi_tensor_applier, local_multi_tensor_l2_norm, local_multi_tensor_scale)
     return {
         # optimizer/__init__.py: `from transformer_engine.pytorch.optimizers import FusedAdam`
         "megatron.core.optimizer": {"Adam": torch.optim.AdamW, "SGD": torch.optim.SGD,
@@ -217,8 +217,10 @@ class _CpuTorch(types.ModuleType):
         return attr
 
 
-def _install_triton_standin() -> None:
-    """megatron/core/transformer/moe/ops/paged_stash.py imports triton at import time for MoE
+def importable() -> None:
+    """Make megatron-core importable here, patching nothing else (what a module that imports
+    megatron at its top calls first; `apply()` does the rest where megatron is first used):
+    megatron/core/transformer/moe/ops/paged_stash.py imports triton at import time for MoE
     paged-stash kernels a dense model never runs. Without triton (a 286 MB wheel, CPU-useless),
     register a stand-in whose kernels raise if ever called."""
     try:
@@ -304,11 +306,9 @@ def cuda_available() -> bool:
 #     fp32 accumulation like attention_softmax_in_fp32) where it is exactly that: no mask tensor
 #     or bias, no sliding window, no dropout, vanilla softmax, no packed sequences. Anything else
 #     takes megatron's own forward (tests/unit/test_compat.py compares the two).
-#   onednn_linear: fp32 GEMMs of megatron's linear layers (forward, data and weight gradient;
-#     megatron/core/tensor_parallel/layers.py `linear_with_grad_accumulation_and_async_allreduce`
-#     and `linear_with_frozen_weight`, TP=1 without their fusions) and of a transformers model's
-#     nn.Linear layers (`hf_linears`) through oneDNN where a probe measures it faster than MKL:
-#     2-2.8x on AMD CPUs (recipes/lib/cpu_linear.py; tests/unit/test_cpu_linear.py).
+#   onednn_linear: fp32 GEMMs of megatron's linear layers (layers.py's two linear functions,
+#     TP=1 without their fusions) and of a transformers model's nn.Linear layers (`hf_linears`)
+#     through oneDNN where a probe measures it faster than MKL (recipes/lib/cpu_linear.py).
 FAST_PATHS = {"sdpa_attention": True, "onednn_linear": True}
 
 
@@ -416,7 +416,10 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    _install_triton_standin()
+    importable()
+    upstream.check_versions()
+    for path, expected in upstream.SIGNATURES.items():
+        upstream.check_signature(path, expected)
     # lazy: megatron is imported here, in apply(), after the stand-in above
     from megatron.core.models.gpt.gpt_model import GPTModel
     GPTModel._postprocess = _postprocess_keeping_layout(GPTModel._postprocess)

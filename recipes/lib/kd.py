@@ -26,7 +26,7 @@ import torch
 from recipes.lib import compat, train
 from recipes.lib.train_config import KDConfig
 
-compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
+compat.importable()  # megatron's import needs triton or its stand-in; apply() at use
 import modelopt.torch.distill as mtd  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402

@@ -38,7 +38,7 @@ import torch
 from recipes.lib import batches, compat, runtime, train, train_config, train_stage
 from recipes.lib.errors import MissingKey
 
-compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
+compat.importable()  # megatron's import needs triton or its stand-in; apply() at use
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 

@@ -14,7 +14,7 @@ from recipes.lib import compat, mapping, runtime
 from recipes.lib.arch import Arch
 from recipes.lib.errors import MissingKey, Refusal
 
-compat.apply()
+compat.importable()  # megatron's import needs triton or its stand-in; apply() at use
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import LNImpl  # noqa: E402

@@ -33,7 +33,7 @@ import types
 import torch
 import torch.distributed as dist
 
-from recipes.lib import compat, runtime
+from recipes.lib import compat, runtime, upstream
 
 _TE_CLASSES = ("TEColumnParallelGroupedLinear", "TEColumnParallelLinear", "TEDotProductAttention",
                "TELayerNormColumnParallelLinear", "TELinear", "TERowParallelGroupedLinear",
@@ -195,6 +195,8 @@ def _teach_hidden_size_importance(MM) -> None:
     from megatron.core.transformer.identity_op import IdentityOp
 
     te_hidden_importance = MM._register_hidden_size_importance
+    upstream.check_signature(f"{MM.__name__}:_register_hidden_size_importance",
+                           ("module", "registry"), te_hidden_importance)
 
     def hidden_size_importance(module, registry):
         norms = [n for layer in module.decoder.layers
@@ -228,6 +230,8 @@ def _cpu_depth_pruning(MM) -> None:
     from modelopt.torch.utils import distributed as modelopt_dist
 
     drop = MM.drop_mcore_language_model_layers
+    upstream.check_signature(f"{MM.__name__}:drop_mcore_language_model_layers",
+                           ("model", "layers_to_drop"), drop)
 
     @functools.wraps(drop)
     def drop_layers_cpu(model, *, layers_to_drop):

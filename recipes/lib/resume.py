@@ -28,7 +28,7 @@ from recipes.lib import checkpoint, compat, integrity, runtime
 from recipes.lib.preempt import Fault
 from recipes.lib.errors import Refusal
 
-compat.apply()  # before megatron, which hard-codes CUDA (recipes/lib/compat.py)
+compat.importable()  # megatron's import needs triton or its stand-in; apply() at use
 from megatron.core import dist_checkpointing, tensor_parallel  # noqa: E402
 from megatron.core.optimizer import distrib_optimizer  # noqa: E402
 

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from recipes.lib import compat
+from recipes.lib import compat, errors, upstream
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only patches")
 
@@ -186,3 +186,35 @@ def test_activation_recompute_runs_on_a_cpu_with_the_same_gradients():
     assert runs[0][2] > runs[1][2] > runs[2][2]
     plan = [stored_activations(arch, 32, 2, r) for r in (0, 1, 2)]  # peaks: the backward
     assert plan[0] > plan[2] > plan[1]  # recomputes a layer in full, after layer 2's are freed
+
+
+def test_the_wrapped_upstream_signatures_are_what_the_wrappers_read():
+    """Every positional wrapper's upstream callable, as installed, takes the parameters the
+    wrapper reads (this fails the day a pinned release renames or reorders them)."""
+    compat.apply()
+    for path, expected in upstream.SIGNATURES.items():
+        upstream.check_signature(path, expected)
+    from recipes.lib import modelopt_local
+    modelopt_local.enable()  # ModelOpt's two wrapped functions, checked as they are wrapped
+
+
+def test_a_changed_upstream_signature_is_refused_naming_it():
+    def linear(input, weight, bias, sequence_parallel, allreduce_dgrad, *a):  # reordered
+        return input
+
+    with pytest.raises(errors.BadState, match=r"m:linear now takes \('input', 'weight', 'bias', "
+                       r"'sequence_parallel', 'allreduce_dgrad', .*where the patch that wraps it "
+                       r"reads .*'gradient_accumulation_fusion'"):
+        upstream.check_signature("m:linear", upstream.LINEAR, linear)
+
+
+def test_a_release_other_than_the_patches_were_written_for_warns_once(caplog):
+    got = {"megatron-core": "0.20.0", "nvidia-modelopt": "0.47.0"}
+    with caplog.at_level("WARNING", logger="recipes.compat"):
+        assert upstream.check_versions(version=got.__getitem__) == [
+            "megatron-core 0.20.0 (written for 0.19.2)"]
+        upstream.check_versions(version=got.__getitem__)
+    warned = [r.getMessage() for r in caplog.records if "written for other releases" in
+              r.getMessage()]
+    assert len(warned) == 1 and "megatron-core 0.20.0 (written for 0.19.2)" in warned[0]
+    assert upstream.check_versions() == []  # the pinned stack, as installed here
