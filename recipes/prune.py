@@ -196,14 +196,14 @@ def resolve(cfg: config.Config) -> Plan:
     validate_layout(teacher, tp, pp)
     teacher.check_seq_length(c.seq_length, "prune.seq_length")
     layout = {"tp": tp, "pp": pp, "spec": runtime.resolve_spec(c.spec)}  # spec=te without TE
-    plan = {}
+    student = drop = tour = None
     if c.searching:  # the architecture is what the search finds
         check_target(c, teacher, pp)  # a budget the grid cannot meet fails here, not in ModelOpt
         check_data(c, data_manifest, need_valid=True)  # zero-shot scores on the valid split
         if c.tournament:
             from recipes.lib import tournament  # lazy: megatron and ModelOpt (see `run`)
 
-            plan = tournament.resolve(cfg, source)
+            tour = tournament.resolve(cfg, source)
     else:
         student, drop = pruned_arch(teacher, c)
         check_data(c, data_manifest, need_valid=student.num_layers < teacher.num_layers
@@ -212,22 +212,22 @@ def resolve(cfg: config.Config) -> Plan:
             raise Refusal(f"the pruned model's {student.num_layers} layers do not divide into "
                           f"parallel.pp={pp} stages; choose a PP that divides both layer "
                           "counts")
-        plan = {"student": student, "drop": drop}
     extra = {"pp": pp, "seed": cfg.run.seed}
     inputs = {"input": source.input(), "data": c.data}
-    if "dc" in plan:  # the tournament's settings and data decide its result too (not the
+    if tour is not None:  # the tournament's settings and data decide its result too (not the
         # distill stage's own input, teacher or output: the tournament's are prune's)
-        extra["tournament"] = {k: v for k, v in dataclasses.asdict(plan.pop("configured")).items()
+        extra["tournament"] = {k: v for k, v in dataclasses.asdict(tour.configured).items()
                                if k not in {"input", "input_hf_config", "teacher",
                                             "teacher_hf_config", *train_config.OPERATIONAL}}
-        inputs.update({f"distill.data.{i}": d for i, d in enumerate(plan["dc"].data)})
+        inputs.update({f"distill.data.{i}": d for i, d in enumerate(tour.dc.data)})
     sdir = StageDir("prune", Path(c.output or Path(cfg.run.dir) / "prune"),
                     fingerprint(c, extra, ignore=OPERATIONAL), cfg.run.force, inputs=inputs)
     resumable = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in OPERATIONAL},
                  **extra}
-    if plan.get("dc") is not None and plan["dc"].precision != extra["tournament"]["precision"]:
-        resumable["precision_auto"] = plan["dc"].precision  # a resume may not switch it
-    return Plan(source, sdir, resumable, layout, **plan)
+    if tour is not None and tour.dc.precision != extra["tournament"]["precision"]:
+        resumable["precision_auto"] = tour.dc.precision  # a resume may not switch it
+    return Plan(source, sdir, resumable, layout, student, drop, tour and tour.dc,
+                tour and tour.cache)
 
 
 def run(cfg: config.Config) -> dict:

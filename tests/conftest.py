@@ -40,12 +40,13 @@ def hf_models(tmp_path_factory):
     return {v: write_tiny_llama(base / v, v) for v in ("gqa", "tied")}
 
 
-def torchrun(module: str, *args: str, nproc: int = 2, timeout: int = 300, ok: bool = True):
-    """Run `torchrun --nproc-per-node N -m module args`; unless ok=False, fail with its output
-    on error."""
+def torchrun(module: str, *args: str, nproc: int = 2, timeout: int = 300, ok: bool = True,
+             env: dict | None = None):
+    """Run `torchrun --nproc-per-node N -m module args` (`env`: added to the environment);
+    unless ok=False, fail with its output on error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--standalone", "-m", module, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0 or not ok, f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
     return p

@@ -30,8 +30,12 @@ class Preempted(Exception):
     """A training stage saved a checkpoint and stopped on a signal (exit EXIT_PREEMPTED)."""
 
 
+FAULT_ENV = "MINITRON_FAULT"  # the tests' channel; never a recipe or command-line setting
+
+
 class Fault:
-    """Fault injection for tests (`fault=KIND:STEP`), one call per place it can strike:
+    """Fault injection for tests, from the environment (MINITRON_FAULT=KIND:STEP, inherited by
+    torchrun's ranks and Slurm's jobs), never from a recipe; one call per place it can strike:
     kill_after (SIGKILL after step STEP), kill_in_save (SIGKILL once the checkpoint of STEP is
     written but before it is marked complete), signal_after (the last rank alone sends itself
     SIGUSR1 after step STEP), kill_in_finish (SIGKILL at point STEP of a training stage's finish,
@@ -41,12 +45,15 @@ class Fault:
 
     KINDS = ("kill_after", "kill_in_save", "signal_after", "kill_in_finish", "step_ms")
 
-    def __init__(self, spec: str | None):
+    def __init__(self, spec: str | None = None):
+        """`spec` (default: the environment's MINITRON_FAULT)."""
+        spec = os.environ.get(FAULT_ENV) if spec is None else spec
         self.kind, self.step = None, None
         if spec:
             kind, _, step = spec.partition(":")
             if kind not in self.KINDS or not step.isdigit():
-                raise Refusal(f"fault={spec!r}; use KIND:STEP with KIND one of {self.KINDS}")
+                raise Refusal(f"{FAULT_ENV}={spec!r}; use KIND:STEP with KIND one of "
+                              f"{self.KINDS}")
             self.kind, self.step = kind, int(step)
 
     def at(self, kind: str, step: int) -> None:

@@ -48,10 +48,21 @@ from modelopt.torch.prune.plugins import mcore_minitron as MM  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def resolve(cfg: config.Config, source: interop.Source) -> dict:
-    """Before any work: the tournament's distillation settings (the distill section's, fitted to
-    its steps; `configured` as written, `dc` with precision=auto made concrete), its data and
-    teacher cache, and an lm-eval score's task."""
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What the tournament will run, known before any work (`resolve`)."""
+    dc: KDConfig
+    """Its distillation settings: the distill section's, fitted to its steps, precision=auto
+    made concrete, Megatron prefixes imported."""
+    configured: KDConfig
+    """The same as written (what prune's fingerprint records)."""
+    cache: dict | None
+    """The teacher-logit cache plan (search.cache_plan), None without one."""
+
+
+def resolve(cfg: config.Config, source: interop.Source) -> Resolved:
+    """Before any work: the tournament's distillation settings, its data and teacher cache, and
+    an lm-eval score's task, checked."""
     s: SearchConfig = cfg.prune.search
     if "distill" not in cfg:
         raise Refusal("prune.search.tournament_steps / tournament_tokens need the distill "
@@ -65,7 +76,7 @@ def resolve(cfg: config.Config, source: interop.Source) -> dict:
     train_stage.check_data(dc, "distill", source.arch.vocab_size)
     if s.score == "lm_eval":
         check_lm_eval(s, dc, source)
-    return {"dc": dc, "configured": configured, "cache": cache_plan(s, dc, source.arch)}
+    return Resolved(dc, configured, cache_plan(s, dc, source.arch))
 
 
 def modelopt_mode(s: SearchConfig) -> list:
@@ -145,7 +156,7 @@ def tournament_config(distill_cfg: KDConfig, steps: int) -> KDConfig:
     return dataclasses.replace(distill_cfg, train_iters=steps, save_interval=steps,
                                eval_interval=steps, warmup_iters=min(distill_cfg.warmup_iters,
                                                                      max(steps - 1, 0)),
-                               keep_checkpoints=False, fault=None)
+                               keep_checkpoints=False)
 
 
 def run_tournament(candidates: list[dict], folders: list[Path], teacher: interop.Source,

@@ -184,7 +184,7 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     metrics = Metrics(work / "logs", step)
     run_step = scheduled(c, ddp, make_step, schedule_kwargs)
     tokens_per_step, flops = c.global_batch_size * c.seq_length, meta.get("flops_per_token")
-    fault = Fault(c.fault)
+    fault = Fault()
 
     def validate() -> dict:
         ddp.eval()

@@ -19,7 +19,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # changing these between restarts does not change the numbers a run produces
 OPERATIONAL = {"save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters",
-               "fault", "keep_checkpoints", "output", "preempt_signals", "recompute_layers",
+               "keep_checkpoints", "output", "preempt_signals", "recompute_layers",
                "min_loss_tokens"}
 
 
@@ -111,10 +111,6 @@ class TrainConfig(config.ModelInput):
     preempt_signals: list = dataclasses.field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     """Signals on which training saves at the end of the current step and exits with code 75
     (empty: the default actions)."""
-    fault: str | None = None
-    """Fault injection for tests: 'kill_after:N' (SIGKILL after step N), 'kill_in_save:N',
-    'signal_after:N' (the last rank alone sends itself SIGUSR1 after step N), or 'step_ms:N'
-    (each step of a run started from scratch lasts at least N ms; a resumed run is not paced)."""
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -166,7 +162,7 @@ class TrainConfig(config.ModelInput):
         if bad:
             raise Refusal(f"preempt_signals: {bad} are not signals a process can catch; use "
                           "names like SIGUSR1, SIGTERM")
-        Fault(self.fault)  # a malformed fault spec fails here, not at the step it names
+        Fault()  # a malformed MINITRON_FAULT (tests) fails here, not at the step it names
         if self.data_weights is not None:
             if len(self.data_weights) != len(self.data):
                 raise Refusal(f"data_weights has {len(self.data_weights)} entries for "

@@ -208,7 +208,7 @@ def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source
         except torch.OutOfMemoryError as e:  # the checkpoints saved so far stay for a resume
             raise BadState(f"{name} ran out of GPU memory ({str(e).splitlines()[0]}). "
                            f"{memory['text']}") from e
-        fault = Fault(c.fault)
+        fault = Fault()
         # ModelOpt hides a KD teacher from the state dict here
         checkpoint.save(model, interop.iteration_dir(work, c.train_iters), c.train_iters)
         fault.at("kill_in_finish", 1)

@@ -184,8 +184,7 @@ def test_signal_save_and_resume_on_gpu(trained_run, tmp_path):
     prune.main(["--config", TINY, f"run.dir={trained_run['run']}",
                 f"convert.hf_path={trained_run['hf']}"])
     distill.main(args(trained_run, tmp_path / "straight"))
-    stderr = run_subprocess(args(trained_run, tmp_path / "d", "distill.fault=signal_after:6"),
-                            rc=75)
+    stderr = run_subprocess(args(trained_run, tmp_path / "d"), rc=75, fault="signal_after:6")
     if os.environ.get("OUT"):  # what the stage found of its signals (came blocked, replaced)
         (Path(os.environ["OUT"]) / "signals.json").write_text(json.dumps(
             [x for x in stderr.splitlines() if "SIGUSR1" in x or "SIGTERM" in x]))
@@ -238,7 +237,7 @@ def test_fp8_output_reloads_into_te_resumes_exactly_and_exports(trained_run, tmp
                 f"convert.hf_path={trained_run['hf']}"])
     fp8 = ["distill.precision=fp8", "distill.fp8_recipe=tensorwise"]
     distill.main(args(trained_run, tmp_path / "straight", *fp8))
-    run_subprocess(args(trained_run, tmp_path / "d", *fp8, "distill.fault=signal_after:6"), rc=75)
+    run_subprocess(args(trained_run, tmp_path / "d", *fp8), rc=75, fault="signal_after:6")
     run_subprocess(args(trained_run, tmp_path / "d", *fp8))
     assert_same_history(metrics(tmp_path / "straight"), metrics(tmp_path / "d"), rel=1e-3)
     assert export.main(["--config", TINY, f"run.dir={trained_run['run']}",

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from recipes import distill, export, prune
 from recipes.lib import arch, preempt, tokens
+from recipes.lib.preempt import FAULT_ENV
 from tests.conftest import ROOT, TINY, torchrun
 
 
@@ -40,15 +41,16 @@ def losses(rows, key="kd_loss"):
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-def start(argv, blocked=()):
+def start(argv, blocked=(), fault=None):
     """The stage in its own process group, as a scheduler runs it; `blocked`: signals blocked in
-    the mask it inherits (a launcher's, kept across exec)."""
+    the mask it inherits (a launcher's, kept across exec); `fault`: MINITRON_FAULT (preempt.py)."""
     err = tempfile.TemporaryFile("w+")
     old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         p = subprocess.Popen([sys.executable, "-m", "recipes.distill", *argv], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1",
+                                  **({FAULT_ENV: fault} if fault else {})})
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return p, err
@@ -71,8 +73,8 @@ def finish(p, err, rc):
     return stderr
 
 
-def run_subprocess(argv, rc=0, blocked=()):
-    return finish(*start(argv, blocked), rc)
+def run_subprocess(argv, rc=0, blocked=(), fault=None):
+    return finish(*start(argv, blocked, fault), rc)
 
 
 def hf_test_loss(folder, run):
@@ -133,7 +135,7 @@ def assert_same_history(straight, resumed, rel=None):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_losses(pruned, straight, tmp_path):
-    run_subprocess(args(pruned, tmp_path / "killed", "distill.fault=kill_after:6"), rc=-9)
+    run_subprocess(args(pruned, tmp_path / "killed"), rc=-9, fault="kill_after:6")
     work = tmp_path / ".killed.tmp"
     assert [p.name for p in (work / "checkpoints").glob("iter_*")] == ["iter_0000004"]
     stderr = run_subprocess(args(pruned, tmp_path / "killed"))
@@ -175,7 +177,7 @@ def test_signal_saves_that_step_exits_75_and_resumes_exactly(pruned, straight, t
     throw away the unfinished run of the same settings. The first run inherits SIGUSR1 blocked
     (as from a launcher inside a checkpoint save): the stage unblocks what it watches."""
     again = ["distill.optimizer=distributed", "run.force=true"]
-    stderr = run_subprocess(args(pruned, tmp_path / "d", *again, "distill.fault=signal_after:6"),
+    stderr = run_subprocess(args(pruned, tmp_path / "d", *again), fault="signal_after:6",
                             rc=preempt.EXIT_PREEMPTED, blocked=[signal.SIGUSR1])
     assert "SIGUSR1: saved step 6 of 8" in stderr
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
@@ -211,7 +213,7 @@ def test_signal_on_one_rank_stops_all_ranks_at_one_step(pruned, tmp_path):
     """DP=2: only the last rank is signalled after step 3; both save step 3 and stop (no rank
     hangs in the next step's collectives); torchrun's rerun resumes there and finishes."""
     a = args(pruned, tmp_path / "d", "distill.save_interval=100")
-    p = torchrun("recipes.distill", *a, "distill.fault=signal_after:3", ok=False)
+    p = torchrun("recipes.distill", *a, ok=False, env={FAULT_ENV: "signal_after:3"})
     assert p.returncode != 0 and "saved step 3 of 8" in p.stderr
     ck = tmp_path / ".d.tmp" / "checkpoints" / "iter_0000003"
     assert {f.name for f in ck.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
@@ -222,7 +224,7 @@ def test_signal_on_one_rank_stops_all_ranks_at_one_step(pruned, tmp_path):
 
 @pytest.mark.slow
 def test_half_written_checkpoint_is_never_resumed(pruned, tmp_path):
-    run_subprocess(args(pruned, tmp_path / "d", "distill.fault=kill_in_save:8"),
+    run_subprocess(args(pruned, tmp_path / "d"), fault="kill_in_save:8",
                    rc=-9)
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert (ckpts / ".iter_0000008.tmp").is_dir()  # the crash left it half-written
@@ -232,7 +234,7 @@ def test_half_written_checkpoint_is_never_resumed(pruned, tmp_path):
 
 
 def test_changed_global_batch_is_refused_with_the_reason(pruned, tmp_path):
-    run_subprocess(args(pruned, tmp_path / "d", "distill.fault=kill_after:5"), rc=-9)
+    run_subprocess(args(pruned, tmp_path / "d"), rc=-9, fault="kill_after:5")
     with pytest.raises(Exception, match="global_batch_size: 4 -> 8.*restore them to resume"):
         distill.main(args(pruned, tmp_path / "d", "distill.global_batch_size=8"))
     # run.force=true discards the unfinished run of other settings and starts over
@@ -400,12 +402,12 @@ def test_slurm_script_requeues_on_75_and_the_rerun_finishes(pruned, tmp_path):
            "SLURM_JOB_ID": str(os.getpid() % 20000), "SLURM_JOB_NODELIST": "node1",
            "OMP_NUM_THREADS": "1"}
 
-    def sbatch(*extra):
-        launch.write_job("distill", cluster, TINY, str(tmp_path), [*args(pruned, out)[2:], *extra])
-        return subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+    def sbatch(fault=None):
+        launch.write_job("distill", cluster, TINY, str(tmp_path), args(pruned, out)[2:])
+        return subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True,
+                              env={**env, **({FAULT_ENV: fault} if fault else {})}, timeout=600)
 
-    p = sbatch("distill.fault=signal_after:5")
+    p = sbatch("signal_after:5")
     assert p.returncode == 0, p.stderr[-4000:]
     assert "saved step 5 of 8" in p.stderr and "requeue" in p.stdout
     assert log.read_text().splitlines()[-1] == f"requeue {env['SLURM_JOB_ID']}"

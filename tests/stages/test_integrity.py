@@ -256,7 +256,7 @@ def test_damaged_newest_checkpoints_are_reported_and_skipped(pruned, straight,  
     from the one before those and gives the uninterrupted run's history."""
     out = tmp_path / "d"
     keep = ("distill.save_interval=2", "distill.keep_last=3")
-    run_subprocess(args(pruned, out, *keep, "distill.fault=kill_after:7"), rc=-9)
+    run_subprocess(args(pruned, out, *keep), rc=-9, fault="kill_after:7")
     ckpts = tmp_path / ".d.tmp" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000002", "iter_0000004",
                                                               "iter_0000006"]
@@ -276,7 +276,7 @@ def test_damaged_newest_checkpoints_are_reported_and_skipped(pruned, straight,  
 def test_a_kill_at_any_point_of_the_finish_loses_nothing(pruned, straight, tmp_path,  # noqa: F811
                                                          point):
     out = tmp_path / "d"
-    run_subprocess(args(pruned, out, f"distill.fault=kill_in_finish:{point}"), rc=-9)
+    run_subprocess(args(pruned, out), rc=-9, fault=f"kill_in_finish:{point}")
     if point < 3:  # not committed: the resume state is all there
         assert not out.exists()
         assert (tmp_path / ".d.tmp" / "checkpoints" / "iter_0000008").is_dir()

@@ -76,11 +76,13 @@ def wait(env, ids, timeout) -> dict:
         time.sleep(2)
 
 
-def submit(env, run, hf, *extra) -> dict:
-    """`make all LAUNCH=slurm` on the tiny recipe; returns {stage: job id}."""
+def submit(env, run, hf, *extra, fault=None) -> dict:
+    """`make all LAUNCH=slurm` on the tiny recipe (`fault`: MINITRON_FAULT, which the jobs
+    inherit from the submitting environment); returns {stage: job id}."""
     args = " ".join([f"run.dir={run}", f"convert.hf_path={hf}", *extra])
     p = subprocess.run(["make", "all", "LAUNCH=slurm", f"RECIPE={TINY}", f"ARGS={args}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env={**env, **({"MINITRON_FAULT": fault} if fault else {})},
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     return dict(re.findall(r"^(\w+): job (\d+)$", p.stdout, re.M))
 
@@ -139,10 +141,10 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm, chain):
     run = chain["run"]
     ids = submit(slurm, run, chain["hf"], "cluster.stages=[distill,export]",
                  "cluster.time.distill=00:02:00", f"distill.output={run}/distill_pre",
-                 f"distill.train_iters={STEPS}", f"distill.fault=step_ms:{STEP_MS}",
-                 "distill.log_interval=100",
+                 f"distill.train_iters={STEPS}", "distill.log_interval=100",
                  "distill.eval_interval=100000", "distill.save_interval=100000",
-                 f"export.input={run}/distill_pre", f"export.output={run}/export_pre")
+                 f"export.input={run}/distill_pre", f"export.output={run}/export_pre",
+                 fault=f"step_ms:{STEP_MS}")
     states = wait(slurm, list(ids.values()), 1400)
     d, e = job(slurm, ids["distill"]), job(slurm, ids["export"])
     assert d["JobState"] == e["JobState"] == "COMPLETED", states

@@ -81,8 +81,8 @@ def test_check_restores_a_replaced_handler_and_a_blocked_signal(caplog):
 
 
 def test_a_paced_step_lasts_at_least_its_milliseconds():
-    """fault=step_ms:N (the Slurm time-limit test's pace): a step that took less is padded to N
-    ms; a longer one, a resumed run's, or no such fault, is not."""
+    """MINITRON_FAULT=step_ms:N (the Slurm time-limit test's pace): a step that took less is
+    padded to N ms; a longer one, a resumed run's, or no such fault, is not."""
     t0 = time.time()
     Fault("step_ms:80").pace(t0)
     assert time.time() - t0 >= 0.08

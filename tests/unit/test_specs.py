@@ -30,8 +30,13 @@ def test_fp8_with_the_local_spec_is_refused_at_config_time():
         tc(precision="fp8", spec="local")
     with pytest.raises(ValueError, match="fp8_recipe='fancy'"):
         tc(precision="fp8", fp8_recipe="fancy")
-    with pytest.raises(ValueError, match="fault='kill:3'"):
-        tc(fault="kill:3")
+    with pytest.raises(ValueError, match="MINITRON_FAULT='kill:3'"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("MINITRON_FAULT", "kill:3")  # the tests' channel, not a recipe key
+            tc()
+    with pytest.raises(ValueError, match="unknown key"):
+        from recipes.lib import config
+        config.load("conf/tiny.yaml", ["run.dir=x", "distill.fault=kill_after:3"], "distill")
 
 
 @pytest.mark.skipif(not NO_TE, reason="with TE fp8 is allowed")
