@@ -177,19 +177,42 @@ def speedups(speed: dict, reference: str) -> dict:
                    for b in s if b.startswith("batch_")} for name, s in speed.items()}
 
 
+@dataclasses.dataclass
+class Results:
+    """What evaluate measured (results.json; fields not measured are left out of it)."""
+    reference: str
+    dtype: str
+    dtype_auto: dict | None
+    device: str
+    prompts: list
+    heldout: dict = dataclasses.field(default_factory=dict)
+    """{model: {loss, perplexity, tokens, tokens_per_s, params}} on the test split's windows."""
+    generations: dict = dataclasses.field(default_factory=dict)
+    """{model: [greedy continuation of each prompt]}."""
+    speed: dict = dataclasses.field(default_factory=dict)
+    """{model: generation throughput per batch size} (speed.generation_speeds)."""
+    speedup: dict | None = None
+    """{model: {batch_N: decode speed / the reference's}}."""
+    lm_eval: dict | None = None
+    """{task: harness.run's result, with retention against the reference}."""
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items()
+                           if v is not None or k == "dtype_auto"}, indent=2) + "\n"
+
+
 def score(name: str, path, rec: dict, c: EvaluateConfig, dtype: str, device: str,
-          windows: torch.Tensor, seed: int, results: dict) -> None:
+          windows: torch.Tensor, results: Results) -> None:
     """One model on `device`, its files checked against `rec` (exported_record, {} for none)
     first: its held-out loss and generations, into `results`."""
     model = load_model(path, rec, dtype, device)
-    results["heldout"][name] = {**heldout_loss(model, windows, c.batch_size),
-                                "params": sum(p.numel() for p in model.parameters())}
-    h = results["heldout"][name]
+    h = results.heldout[name] = {**heldout_loss(model, windows, c.batch_size),
+                                 "params": sum(p.numel() for p in model.parameters())}
     log.info("%s: held-out loss %.4f, perplexity %.2f (%s on %s, %.0f tokens/s)", name,
              h["loss"], h["perplexity"], dtype, device, h["tokens_per_s"])
     if c.prompts:
         tok = tokens.load_tokenizer(path, f"evaluate.models.{name}")
-        results["generations"][name] = generate(model, tok, c.prompts, c.max_new_tokens)
+        results.generations[name] = generate(model, tok, c.prompts, c.max_new_tokens)
 
 
 def load_model(path, rec: dict, dtype: str, device: str):
@@ -246,15 +269,15 @@ def run(cfg: config.Config) -> dict:
     windows = tokens.windows(c.data, "test", c.seq_length, min(avail, c.max_windows),
                              cfg.run.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # every measurement on the GPU
-    results = {"reference": c.reference, "dtype": dtype, "dtype_auto": auto, "device": device,
-               "heldout": {}, "generations": {}, "prompts": c.prompts or [], "speed": {}}
+    results = Results(reference=c.reference, dtype=dtype, dtype_auto=auto, device=device,
+                      prompts=c.prompts or [])
     for name, path in tqdm(c.models.items(), desc="evaluate", unit="model"):
-        score(name, path, records[name], c, dtype, device, windows, cfg.run.seed, results)
+        score(name, path, records[name], c, dtype, device, windows, results)
         if device == "cuda":
             torch.cuda.empty_cache()  # the next model's room
     if c.speed:
-        results["speed"] = time_generation(c, records, dtype, device, cfg.run.seed)
-        results["speedup"] = speedups(results["speed"], c.reference)
+        results.speed = time_generation(c, records, dtype, device, cfg.run.seed)
+        results.speedup = speedups(results.speed, c.reference)
     specs = harness.task_specs(c.suite, c.tasks)
     paths = list(c.task_paths or [])
     if c.cloze:
@@ -264,19 +287,19 @@ def run(cfg: config.Config) -> dict:
                                            tok, tmp / "cloze"))
         paths.append(tmp / "cloze")
     if specs:
-        results["lm_eval"] = harness.run(c.models, specs, paths, c.lm_eval_batch_size,
-                                         c.lm_eval_limit, str(DTYPES[dtype]).removeprefix(
-                                             "torch."), cfg.run.seed)
-        harness.retention(results["lm_eval"], c.reference)
-    (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        results.lm_eval = harness.run(c.models, specs, paths, c.lm_eval_batch_size,
+                                      c.lm_eval_limit, str(DTYPES[dtype]).removeprefix("torch."),
+                                      cfg.run.seed)
+        harness.retention(results.lm_eval, c.reference)
+    (tmp / "results.json").write_text(results.to_json())
     (tmp / "config.yaml").write_text(config.to_yaml(cfg))
     return sdir.commit({"input": {"models": {k: str(Path(v).resolve())
                                               for k, v in c.models.items()},
                                    "data": str(Path(c.data).resolve())},
-                         "metrics": {k: v["loss"] for k, v in results["heldout"].items()},
+                         "metrics": {k: v["loss"] for k, v in results.heldout.items()},
                          "lm_eval": {t: r.get("scores", r) for t, r in
-                                     results.get("lm_eval", {}).items()},
-                         "speedup": results.get("speedup"),
+                                     (results.lm_eval or {}).items()},
+                         "speedup": results.speedup,
                          "windows": len(windows), "seq_length": c.seq_length,
                          "dtype": dtype, "dtype_auto": auto, "device": device})
 

@@ -264,7 +264,7 @@ def run(cfg: config.Config) -> dict:
         tmp = plan.sdir.begin(resumable=plan.resumable if plan.dc else None, need=nbytes(c, plan))
         pruned = (prune_searched if c.searching else prune_fixed)(c, plan, tmp, cfg.run.seed)
         if pruned.prepared:  # tournament_job=prepare: the candidates run as jobs of their own
-            return {"prepared": [x["candidate"] for x in pruned.found]}
+            return {"prepared": [x.candidate for x in pruned.found]}
         return publish(cfg, plan, pruned, tmp)
 
 
@@ -325,15 +325,15 @@ def prune_searched(c: PruneConfig, plan: Plan, tmp: Path, seed: int) -> Pruned:
     if plan.dc is not None:  # (ModelOpt's note about a manual KD step before ranking: this is it)
         log.info("tournament: %d candidates x %d steps of distillation from the teacher",
                  len(found), plan.dc.train_iters)
-        del model
-        model = None
+        model = None  # the teacher's memory, freed before the candidates are built
         folders = tournament.prepare_candidates(
             found, lambda: load_teacher(c, plan), teacher, c.search, tmp / "scores", tmp, c.dtype)
         if c.tournament_job == "prepare":
             tournament.run_tournament([], [], plan.source, plan.dc, tmp / "tournament", seed,
                                       c.search, plan.layout, plan.cache)  # the teacher cache
+            prepared = json.dumps([x.to_dict() for x in found])
             runtime.on_rank0(lambda: stage.atomic_write_text(
-                tmp / "tournament" / "prepared.json", json.dumps(found, indent=1)))
+                tmp / "tournament" / "prepared.json", prepared))
             log.info("prepared %d tournament candidates in %s", len(found), tmp)
             return Pruned(None, None, None, found=found, prepared=True)
         cached = tournament.run_tournament(found, folders, plan.source, plan.dc,
@@ -341,11 +341,11 @@ def prune_searched(c: PruneConfig, plan: Plan, tmp: Path, seed: int) -> Pruned:
                                            plan.cache)
     best = tournament.winner(found, c.search, plan.dc is not None)
     for cand in found:
-        cand["winner"] = cand is best
-    student = arch_of(teacher, best["ss_config"])
-    log.info("search: %s wins (%s)", best["arch"], "tournament" if plan.dc else "zero-shot")
+        cand.winner = cand is best
+    student = arch_of(teacher, best.ss_config)
+    log.info("search: %s wins (%s)", best.arch, "tournament" if plan.dc else "zero-shot")
     if plan.dc is not None:
-        winner_dir = tmp / "candidates" / f"c{best['candidate']}"
+        winner_dir = tmp / "candidates" / f"c{best.candidate}"
     else:
         checkpoint.save_pruned(model, student, tmp, c.dtype)
     drop = importance.modelopt_dropped(importance.scores_file(tmp), student.num_layers) \
@@ -434,7 +434,7 @@ def publish(cfg: config.Config, plan: Plan, pruned: Pruned, tmp: Path) -> dict:
         "dtype": c.dtype, "parallel": {"tp": 1, "pp": plan.layout["pp"]}, "depth": depth,
         "search": None if pruned.found is None else {
             "constraint": constraint(c, teacher), "candidates": len(pruned.found),
-            "winner": next(x["candidate"] for x in pruned.found if x["winner"]),
+            "winner": next(x.candidate for x in pruned.found if x.winner),
             "decided_by": "tournament" if plan.dc else "zero-shot"},
         "metrics": {"params_ratio": student.num_params() / teacher.num_params(),
                     "calib_samples": c.calib_samples, "seq_length": c.seq_length}})

@@ -48,6 +48,45 @@ from modelopt.torch.prune.plugins import mcore_minitron as MM  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class Candidate:
+    """One of the search's top-K shapes, and what the tournament measured of it. As JSON
+    (search.json, prepared.json) its fields are flat, as they always were."""
+    candidate: int
+    """Its rank in ModelOpt's search, from 1."""
+    ss_config: dict
+    """ModelOpt's export config of the shape."""
+    arch: dict
+    """hidden / FFN / heads / layers of the shape."""
+    params: int
+    """Parameters, by our count (the real vocabulary)."""
+    zero_shot_lm_loss: float
+    """The pruned shape's LM loss before any training (ModelOpt's score, negated)."""
+    modelopt: dict = dataclasses.field(default_factory=dict)
+    """ModelOpt's own measure of the constraint ({"params": ...}), as `modelopt_<name>`."""
+    tournament: dict = dataclasses.field(default_factory=dict)
+    """Its tournament run's result.json: tournament_kd_loss, tournament_lm_loss,
+    tournament_lm_eval (an lm-eval score), tournament_s, tournament_tokens."""
+    winner: bool = False
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items()
+             if k not in ("modelopt", "tournament")}
+        return {**d, **{f"modelopt_{k}": v for k, v in self.modelopt.items()},
+                **self.tournament}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        own = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in own},
+                   modelopt={k[9:]: v for k, v in d.items() if k.startswith("modelopt_")},
+                   tournament={k: v for k, v in d.items() if k.startswith("tournament_")})
+
+    def score(self, name: str) -> float:
+        """A tournament score: kd_loss, lm_loss or lm_eval."""
+        return self.tournament[f"tournament_{name}"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Resolved:
     """What the tournament will run, known before any work (`resolve`)."""
@@ -113,17 +152,17 @@ def run_search(model, teacher: Arch, c: Budget, pp: int, forward_loop, scores_di
     found = state["all_candidates_per_constraint"][tuple(cons.items())]
     metric = next(iter(cons))
     out = []
-    for rank, cand in enumerate(found[:s.top_k], 1):
-        cand = cand if isinstance(cand, dict) else dataclasses.asdict(cand)
-        arch = arch_of(teacher, cand["ss_config"])
-        out.append({"candidate": rank, "ss_config": {k: int(v) for k, v in
-                                                     cand["ss_config"].items()},
-                    "arch": {k: getattr(arch, k) for k in HPARAMS},
-                    "params": arch.num_params(),  # ours: the real vocabulary
-                    f"modelopt_{metric}": float(cand["metrics"][metric]),
-                    "zero_shot_lm_loss": -float(cand["score"])})
+    for rank, m in enumerate(found[:s.top_k], 1):  # ModelOpt's records
+        m = m if isinstance(m, dict) else dataclasses.asdict(m)
+        arch = arch_of(teacher, m["ss_config"])
+        out.append(Candidate(
+            candidate=rank, ss_config={k: int(v) for k, v in m["ss_config"].items()},
+            arch={k: getattr(arch, k) for k in HPARAMS},
+            params=arch.num_params(),  # ours: the real vocabulary
+            modelopt={metric: float(m["metrics"][metric])},
+            zero_shot_lm_loss=-float(m["score"])))
     log.info("search: %d shapes fit %s; the top %d: %s", len(found), cons, len(out),
-             [(o["arch"], round(o["zero_shot_lm_loss"], 4)) for o in out])
+             [(o.arch, round(o.zero_shot_lm_loss, 4)) for o in out])
     return model, out
 
 
@@ -136,16 +175,16 @@ def prune_to(model, ss_config: dict, s: SearchConfig, scores_dir: Path):
     return model
 
 
-def prepare_candidates(found: list[dict], load_teacher, teacher: Arch, s: SearchConfig,
+def prepare_candidates(found: list[Candidate], load_teacher, teacher: Arch, s: SearchConfig,
                        scores_dir: Path, work: Path, dtype: str) -> list[Path]:
     """Each candidate pruned from a freshly loaded teacher (`load_teacher()`) and written as a
     checkpoint at work/candidates/c<i> (kept across restarts: arch.json is its done mark)."""
     folders = []
     for cand in found:
-        folder = work / "candidates" / f"c{cand['candidate']}"
+        folder = work / "candidates" / f"c{cand.candidate}"
         if not (folder / "arch.json").is_file():
-            m = prune_to(load_teacher(), cand["ss_config"], s, scores_dir)
-            checkpoint.save_pruned(m, arch_of(teacher, cand["ss_config"]), folder, dtype)
+            m = prune_to(load_teacher(), cand.ss_config, s, scores_dir)
+            checkpoint.save_pruned(m, arch_of(teacher, cand.ss_config), folder, dtype)
         folders.append(folder)
     return folders
 
@@ -159,7 +198,7 @@ def tournament_config(distill_cfg: KDConfig, steps: int) -> KDConfig:
                                keep_checkpoints=False)
 
 
-def run_tournament(candidates: list[dict], folders: list[Path], teacher: interop.Source,
+def run_tournament(candidates: list[Candidate], folders: list[Path], teacher: interop.Source,
                    dc: KDConfig, work: Path, seed: int, s: SearchConfig, layout: dict,
                    cache: dict | None = None) -> dict | None:
     """Distil each candidate (its checkpoint in `folders[i]`) from `teacher` with the same
@@ -181,27 +220,27 @@ def run_tournament(candidates: list[dict], folders: list[Path], teacher: interop
     elif cache:
         log.info("tournament: the teacher runs online for each candidate (%s)", cache["why"])
     for cand, folder in zip(candidates, folders):
-        done = work / f"c{cand['candidate']}" / "result.json"
+        done = work / f"c{cand.candidate}" / "result.json"
         trained = not done.is_file()  # else finished before (a rerun, or a job of its own)
         if trained:
             _train_candidate(cand, folder, teacher, dc, work, seed, s, layout, recorded)
         result = json.loads(done.read_text())
-        cand.update(result)
+        cand.tournament = result
         if trained:
             log.info("tournament c%d %s: held-out KD loss %.4f, LM loss %.4f%s (%.0f s)",
-                     cand["candidate"], cand["arch"], result["tournament_kd_loss"],
+                     cand.candidate, cand.arch, result["tournament_kd_loss"],
                      result["tournament_lm_loss"], f", lm-eval "
                      f"{result['tournament_lm_eval']:.4f}" if "tournament_lm_eval" in result
                      else "", result["tournament_s"])
     return recorded
 
 
-def _train_candidate(cand: dict, folder: Path, teacher: interop.Source, dc: KDConfig,
+def _train_candidate(cand: Candidate, folder: Path, teacher: interop.Source, dc: KDConfig,
                      work: Path, seed: int, s: SearchConfig, layout: dict,
                      recorded: dict | None) -> None:
     """One candidate's tournament run; its result.json (rank 0, atomically) last."""
-    run_dir = work / f"c{cand['candidate']}"
-    stage.lock_folder(run_dir, f"prune tournament c{cand['candidate']}")  # one job per candidate
+    run_dir = work / f"c{cand.candidate}"
+    stage.lock_folder(run_dir, f"prune tournament c{cand.candidate}")  # one job per candidate
     t0 = time.time()
     arch = Arch.from_dict(json.loads((folder / "arch.json").read_text()))
     t = (teacher.arch, teacher.weights)
@@ -212,7 +251,7 @@ def _train_candidate(cand: dict, folder: Path, teacher: interop.Source, dc: KDCo
     model, make_step, schedule = train_stage.build_distillation(
         dc, (arch, folder / "iter_0000000"), t)
     final = train.train(dc, run_dir, model, make_step,
-                        {"stage": f"tournament c{cand['candidate']}", "flops_per_token":
+                        {"stage": f"tournament c{cand.candidate}", "flops_per_token":
                          distill_flops_per_token(teacher.arch, arch, dc.seq_length)}, seed,
                         schedule_kwargs=schedule)
     if s.keep_tournament:
@@ -247,7 +286,8 @@ def candidate_job(i: int, tmp: Path, teacher: interop.Source, dc: KDConfig, seed
     if not prepared.is_file():
         raise MissingInput(f"{prepared} is missing: the prune job with "
                            "prune.tournament_job=prepare has not finished")
-    cand = next((x for x in json.loads(prepared.read_text()) if x["candidate"] == i), None)
+    cand = next((Candidate.from_dict(x) for x in json.loads(prepared.read_text())
+                 if x["candidate"] == i), None)
     if cand is None:  # the search found fewer shapes than top_k
         log.info("the search found fewer than %d candidates: no candidate %d to train", i, i)
         return {}
@@ -304,31 +344,32 @@ def lm_eval_score(model, arch: Arch, dc: KDConfig, folder: Path, seed: int, s: S
     return box[0]
 
 
-def winner(found: list[dict], s: SearchConfig, tournament: bool) -> dict:
+def winner(found: list[Candidate], s: SearchConfig, tournament: bool) -> Candidate:
     """The candidate that wins: the best tournament score (lowest loss, highest lm-eval score),
     or the lowest zero-shot loss."""
     if not tournament:
-        return min(found, key=lambda x: x["zero_shot_lm_loss"])
+        return min(found, key=lambda x: x.zero_shot_lm_loss)
     sign = -1 if s.score == "lm_eval" else 1
-    return min(found, key=lambda x: sign * x[f"tournament_{s.score}"])
+    return min(found, key=lambda x: sign * x.score(s.score))
 
 
-def summary(c: Budget, teacher: Arch, found: list[dict], search_s: float, dc: KDConfig | None,
+def summary(c: Budget, teacher: Arch, found: list[Candidate], search_s: float,
+            dc: KDConfig | None,
             cached: dict | None = None) -> dict:
     """search.json for the PruneConfig `c`: what was searched, every top-K candidate, the
     winner and the costs."""
     s: SearchConfig = c.search
-    winner_ = next(x for x in found if x["winner"])
+    winner_ = next(x for x in found if x.winner)
     out = {"constraint": constraint(c, teacher), "teacher_params": teacher.num_params(),
            "settings": dataclasses.asdict(s), "search_s": round(search_s, 1),
            "decided_by": "tournament" if dc else "zero-shot",
-           "winner": winner_["candidate"], "candidates": found}
+           "winner": winner_.candidate, "candidates": [x.to_dict() for x in found]}
     if dc is not None:
         out["tournament"] = {
             "steps": dc.train_iters, "global_batch_size": dc.global_batch_size,
             "seq_length": dc.seq_length,
             "tokens_per_candidate": dc.train_iters * dc.global_batch_size * dc.seq_length,
-            "total_s": round(sum(x.get("tournament_s", 0) for x in found), 1),
+            "total_s": round(sum(x.tournament.get("tournament_s", 0) for x in found), 1),
             "teacher": "logits cached once and replayed" if cached else "run online",
             "teacher_cache_mb": cached["mb"] if cached else None,
             "teacher_cache": None if cached is None else {

@@ -305,3 +305,18 @@ def test_a_sigkilled_tournament_resumes_to_the_same_result(trained_run, tmp_path
     for x, y in zip(a["candidates"], b["candidates"]):
         assert x["ss_config"] == y["ss_config"]
         assert x["tournament_kd_loss"] == pytest.approx(y["tournament_kd_loss"], abs=1e-6)
+
+
+def test_a_candidate_is_a_record_with_flat_json():
+    """Candidates travel as records (tournament.Candidate); as JSON (search.json, prepared.json)
+    their fields stay flat, and read back equal."""
+    from recipes.lib.tournament import Candidate
+
+    c = Candidate(candidate=2, ss_config={"hidden_size": 48}, arch={"hidden_size": 48},
+                  params=1234, zero_shot_lm_loss=3.5, modelopt={"params": 1300.0},
+                  tournament={"tournament_kd_loss": 0.25, "tournament_s": 1.5}, winner=True)
+    d = json.loads(json.dumps(c.to_dict()))
+    assert d == {"candidate": 2, "ss_config": {"hidden_size": 48}, "arch": {"hidden_size": 48},
+                 "params": 1234, "zero_shot_lm_loss": 3.5, "winner": True,
+                 "modelopt_params": 1300.0, "tournament_kd_loss": 0.25, "tournament_s": 1.5}
+    assert Candidate.from_dict(d) == c and c.score("kd_loss") == 0.25
