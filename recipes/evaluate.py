@@ -51,10 +51,9 @@ class EvaluateConfig:
     batch_size: int = 4
     """Windows per forward pass."""
     dtype: str = "auto"
-    """auto | bf16 | fp32: the models' weights and compute, for every measurement. bf16 is ~1.7x
-    faster on a CPU with bf16 instructions and gave the demo teacher's held-out loss within 2e-5
-    of fp32's, and ~8x slower on one without; auto chooses as training's precision=auto does
-    (runtime.auto_precision, recorded in results.json and the manifest)."""
+    """auto | bf16 | fp32: the models' weights and compute, for every measurement (bf16 is fast
+    only on a CPU with bf16 instructions, docs/measured.md); auto chooses as training's
+    precision=auto does (runtime.auto_precision, recorded in results.json and the manifest)."""
     prompts: list | None = None
     """Prompts for sample generations (greedy)."""
     max_new_tokens: int = 40

@@ -47,9 +47,9 @@ class PlanConfig:
     peak_tflops: float = 989.0
     """Dense bf16 peak per GPU (H100 SXM: 989)."""
     mfu: float = 0.40
-    """Assumed model FLOP utilisation of TP=1 PP=1 (one H200 measured 54% for TE bf16
-    distillation at seq 8192, docs/measured.md; a cluster's communication takes some of it);
-    other layouts are slower by recipes/lib/layout.py's estimate."""
+    """Assumed model FLOP utilisation of TP=1 PP=1 (docs/measured.md has what one GPU measured;
+    a cluster's communication takes some of it); other layouts are slower by
+    recipes/lib/layout.py's estimate."""
     inference_batch: int = 32
     """Batch of the larger decode estimate (KV cache bytes grow with it)."""
 

@@ -236,9 +236,8 @@ def fp8_memory(a: Arch, seq: int, layers: int, training: bool, recomputed: int =
     the forward, and when training a second (the column-wise copy, for the input gradient); a
     training layer keeps its matmuls' inputs in fp8 for the weight gradient instead of bf16, one
     byte less per element (q, k, v and gate / up see the hidden state, o the attention output,
-    down the SwiGLU output). Against the H200's measured peaks (docs/gpu.md): 8B -> 4.5B at seq
-    4096, 1.1% under with an fp8 student, 1.1% under with an fp8 teacher too. `recomputed` of
-    the layers keep no inputs at all (stored_activations)."""
+    down the SwiGLU output); docs/measured.md holds it against a GPU's measured peaks.
+    `recomputed` of the layers keep no inputs at all (stored_activations)."""
     weights = a._layer_matmul_params * (2 if training else 1)
     inputs = seq * (2 * a.hidden_size + a.num_attention_heads * a.head_dim
                     + a.ffn_hidden_size) if training else 0

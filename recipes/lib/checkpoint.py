@@ -15,7 +15,7 @@ instead of ModelOpt's `import_mcore_gpt_from_hf`: that importer fills a fully bu
 model, so the process holds every weight (plus the HF tensors it reads through mmap) before
 anything is written.
 Here the model is built on the meta device and megatron's checkpoint writer pulls one chunk at a
-time: peak RSS 0.40x a plain transformers load of the same 1.1B checkpoint (bench/convert.py),
+time (bench/convert.py measures the peak against a plain transformers load, docs/measured.md),
 and an 8B converts on hosts with far less memory than the model. `safe_open(...).get_slice`
 would read the same bytes but through mmap, whose touched pages count towards the peak.
 

@@ -379,9 +379,8 @@ def _sdpa_core_attention(original):
 # which the training losses turn back into [s, b, v] or never read (ModelOpt's KD reads the
 # output layer's own [s, b, v] output). Within `logits_as_computed()` the model returns the
 # output layer's [s, b, v] tensor itself: a [b, s, v] transposed view handed to that last line
-# transposes back to it, so `.contiguous()` has nothing to copy. Measured on the demo's shapes
-# in fp32 on a CPU: 0.63 s a copy, 8% of a step; on a GPU at seq 8192 and a 128k vocabulary,
-# 2 GB of bf16 per model. Drop it when megatron can return the [s, b, v] logits itself.
+# transposes back to it, so `.contiguous()` has nothing to copy (a copy's cost is in
+# docs/measured.md). Drop it when megatron can return the [s, b, v] logits itself.
 _SBV = {"on": False}
 
 

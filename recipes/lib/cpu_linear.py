@@ -3,12 +3,11 @@ routes megatron's and transformers' linear layers here).
 
 PyTorch runs an fp32 matmul on x86 through MKL. On AMD CPUs MKL takes its AVX2 kernels;
 oneDNN, the library inside PyTorch that already runs its bf16 matmuls, runs the same fp32 GEMM
-with AVX-512. Measured on an AMD EPYC (Zen 5, 2 cores) at the demo's shapes: forward 372 vs
-170 GFLOP/s (2048 x 576 x 1536), the 49k-vocabulary output layer 2.8x, the weight gradient
-1.2-1.7x. The result is an ordinary fp32 GEMM: it differs from MKL's by the order of fp32
-summation (~1e-6 relative), which tests/unit/test_cpu_linear.py bounds.
+with AVX-512 (docs/measured.md: the speed-ups measured). The result is an ordinary fp32 GEMM:
+it differs from MKL's by the order of fp32 summation (~1e-6 relative), which
+tests/unit/test_cpu_linear.py bounds.
 
-Used only where it pays: a short probe in this process (`probe`, ~60 ms, once) must measure
+Used only where it pays: a short probe in this process (`probe`, once) must measure
 oneDNN at least MIN_GAIN times MKL's speed (on Intel CPUs with AVX-512 MKL is already at full
 width and the probe keeps it), only for fp32 CPU tensors, and only for GEMMs of at least
 MIN_MACS multiply-adds (below that oneDNN's call overhead loses).
@@ -24,7 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MIN_MACS = 1 << 23   # 256 x 128 x 256 measured even; a 64^3 GEMM is 2x slower through oneDNN
-MIN_GAIN = 1.3       # AMD Zen 5: ~2.2x; Intel AVX-512: ~1x -> far from the line either way
+MIN_GAIN = 1.3       # far from what AMD and Intel CPUs measured either way (docs/measured.md)
 FORCE: bool | None = None  # tests: True / False skip the probe
 
 

@@ -8,8 +8,8 @@ exactly as long as its header says; the index and the shards agree; every tensor
 implies is there with the shape config.json implies (mapping.hf_shapes); the weights hold no
 layer past config.json's num_hidden_layers (which would otherwise be dropped without a word).
 Other tensors convert does not read (rotary inv_freq buffers, ...) are named in a warning. Each
-tensor read is checked for NaN / inf (`check_finite`, ~14 GB/s on one core: about a second for
-an 8B): a damaged or diverged checkpoint fails its convert naming the tensor, instead of
+tensor read is checked for NaN / inf (`check_finite`; its cost is in docs/measured.md): a
+damaged or diverged checkpoint fails its convert naming the tensor, instead of
 pruning on NaN importance scores and failing at distillation's first step.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ evaluate checks. A reader checks the sizes before anything expensive (a truncate
 without reading a byte) and the checksums before loading (a flipped bit would otherwise load
 and travel on silently: export's parity check compares two models built from the same damaged
 weights). The files are split over the ranks, which all see the checkpoint's filesystem; zlib's
-CRC32 runs at ~7 GB/s on one Zen 5 core, faster than most disks read. Folders without a record
+CRC32 runs faster than most disks read (docs/measured.md). Folders without a record
 (written by Megatron-Bridge, Megatron-LM, or by this recipe before the record existed) are read
 unchecked.
 """

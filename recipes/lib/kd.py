@@ -36,8 +36,7 @@ from modelopt.torch.distill.plugins.megatron import LogitsKLLoss  # noqa: E402
 NEG = -1.0e9  # finite: exp() underflows to 0 and kl_div stays NaN-free
 FUSED = True  # False: ModelOpt's LogitsKLLoss and megatron's cross-entropy (tests compare)
 CHUNK_TOKENS = 16  # rows per chunk of the fused losses on a CPU: ~3 MB of fp32 at a 49k
-# vocabulary, so the ~8 passes over a chunk hit the cache (2.5x faster than 256 rows on the
-# demo's CPU)
+# vocabulary, so the ~8 passes over a chunk hit the cache (docs/measured.md)
 GPU_CHUNK_BYTES = 256 << 20  # fp32 bytes per temporary per chunk on a GPU: 523 rows at a 128k
 # vocabulary, few kernel launches, and a few such temporaries live at a time
 

@@ -37,8 +37,7 @@ def generation_speeds(models: dict, vocab_size: int, prompt_tokens: int, new_tok
                       batch_sizes: list[int], repeats: int, seed: int = 0) -> dict:
     """{name: throughput} of several models on the same prompts, their runs interleaved (a warm-up
     of each, then a, b, a, b, ...): a host whose speed drifts (a shared VM, a GPU's clocks) then
-    slows every model alike. Timed one after the other, minutes apart, a 2-core VM showed a 71M
-    student decoding at 0.76x its 135M teacher (batch 8), where interleaved it ran at 1.30x."""
+    slows every model alike (docs/measured.md: what timing them one after the other gave)."""
     dev = next(next(iter(models.values())).parameters()).device
     g = torch.Generator().manual_seed(seed)
     times = {n: {} for n in models}  # name -> batch -> [(prefill_s, generate_s)]
