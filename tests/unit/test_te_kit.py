@@ -389,3 +389,16 @@ def test_a_damaged_manifest_is_one_line_not_a_traceback(kit, capsys, damage, mes
         assert te_kit.main([cmd, "--kit", str(folder)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("te_kit: ") and message in err and err.count("\n") == 1, err
+
+
+def test_the_demo_assets_script_names_a_damaged_record_in_one_line(tmp_path):
+    """scripts/ follow the stages' rule: bad input is one line and exit 2, not a traceback."""
+    dest = tmp_path / "demo"
+    (dest / "smollm2-135m-instruct").mkdir(parents=True)
+    (dest / "smollm2-135m-instruct" / "config.json").write_text("{}")
+    (dest / "ASSETS.json").write_text('{"model": ')  # cut while written
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_demo_assets.py"),
+                        "--dest", str(dest)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith(f"prepare_demo_assets: {dest / 'ASSETS.json'} is missing or "
+                               "damaged (JSONDecodeError") and p.stderr.count("\n") == 1
