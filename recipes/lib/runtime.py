@@ -242,6 +242,16 @@ def bf16_matmul_speedup(n: int = 512, budget_s: float = 0.1) -> float:
     return best(a, b) / best(a.bfloat16(), b.bfloat16())
 
 
+def aten_flags(flags: set[str], capability: str | None = None) -> set[str]:
+    """An x86 CPU's flags as PyTorch's own kernels use them: where they run narrower than
+    AVX-512 (ATEN_CPU_CAPABILITY=avx2, or a build without it), its bf16 kernels are not native
+    either, whatever the CPU has."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    if "avx2" in flags and not capability.startswith("AVX512"):
+        return flags - set(CPU_BF16_FLAGS) - {f for f in flags if f.startswith("avx512")}
+    return flags
+
+
 def choose_precision(cuda: bool, flags: set[str], speedup: float | None) -> dict:
     """The decision behind precision=auto: bf16 on CUDA; on a CPU bf16 only where it is natively
     fast (bf16 instructions and a bf16 matmul at least as fast as fp32), else fp32."""
@@ -271,7 +281,8 @@ def auto_precision(run_dir: str | Path) -> dict:
         if path.is_file():
             return json.loads(path.read_text())
         cuda = torch.cuda.is_available()
-        choice = choose_precision(cuda, cpu_flags(), None if cuda else bf16_matmul_speedup())
+        choice = choose_precision(cuda, aten_flags(cpu_flags()),
+                                  None if cuda else bf16_matmul_speedup())
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(choice, indent=1) + "\n")
         os.replace(tmp, path)

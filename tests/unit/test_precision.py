@@ -69,3 +69,18 @@ def test_training_configs_resolve_auto_for_student_and_teacher(machine, tmp_path
     fixed = DistillConfig(input="-", teacher="-", data=["-"], train_iters=4, warmup_iters=1,
                           precision="fp32", teacher_precision="bf16")
     assert train_config.resolve_precision(fixed, tmp_path) == (fixed, None)
+
+
+def test_auto_follows_pytorchs_own_kernels_not_only_the_cpu():
+    """ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU (or a build without AVX-512 kernels): torch's
+    bf16 kernels are not native there (some refuse: 'pack_vnni2 is only supported when avx512
+    is supported'), so auto picks fp32 as on an AVX2-only CPU."""
+    from recipes.lib import runtime
+
+    flags = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"}
+    assert runtime.aten_flags(flags, "AVX512") == flags
+    narrow = runtime.aten_flags(flags, "AVX2")
+    assert narrow == {"avx2", "fma"}
+    assert runtime.choose_precision(False, narrow, 1.5)["precision"] == "fp32"
+    arm = {"asimd", "bf16", "sve"}
+    assert runtime.aten_flags(arm, "DEFAULT") == arm  # only x86's AVX-512 kernels matter
