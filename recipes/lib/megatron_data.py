@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recipes.lib import compat, runtime
+from recipes.lib import runtime
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 from recipes.lib.errors import OutputExists, Refusal
 
@@ -78,14 +78,6 @@ def parse_blend(entries: list) -> tuple[list, list | None]:
     return [str(e) for e in entries], None
 
 
-def _index(prefix: str):
-    compat.apply()
-    # lazy: megatron after compat.apply(); light modules import this one
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    return IndexedDataset(str(prefix), multimodal=False, mmap=True)
-
-
 def read_index(prefix: str, key: str) -> dict:
     """The .idx of `prefix` read and checked against itself and the .bin: {dtype, lengths,
     pointers, documents} (memory-mapped), or a Refusal naming the file and what is wrong."""
@@ -129,10 +121,9 @@ def read_index(prefix: str, key: str) -> dict:
     return {"dtype": dtypes[code], "lengths": lengths, "pointers": pointers, "documents": docs}
 
 
-def check(prefix: str, vocab_size: int, key: str) -> dict:
-    """The prefix's index (`read_index`), and every token id of its .bin inside the vocabulary;
-    what was checked (the manifest's)."""
-    idx = read_index(prefix, key)
+def check(prefix: str, idx: dict, vocab_size: int, key: str) -> dict:
+    """Every token id of the prefix's .bin inside the vocabulary (`idx`: its read_index); what
+    was checked (the manifest's)."""
     tokens = np.memmap(f"{prefix}.bin", dtype=idx["dtype"], mode="r")
     top, low = -1, 0
     for i in range(0, len(tokens), SCAN_TOKENS):
@@ -150,24 +141,23 @@ def check(prefix: str, vocab_size: int, key: str) -> dict:
             "bytes": int(tokens.nbytes), "index": "checked in full"}
 
 
-def import_prefix(prefix: str, out: Path, proportions: list[float]) -> dict:
-    """Split files for `prefix` in folder `out` (which exists): per split an index of its
-    documents pointing into the original .bin (symlinked); returns documents and tokens per
-    split, for the manifest."""
-    idx = _index(prefix).index
-    docs = np.asarray(idx.document_indices)
+def import_prefix(prefix: str, idx: dict, out: Path, proportions: list[float]) -> dict:
+    """Split files for `prefix` (`idx`: its read_index) in folder `out` (which exists): per
+    split an index of its documents pointing into the original .bin (symlinked); returns
+    documents and tokens per split, for the manifest."""
+    docs = np.asarray(idx["documents"])
     n = len(docs) - 1
     cuts = np.round(np.cumsum([0.0, *proportions]) * n).astype(np.int64)
     out_docs, out_tokens = {}, {}
     for split, d0, d1 in zip(("train", "valid", "test"), cuts[:-1], cuts[1:]):
         s0, s1 = int(docs[d0]), int(docs[d1])
-        lengths = np.asarray(idx.sequence_lengths[s0:s1])
-        write_index(out / f"{split}.idx", np.dtype(idx.dtype).type, lengths,
-                    docs[d0:d1 + 1] - docs[d0], np.asarray(idx.sequence_pointers[s0:s1]))
+        lengths = np.asarray(idx["lengths"][s0:s1])
+        write_index(out / f"{split}.idx", idx["dtype"], lengths, docs[d0:d1 + 1] - docs[d0],
+                    np.asarray(idx["pointers"][s0:s1]))
         os.symlink(Path(f"{prefix}.bin").resolve(), out / f"{split}.bin")
         out_docs[split] = int(d1 - d0)
         out_tokens[split] = int(lengths.astype(np.int64).sum())
-    return {"documents": out_docs, "tokens": out_tokens, "dtype": np.dtype(idx.dtype).name}
+    return {"documents": out_docs, "tokens": out_tokens, "dtype": np.dtype(idx["dtype"]).name}
 
 
 def import_name(prefix: str) -> str:
@@ -203,9 +193,10 @@ def import_stage(prefix: str, out: Path, proportions: list[float], vocab_size: i
             raise
         sdir = StageDir("data", out, fingerprint(spec, extra), True, inputs={"prefix": files})
         sdir.already_done()
-    checked = check(prefix, vocab_size, key)
+    idx = read_index(prefix, key)
+    checked = check(prefix, idx, vocab_size, key)
     tmp = sdir.begin()
-    res = import_prefix(prefix, tmp, proportions)
+    res = import_prefix(prefix, idx, tmp, proportions)
     return sdir.commit({
         "input": {"prefix": spec.prefix}, "tokenizer": tokenizer, "vocab_size": vocab_size,
         "max_token_id": checked["max_token_id"], "eod": eod, "dtype": res["dtype"],
