@@ -145,10 +145,11 @@ BATCH_CHARS = 4 << 20  # text per batch encode (bounded memory; ~16 pieces of th
 
 
 def _items(reader: documents.Reader):
-    """(document number, is its last item, text piece or chat messages) for every document."""
+    """(document number, is its last item, text piece or rendered chat) for every document: a
+    chat as the reader's check rendered it, (text, assistant spans), not rendered again."""
     for i, doc in enumerate(reader):
         if doc.messages is not None:
-            yield i, True, doc.messages
+            yield i, True, doc.rendered
             continue
         cur = next(doc.pieces)
         for nxt in doc.pieces:
@@ -158,12 +159,11 @@ def _items(reader: documents.Reader):
 
 
 def _batches(items, chars: int = BATCH_CHARS):
-    """Runs of items of about `chars` characters of text (a chat: its messages')."""
+    """Runs of items of about `chars` characters of text (a chat: its rendering's)."""
     batch, size = [], 0
     for item in items:
         batch.append(item)
-        size += len(item[2]) if isinstance(item[2], str) else \
-            sum(len(m["content"]) for m in item[2])
+        size += len(item[2]) if isinstance(item[2], str) else len(item[2][0])
         if size >= chars:
             yield batch
             batch, size = [], 0
@@ -183,7 +183,7 @@ def encode(tok, batch: list) -> list[tuple[np.ndarray, np.ndarray | None]]:
     else:
         ids = iter(tok(texts, add_special_tokens=False)["input_ids"])
     return [(np.array(next(ids), dtype=np.int32), None) if isinstance(x, str)
-            else tokens.encode_chat(tok, x) for *_, x in batch]
+            else tokens.encode_chat(tok, *x) for *_, x in batch]
 
 
 class Writer:
@@ -274,7 +274,8 @@ def run(cfg: config.Config) -> dict:
         log.info("%s is complete (same inputs and config): skipping", out)
         return read_manifest(out)
     reader = documents.Reader(files, c.text_field, c.messages_field, c.min_chars, c.on_bad_row,
-                              check_chat=lambda m: tok.chat_template and tokens.chat_spans(tok, m))
+                              check_chat=lambda m: tokens.chat_spans(tok, m) if tok.chat_template
+                              else None)
     found = survey(reader, tok, vocab_size, c)
     n_docs = found["documents"]
     assign = split_assignment(n_docs, c.proportions, cfg.run.seed)

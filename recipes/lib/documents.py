@@ -128,6 +128,7 @@ class Document:
     where: str                          # file:row, for messages
     pieces: Iterator[str] | None = None  # text, in pieces of at most ~CHUNK_CHARS
     messages: list | None = None         # a chat: [{role, content}, ...]
+    rendered: object = None              # a chat as `check_chat` rendered it (the tokenizer's)
 
 
 class BadRow(Refusal):
@@ -179,8 +180,7 @@ class Reader:
                     return None
                 for m in messages:
                     lone_surrogate(m["content"])
-                self._render(messages)
-                return Document(f"{f}:{n}", messages=messages)
+                return Document(f"{f}:{n}", messages=messages, rendered=self._render(messages))
             if self.text_field not in row:
                 raise BadRow(f"no '{self.text_field}' (or '{self.messages_field}') field; set "
                              "data.text_field", "no text field")
@@ -201,11 +201,12 @@ class Reader:
         return Document(f"{f}:{n}", pieces=split(text))
 
 
-    def _render(self, messages: list) -> None:
+    def _render(self, messages: list):
+        """`check_chat(messages)` (None without one), its refusal a bad row of this chat."""
         if self.check_chat is None:
-            return
+            return None
         try:
-            self.check_chat(messages)
+            return self.check_chat(messages)
         except Refusal as e:
             raise BadRow(str(e), "chat template") from None
         except Exception as e:  # the tokenizer's own template: jinja2's TemplateError, a

@@ -181,10 +181,9 @@ def chat_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     return full, spans
 
 
-def encode_chat(tok, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """A chat's token ids and a 0/1 mask that is 1 on the assistant turns (`chat_spans`),
-    mapping the characters to tokens by their offsets."""
-    full, spans = chat_spans(tok, messages)
+def encode_chat(tok, full: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """A chat's token ids and a 0/1 mask that is 1 on the assistant turns, from its rendering
+    and their character spans (`chat_spans`), the characters mapped to tokens by offsets."""
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(a <= (s + e) / 2 < b for a, b in spans)) for s, e in enc["offset_mapping"]]
     return np.asarray(enc["input_ids"], dtype=np.int32), np.asarray(mask, dtype=np.uint8)
