@@ -116,7 +116,7 @@ def laid_out(cfg: config.Config, c: ClusterConfig, gpus: dict) -> ClusterConfig:
                   file=sys.stderr)
         chosen[stage] = {"tp": x.tp, "pp": x.pp, **(
             {"recompute_layers": x.recompute_layers} if x.recompute_layers
-            and not layout.memory_settings(cfg)["recompute_layers"] else {})}
+            and not layout.memory_settings(cfg, stage)["recompute_layers"] else {})}
     return dataclasses.replace(c, layout={**chosen, **c.layout})
 
 

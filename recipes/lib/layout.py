@@ -123,17 +123,18 @@ def prune_pp(t: Arch, seq: int, gpus: int, memory_gb: float) -> int:
 
 
 # ---- a recipe's layouts: what plan prints and launch runs -------------------------------------
-def distill_section(cfg: config.Config) -> dict:
-    """The recipe's distill settings as written (plan and launch type only their own)."""
-    d = cfg.get("distill")
+def distill_section(cfg: config.Config, name: str = "distill") -> dict:
+    """A training section's settings as written (plan and launch type only their own): distill's,
+    or teacher_correction's."""
+    d = cfg.get(name)
     return d if isinstance(d, dict) else {}
 
 
-def memory_settings(cfg: config.Config) -> dict:
-    """The distill settings that change its memory (training_memory's keywords): the
-    precision-aware optimizer, fp8 for the student, or the teacher too (never by default), and
-    activation recompute."""
-    d = distill_section(cfg)
+def memory_settings(cfg: config.Config, name: str = "distill") -> dict:
+    """The settings of training section `name` that change its memory (training_memory's
+    keywords): the precision-aware optimizer, fp8 for the student, or the teacher too (never by
+    default), and activation recompute."""
+    d = distill_section(cfg, name)
     return {"precision_aware": bool(d.get("precision_aware_optimizer")),
             "precision": d.get("precision", "auto"),
             "teacher_precision": d.get("teacher_precision") or "bf16",
@@ -141,10 +142,10 @@ def memory_settings(cfg: config.Config) -> dict:
             "recompute_layers": int(d.get("recompute_layers") or 0)}
 
 
-def budget(cfg: config.Config) -> dict:
-    """The distillation run as the recipe's distill section sets it (TrainConfig's defaults,
-    the paper's, for what it leaves out): the one source of the token budget."""
-    d = distill_section(cfg)
+def budget(cfg: config.Config, name: str = "distill") -> dict:
+    """The run as training section `name` sets it (TrainConfig's defaults, the paper's, for what
+    it leaves out): distill's is the one source of the token budget."""
+    d = distill_section(cfg, name)
     b = {k: int(d.get(k, getattr(TrainConfig, k))) for k in
          ("train_iters", "global_batch_size", "micro_batch_size", "seq_length")}
     return {**b, "tokens": b["train_iters"] * b["global_batch_size"] * b["seq_length"]}
@@ -189,15 +190,16 @@ def stage_layout(cfg: config.Config, stage: str, gpus: int | None = None,
     (and priced), the rest chosen here; raises where none fits, or where the hand's does not
     divide the models, the GPUs and the batch. `arch`: models(cfg), where known."""
     t, s = (arch or models(cfg))[:2]
-    p, c, b = cfg.section("plan"), cfg.section("cluster"), budget(cfg)
+    p, c = cfg.section("plan"), cfg.section("cluster")
     gpus = gpus or training_gpus(cfg)
     hand = c.layout.get(stage)
     if stage == "prune":
         seq = cfg.typed("prune").seq_length if "prune" in cfg else 4096
         return hand["pp"] if hand else prune_pp(t, seq, gpus, p.gpu_memory_gb)
+    b = budget(cfg, stage)  # each training stage at its own sequence, batch and settings
     options = candidates(t if stage == "distill" else None, s if stage == "distill" else t,
                          gpus=gpus, seq=b["seq_length"], global_batch=b["global_batch_size"],
-                         micro_batch=b["micro_batch_size"], settings=memory_settings(cfg),
+                         micro_batch=b["micro_batch_size"], settings=memory_settings(cfg, stage),
                          gpus_per_node=c.gpus_per_node)
     if not hand:
         return choose(options, p.gpu_memory_gb, f"{stage} on {gpus} GPUs")

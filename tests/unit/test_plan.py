@@ -218,3 +218,17 @@ def test_an_impossible_layout_is_refused_with_the_fix():
     e = plan.estimate(load("llama31_8b_to_4b_width", "plan.gpu_memory_gb=8"))
     assert "distill" not in e["layouts"]
     assert "distill on 8 GPUs: no layout fits 90% of 8 GB per GPU" in e["layout_problems"][-1]
+
+
+def test_teacher_correction_is_laid_out_at_its_own_settings():
+    """Teacher correction trains the 8B teacher at its own sequence length and batch, not
+    distill's: at 8192 it needs PP=2 on 80 GB GPUs, at 2048 TP=1 PP=1 fits."""
+    short = load("llama31_8b_to_4b_width", "teacher_correction.seq_length=2048")
+    own = layout.stage_layout(short, "teacher_correction")
+    paper = layout.stage_layout(load("llama31_8b_to_4b_width"), "teacher_correction")
+    assert (own.tp, own.pp) == (1, 1) and (paper.tp, paper.pp) == (1, 2)
+    assert layout.fits(own.gb, 80) and not layout.fits(
+        layout.candidates(None, *layout.models(short)[:1], gpus=8, seq=8192, global_batch=1152,
+                          micro_batch=1, settings=layout.memory_settings(short))[0].gb, 80)
+    distill = layout.stage_layout(short, "distill")
+    assert (distill.tp, distill.pp) == (1, 2)  # distill keeps its own 8192
