@@ -196,7 +196,7 @@ def _teach_hidden_size_importance(MM) -> None:
 
     te_hidden_importance = MM._register_hidden_size_importance
     upstream.check_signature(f"{MM.__name__}:_register_hidden_size_importance",
-                           ("module", "registry"), te_hidden_importance)
+                             ("module", "registry"), te_hidden_importance)
 
     def hidden_size_importance(module, registry):
         norms = [n for layer in module.decoder.layers
@@ -231,7 +231,7 @@ def _cpu_depth_pruning(MM) -> None:
 
     drop = MM.drop_mcore_language_model_layers
     upstream.check_signature(f"{MM.__name__}:drop_mcore_language_model_layers",
-                           ("model", "layers_to_drop"), drop)
+                             ("model", "layers_to_drop"), drop)
 
     @functools.wraps(drop)
     def drop_layers_cpu(model, *, layers_to_drop):
