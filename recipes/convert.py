@@ -46,14 +46,14 @@ class ConvertConfig:
 
 def run(cfg: config.Config) -> dict:
     c: ConvertConfig = cfg.convert
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
     hf_path = Path(c.hf_path)
     out = Path(c.output or Path(cfg.run.dir) / "convert")
     # --- every check before any expensive work ---
     hf_cfg = read_hf_config(hf_path)
     arch = Arch.from_hf_config(hf_cfg, str(hf_path / "config.json"))
     tokens.check_tokenizer_files(hf_path, "convert.hf_path")  # copied into every export
-    validate_layout(arch, tp, pp)
+    validate_layout(arch, tp, pp, ep)
     reader = hf_weights.HFReader(hf_path, mapping.hf_shapes(arch))
     # hash_weights only decides how inputs are checked: it leaves a finished stage finished
     sdir = StageDir("convert", out, fingerprint(c, {"tp": tp, "pp": pp}, ignore={"hash_weights"}),
@@ -63,7 +63,7 @@ def run(cfg: config.Config) -> dict:
         log.info("%s is complete (same config): skipping; pass run.force=true to redo", out)
         return read_manifest(out)
 
-    with runtime.distributed(tp, pp, cfg.run.seed):
+    with runtime.distributed(tp, pp, cfg.run.seed, ep):
         log.info("convert %s -> %s at TP=%d PP=%d, %s\n%s", hf_path, out, tp, pp, c.dtype,
                  config.to_yaml(cfg))
         tmp = sdir.begin(need=disk.nbytes(arch, c.dtype))

@@ -66,11 +66,11 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: config.Config) -> dict:
     c: ExportConfig = cfg.export
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
     out = Path(c.output or Path(cfg.run.dir) / "export")
     source = interop.open_source(c.input, "export.input", CHECKPOINT_STAGES, c.input_hf_config)
     arch = source.arch
-    validate_layout(arch, tp, pp)
+    validate_layout(arch, tp, pp, ep)
     runtime.resolve_spec(c.spec)
     sdir = StageDir("export", out, fingerprint(c, {"tp": tp, "pp": pp}), cfg.run.force,
                     inputs={"input": source.input()})
@@ -78,7 +78,7 @@ def run(cfg: config.Config) -> dict:
         log.info("%s is complete (same config): skipping", out)
         return read_manifest(out)
 
-    with runtime.distributed(tp, pp, cfg.run.seed):
+    with runtime.distributed(tp, pp, cfg.run.seed, ep):
         tmp = sdir.begin(need=disk.nbytes(arch, c.dtype, padded=False))
         from recipes.lib import model as M  # lazy: megatron; config checks import this module
 

@@ -28,8 +28,8 @@ import sys
 import types
 
 from recipes.lib import config, layout, search, stage
-from recipes.lib.arch import (WIDTH_KEYS, Arch, distill_flops_per_token, prune_memory,
-                               validate_layout)
+from recipes.lib.arch import Arch, distill_flops_per_token, prune_memory, validate_layout
+from recipes.lib.targets import WIDTH_KEYS
 from recipes.lib.train_config import TrainConfig
 from recipes.lib.errors import Refusal
 

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from recipes.lib import (checkpoint, config, disk, importance, interop, megatron_data, runtime,
                          stage, tokens, train_config)
-from recipes.lib.arch import DEPTH_METHODS, WIDTH_KEYS, Arch, human, pruned_arch, validate_layout
+from recipes.lib.arch import Arch, human, validate_layout
+from recipes.lib.targets import DEPTH_METHODS, budget, pruned_arch, width_keys
 from recipes.lib.search import SearchConfig, arch_of, check_target, constraint
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 from recipes.lib.errors import Refusal
@@ -60,9 +61,17 @@ class PruneConfig(config.ModelInput):
     """Target query heads, a multiple of the KV groups (None: keep)."""
     num_layers: int | None = None
     """Target layers (None: keep, or teacher layers minus len(drop_layers))."""
+    num_moe_experts: int | None = None
+    """A mixture of experts: target experts per layer, the least important dropped by ModelOpt's
+    expert importance (the L2 norm of each expert's routed output) (None: keep)."""
+    moe_ffn_hidden_size: int | None = None
+    """A mixture of experts: target neurons of each expert's FFN (None: keep)."""
     target_params: float | None = None
     """Instead of the sizes above: a parameter budget, absolute (4.5e9) or a fraction of the
     teacher's (0.55); ModelOpt's search finds the shapes (recipes/lib/search.py)."""
+    target_active_params: float | None = None
+    """A mixture of experts, instead of the sizes: a budget of active parameters (those one
+    token runs through), absolute (2e9) or a fraction of the teacher's."""
     target_memory_mb: float | None = None
     """Instead of the sizes above: a memory budget in MB (ModelOpt's estimate: bf16 weights + the
     KV cache of one 4096-token sequence)."""
@@ -92,7 +101,7 @@ class PruneConfig(config.ModelInput):
 
     @property
     def searching(self) -> bool:
-        return self.target_params is not None or self.target_memory_mb is not None
+        return budget(self) is not None
 
     @property
     def tournament(self) -> bool:
@@ -110,10 +119,10 @@ class PruneConfig(config.ModelInput):
             if getattr(self, k) < 1:
                 raise Refusal(f"prune.{k} must be >= 1")
         if self.searching:
-            self._check_target()
+            self.search = self.search or SearchConfig()
         elif self.search:
             raise Refusal("prune.search is set but no prune.target_params / "
-                          "prune.target_memory_mb")
+                          "target_active_params / target_memory_mb")
         if self.tournament_job is not None:
             if not self.tournament:
                 raise Refusal(f"prune.tournament_job={self.tournament_job!r} but prune runs no "
@@ -125,19 +134,6 @@ class PruneConfig(config.ModelInput):
         if self.calib_samples % self.micro_batch_size:
             raise Refusal(f"prune.calib_samples={self.calib_samples} is not a multiple of "
                           f"prune.micro_batch_size={self.micro_batch_size}")
-
-    def _check_target(self) -> None:
-        if self.target_params is not None and self.target_memory_mb is not None:
-            raise Refusal("set prune.target_params or prune.target_memory_mb, not both")
-        sizes = [k for k in (*WIDTH_KEYS, "num_layers", "drop_layers")
-                 if getattr(self, k) is not None]
-        if sizes:
-            raise Refusal(f"prune.target_* searches the shape: unset {sizes} (or drop the "
-                          "target and choose the sizes yourself)")
-        target = self.target_params if self.target_params is not None else self.target_memory_mb
-        if not target > 0:
-            raise Refusal(f"the prune target must be > 0, not {target}")
-        self.search = self.search or SearchConfig()
 
 
 @dataclasses.dataclass
@@ -186,6 +182,9 @@ def resolve(cfg: config.Config) -> Plan:
     if tp != 1:
         raise Refusal(f"parallel.tp={tp}: ModelOpt Minitron pruning requires TP=1; prune with "
                       "parallel.tp=1 parallel.pp=N, then distill at any TP/PP")
+    if cfg.parallel.ep != 1:
+        raise Refusal(f"parallel.ep={cfg.parallel.ep}: prune ranks every expert on each rank; "
+                      "prune with parallel.ep=1, then distill at any EP")
     source = interop.open_source(c.input, "prune.input", ("convert", "teacher_correction"),
                                  c.input_hf_config)
     teacher = source.arch
@@ -254,7 +253,7 @@ def run(cfg: config.Config) -> dict:
                                                    "max_depth_pruning", "top_k",
                                                    "tournament_steps")})
     else:
-        keys = (*WIDTH_KEYS, "num_layers")
+        keys = (*width_keys(teacher), "num_layers")
         log.info("prune %s: %s -> %s (%s -> %s parameters)", plan.source.path,
                  {k: getattr(teacher, k) for k in keys},
                  {k: getattr(plan.student, k) for k in keys},
@@ -378,11 +377,12 @@ def prune_fixed(c: PruneConfig, plan: Plan, tmp: Path, seed: int) -> Pruned:
         drop = list(range(best["drop_layers"][0], best["drop_layers"][1] + 1))
         log.info("contiguous: least harmful block %s (held-out loss %.4f)",
                  best["drop_layers"], best["loss"])
-    export_config = {k: getattr(student, k) for k in WIDTH_KEYS}
+    export_config = {k: getattr(student, k) for k in width_keys(teacher)}
     if n_drop and c.depth_method == "block_influence":
         export_config["num_layers"] = student.num_layers
     mode = [("mcore_minitron", MM.get_mcore_minitron_config(
-        hidden_size_divisor=1, ffn_hidden_size_divisor=1, num_layers_divisor=1))]
+        hidden_size_divisor=1, ffn_hidden_size_divisor=1, num_moe_experts_divisor=1,
+        num_layers_divisor=1))]
     model, _ = mtp.prune(model, mode=mode, constraints={"export_config": export_config},
                          dummy_input=None, config={"forward_loop": calibration(c, plan, seed),
                                                    "scores_path": str(tmp / "scores") + "/"})

@@ -31,8 +31,22 @@ VARIANTS = {
                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=24, tie_word_embeddings=False, rope_theta=1000000.0,
                   attention_bias=False, use_sliding_window=False),
+    # Qwen3-30B-A3B-like mixture of experts: 6 experts (not a power of two), top-2,
+    # renormalised top-k weights, expert width != the dense intermediate_size
+    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=1001, hidden_size=64,
+                      intermediate_size=96, moe_intermediate_size=40, num_experts=6,
+                      num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                      tie_word_embeddings=False, rope_theta=1000000.0, use_sliding_window=False,
+                      mlp_only_layers=[], decoder_sparse_step=1),
+    # Mixtral-like: 3 experts, top-1, experts as wide as intermediate_size, tied embeddings
+    "mixtral": dict(model_type="mixtral", vocab_size=1001, hidden_size=64, intermediate_size=48,
+                    num_local_experts=3, num_experts_per_tok=1, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                    rope_theta=1000000.0, sliding_window=None),
 }
 FAMILY_VARIANTS = ("mistral", "qwen2", "qwen3")
+MOE_VARIANTS = ("qwen3_moe", "mixtral")
 
 
 def write_tiny_llama(path: Path, variant: str = "gqa", seed: int = 0, shards: int = 2,
@@ -50,6 +64,8 @@ def write_tiny_llama(path: Path, variant: str = "gqa", seed: int = 0, shards: in
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
+            elif n.endswith("gate.weight"):  # a router: decisive top-k, so a misrouted token
+                p.normal_(0.0, 1.0)  # (a mapping error) shows in the logits
             elif n.endswith(".bias"):
                 p.normal_(0.0, 0.5)
     size = sum(p.numel() * p.element_size() for p in model.parameters())

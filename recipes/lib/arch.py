@@ -1,13 +1,13 @@
 """The architecture of a checkpoint of a supported family (Llama, Mistral / Mistral-NeMo, Qwen2 /
-Qwen2.5, Qwen3): read from an HF `config.json`, written into every manifest, and turned back into
-that family's HF config on export. No stage restates it by hand. What a family adds is data
-(`FAMILIES`), not code paths."""
+Qwen2.5, Qwen3, and the mixtures of experts Qwen3-MoE and Mixtral): read from an HF
+`config.json`, written into every manifest, and turned back into that family's HF config on
+export. No stage restates it by hand. What a family adds is data (`FAMILIES`), not code paths.
+What pruning may make of one is recipes/lib/targets.py."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Protocol
 from recipes.lib.errors import MissingInput, Refusal
 
 # Megatron's llama3 RoPE scaling (rotary_pos_embedding.py `_apply_scaling`) hard-codes these; a
@@ -16,12 +16,20 @@ MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
 # model_type -> what the family is: its HF class, whether Q, K, V carry a bias (megatron
 # add_qkv_bias) and whether Q and K are RMS-normed per head (megatron qk_layernorm), and the
-# HF config fields that say so. All are dense decoders with RMSNorm, SwiGLU and RoPE.
+# HF config fields that say so. All are decoders with RMSNorm, SwiGLU and RoPE. A mixture of
+# experts (`moe`) names the HF config fields of its MoE block: the expert count, the expert
+# FFN width, and whether the top-k router weights are renormalised (a field, or a constant).
 FAMILIES = {
     "llama": {"architectures": "LlamaForCausalLM", "qkv_bias": False, "qk_norm": False},
     "mistral": {"architectures": "MistralForCausalLM", "qkv_bias": False, "qk_norm": False},
     "qwen2": {"architectures": "Qwen2ForCausalLM", "qkv_bias": True, "qk_norm": False},
     "qwen3": {"architectures": "Qwen3ForCausalLM", "qkv_bias": False, "qk_norm": True},
+    "qwen3_moe": {"architectures": "Qwen3MoeForCausalLM", "qkv_bias": False, "qk_norm": True,
+                  "moe": {"experts": ("num_experts", "num_local_experts"),
+                          "ffn": "moe_intermediate_size", "norm_topk_prob": "norm_topk_prob"}},
+    "mixtral": {"architectures": "MixtralForCausalLM", "qkv_bias": False, "qk_norm": False,
+                "moe": {"experts": ("num_local_experts",), "ffn": "intermediate_size",
+                        "norm_topk_prob": True}},
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size",
@@ -52,11 +60,28 @@ class Arch:
     sliding_window: int | None = None
     """Sliding-window attention span (Mistral v0.1); megatron's layers attend to everything, so
     stages refuse sequences longer than this (check_seq_length)."""
+    num_moe_experts: int | None = None
+    """Experts of every layer's MoE block (None: a dense model). The MoE fields carry
+    megatron's and ModelOpt's names, as prune's keys do."""
+    moe_ffn_hidden_size: int | None = None
+    """Each expert's SwiGLU width (HF moe_intermediate_size; Mixtral's intermediate_size)."""
+    moe_router_topk: int = 0
+    """Experts each token is routed to (HF num_experts_per_tok)."""
+    moe_norm_topk_prob: bool = True
+    """The top-k routing weights are renormalised to sum to 1 (HF norm_topk_prob; Mixtral
+    always): megatron's softmax over the top-k logits, else the softmax over all experts."""
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
             raise Refusal(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                           f"of num_query_groups={self.num_query_groups}")
+        if self.is_moe and not (1 <= self.moe_router_topk <= self.num_moe_experts):
+            raise Refusal(f"moe_router_topk={self.moe_router_topk} must be between 1 and "
+                          f"num_moe_experts={self.num_moe_experts}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
 
     @property
     def padded_vocab_size(self) -> int:
@@ -66,20 +91,35 @@ class Arch:
     def _qkv_width(self) -> int:
         return self.head_dim * (self.num_attention_heads + 2 * self.num_query_groups)
 
+    def _mlp_params(self, active: bool) -> int:
+        """One layer's MLP weights: gate, up, down; with experts, the router and every expert's
+        (`active`: the router and the top-k experts a token runs through)."""
+        h = self.hidden_size
+        if not self.is_moe:
+            return 3 * h * self.ffn_hidden_size
+        experts = self.moe_router_topk if active else self.num_moe_experts
+        return self.num_moe_experts * h + experts * 3 * h * self.moe_ffn_hidden_size
+
     @property
     def _layer_matmul_params(self) -> int:
-        """Weights of one layer's matmuls: q, k, v; o; gate, up, down."""
+        """Weights of one layer's matmuls a token runs through: q, k, v; o; gate, up, down (of
+        the top-k experts, and the router, in a mixture of experts)."""
         h = self.hidden_size
         return (h * self._qkv_width + self.num_attention_heads * self.head_dim * h
-                + 3 * h * self.ffn_hidden_size)
+                + self._mlp_params(active=True))
 
-    def num_params(self) -> int:
-        """Closed-form parameter count of the HF model (unpadded vocab)."""
+    def num_params(self, active: bool = False) -> int:
+        """Closed-form parameter count of the HF model (unpadded vocab); `active`: those one
+        token runs through (a mixture of experts' top-k experts; a dense model's all)."""
         h = self.hidden_size
         extra = self._qkv_width * self.qkv_bias + 2 * self.head_dim * self.qk_norm  # qkv bias,
-        layer = self._layer_matmul_params + extra + 2 * h  # q/k norms; the layer's two norms
+        layer = (h * self._qkv_width + self.num_attention_heads * self.head_dim * h  # q/k norms
+                 + self._mlp_params(active) + extra + 2 * h)  # the layer's two norms
         emb = self.vocab_size * h
         return self.num_layers * layer + emb * (1 if self.tie_embeddings else 2) + h
+
+    def num_active_params(self) -> int:
+        return self.num_params(active=True)
 
     def flops_per_token(self, seq: int) -> float:
         """Forward FLOPs per token at sequence length `seq`: 2 per weight of every matmul (the
@@ -103,9 +143,8 @@ class Arch:
         mt = cfg.get("model_type")
         if mt not in FAMILIES:
             raise Refusal(f"{source}: model_type={mt!r} is not supported; this recipe converts "
-                          f"the dense families {', '.join(FAMILIES)} ("
-                          f"{', '.join(f['architectures'] for f in FAMILIES.values())}); "
-                          "mixture-of-experts and other architectures are not")
+                          f"the families {', '.join(FAMILIES)} ("
+                          f"{', '.join(f['architectures'] for f in FAMILIES.values())})")
         fam = FAMILIES[mt]
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
@@ -146,6 +185,7 @@ class Arch:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             family=mt, qkv_bias=fam["qkv_bias"], qk_norm=fam["qk_norm"],
             sliding_window=int(window) if window else None,
+            **_moe_fields(cfg, fam.get("moe"), source),
         )
 
     @classmethod
@@ -180,7 +220,15 @@ class Arch:
         )
         if self.family == "mistral":  # Qwen2/3 keep the base's sliding_window + use_sliding_window
             cfg.update(sliding_window=self.sliding_window)
-        if self.family in ("llama", "qwen3"):  # Qwen2's Q/K/V bias is implied by its class
+        if self.is_moe:
+            moe = FAMILIES[self.family]["moe"]
+            cfg.update({moe["experts"][0]: self.num_moe_experts, moe["ffn"]: self.moe_ffn_hidden_size,
+                        "num_experts_per_tok": self.moe_router_topk})
+            for k in moe["experts"][1:]:
+                cfg.pop(k, None)  # one name for the count: the family's own
+            if isinstance(moe["norm_topk_prob"], str):
+                cfg[moe["norm_topk_prob"]] = self.moe_norm_topk_prob
+        if self.family in ("llama", "qwen3", "qwen3_moe"):  # Qwen2's bias is implied by its class
             cfg.update(attention_bias=False)
         if self.family == "llama":
             cfg.update(mlp_bias=False)
@@ -193,6 +241,32 @@ class Arch:
                 f"{key}={seq_length} exceeds the model's sliding_window={self.sliding_window}: "
                 "the teacher attends only to the last window tokens, megatron's layers here to "
                 f"all of them, so results would change; use {key}<={self.sliding_window}")
+
+
+def _moe_fields(cfg: dict, moe: dict | None, source: str) -> dict:
+    """Arch's MoE fields from an HF config (none for a dense family); a layout megatron's MoE
+    block cannot hold is refused here, naming the field."""
+    if moe is None:
+        return {}
+    experts = next((cfg[k] for k in moe["experts"] if cfg.get(k) is not None), None)
+    ffn, topk = cfg.get(moe["ffn"]), cfg.get("num_experts_per_tok")
+    missing = [k for k, v in ((moe["experts"][0], experts), (moe["ffn"], ffn),
+                              ("num_experts_per_tok", topk)) if v is None]
+    if missing:
+        raise Refusal(f"{source} lacks {missing}: not a complete config of a "
+                      f"{cfg['model_type']} mixture of experts; re-download it or add the fields")
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise Refusal(f"{source}: mlp_only_layers={cfg.get('mlp_only_layers')} / "
+                      f"decoder_sparse_step={cfg.get('decoder_sparse_step')}: dense layers "
+                      "between the MoE layers are not supported; every layer must be MoE "
+                      "(mlp_only_layers=[] and decoder_sparse_step=1)")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise Refusal(f"{source}: shared_expert_intermediate_size="
+                      f"{cfg['shared_expert_intermediate_size']}: shared experts are not supported")
+    norm = moe["norm_topk_prob"]
+    return {"num_moe_experts": int(experts), "moe_ffn_hidden_size": int(ffn),
+            "moe_router_topk": int(topk),
+            "moe_norm_topk_prob": bool(cfg.get(norm, False)) if isinstance(norm, str) else norm}
 
 
 def distill_flops_per_token(teacher: Arch | None, student: Arch, seq: int) -> float:
@@ -296,12 +370,13 @@ def read_hf_config(path: Path) -> dict:
 
 
 # ---- layouts and prune targets (used by every stage that builds a model, and by plan) --------
-WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads")
-DEPTH_METHODS = ("drop_layers", "contiguous", "block_influence")
-
-
-def validate_layout(arch: Arch, tp: int, pp: int) -> None:
+def validate_layout(arch: Arch, tp: int, pp: int, ep: int = 1) -> None:
     """Parallel layout errors, before any weights are read."""
+    if ep > 1 and not arch.is_moe:
+        raise Refusal(f"parallel.ep={ep}: the model has no experts; use parallel.ep=1")
+    if arch.is_moe and arch.num_moe_experts % ep:
+        raise Refusal(f"parallel.ep={ep} does not divide num_moe_experts={arch.num_moe_experts}; "
+                      "choose an EP that divides the expert count")
     for what, n in (("num_attention_heads", arch.num_attention_heads),
                     ("num_query_groups (KV heads)", arch.num_query_groups)):
         if n % tp:
@@ -310,58 +385,3 @@ def validate_layout(arch: Arch, tp: int, pp: int) -> None:
                           f"({arch.num_query_groups})")
     if arch.num_layers % pp:
         raise Refusal(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
-
-
-class PruneTargets(Protocol):
-    """What pruned_arch reads of a PruneConfig (or of a searched shape)."""
-    hidden_size: int | None
-    ffn_hidden_size: int | None
-    num_attention_heads: int | None
-    num_layers: int | None
-    depth_method: str
-    drop_layers: list | None
-
-
-def pruned_arch(t: Arch, c: PruneTargets) -> tuple[Arch, list[int] | None]:
-    """The student architecture for prune targets `c` (a `PruneConfig`: the WIDTH_KEYS,
-    num_layers, depth_method, drop_layers) and the explicit 1-indexed drop list (if any). Every
-    error a target can have is raised here, before any weights are loaded (prune and plan)."""
-    new = {k: getattr(t, k) if getattr(c, k) is None else getattr(c, k) for k in WIDTH_KEYS}
-    for k in WIDTH_KEYS:
-        if new[k] > getattr(t, k) or new[k] < 1:
-            raise Refusal(f"prune.{k}={new[k]} must be between 1 and the teacher's "
-                          f"{getattr(t, k)}")
-    if new["num_attention_heads"] % t.num_query_groups:
-        raise Refusal(f"prune.num_attention_heads={new['num_attention_heads']} must be a "
-                      f"multiple of the {t.num_query_groups} KV groups (ModelOpt keeps every "
-                      "group and trims heads within each)")
-    if new["hidden_size"] % new["num_attention_heads"]:
-        h, n = new["hidden_size"], new["num_attention_heads"]
-        raise Refusal(f"prune.hidden_size={h} is not a multiple of num_attention_heads={n}: "
-                      "transformers' LlamaConfig refuses such a model even with an explicit "
-                      f"head_dim, so it could not be exported; use {h // n * n} or "
-                      f"{(h // n + 1) * n}")
-    drop = None
-    layers = t.num_layers if c.num_layers is None else c.num_layers
-    if c.depth_method == "drop_layers":
-        if not c.drop_layers:
-            raise Refusal("prune.depth_method=drop_layers needs prune.drop_layers=[...] "
-                          "(1-indexed, as in the paper)")
-        drop = [int(x) for x in c.drop_layers]
-        bad = [x for x in drop if not 1 <= x <= t.num_layers]
-        if bad:
-            raise Refusal(f"prune.drop_layers has {bad} outside 1..{t.num_layers} (the list is "
-                          f"1-indexed: HF model.layers.i is layer i+1)")
-        dups = sorted({x for x in drop if drop.count(x) > 1})
-        if dups:
-            raise Refusal(f"prune.drop_layers lists {dups} more than once")
-        if c.num_layers is not None and c.num_layers != t.num_layers - len(drop):
-            raise Refusal(f"prune.num_layers={c.num_layers} but dropping {len(drop)} of "
-                          f"{t.num_layers} layers leaves {t.num_layers - len(drop)}")
-        layers = t.num_layers - len(drop)
-        if layers < 1:
-            raise Refusal("prune.drop_layers drops every layer")
-    elif not 1 <= layers <= t.num_layers:
-        raise Refusal(f"prune.num_layers={layers} must be between 1 and the teacher's "
-                      f"{t.num_layers}")
-    return Arch(**{**t.to_dict(), **new, "num_layers": layers}), drop

@@ -207,22 +207,23 @@ def materializer(meta_model, arch: Arch, reader: HFReader, dtype: torch.dtype, b
     """`materialize(sharded_key, global_offset, sizes)` for `save_streaming`: the chunk of a
     megatron tensor, computed from the HF tensors it is made of (mapping.py)."""
     rules = mapping.rule_by_megatron(arch)
-    by_key = {}  # sharded key (layer-less for layers) -> (rule, has a leading layer axis)
+    by_key = {}  # sharded key (layer- and expert-less) -> (rule, leading axes: layer, expert)
     for name, sh in meta_model.sharded_state_dict().items():
         if _spec_only(name):
             continue
         layer, pattern = mapping.split_layer_name(name)
-        pattern = mapping.TE_PARAM_ALIASES.get(pattern, pattern)
+        expert, pattern = mapping.split_expert_name(mapping.TE_PARAM_ALIASES.get(pattern, pattern))
         if pattern == "output_layer.weight" and arch.tie_embeddings:
             pattern = "embedding.word_embeddings.weight"
-        by_key[sh.key] = (rules[pattern], layer is not None)
+        by_key[sh.key] = (rules[pattern], (layer is not None) + (expert is not None))
     hf_of = {m: hs for _, m, hs in mapping.expand(arch)}
     last = {"name": None, "tensor": None}  # gate and up halves of fc1 come in turn
 
     def materialize(key: str, offset: tuple, sizes: tuple) -> torch.Tensor:
-        rule, layered = by_key[key]
-        name = rule.megatron.format(i=offset[0]) if layered else rule.megatron
-        rest = slice(1, None) if layered else slice(None)
+        rule, lead = by_key[key]
+        name = rule.megatron.format(i=offset[0], e=offset[1] if lead > 1 else None) if lead \
+            else rule.megatron
+        rest = slice(lead, None)
         if last["name"] != name:
             last["tensor"] = None  # free before reading the next one
             last["tensor"] = mapping.fuse(rule, [reader.get(h) for h in hf_of[name]],

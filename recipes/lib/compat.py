@@ -87,6 +87,8 @@ CUDA_HARDCODED_MODULES = {
     "megatron.core.dist_checkpointing.exchange_utils": "device='cuda' buffers",
     # torch.cuda.synchronize() before writing a checkpoint
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "cuda.synchronize()",
+    # MoE: the router moves its weight to torch.cuda.current_device() on every gating call
+    "megatron.core.transformer.moe.router": "current_device() router weight",
 }
 
 

@@ -49,9 +49,12 @@ class ParallelConfig:
     """Tensor-parallel size (must divide heads and KV groups)."""
     pp: int = 1
     """Pipeline-parallel size (must divide the layer count)."""
+    ep: int = 1
+    """Expert-parallel size of a mixture of experts (must divide the expert count): each group
+    of EP data-parallel ranks shares out the experts, so TP*PP*EP must divide the ranks."""
 
     def __post_init__(self):
-        for k in ("tp", "pp"):
+        for k in ("tp", "pp", "ep"):
             if getattr(self, k) < 1:
                 raise Refusal(f"parallel.{k}={getattr(self, k)} must be >= 1")
 

@@ -19,29 +19,39 @@ def scores_file(tmp: Path) -> Path:
 
 
 def summary(scores: Path, arch: Arch) -> tuple[dict, dict]:
-    """ModelOpt's saved activations -> per-layer head / neuron / channel importance."""
+    """ModelOpt's saved activations -> per-layer head / neuron / channel importance, and a
+    mixture of experts' expert importance (ModelOpt's: the mean L2 norm of each expert's
+    routed output) per layer; an expert's neurons are keyed "<layer>.<expert>"."""
     state = torch.load(scores, map_location="cpu", weights_only=False)
     acts, layer_scores = state["local_activations"], state["layer_scores"]
-    heads, neurons, channels = {}, {}, None
+    heads, neurons, experts, channels = {}, {}, {}, None
     for name, a in acts.items():
         if a is None:
             continue
+        parts = name.split(".")
         if name.endswith("self_attention") and not isinstance(a, dict):
-            layer = int(name.split(".")[-2])
             per_head = a.pow(0.5).view(-1, arch.head_dim).norm(dim=1)
-            heads[layer] = per_head.tolist()
+            heads[int(parts[-2])] = per_head.tolist()
         elif name.endswith(".mlp") and not isinstance(a, dict):
-            neurons[int(name.split(".")[-2])] = a.pow(0.5)
+            neurons[int(parts[-2])] = a.pow(0.5)
+        elif ".local_experts." in name:  # decoder.layers.<i>.mlp.experts.local_experts.<j>
+            neurons[f"{parts[2]}.{parts[-1]}"] = a.pow(0.5)
+        elif isinstance(a, dict) and "expert_l2_scores" in a:
+            experts[int(parts[2])] = (a["expert_l2_scores"]
+                                      / (a["expert_sample_counts"] + 1e-8)).tolist()
         elif isinstance(a, dict) and a:
             channels = torch.stack([v.pow(0.5) for v in a.values()]).sum(0)
     summary = {
         "heads": {str(k): v for k, v in sorted(heads.items())},
+        **({"experts": {str(k): v for k, v in sorted(experts.items())}} if experts else {}),
         "neurons_quantiles": {str(k): torch.quantile(v.float(), torch.tensor(
-            [0.0, 0.25, 0.5, 0.75, 1.0])).tolist() for k, v in sorted(neurons.items())},
+            [0.0, 0.25, 0.5, 0.75, 1.0])).tolist() for k, v in sorted(
+                neurons.items(), key=lambda kv: [int(x) for x in str(kv[0]).split(".")])},
         "channels": None if channels is None else channels.tolist(),
         "layer_scores_block_influence": {str(k): float(v) for k, v in layer_scores.items()},
     }
-    return summary, {"neurons": neurons, "channels": channels, "heads": heads}
+    return summary, {"neurons": neurons, "channels": channels, "heads": heads,
+                     "experts": experts}
 
 
 def modelopt_dropped(scores: Path, keep: int) -> list[int]:

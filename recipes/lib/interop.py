@@ -100,12 +100,19 @@ def run_config(arch: Arch, *, tp: int, pp: int, dtype: str, spec: str) -> dict:
     }
     if spec == "local":
         model.update({k: False for k in LOCAL_SPEC_OFF})
+    if arch.is_moe:  # megatron's top-1 router must softmax over all experts (see model.py)
+        model.update(num_moe_experts=arch.num_moe_experts,
+                     moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+                     moe_router_topk=arch.moe_router_topk, moe_router_score_function="softmax",
+                     moe_router_pre_softmax=arch.moe_router_topk == 1 or not arch.moe_norm_topk_prob,
+                     moe_grouped_gemm=False)
     return {"model": model,
             "checkpoint": {"ckpt_format": "torch_dist", "save_optim": False, "save_rng": False,
                            "fully_parallel_save": True},
             # ours, read back by arch_from_run_config (the GPT provider is family-neutral and
             # would refuse an unknown field)
-            OURS: {"hf_model_type": arch.family, "sliding_window": arch.sliding_window}}
+            OURS: {"hf_model_type": arch.family, "sliding_window": arch.sliding_window,
+                   **({"moe_norm_topk_prob": arch.moe_norm_topk_prob} if arch.is_moe else {})}}
 
 
 def write_layout(root: Path, arch: Arch, iteration: int, *, tp: int, pp: int, dtype: str,
@@ -182,8 +189,11 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
         return m[key]
 
     bad = []
-    if m.get("num_moe_experts"):
-        bad.append("num_moe_experts (mixture of experts)")
+    experts = m.get("num_moe_experts")
+    if experts and (m.get("moe_shared_expert_intermediate_size")
+                    or m.get("moe_layer_freq", 1) != 1):
+        bad.append("moe_shared_expert_intermediate_size / moe_layer_freq (shared experts or "
+                   "dense layers between MoE layers)")
     if m.get("normalization", "RMSNorm") != "RMSNorm":
         bad.append(f"normalization={m['normalization']}")
     if m.get("gated_linear_unit") is False:
@@ -198,11 +208,12 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
     if isinstance(act, dict) and not str(act.get("_target_", "")).endswith(".silu"):
         bad.append(f"activation_func={act.get('_target_')}")
     if bad:
-        raise Refusal(f"{path}: {', '.join(bad)}: not a dense SwiGLU/RMSNorm/RoPE decoder of "
+        raise Refusal(f"{path}: {', '.join(bad)}: not a SwiGLU/RMSNorm/RoPE decoder of "
                       f"the families this recipe supports ({', '.join(FAMILIES)})")
     heads = need("num_attention_heads")
     window = m.get("window_size")
     family = ours.get("hf_model_type") or (
+        ("qwen3_moe" if m.get("qk_layernorm") else "mixtral") if experts else
         "qwen3" if m.get("qk_layernorm") else "qwen2" if m.get("add_qkv_bias") else
         "mistral" if "mistral" in str(m.get("_target_", "")).lower() else "llama")
     if family not in FAMILIES:
@@ -223,7 +234,12 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
                                     or 4096),
         family=family, qkv_bias=bool(m.get("add_qkv_bias")), qk_norm=bool(m.get("qk_layernorm")),
         sliding_window=ours.get("sliding_window") or (
-            int(window[0]) if window and window[0] not in (None, -1) else None))
+            int(window[0]) if window and window[0] not in (None, -1) else None),
+        **({} if not experts else dict(
+            num_moe_experts=int(experts), moe_ffn_hidden_size=int(need("moe_ffn_hidden_size")),
+            moe_router_topk=int(m.get("moe_router_topk", 2)),
+            moe_norm_topk_prob=bool(ours.get("moe_norm_topk_prob",
+                                             not m.get("moe_router_pre_softmax", False))))))
 
 
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

@@ -24,8 +24,8 @@ import math
 from pathlib import Path
 
 from recipes.lib import config, search
-from recipes.lib.arch import (Arch, prune_memory, pruned_arch, training_memory,
-                              validate_layout)
+from recipes.lib.arch import Arch, prune_memory, training_memory, validate_layout
+from recipes.lib.targets import pruned_arch
 from recipes.lib.errors import MissingInput, Refusal
 from recipes.lib.train_config import TrainConfig
 

@@ -7,7 +7,12 @@ across tensor-parallel ranks. The two fusions megatron uses are written once eac
 - GLU: linear_fc1 = [gate; up], and each TP rank holds [gate_r; up_r].
 A family is the shared Llama table plus the rules of what it adds (Qwen2: Q/K/V biases, fused
 like their weights; Qwen3: per-head Q/K norms), chosen by the architecture's flags: a new table,
-not new code paths.
+not new code paths. A mixture of experts swaps the dense MLP's rules for its family's MoE rules
+(`MOE_RULES`: the router, and each expert's GLU fc1 and fc2 under an `{e}` placeholder, the
+expert's global index). megatron's checkpoints hold the experts as one tensor with a leading
+expert axis after the layer axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight`),
+whatever the expert-parallel size; a rank's parameters name its local experts
+(`local_experts.{j}`), which `local_params` turns into global indices.
 """
 from __future__ import annotations
 
@@ -79,18 +84,46 @@ TE_PARAM_ALIASES = {
 }
 
 
+def _moe_rules(router: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
+    """A family's MoE block: the HF names of its router and of expert e's gate, up and down."""
+    e = L_MC + "mlp.experts.local_experts.{e}."
+    return (Rule(L_MC + "mlp.router.weight", (L_HF + router,), TP.REPLICATED),
+            Rule(e + "linear_fc1.weight", (L_HF + gate, L_HF + up), TP.GLU, Fuse.GLU),
+            Rule(e + "linear_fc2.weight", (L_HF + down,), TP.ROW))
+
+
+MOE_RULES = {
+    "qwen3_moe": _moe_rules("mlp.gate.weight", "mlp.experts.{e}.gate_proj.weight",
+                            "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight"),
+    "mixtral": _moe_rules("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.w1.weight",
+                          "block_sparse_moe.experts.{e}.w3.weight",
+                          "block_sparse_moe.experts.{e}.w2.weight"),
+}
+DENSE_MLP = (L_MC + "mlp.linear_fc1.weight", L_MC + "mlp.linear_fc2.weight")
+
+
 def rules_for(arch: Arch) -> tuple[Rule, ...]:
     rules = LLAMA_RULES + QKV_BIAS_RULES * arch.qkv_bias + QK_NORM_RULES * arch.qk_norm
+    if arch.is_moe:
+        rules = tuple(r for r in rules if r.megatron not in DENSE_MLP) + MOE_RULES[arch.family]
     return tuple(r for r in rules if not (r.untied_only and arch.tie_embeddings))
 
 
+def is_expert(rule: Rule) -> bool:
+    """The rule is one expert's weight (sharded over expert-parallel ranks and expert TP)."""
+    return "{e}" in rule.megatron
+
+
 def expand(arch: Arch, layers: range | None = None):
-    """Yield (rule, megatron_name, hf_names) for every tensor; `layers` = global layer indices."""
+    """Yield (rule, megatron_name, hf_names) for every tensor; `layers` = global layer indices,
+    each layer's experts by global index."""
     layers = range(arch.num_layers) if layers is None else layers
     for r in rules_for(arch):
         if "{i}" in r.megatron:
             for i in layers:
-                yield r, r.megatron.format(i=i), tuple(h.format(i=i) for h in r.hf)
+                for e in range(arch.num_moe_experts) if is_expert(r) else (None,):
+                    yield (r, r.megatron.format(i=i, e=e),
+                           tuple(h.format(i=i, e=e) for h in r.hf))
         else:
             yield r, r.megatron, r.hf
 
@@ -111,8 +144,20 @@ def hf_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
              "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (d,),
              "self_attn.k_norm.weight": (d,), "mlp.gate_proj.weight": (f, h),
              "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
-    return {n: layer[m.group(1)] if (m := re.match(r"model\.layers\.\d+\.(.*)", n)) else top[n]
-            for n in hf_names(arch)}
+    if arch.is_moe:
+        fe, (router, gate, up, down) = arch.moe_ffn_hidden_size, (
+            h for r in MOE_RULES[arch.family] for h in r.hf)
+        layer.update({router.removeprefix(L_HF): (arch.num_moe_experts, h),
+                      gate.removeprefix(L_HF): (fe, h), up.removeprefix(L_HF): (fe, h),
+                      down.removeprefix(L_HF): (h, fe)})
+
+    def shape(name: str) -> tuple[int, ...]:
+        m = re.match(r"model\.layers\.\d+\.(.*)", name)
+        if not m:
+            return top[name]
+        return layer[re.sub(r"\.experts\.\d+\.", ".experts.{e}.", m.group(1))]
+
+    return {n: shape(n) for n in hf_names(arch)}
 
 
 # ---- fusion: HF tensors <-> one global (unsharded) megatron tensor --------------------------
@@ -176,22 +221,35 @@ def global_shape(rule: Rule, arch: Arch) -> tuple[int, ...]:
         return (n,) if name.endswith(".bias") else (n, h)
     if name.endswith(("q_layernorm.weight", "k_layernorm.weight")):
         return (d,)
+    if name.endswith("router.weight"):
+        return (arch.num_moe_experts, h)
+    ffn = arch.moe_ffn_hidden_size if is_expert(rule) else arch.ffn_hidden_size
     if rule.fuse is Fuse.GLU:
-        return (2 * arch.ffn_hidden_size, h)
+        return (2 * ffn, h)
     if name.endswith("linear_proj.weight"):
         return (h, arch.num_attention_heads * d)
     if name.endswith("linear_fc2.weight"):
-        return (h, arch.ffn_hidden_size)
+        return (h, ffn)
     return (h,)
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 def split_layer_name(name: str) -> tuple[int | None, str]:
     """'decoder.layers.3.mlp.linear_fc1.weight' -> (3, 'decoder.layers.{i}.mlp.linear_fc1.weight')"""
     m = _LAYER.match(name)
     return (int(m.group(1)), L_MC + m.group(2)) if m else (None, name)
+
+
+def split_expert_name(pattern: str) -> tuple[int | None, str]:
+    """'...mlp.experts.local_experts.2.linear_fc1.weight' -> (2, '...local_experts.{e}.linear_fc1
+    .weight'): the rank-local expert index, and the rule's pattern."""
+    m = _EXPERT.search(pattern)
+    if not m:
+        return None, pattern
+    return int(m.group(1)), pattern[:m.start()] + ".local_experts.{e}." + pattern[m.end():]
 
 
 def rule_by_megatron(arch: Arch) -> dict[str, Rule]:

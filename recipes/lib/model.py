@@ -31,15 +31,39 @@ from megatron.core.transformer.transformer_block import (  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def layer_spec(kind: str = "auto", qk_norm: bool = False):
-    """The megatron layer spec `resolve_spec(kind)` names (with per-head Q/K norms: Qwen3)."""
+def layer_spec(kind: str = "auto", qk_norm: bool = False, num_experts: int | None = None):
+    """The megatron layer spec `resolve_spec(kind)` names (with per-head Q/K norms: Qwen3; with
+    `num_experts`, an MoE block of megatron's SequentialMLP experts: the expert layout ModelOpt's
+    Minitron prunes, whose checkpoint keys grouped-GEMM experts share)."""
     if runtime.resolve_spec(kind) == "te":
         # lazy: imports Transformer Engine, which only a TE machine has
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_norm)
+    return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                    normalization="RMSNorm", qk_layernorm=qk_norm)
+
+
+def moe_config(arch: Arch, aux_loss_coeff: float = 0.0) -> dict:
+    """megatron's MoE settings for `arch` (none for a dense model): the HF routers' softmax in
+    fp32, top-k, and with `moe_norm_topk_prob` the softmax over the top-k logits (equal to
+    renormalising the top-k probabilities; without it, the softmax over all experts); the
+    load-balancing loss at `aux_loss_coeff` (0: none). Tokens travel by all-gather on a CPU
+    (the all-to-all dispatcher creates CUDA streams) and by all-to-all on a GPU."""
+    if not arch.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_moe_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk, moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob, moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
+        moe_grouped_gemm=False, moe_permute_fusion=False,
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size())
 
 
 def fusions(spec: str) -> dict:
@@ -72,9 +96,20 @@ def transformer_config(arch: Arch, dtype: str = "fp32", **overrides) -> Transfor
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=td, pipeline_dtype=td, bf16=dtype == "bf16", fp16=dtype == "fp16",
+        **moe_config(arch),
     )
     kw.update(overrides)
-    return TransformerConfig(**kw)
+    renormalised_top1 = kw.get("moe_router_topk") == 1 and not kw.get("moe_router_pre_softmax")
+    if renormalised_top1:  # megatron's check refuses it (see below): set after construction
+        kw["moe_router_pre_softmax"] = True
+    cfg = TransformerConfig(**kw)
+    if renormalised_top1:
+        # Top-1 with renormalised weights (Mixtral's router at num_experts_per_tok=1) weights
+        # the chosen expert by 1. megatron refuses the softmax over one logit, which gives the
+        # router no gradient from the LM loss; so does the HF model it converts, whose router
+        # then learns from the load-balancing loss alone. The router reads the field per call.
+        cfg.moe_router_pre_softmax = False
+    return cfg
 
 
 def build(arch: Arch, dtype: str = "fp32", spec: str = "auto", init: bool = False,
@@ -105,7 +140,7 @@ def block_spec(arch: Arch, cfg: TransformerConfig, spec: str):
     TE's norm for that final norm wherever Transformer Engine is installed, local layers or
     not: on a CPU with TE (the NVIDIA container without a GPU) the forward then fails
     ("CUDAGuardImpl initialized with non-CUDA DeviceType: cpu")."""
-    layer = layer_spec(spec, arch.qk_norm)
+    layer = layer_spec(spec, arch.qk_norm, arch.num_moe_experts)
     if runtime.resolve_spec(spec) == "te":
         return layer
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
@@ -129,45 +164,73 @@ def layer_offset(model: GPTModel) -> int:
     return layers[0].layer_number - 1 if len(layers) else 0
 
 
+def expert_offset(arch: Arch) -> int:
+    """Global index of this rank's first local expert (megatron gives each expert-parallel rank
+    a contiguous block of num_moe_experts / EP)."""
+    if not arch.is_moe:
+        return 0
+    return ps.get_expert_model_parallel_rank() * (
+        arch.num_moe_experts // ps.get_expert_model_parallel_world_size())
+
+
 def local_params(model: GPTModel, arch: Arch):
     """Yield (global megatron name, rule, param) for every parameter this rank holds."""
     rules = mapping.rule_by_megatron(arch)
-    off = layer_offset(model)
+    off, e_off = layer_offset(model), expert_offset(arch)
     for name, p in model.named_parameters():
         layer, pattern = mapping.split_layer_name(name)
-        pattern = mapping.TE_PARAM_ALIASES.get(pattern, pattern)
+        expert, pattern = mapping.split_expert_name(mapping.TE_PARAM_ALIASES.get(pattern, pattern))
         if pattern == "output_layer.weight" and arch.tie_embeddings:
             pattern = "embedding.word_embeddings.weight"  # tied copy on the last PP stage
         if pattern not in rules:
             raise MissingKey(f"megatron parameter {name} has no rule in recipes/lib/mapping.py")
-        gname = pattern.format(i=layer + off) if layer is not None else pattern
+        gname = pattern.format(i=layer + off, e=None if expert is None else expert + e_off) \
+            if layer is not None else pattern
         yield gname, rules[pattern], p
+
+
+def _tp_of(rule: mapping.Rule):
+    """(group, size, rank) of the tensor parallelism `rule`'s tensor is sharded over: the
+    expert tensor-parallel group for an expert's weights, the TP group for the rest."""
+    if mapping.is_expert(rule):
+        return (ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_world_size(),
+                ps.get_expert_tensor_parallel_rank())
+    return (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_rank())
+
+
+def _sends(rule: mapping.Rule) -> bool:
+    """This rank is the one copy of its shard of `rule`'s tensor that travels to rank 0: TP
+    rank 0 of its data-parallel rank 0 (for an expert's weights: expert TP rank 0 of expert
+    data-parallel rank 0, each expert-parallel rank holding other experts)."""
+    if mapping.is_expert(rule):
+        return (ps.get_expert_tensor_parallel_rank() == 0
+                and ps.get_expert_data_parallel_rank() == 0)
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
 
 
 @torch.no_grad()
 def gather_hf(model: GPTModel, arch: Arch, dtype: torch.dtype | None = None) -> dict | None:
-    """The full HF state dict on global rank 0 (None elsewhere), gathered over TP and PP.
+    """The full HF state dict on global rank 0 (None elsewhere), gathered over TP, EP and PP.
     Tensors travel one at a time (no rank ever holds more than its shard plus one tensor, rank 0
     excepted)."""
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp = ps.get_tensor_model_parallel_world_size()
     out: dict[str, torch.Tensor] | None = {} if dist.get_rank() == 0 else None
-    mine = {}
+    by_rule = by_rule_of(arch)
+    sends = {}
     for gname, rule, p in local_params(model, arch):
-        if gname in mine:  # the tied output copy on the last stage: already have the embedding
+        if gname in sends:  # the tied output copy on the last stage: already have the embedding
             continue
         t = p.detach()
+        group, tp, _ = _tp_of(rule)
         if tp > 1 and rule.tp is not mapping.TP.REPLICATED:
             parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t.contiguous(), group=tp_group)
+            dist.all_gather(parts, t.contiguous(), group=group)
             t = mapping.unshard(rule, parts)
-        mine[gname] = t
-    # pipeline: every stage's TP-rank-0 / DP-rank-0 sends its tensors to global rank 0
-    sends = mine if (ps.get_tensor_model_parallel_rank() == 0
-                     and ps.get_data_parallel_rank() == 0) else {}
+        sends[gname] = t
+    # pipeline and experts: one copy of every tensor travels to global rank 0
+    sends = {g: t for g, t in sends.items() if _sends(by_rule[g][0])}
     names_per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(names_per_rank, sorted(sends))
-    by_rule = {m: (rule, hs) for rule, m, hs in mapping.expand(arch)}
     for src, names in enumerate(names_per_rank):
         for gname in names:
             if src == dist.get_rank():
@@ -186,6 +249,11 @@ def gather_hf(model: GPTModel, arch: Arch, dtype: torch.dtype | None = None) -> 
                 for h, v in zip(hs, mapping.split(rule, t, arch)):
                     out[h] = v.to(dtype or v.dtype).cpu().clone()
     return out
+
+
+def by_rule_of(arch: Arch) -> dict[str, tuple[mapping.Rule, tuple[str, ...]]]:
+    """{global megatron name: (its rule, its HF names)}."""
+    return {m: (rule, hs) for rule, m, hs in mapping.expand(arch)}
 
 
 def _param_dtype(model) -> torch.dtype:

@@ -43,7 +43,15 @@ def plot_importance(imp: dict, student: dict, path: Path) -> None:
         fig.colorbar(im, ax=axes[0], label="L2 of mean |activation|")
         axes[0].set(title="attention-head importance", xlabel="layer (0-indexed, HF numbering)",
                     ylabel="query head")
-    q = [imp["neurons_quantiles"][k] for k in sorted(imp["neurons_quantiles"], key=int)]
+    experts = [imp["experts"][k] for k in sorted(imp.get("experts") or {}, key=int)]
+    q = [] if experts else [imp["neurons_quantiles"][k]
+                            for k in sorted(imp["neurons_quantiles"], key=int)]
+    if experts:  # a mixture of experts: what expert pruning ranks, per layer
+        im = axes[1].imshow(list(zip(*experts)), aspect="auto", cmap="viridis")
+        fig.colorbar(im, ax=axes[1], label="mean L2 of the routed output")
+        axes[1].set(title="expert importance", xlabel="layer (0-indexed, HF numbering)",
+                    ylabel="expert")
+        axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
     if q:
         layers = range(len(q))
         axes[1].fill_between(layers, [x[1] for x in q], [x[3] for x in q], alpha=0.3,

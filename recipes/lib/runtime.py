@@ -66,8 +66,9 @@ def launch_problem(env=os.environ) -> str | None:
             "export those in each task")
 
 
-def init(tp: int, pp: int, seed: int = 1234) -> None:
-    """Initialise torch.distributed and megatron's model-parallel groups (TP x PP x DP = world)."""
+def init(tp: int, pp: int, seed: int = 1234, ep: int = 1) -> None:
+    """Initialise torch.distributed and megatron's model-parallel groups (TP x PP x DP = world;
+    `ep` expert-parallel ranks are carved out of DP, the experts' TP being TP)."""
     compat.apply()
     # lazy: megatron after compat.apply(); light stages (data, report) import this module
     from megatron.core import parallel_state
@@ -88,16 +89,16 @@ def init(tp: int, pp: int, seed: int = 1234) -> None:
                 raise Refusal(why)
             dist.init_process_group(backend=backend, rank=0, world_size=1, store=dist.HashStore())
     ws = dist.get_world_size()
-    if ws % (tp * pp):
+    if ws % (tp * pp * ep):
         raise Refusal(
-            f"world size {ws} is not divisible by TP*PP={tp}*{pp}; launch TP*PP*DP processes "
-            f"(e.g. torchrun --nproc-per-node {tp * pp})"
+            f"world size {ws} is not divisible by TP*PP*EP={tp}*{pp}*{ep}; launch TP*PP*DP "
+            f"processes, DP a multiple of EP (e.g. torchrun --nproc-per-node {tp * pp * ep})"
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-    )
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep)
     seed_everything(seed)
     # the inference tracker avoids CUDA RNG state (absent on CPU); on GPU use the real tracker
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
@@ -124,9 +125,9 @@ def barrier() -> None:
 
 
 @contextlib.contextmanager
-def distributed(tp: int, pp: int, seed: int = 1234):
+def distributed(tp: int, pp: int, seed: int = 1234, ep: int = 1):
     """`with distributed(tp, pp): ...` initialises and always tears down."""
-    init(tp, pp, seed)
+    init(tp, pp, seed, ep)
     try:
         yield
     finally:

@@ -48,8 +48,9 @@ def test_run_config_refuses_what_it_cannot_express(tmp_path):
     f.write_text(yaml.safe_dump({"model": {"num_layers": 2, "hidden_size": 8,
                                            "ffn_hidden_size": 8, "num_attention_heads": 2,
                                            "vocab_size": 10, "num_moe_experts": 8,
+                                           "moe_shared_expert_intermediate_size": 16,
                                            "normalization": "LayerNorm"}}))
-    with pytest.raises(ValueError, match="num_moe_experts.*normalization=LayerNorm"):
+    with pytest.raises(ValueError, match="shared experts.*normalization=LayerNorm"):
         interop.arch_from_run_config(f)
     f.write_text(yaml.safe_dump({"model": {"num_layers": 2}}))
     with pytest.raises(ValueError, match="model.num_attention_heads is missing"):
