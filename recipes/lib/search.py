@@ -1,4 +1,5 @@
-"""Prune to a budget (`prune.target_params` / `prune.target_memory_mb`), the part that needs no
+"""Prune to a budget (`prune.target_params` / `target_active_params` / `target_memory_mb`), the
+part that needs no
 weights: the settings (`SearchConfig`, `prune.search`), the constraint ModelOpt searches under,
 which shapes can be exported, and the search space and the tournament's cost as `plan` and the
 Slurm launcher see them before anything runs. The search itself and the tournament run in
@@ -23,21 +24,29 @@ import types
 import typing
 from typing import Protocol
 
-from recipes.lib.arch import WIDTH_KEYS, Arch, pruned_arch
+from recipes.lib.arch import Arch
+from recipes.lib.targets import BUDGETS, MOE_KEYS, WIDTH_KEYS, pruned_arch, width_keys
 from recipes.lib.errors import Refusal
 
 if typing.TYPE_CHECKING:  # torch at import: this module stays light (see the module doc)
     from recipes.lib.train_config import KDConfig
 
-HPARAMS = (*WIDTH_KEYS, "num_layers")
+HPARAMS = (*WIDTH_KEYS, *MOE_KEYS, "num_layers")  # a dense teacher's, or a mixture of experts'
+
+
+def hparams_of(teacher: Arch) -> tuple[str, ...]:
+    """The axes the search may cut on `teacher` (ModelOpt's names)."""
+    return (*width_keys(teacher), "num_layers")
 SCORE_NAMES = {"kd_loss": "KD loss", "lm_loss": "LM loss", "lm_eval": "lm-eval score"}
 
 
 @dataclasses.dataclass(kw_only=True)
 class SearchConfig:
     """`prune.search`: the search grid and the tournament (with prune.target_*)."""
-    hparams: list = dataclasses.field(default_factory=lambda: list(HPARAMS))
-    """What the search may shrink; the others stay the teacher's."""
+    hparams: list | None = None
+    """What the search may shrink (None: every axis of the teacher: hidden_size,
+    num_attention_heads, num_layers, and ffn_hidden_size for a dense model, num_moe_experts and
+    moe_ffn_hidden_size for a mixture of experts); the others stay the teacher's."""
     max_width_pruning: float = 0.4
     """Each width hparam at most this fraction below the teacher's (ModelOpt's default)."""
     max_depth_pruning: float = 0.2
@@ -47,7 +56,9 @@ class SearchConfig:
     hidden_size_divisor: int = 256
     """The search grid of hidden sizes (ModelOpt's default; small models need less)."""
     ffn_hidden_size_divisor: int = 512
-    """The search grid of FFN sizes."""
+    """The search grid of FFN sizes (an expert's FFN too)."""
+    num_moe_experts_divisor: int = 8
+    """The search grid of expert counts (ModelOpt's default)."""
     num_layers_divisor: int = 2
     """The search grid of layer counts."""
     tournament_steps: int = 0
@@ -76,13 +87,14 @@ class SearchConfig:
     """The teacher cache's disk budget."""
 
     def __post_init__(self):
-        bad = sorted(set(self.hparams) - set(HPARAMS))
-        if bad or not self.hparams:
+        bad = sorted(set(self.hparams or ()) - set(HPARAMS))
+        if bad or self.hparams == []:
             raise Refusal(f"prune.search.hparams={self.hparams}: choose among {list(HPARAMS)}")
         for k in ("max_width_pruning", "max_depth_pruning"):
             if not 0 <= getattr(self, k) < 1:
                 raise Refusal(f"prune.search.{k}={getattr(self, k)} must be in [0, 1)")
-        for k in ("top_k", "hidden_size_divisor", "ffn_hidden_size_divisor", "num_layers_divisor"):
+        for k in ("top_k", "hidden_size_divisor", "ffn_hidden_size_divisor", "num_layers_divisor",
+                  "num_moe_experts_divisor"):
             if getattr(self, k) < 1:
                 raise Refusal(f"prune.search.{k}={getattr(self, k)} must be a whole number "
                               ">= 1")
@@ -110,15 +122,26 @@ class SearchConfig:
     def tournament(self) -> bool:
         return bool(self.tournament_steps or self.tournament_tokens)
 
-    @property
-    def skipped(self) -> list[str] | None:
+    def skipped(self, teacher: Arch) -> list[str] | None:
         """The hparams the search keeps at the teacher's (ModelOpt's hparams_to_skip)."""
-        return [h for h in HPARAMS if h not in self.hparams] or None
+        return [h for h in hparams_of(teacher) if h not in self.chosen(teacher)] or None
+
+    def chosen(self, teacher: Arch) -> list[str]:
+        """The hparams the search may shrink on `teacher`; one it does not have is refused."""
+        axes = hparams_of(teacher)
+        if self.hparams is None:
+            return list(axes)
+        if bad := [h for h in self.hparams if h not in axes]:
+            raise Refusal(f"prune.search.hparams names {bad}, which the teacher "
+                          f"{'(a mixture of experts)' if teacher.is_moe else '(dense)'} does "
+                          f"not have; choose among {list(axes)}")
+        return list(self.hparams)
 
 
 class Budget(Protocol):
     """What the search reads of a PruneConfig (prune's stage module holds the class)."""
     target_params: float | None
+    target_active_params: float | None
     target_memory_mb: float | None
     search: SearchConfig | None
     micro_batch_size: int
@@ -148,19 +171,21 @@ def cache_plan(s: SearchConfig, dc: KDConfig, teacher: Arch) -> dict | None:
 
 
 def constraint(c: Budget, teacher: Arch) -> dict:
-    """ModelOpt's constraint for a PruneConfig `c`: {'params': n} (a fraction <= 1 of the
-    teacher's, or absolute) or {'memory_mb': mb}. ModelOpt counts the padded vocabulary, so
-    the recipe's own count (real vocabulary) of a chosen shape is never above the target."""
-    if c.target_params is not None:
-        n = c.target_params * teacher.num_params() if c.target_params <= 1 else c.target_params
-        return {"params": float(n)}
+    """ModelOpt's constraint for a PruneConfig `c`: {'params': n} or {'active_params': n} (a
+    fraction <= 1 of the teacher's, or absolute) or {'memory_mb': mb}. ModelOpt counts the
+    padded vocabulary, so the recipe's own count (real vocabulary) of a chosen shape is never
+    above the target."""
+    for key, active in (("target_params", False), ("target_active_params", True)):
+        if (n := getattr(c, key)) is not None:
+            n = n * teacher.num_params(active) if n <= 1 else n
+            return {"active_params" if active else "params": float(n)}
     return {"memory_mb": float(c.target_memory_mb)}
 
 
 def arch_of(teacher: Arch, ss_config: dict) -> Arch | None:
     """The architecture of a searched shape, or None when it cannot be exported (the checks of
     pruned_arch: heads a multiple of the KV groups, hidden a multiple of heads)."""
-    want = {k: ss_config.get(k) for k in HPARAMS}
+    want = {k: ss_config.get(k) if k in hparams_of(teacher) else None for k in HPARAMS}
     c = types.SimpleNamespace(**want, depth_method="block_influence", drop_layers=None)
     try:
         return pruned_arch(teacher, c)[0]
@@ -182,12 +207,15 @@ def modelopt_view(arch: Arch):
         ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim, gated_linear_unit=True, add_bias_linear=False,
-        normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+        normalization="RMSNorm", qk_layernorm=arch.qk_norm,
+        num_moe_experts=arch.num_moe_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk, moe_shared_expert_intermediate_size=None)
 
 
 def measure(teacher: Arch, target: dict, ss_config: dict) -> float:
     """A shape (ModelOpt's ss_config over the teacher; {} is the teacher) as ModelOpt measures it
-    for the constraint: its parameter count (the padded vocabulary) or its memory estimate (bf16
+    for the constraint: its parameter count, total or active (the padded vocabulary), or its
+    memory estimate (bf16
     weights + the KV cache of one 4096-token sequence, the searcher's defaults)."""
     from recipes.lib import modelopt_local  # lazy: megatron and ModelOpt (see the module doc)
 
@@ -199,9 +227,9 @@ def measure(teacher: Arch, target: dict, ss_config: dict) -> float:
     )
 
     args = (modelopt_view(teacher), teacher.padded_vocab_size, teacher.tie_embeddings)
-    shape = {k: ss_config[k] for k in HPARAMS if k in ss_config}
-    if "params" in target:
-        return float(mcore_param_count(*args, **shape)[0])
+    shape = {k: ss_config[k] for k in hparams_of(teacher) if k in ss_config}
+    if "params" in target or "active_params" in target:
+        return float(mcore_param_count(*args, **shape)["active_params" in target])
     return float(mcore_memory_footprint_mb(*args, dtype_bytes=2, sequence_length=4096,
                                            batch_size=1, **shape)[3])
 
@@ -225,16 +253,23 @@ def grid(teacher: Arch, s: SearchConfig, target: dict, pp: int) -> tuple[dict, l
                "num_attention_heads": multiples(teacher.num_attention_heads,
                                                 teacher.num_query_groups),
                "num_layers": multiples(teacher.num_layers, s.num_layers_divisor)}
+    if teacher.is_moe:  # no dense FFN: each expert's, and the expert count
+        del choices["ffn_hidden_size"]
+        choices.update(moe_ffn_hidden_size=multiples(teacher.moe_ffn_hidden_size,
+                                                     s.ffn_hidden_size_divisor),
+                       num_moe_experts=[n for n in multiples(teacher.num_moe_experts,
+                                                             s.num_moe_experts_divisor)
+                                        if n >= teacher.moe_router_topk])
     combos = MCoreMinitronSearcher._generate_search_space_combos(
-        choices, s.max_width_pruning, s.max_depth_pruning, s.skipped)
-    space = {k: sorted({c[k] for c in combos if k in c}) for k in HPARAMS}
+        choices, s.max_width_pruning, s.max_depth_pruning, s.skipped(teacher))
+    space = {k: sorted({c[k] for c in combos if k in c}) for k in hparams_of(teacher)}
     ok = candidate_filter(teacher, pp)
     key = next(iter(target))
     loadable = sorted(((measure(teacher, target, c), a) for c in combos
                        if ok(c) and (a := arch_of(teacher, c)) is not None),
                       key=lambda x: x[0])
     fits = [a for m, a in loadable if m <= target[key]]
-    return space, sorted(fits, key=lambda a: -a.num_params()), loadable
+    return space, sorted(fits, key=lambda a: -a.num_params(key == "active_params")), loadable
 
 
 def check_target(c: Budget, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
@@ -243,9 +278,10 @@ def check_target(c: Budget, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
     meets it (naming the smallest reachable size and the settings that widen the grid).
     Returns grid()'s space and fitting shapes."""
     target = constraint(c, teacher)
-    key, name = next(iter(target)), ("prune.target_params" if c.target_params is not None
-                                     else "prune.target_memory_mb")
-    unit = (lambda v: f"{v:,.0f} parameters") if key == "params" else (lambda v: f"{v:,.1f} MB")
+    key = next(iter(target))
+    name = "prune." + next(k for k in BUDGETS if getattr(c, k) is not None)
+    unit = (lambda v: f"{v:,.1f} MB") if key == "memory_mb" else (
+        lambda v: f"{v:,.0f} {'active ' if key == 'active_params' else ''}parameters")
     mine = measure(teacher, target, {})
     if target[key] >= mine:
         raise Refusal(f"{name}={getattr(c, name.split('.')[1]):g} asks for {unit(target[key])}"
@@ -255,17 +291,19 @@ def check_target(c: Budget, teacher: Arch, pp: int) -> tuple[dict, list[Arch]]:
     space, fits, loadable = grid(teacher, c.search, target, pp)
     if not fits:
         size, arch = loadable[0]
-        fixed = [k for k in HPARAMS if k in c.search.hparams
-                 and space[k] in ([], [getattr(teacher, k)])]
+        axes = hparams_of(teacher)
+        fixed = [k for k in c.search.chosen(teacher) if space[k] in ([], [getattr(teacher, k)])]
         raise Refusal(
             f"no shape on the search grid meets {name} ({unit(target[key])}): the smallest "
-            f"reachable is {unit(size)} ({', '.join(f'{k} {getattr(arch, k)}' for k in HPARAMS)})"
+            f"reachable is {unit(size)} ({', '.join(f'{k} {getattr(arch, k)}' for k in axes)})"
             f". Raise the target to at least that, or widen the grid: prune.search."
             f"max_width_pruning={c.search.max_width_pruning} / max_depth_pruning="
             f"{c.search.max_depth_pruning}, the divisors (hidden_size_divisor="
             f"{c.search.hidden_size_divisor}, ffn_hidden_size_divisor="
             f"{c.search.ffn_hidden_size_divisor}, num_layers_divisor="
-            f"{c.search.num_layers_divisor})"
+            f"{c.search.num_layers_divisor}"
+            + (f", num_moe_experts_divisor={c.search.num_moe_experts_divisor}"
+               if teacher.is_moe else "") + ")"
             + (f"; {', '.join(fixed)} cannot shrink on this grid at all (a divisor at least "
                "the size, or a max_*_pruning too small to reach the next choice)" if fixed
                else ""))

@@ -36,7 +36,7 @@ from recipes.lib import (checkpoint, config, harness, interop, logit_cache, mega
 from recipes.lib import model as M
 from recipes.lib import tokens, train, train_config, train_stage
 from recipes.lib.arch import Arch, distill_flops_per_token
-from recipes.lib.search import (HPARAMS, SCORE_NAMES, Budget, SearchConfig, arch_of,
+from recipes.lib.search import (SCORE_NAMES, Budget, SearchConfig, arch_of, hparams_of,
                                 cache_plan, candidate_filter, constraint, tournament_steps)
 from recipes.lib.train_config import KDConfig
 from recipes.lib.errors import BadState, MissingInput, Refusal
@@ -61,6 +61,8 @@ class Candidate:
     params: int
     """Parameters, by our count (the real vocabulary)."""
     zero_shot_lm_loss: float
+    active_params: int | None = None
+    """A mixture of experts: the parameters one token runs through (our count)."""
     """The pruned shape's LM loss before any training (ModelOpt's score, negated)."""
     modelopt: dict = dataclasses.field(default_factory=dict)
     """ModelOpt's own measure of the constraint ({"params": ...}), as `modelopt_<name>`."""
@@ -71,7 +73,7 @@ class Candidate:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in dataclasses.asdict(self).items()
-             if k not in ("modelopt", "tournament")}
+             if k not in ("modelopt", "tournament") and (v is not None or k != "active_params")}
         return {**d, **{f"modelopt_{k}": v for k, v in self.modelopt.items()},
                 **self.tournament}
 
@@ -122,6 +124,7 @@ def modelopt_mode(s: SearchConfig) -> list:
     return [("mcore_minitron", MM.get_mcore_minitron_config(
         hidden_size_divisor=s.hidden_size_divisor,
         ffn_hidden_size_divisor=s.ffn_hidden_size_divisor,
+        num_moe_experts_divisor=s.num_moe_experts_divisor,
         num_layers_divisor=s.num_layers_divisor))]
 
 
@@ -144,7 +147,7 @@ def run_search(model, teacher: Arch, c: Budget, pp: int, forward_loop, scores_di
                                  "scores_path": str(scores_dir) + "/",
                                  "max_width_pruning": s.max_width_pruning,
                                  "max_depth_pruning": s.max_depth_pruning,
-                                 "hparams_to_skip": s.skipped, "top_k": s.top_k,
+                                 "hparams_to_skip": s.skipped(teacher), "top_k": s.top_k,
                                  "candidate_filter": candidate_filter(teacher, pp),
                                  "score_func": zero_shot})
     state = torch.load(scores_dir / f"rank{dist.get_rank()}.pth", map_location="cpu",
@@ -157,8 +160,9 @@ def run_search(model, teacher: Arch, c: Budget, pp: int, forward_loop, scores_di
         arch = arch_of(teacher, m["ss_config"])
         out.append(Candidate(
             candidate=rank, ss_config={k: int(v) for k, v in m["ss_config"].items()},
-            arch={k: getattr(arch, k) for k in HPARAMS},
+            arch={k: getattr(arch, k) for k in hparams_of(teacher)},
             params=arch.num_params(),  # ours: the real vocabulary
+            active_params=arch.num_active_params() if arch.is_moe else None,
             modelopt={metric: float(m["metrics"][metric])},
             zero_shot_lm_loss=-float(m["score"])))
     log.info("search: %d shapes fit %s; the top %d: %s", len(found), cons, len(out),
@@ -361,6 +365,7 @@ def summary(c: Budget, teacher: Arch, found: list[Candidate], search_s: float,
     s: SearchConfig = c.search
     winner_ = next(x for x in found if x.winner)
     out = {"constraint": constraint(c, teacher), "teacher_params": teacher.num_params(),
+           **({"teacher_active_params": teacher.num_active_params()} if teacher.is_moe else {}),
            "settings": dataclasses.asdict(s), "search_s": round(search_s, 1),
            "decided_by": "tournament" if dc else "zero-shot",
            "winner": winner_.candidate, "candidates": [x.to_dict() for x in found]}

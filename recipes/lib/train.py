@@ -176,6 +176,10 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
     from recipes.lib import batches, resume  # lazy: they import megatron
 
     n_micro = check_layout(c, ps.get_data_parallel_world_size())
+    # lazy: megatron. The router-loss tracker is process-wide and sized by the first model that
+    # records into it: a new one for this run (a tournament trains models of other depths)
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    destroy_moe_metrics_tracker()
     ddp, opt, sched = build_optimizer(model, c)
     train_ds, valid_ds = batches.datasets(c, seed, work / "cache")
     ckpts = work / "checkpoints"
@@ -210,8 +214,8 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
             reports, ok, grad_norm, lr = optimizer_step(ddp, opt, sched, run_step, step_batches)
             step += 1
             dt = time.time() - t0
-            rep = reduce_report(reports)
-            row = {"step": step, "tokens": step * tokens_per_step, **(rep or {}), "lr": lr,
+            rep = {**(reduce_report(reports) or {}), **router_losses(n_micro)}
+            row = {"step": step, "tokens": step * tokens_per_step, **rep, "lr": lr,
                    "grad_norm": grad_norm, **speed(tokens_per_step, dt, flops),
                    "step_s": dt, "memory_mb": peak_memory_mb(), "skipped": not ok}
             if step % c.eval_interval == 0 or step == c.train_iters:
@@ -237,6 +241,25 @@ def train(c: TrainConfig, work: Path, model, make_step: Callable, meta: dict, se
                     f"{stop.received or 'a signal on another rank'}: saved step {step} of "
                     f"{c.train_iters} to {ckpts}; rerun the same command to resume")
     return final or metrics.last()
+
+
+def router_losses(n_micro: int) -> dict:
+    """A mixture of experts' router losses of the step just taken (megatron's tracker: the
+    load-balancing loss before its weight), each the mean over layers, micro-batches and
+    data-parallel ranks, on global rank 0; the tracker is emptied for the next step. {} for a
+    dense model, or a weight of 0."""
+    # lazy: megatron (see the module doc)
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker, out = get_moe_metrics_tracker(), {}
+    for name, entry in sorted(tracker.metrics.items()):
+        v = entry.values.detach().float().clone()  # [layers]: this rank's stage's, 0 elsewhere
+        dist.all_reduce(v)  # every layer once per TP rank and DP rank
+        per = ps.get_tensor_model_parallel_world_size() * ps.get_data_parallel_world_size()
+        out[name] = v.sum().item() / (per * n_micro * len(v))
+    tracker.clear()
+    return out if runtime.is_rank0() else {}
 
 
 def check_finite(row: dict, ckpts: Path) -> None:

@@ -56,6 +56,10 @@ class TrainConfig(config.ModelInput):
     """AdamW beta2."""
     clip_grad: float = 1.0
     """Gradient-norm clipping (0: off)."""
+    moe_aux_loss_coeff: float = 1e-3
+    """A mixture of experts trained: the weight of the routers' load-balancing loss (megatron's
+    aux_loss; Qwen3-MoE was trained with 0.001, Mixtral with 0.02); 0: none. Logged, unweighted,
+    as load_balancing_loss. A dense model ignores it."""
     precision: str = "auto"
     """auto | fp32 | bf16 | fp8 (Transformer Engine, GPU only: bf16 parameters, fp8 matmuls).
     auto: bf16 on a GPU; on a CPU bf16 only where it is natively fast (runtime.auto_precision),
@@ -126,7 +130,7 @@ class TrainConfig(config.ModelInput):
         if self.fp8_amax_compute_algo not in ("max", "most_recent"):
             raise Refusal(f"fp8_amax_compute_algo={self.fp8_amax_compute_algo!r}; use max "
                           "or most_recent")
-        for k in ("fp8_bf16_edge_layers", "recompute_layers"):
+        for k in ("fp8_bf16_edge_layers", "recompute_layers", "moe_aux_loss_coeff"):
             if getattr(self, k) < 0:
                 raise Refusal(f"{k}={getattr(self, k)} must be >= 0")
         if self.optimizer not in ("auto", "standard", "distributed"):

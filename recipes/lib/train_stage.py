@@ -92,7 +92,11 @@ def build_loaded(c: TrainConfig, model: tuple[Arch, Path], precision: str | None
     from recipes.lib import model as M  # lazy: megatron (see train.py's module doc)
 
     arch, weights = model
-    m = M.build(arch, **build_kwargs(c, precision))
+    kw = build_kwargs(c, precision)
+    if precision is None and arch.is_moe and c.moe_aux_loss_coeff:  # the model trained
+        kw.update(moe_router_load_balancing_type="aux_loss",
+                  moe_aux_loss_coeff=c.moe_aux_loss_coeff)
+    m = M.build(arch, **kw)
     checkpoint.load(m, weights, arch.vocab_size)
     return m
 
@@ -148,7 +152,7 @@ def read_models(name: str, roles: tuple[str, ...], cfg: config.Config) -> dict[s
     sources = {r: interop.open_source(getattr(c, r), f"{name}.{r}", CHECKPOINT_STAGES,
                                       getattr(c, f"{r}_hf_config")) for r in roles}
     for s in sources.values():
-        validate_layout(s.arch, cfg.parallel.tp, cfg.parallel.pp)
+        validate_layout(s.arch, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
         s.arch.check_seq_length(c.seq_length, f"{name}.seq_length")
     return sources
 
@@ -160,7 +164,7 @@ def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source
     the model trained; `build(c)` (inside the process groups) returns (model, make_step,
     schedule_kwargs or None) for train.train; `manifest(c)` the stage's own manifest fields.
     Both get `c` with precision=auto made concrete (resolve_precision)."""
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
     check_precision(c)
     src = sources["input"]
     tokenized = sources.get("teacher", src)  # the data speak the teacher's tokenizer (distill)
@@ -174,7 +178,7 @@ def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source
     out = Path(c.output or Path(cfg.run.dir) / name)
     inputs = {**{r: s.input() for r, s in sources.items()},
               **{f"data.{i}": d for i, d in enumerate(c.data)}}
-    extra = {"tp": tp, "pp": pp, "seed": cfg.run.seed}
+    extra = {"tp": tp, "pp": pp, **({"ep": ep} if ep > 1 else {}), "seed": cfg.run.seed}
     # operational fields (save cadence, signals, logging) leave a finished stage finished
     stage = StageDir(name, out, fingerprint(c, extra, ignore=OPERATIONAL), cfg.run.force,
                      inputs=inputs)
@@ -190,7 +194,7 @@ def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source
     resumable["optimizer"] = train.optimizer_kind(c)  # its checkpoints differ by kind
     # the signal handlers go in before anything loads: a scheduler may signal early
     with StopOnSignal(c.preempt_signals) as stop, \
-            runtime.distributed(tp, pp, cfg.run.seed):
+            runtime.distributed(tp, pp, cfg.run.seed, ep):
         arch, dtype = src.arch, build_kwargs(c)["dtype"]  # the final model + keep_last + 1 saves
         work = stage.begin(resumable=resumable, need=disk.nbytes(arch, dtype) + (
             c.keep_last + 1) * disk.training_nbytes(arch, dtype))
@@ -229,7 +233,7 @@ def run(name: str, cfg: config.Config, c: TrainConfig, sources: dict[str, Source
             "arch": arch.to_dict(), "num_params": arch.num_params(),
             "dtype": build_kwargs(c)["dtype"], "precision": c.precision, "precision_auto": auto,
             "fp8": fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
-            "parallel": {"tp": tp, "pp": pp}, **manifest(c), "metrics": final})
+            "parallel": {"tp": tp, "pp": pp, "ep": ep}, **manifest(c), "metrics": final})
         fault.at("kill_in_finish", 3)
         runtime.on_rank0(lambda: cleanup(out, c.keep_checkpoints))
         return done

@@ -39,7 +39,7 @@ def test_settings_and_targets_are_checked_before_work(trained_run, tmp_path):
     run = trained_run["run"]
     for extra, msg in (
             (["prune.target_params=0.8", "prune.hidden_size=32"], "unset \\['hidden_size'\\]"),
-            (["prune.target_params=0.8", "prune.target_memory_mb=10"], "not both"),
+            (["prune.target_params=0.8", "prune.target_memory_mb=10"], "not several"),
             (["prune.target_params=0.8", "prune.search={topk: 3}"], "unknown key.*topk"),
             (["prune.target_params=0.8", "prune.search={max_width_pruning: 1.5}"], "in \\[0, 1\\)"),
             (["prune.search={top_k: 3}"], "no prune.target_params"),
