@@ -83,6 +83,8 @@ def stage_argv(stage: str, c: ClusterConfig, recipe: str, overrides: list[str]) 
     if stage in GPU_STAGES and stage not in ONE_RANK:
         lay = resources(stage, c)[2]
         args += [f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}"]
+        if lay.get("ep", 1) > 1:  # a mixture of experts' experts over DP ranks
+            args.append(f"parallel.ep={lay['ep']}")
         if lay.get("recompute_layers"):  # plan's choice: nothing fits without it
             args.append(f"{stage}.recompute_layers={lay['recompute_layers']}")
     return args
@@ -114,7 +116,7 @@ def laid_out(cfg: config.Config, c: ClusterConfig, gpus: dict) -> ClusterConfig:
             print(f"launch: warning: {stage} at cluster.layout.{stage} {x.describe()} exceeds "
                   f"plan.gpu_memory_gb={cfg.section('plan').gpu_memory_gb:g} by plan's estimate",
                   file=sys.stderr)
-        chosen[stage] = {"tp": x.tp, "pp": x.pp, **(
+        chosen[stage] = {"tp": x.tp, "pp": x.pp, **({"ep": x.ep} if x.ep > 1 else {}), **(
             {"recompute_layers": x.recompute_layers} if x.recompute_layers
             and not layout.memory_settings(cfg, stage)["recompute_layers"] else {})}
     return dataclasses.replace(c, layout={**chosen, **c.layout})

@@ -29,7 +29,6 @@ import types
 
 from recipes.lib import config, layout, search, stage
 from recipes.lib.arch import Arch, distill_flops_per_token, prune_memory, validate_layout
-from recipes.lib.targets import WIDTH_KEYS
 from recipes.lib.train_config import TrainConfig
 from recipes.lib.errors import Refusal
 
@@ -85,8 +84,8 @@ def estimate(cfg: config.Config) -> dict:
     arch = teacher, student, drop = layout.models(cfg)
     prune = cfg.get("prune")
     searched = search_preview(teacher, prune, cfg, p) if prune and prune.searching else None
-    validate_layout(teacher, cfg.parallel.tp, cfg.parallel.pp)
-    validate_layout(student, cfg.parallel.tp, cfg.parallel.pp)
+    for a in (teacher, student):
+        validate_layout(a, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep if a.is_moe else 1)
     nt, ns = teacher.num_params(), student.num_params()
     b, gpus = layout.budget(cfg), layout.training_gpus(cfg)
     lay, problem = {}, []
@@ -109,8 +108,10 @@ def estimate(cfg: config.Config) -> dict:
             mem[f"{stage} (per GPU, {lay[stage].describe().split(' (')[0]})"] = lay[stage].gb
     mem["export (host RAM, rank 0)"] = 2 * ns / GB
     return {
-        "teacher": {**teacher.to_dict(), "params": nt},
-        "student": {**student.to_dict(), "params": ns},
+        "teacher": {**teacher.to_dict(), "params": nt,
+                    "active_params": teacher.num_active_params()},
+        "student": {**student.to_dict(), "params": ns,
+                    "active_params": student.num_active_params()},
         "drop_layers_1indexed": drop, "gpus": gpus, "layouts": lay, "layout_problems": problem,
         "memory_gb": mem, "distill_memory": layout.memory_settings(cfg),
         "inference_speedup": inference_ratios(teacher, student, b["seq_length"],
@@ -118,7 +119,8 @@ def estimate(cfg: config.Config) -> dict:
         "distill": {**b, "flops": flops, "gpu_hours": gpu_s / 3600,
                     "wall_hours": gpu_s / 3600 / gpus},
         "search": searched and {**searched, "shapes": [
-            {**{k: a.to_dict()[k] for k in (*WIDTH_KEYS, "num_layers")}, "params": a.num_params()}
+            {**{k: a.to_dict()[k] for k in search.hparams_of(teacher)}, "params": a.num_params(),
+             **({"active_params": a.num_active_params()} if a.is_moe else {})}
             for a in searched["shapes"]]},
     }
 
@@ -153,13 +155,16 @@ def render(e: dict, p: PlanConfig) -> str:
     t, s = e["teacher"], e["student"]
     keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
             "num_query_groups", "head_dim", "vocab_size")
+    if t.get("num_moe_experts"):  # a mixture of experts has no dense FFN
+        keys = (*keys[:2], "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                *keys[3:])
     lines = []
     if e.get("search"):
         sr = e["search"]
         lines += [f"prune searches {sr['constraint']}: ModelOpt's space "
                   + ", ".join(f"{k} {v}" for k, v in sr["space"].items())
                   + (f"; {sr['fitting']} shapes fit (our count), the top {sr['top_k']} by size:"
-                     if "params" in sr["constraint"] else
+                     if "memory_mb" not in sr["constraint"] else
                      f"; {sr['fitting']} loadable shapes, the largest {sr['top_k']} (the memory "
                      "budget is ModelOpt's estimate, applied when prune runs):")]
         lines += [f"  {x}" for x in sr["shapes"]]
@@ -182,6 +187,10 @@ def render(e: dict, p: PlanConfig) -> str:
     lines += [f"| {k} | {t[k]} | {s[k]} |" for k in keys]
     lines.append(f"| parameters | {t['params'] / 1e9:.2f}B | {s['params'] / 1e9:.2f}B "
                  f"({s['params'] / t['params']:.1%}) |")
+    if t["active_params"] != t["params"] or s["active_params"] != s["params"]:
+        ta, sa = t["active_params"], s["active_params"]
+        lines.append(f"| active parameters (per token) | {ta / 1e9:.2f}B | {sa / 1e9:.2f}B "
+                     f"({sa / ta:.1%}) |")
     if e["drop_layers_1indexed"]:
         lines.append(f"\ndropped layers (1-indexed): {e['drop_layers_1indexed']}")
     lay = e["layouts"]

@@ -121,6 +121,19 @@ class Arch:
     def num_active_params(self) -> int:
         return self.num_params(active=True)
 
+    def expert_params(self) -> int:
+        """Weights of every layer's experts (0 for a dense model): what expert parallelism
+        shares out."""
+        if not self.is_moe:
+            return 0
+        return self.num_layers * self.num_moe_experts * 3 * self.hidden_size \
+            * self.moe_ffn_hidden_size
+
+    def params_per_rank(self, mp: int, ep: int = 1) -> float:
+        """Weights one rank holds at model-parallel size `mp` (TP x PP) and expert parallelism
+        `ep` (an expert's weights are split over the same TP as the rest)."""
+        return (self.num_params() - self.expert_params()) / mp + self.expert_params() / (mp * ep)
+
     def flops_per_token(self, seq: int) -> float:
         """Forward FLOPs per token at sequence length `seq`: 2 per weight of every matmul (the
         output layer's included, the embedding lookup's not) plus causal attention's QK^T and
@@ -222,7 +235,8 @@ class Arch:
             cfg.update(sliding_window=self.sliding_window)
         if self.is_moe:
             moe = FAMILIES[self.family]["moe"]
-            cfg.update({moe["experts"][0]: self.num_moe_experts, moe["ffn"]: self.moe_ffn_hidden_size,
+            cfg.update({moe["experts"][0]: self.num_moe_experts,
+                        moe["ffn"]: self.moe_ffn_hidden_size,
                         "num_experts_per_tok": self.moe_router_topk})
             for k in moe["experts"][1:]:
                 cfg.pop(k, None)  # one name for the count: the family's own
@@ -288,8 +302,13 @@ def fp8_flops_per_token(t: Arch, s: Arch, precision: str, teacher_precision: str
 
 def layer_activations(a: Arch, seq: int) -> float:
     """Bytes one layer stores for the backward at micro-batch 1, with fused (flash) attention:
-    34*s*h (Korthikanti et al. 2022 without the s^2 term)."""
-    return 34 * seq * a.hidden_size
+    34*s*h (Korthikanti et al. 2022 without the s^2 term); in a mixture of experts the MLP's
+    19*s*h of it scaled by the FFN width a token runs through (top-k x an expert's) over the
+    4*h that count assumes."""
+    if not a.is_moe:
+        return 34 * seq * a.hidden_size
+    mlp = 19 * seq * a.moe_router_topk * a.moe_ffn_hidden_size / 4
+    return 15 * seq * a.hidden_size + mlp
 
 
 def prune_memory(t: Arch, seq: int, pp: int) -> float:
@@ -330,22 +349,24 @@ def stored_activations(a: Arch, seq: int, layers: int, recompute_layers: int = 0
 def training_memory(t: Arch | None, s: Arch, seq: int, tp: int, pp: int, dp: int,
                     precision_aware: bool = False, precision: str = "bf16",
                     teacher_precision: str = "bf16", bf16_edge_layers: int = 0,
-                    recompute_layers: int = 0) -> float:
+                    recompute_layers: int = 0, ep: int = 1) -> float:
     """Bytes per GPU of training `s` against the frozen teacher `t` (None: no teacher, as
     teacher correction), `seq` tokens per micro-batch: megatron's distributed optimizer (bf16
     params + fp32 grads per model-parallel shard; fp32 master weights and Adam moments sharded
     over DP, or bf16 + 16-bit remainders with `precision_aware`), a bf16 teacher at the same
     TP/PP, activations (`stored_activations` of a stage's layers, `recompute_layers` of them
     recomputed) / TP, fp32 student (+ teacher) logits, and what fp8 adds where the student's
-    `precision` or the teacher's is fp8 (`fp8_memory`)."""
+    `precision` or the teacher's is fp8 (`fp8_memory`). Expert weights are shared out over `ep`
+    expert-parallel ranks (params_per_rank); their optimizer state over the expert
+    data-parallel ranks, dp / ep of them, which is again 1 / (mp x dp) of the whole."""
     mp = tp * pp
     state = 10 if precision_aware else 12  # master weights (or remainders) + Adam moments
-    teacher = 2 * t.num_params() / mp if t is not None else 0
+    teacher = 2 * t.params_per_rank(mp, ep) if t is not None else 0
     fp8 = fp8_memory(s, seq, fp8_layers(s, precision, bf16_edge_layers), True,
                      min(recompute_layers, s.num_layers // pp) * pp)
     if t is not None:
         fp8 += fp8_memory(t, seq, fp8_layers(t, teacher_precision, bf16_edge_layers), False)
-    return (teacher + 6 * s.num_params() / mp + state * s.num_params() / (mp * dp)
+    return (teacher + 6 * s.params_per_rank(mp, ep) + state * s.num_params() / (mp * dp)
             + stored_activations(s, seq, s.num_layers // pp, recompute_layers) / tp
             + (2 if t is not None else 1) * 4 * seq * s.padded_vocab_size / tp + fp8 / mp)
 

@@ -104,7 +104,8 @@ def run_config(arch: Arch, *, tp: int, pp: int, dtype: str, spec: str) -> dict:
         model.update(num_moe_experts=arch.num_moe_experts,
                      moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
                      moe_router_topk=arch.moe_router_topk, moe_router_score_function="softmax",
-                     moe_router_pre_softmax=arch.moe_router_topk == 1 or not arch.moe_norm_topk_prob,
+                     moe_router_pre_softmax=(arch.moe_router_topk == 1
+                                             or not arch.moe_norm_topk_prob),
                      moe_grouped_gemm=False)
     return {"model": model,
             "checkpoint": {"ckpt_format": "torch_dist", "save_optim": False, "save_rng": False,

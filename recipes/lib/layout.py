@@ -11,7 +11,10 @@ recompute (the layout measured on one GPU, docs/measured.md):
 - recompute, one more forward of the recomputed layers: their share of the student's forward
   over a step's model FLOPs (3x the student's forward + the teacher's);
 - tensor parallelism, TP_COST per doubling: its all-reduces inside a node (an assumption from
-  Megatron-LM's published scaling, not a measurement of ours).
+  Megatron-LM's published scaling, not a measurement of ours);
+- expert parallelism (mixtures of experts), EP_COST per doubling: the all-to-all of the routed
+  tokens (an assumption too); EP shares the experts out over data-parallel ranks, so it must
+  divide DP and every model's expert count.
 Ties go to fewer model-parallel ranks. A layout fits where its estimate is within HEADROOM of
 the GPU's memory: the rest is the CUDA context, NCCL's buffers and the allocator's
 fragmentation, which the estimate leaves out.
@@ -19,6 +22,7 @@ fragmentation, which the estimate leaves out.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -31,6 +35,7 @@ from recipes.lib.train_config import TrainConfig
 
 GB = 1024**3
 TP_COST = 0.05
+EP_COST = 0.03
 HEADROOM = 0.9
 
 
@@ -49,10 +54,13 @@ class Layout:
     """Estimated memory per GPU, GiB."""
     slowdown: float
     """Estimated step time relative to TP=1 PP=1 without recompute, per GPU."""
+    ep: int = 1
+    """Expert-parallel ranks (a mixture of experts), within DP."""
 
     def describe(self) -> str:
         rc = f", recompute_layers={self.recompute_layers}" if self.recompute_layers else ""
-        return f"TP={self.tp} PP={self.pp} DP={self.dp}{rc} ({self.gb:.1f} GB)"
+        ep = f" EP={self.ep}" if self.ep > 1 else ""
+        return f"TP={self.tp} PP={self.pp} DP={self.dp}{ep}{rc} ({self.gb:.1f} GB)"
 
 
 def candidates(t: Arch | None, s: Arch, *, gpus: int, seq: int, global_batch: int,
@@ -70,12 +78,22 @@ def candidates(t: Arch | None, s: Arch, *, gpus: int, seq: int, global_batch: in
             if global_batch % (micro_batch * dp):
                 continue
             micro = global_batch // (micro_batch * dp)
-            for recompute in ((fixed,) if fixed else (0, s.num_layers // pp)):
-                gb = training_memory(t, s, seq, tp, pp, dp, **{
+            for ep, recompute in itertools.product(
+                    expert_parallel(t, s, dp), (fixed,) if fixed else (0, s.num_layers // pp)):
+                gb = training_memory(t, s, seq, tp, pp, dp, ep=ep, **{
                     **settings, "recompute_layers": recompute}) / GB
                 out.append(Layout(tp, pp, dp, recompute, gb,
-                                  slowdown(t, s, seq, tp, pp, micro, recompute)))
-    return sorted(out, key=lambda x: (round(x.slowdown, 6), x.tp * x.pp, x.pp))
+                                  slowdown(t, s, seq, tp, pp, micro, recompute)
+                                  * (1 + EP_COST * math.log2(ep)), ep))
+    return sorted(out, key=lambda x: (round(x.slowdown, 6), x.tp * x.pp, x.pp, x.ep))
+
+
+def expert_parallel(t: Arch | None, s: Arch, dp: int) -> list[int]:
+    """The expert-parallel sizes a layout with `dp` data-parallel ranks can take: 1, and for
+    mixtures of experts the powers of two dividing DP and every model's expert count."""
+    experts = [a.num_moe_experts for a in (t, s) if a is not None and a.is_moe]
+    return [ep for ep in (1, 2, 4, 8, 16, 32, 64) if ep == 1 or (
+        experts and dp % ep == 0 and all(n % ep == 0 for n in experts))]
 
 
 def valid(t: Arch | None, s: Arch, tp: int, pp: int) -> bool:
@@ -203,7 +221,7 @@ def stage_layout(cfg: config.Config, stage: str, gpus: int | None = None,
                          gpus_per_node=c.gpus_per_node)
     if not hand:
         return choose(options, p.gpu_memory_gb, f"{stage} on {gpus} GPUs")
-    same = [x for x in options if (x.tp, x.pp) == (hand["tp"], hand["pp"])]
+    same = [x for x in options if (x.tp, x.pp, x.ep) == (hand["tp"], hand["pp"], hand.get("ep", 1))]
     if not same:
         raise Refusal(f"cluster.layout.{stage}={hand} does not divide the models, the {gpus} "
                       "GPUs and the global batch: remove it to let plan choose, or pick another")

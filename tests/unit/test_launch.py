@@ -250,6 +250,18 @@ def test_the_chain_takes_plans_layouts_unless_set_by_hand(capsys):
         dry_run("llama31_8b_to_4b_width.yaml", "plan.gpu_memory_gb=8", capsys=capsys)
 
 
+def test_a_mixture_of_experts_trains_with_its_experts_shared_out(capsys):
+    """Qwen3-30B-A3B on 8 GPUs: plan's distill layout shares the experts over EP ranks and the
+    chain passes parallel.ep on; prune stays at EP=1 (ModelOpt); one set by hand wins."""
+    argv = {}
+    dry_run("qwen3_30b_a3b_to_a2b.yaml", capsys=capsys, argv=argv)
+    assert any(a.startswith("parallel.ep=") and a != "parallel.ep=1" for a in argv["distill"])
+    assert not any(a.startswith("parallel.ep=") for a in argv["prune"])
+    dry_run("qwen3_30b_a3b_to_a2b.yaml", "cluster.layout.distill={tp: 1, pp: 2, ep: 4}",
+            capsys=capsys, argv=argv)
+    assert argv["distill"][-3:] == ["parallel.tp=1", "parallel.pp=2", "parallel.ep=4"]
+
+
 def test_data_evaluate_and_report_refuse_several_ranks(monkeypatch, tmp_path):
     """Under torchrun every rank would write the same folder: refused before any folder."""
     from recipes import data, evaluate, report

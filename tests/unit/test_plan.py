@@ -1,5 +1,6 @@
 """`plan` on the paper's two recipes, without weights; impossible targets fail."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,29 @@ def test_teacher_correction_is_laid_out_at_its_own_settings():
                           micro_batch=1, settings=layout.memory_settings(short))[0].gb, 80)
     distill = layout.stage_layout(short, "distill")
     assert (distill.tp, distill.pp) == (1, 2)  # distill keeps its own 8192
+
+
+def test_moe_recipe_plans_total_and_active_parameters_and_expert_parallelism(capsys):
+    """Qwen3-30B-A3B: the published 30.5B / 3.3B, the search's largest candidate at 70% of the
+    active parameters, and a distillation layout that shares the experts out (EP)."""
+    assert plan.main(["--config", str(CONF / "qwen3_30b_a3b_to_a2b.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "| parameters | 30.53B | 21.03B " in out
+    assert "| active parameters (per token) | 3.35B | 2.34B " in out
+    assert re.search(r"distill \(per GPU, TP=\d PP=\d DP=\d EP=[248]\)\s+[\d.]+ GB  fits", out)
+
+
+def test_expert_parallelism_shares_out_the_expert_weights_only():
+    from recipes.lib import search
+    from recipes.lib.arch import Arch, training_memory
+
+    t = Arch.from_hf_config(json.loads((CONF / "arch" / "qwen3-30b-a3b.json").read_text()))
+    assert (t.num_params(), t.num_active_params()) == (30_532_122_624, 3_353_032_704)
+    # ModelOpt's counter (what the search's active_params constraint reads) agrees with ours
+    # but for the padded vocabulary of the untied embedding and output layer
+    pad = (t.padded_vocab_size - t.vocab_size) * t.hidden_size * 2
+    assert search.measure(t, {"active_params": 1}, {}) == t.num_active_params() + pad
+    assert search.measure(t, {"params": 1}, {}) == t.num_params() + pad
+    one, four = (training_memory(t, t, 4096, 1, 2, 8, ep=ep) for ep in (1, 4))
+    experts = t.expert_params()
+    assert one - four == pytest.approx((2 + 6) * experts / 2 * (1 - 1 / 4))
