@@ -137,13 +137,14 @@ def _spec_only(key: str) -> bool:
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def load(model, directory: Path, vocab_size: int | None = None) -> None:
+def load(model, directory: Path, vocab_size: int | None = None, retarget=None) -> None:
     """Load a torch_dist checkpoint into `model` at whatever TP/PP and layer spec it was built;
     collective. Keys present on one side only are refused by name, except TE's `_extra_state`,
     the common state megatron / Bridge / Megatron-LM keep beside the model and the optimizer and
     RNG state of a training checkpoint (interop.py). A checkpoint with fewer vocabulary rows
     than the model (Bridge does not pad) loads its rows and leaves the rest zero; one with fewer
-    than the real `vocab_size` is refused."""
+    than the real `vocab_size` is refused. `retarget(sharded)`: rewrites the model's sharded
+    state dict in place first (a HybridModel reading a GPT checkpoint, recipes/lib/hybrid.py)."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise MissingInput(f"{directory} is not a megatron distributed checkpoint "
@@ -160,6 +161,8 @@ def load(model, directory: Path, vocab_size: int | None = None) -> None:
                       f"architecture's vocab_size={vocab_size}: it is another model's "
                       "checkpoint; name the config.json that describes it")
     sharded = model.sharded_state_dict()
+    if retarget is not None:
+        retarget(sharded)
     wrong = [(t.key, tuple(saved[t.key].global_shape), tuple(t.global_shape))
              for t in sharded.values() if hasattr(t, "global_shape") and t.key in saved
              and t.key not in VOCAB_KEYS

@@ -42,8 +42,16 @@ def layer_spec(kind: str = "auto", qk_norm: bool = False, num_experts: int | Non
         )
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_norm)
-    return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
                                     normalization="RMSNorm", qk_layernorm=qk_norm)
+    if num_experts:
+        # megatron 0.19's local spec files the pre-MLP norm of an MoE layer under
+        # mlp.linear_fc1.layer_norm_weight, a dense layer's TE name; the TE spec (and so
+        # Megatron-LM / Bridge MoE checkpoints) keep it as pre_mlp_layernorm.weight: so do we
+        keys = dict(spec.submodules.sharded_state_dict_keys_map)
+        keys.pop("pre_mlp_layernorm.")
+        spec.submodules.sharded_state_dict_keys_map = keys
+    return spec
 
 
 def moe_config(arch: Arch, aux_loss_coeff: float = 0.0) -> dict:
