@@ -17,9 +17,10 @@ from tests.tiny_models import write_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "conf" / "tiny.yaml")
-# the longest modules first (measured on 2 cores: 150-360 s each, the Slurm one mostly waiting
+# the longest modules first (measured on 2 cores: 80-360 s each, the Slurm one mostly waiting
 # on its jobs), so that `--dist loadfile` starts them at once and the short ones fill in after
-FIRST = ("test_slurm.py", "test_distill.py", "test_search.py", "test_integrity.py")
+FIRST = ("test_slurm.py", "test_distill.py", "test_search.py", "test_integrity.py",
+         "test_moe.py", "test_moe_stages.py")
 
 
 def pytest_collection_modifyitems(config, items):

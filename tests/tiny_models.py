@@ -85,3 +85,13 @@ def _write_tokenizer(path: Path, vocab_size: int) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>",
                                    unk_token="<0>")
     fast.save_pretrained(path)
+
+
+def state(folder: Path) -> dict:
+    """Every tensor of an HF folder's safetensors shards, by name."""
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        sd.update(load_file(f))
+    return sd

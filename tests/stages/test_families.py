@@ -8,14 +8,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from recipes import convert, data, distill, evaluate, export, prune, report, teacher_correction
 from recipes.lib.arch import FAMILIES
 from tests.conftest import TINY, torchrun
 from tests.corpus import write_corpus
-from tests.tiny_models import FAMILY_VARIANTS, write_tiny_llama
+from tests.tiny_models import FAMILY_VARIANTS, state, write_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +30,6 @@ def corpus(tmp_path_factory):
 
 def common(run, hf):
     return ["--config", TINY, f"run.dir={run}", f"convert.hf_path={hf}"]
-
-
-def state(folder):
-    sd = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        sd.update(load_file(f))
-    return sd
 
 
 def manifest(folder):

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from recipes import convert, export
 from recipes.lib.arch import FAMILIES, Arch, validate_layout
 from recipes.lib.errors import Refusal
 from tests.conftest import TINY, torchrun
-from tests.tiny_models import MOE_VARIANTS, write_tiny_llama
+from tests.tiny_models import MOE_VARIANTS, state, write_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +24,6 @@ def models(tmp_path_factory):
     out["qwen3_moe_top1"] = write_tiny_llama(base / "top1", "qwen3_moe", num_experts_per_tok=1,
                                              norm_topk_prob=False)
     return out
-
-
-def state(folder):
-    sd = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        sd.update(load_file(f))
-    return sd
 
 
 def hf(folder):
@@ -72,32 +64,19 @@ def test_round_trip_single_process(models, tmp_path, variant):
 
 
 @pytest.mark.slow
-def test_ep2_convert_then_tp2_export(models, tmp_path):
-    """Experts shared out over two expert-parallel ranks, then resharded on load to TP=2 (each
-    expert's GLU split over expert TP); the tied output layer at PP=2 is test_pp2's."""
-    src = models["qwen3_moe"]
+@pytest.mark.parametrize("variant, written, read", [
+    # experts shared out over two expert-parallel ranks, then resharded on load to TP=2 (each
+    # expert's GLU split over expert TP), and the other way round
+    ("qwen3_moe", "parallel.ep=2", "parallel.tp=2"),
+    ("qwen3_moe", "parallel.tp=2", "parallel.ep=2"),
+    ("mixtral", "parallel.pp=2", "parallel.pp=2"),  # the tied output layer on the last stage
+])
+def test_parallel_round_trips(models, tmp_path, variant, written, read):
+    src = models[variant]
     args = ["--config", TINY, f"run.dir={tmp_path}"]
-    torchrun("recipes.convert", *args, f"convert.hf_path={src}", "parallel.ep=2")
-    torchrun("recipes.export", *args, "parallel.tp=2")
-    check_round_trip(src, tmp_path, "qwen3_moe")
-
-
-@pytest.mark.slow
-def test_tp2_convert_then_ep2_export(models, tmp_path):
-    src = models["qwen3_moe"]
-    args = ["--config", TINY, f"run.dir={tmp_path}"]
-    torchrun("recipes.convert", *args, f"convert.hf_path={src}", "parallel.tp=2")
-    torchrun("recipes.export", *args, "parallel.ep=2")
-    check_round_trip(src, tmp_path, "qwen3_moe")
-
-
-@pytest.mark.slow
-def test_pp2_mixtral(models, tmp_path):
-    src = models["mixtral"]
-    args = ["--config", TINY, f"run.dir={tmp_path}"]
-    torchrun("recipes.convert", *args, f"convert.hf_path={src}", "parallel.pp=2")
-    torchrun("recipes.export", *args, "parallel.pp=2")
-    check_round_trip(src, tmp_path, "mixtral")
+    torchrun("recipes.convert", *args, f"convert.hf_path={src}", written)
+    torchrun("recipes.export", *args, read)
+    check_round_trip(src, tmp_path, variant)
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)

@@ -9,7 +9,6 @@ import types
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from recipes import convert, data, distill, export, prune
@@ -19,7 +18,7 @@ from recipes.lib.preempt import FAULT_ENV
 from recipes.lib.targets import pruned_arch
 from tests.conftest import TINY, torchrun
 from tests.corpus import write_corpus
-from tests.tiny_models import MOE_VARIANTS, write_tiny_llama
+from tests.tiny_models import MOE_VARIANTS, state, write_tiny_llama
 
 # experts kept by the expert-only prune (of 6 and of 3); the full prune's targets
 KEEP = {"qwen3_moe": 4, "mixtral": 2}
@@ -50,13 +49,6 @@ def common(run, hf, *extra):
 
 def manifest(folder):
     return json.loads((folder / "manifest.json").read_text())
-
-
-def state(folder):
-    sd = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        sd.update(load_file(f))
-    return sd
 
 
 def check_export(out):
