@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from recipes.lib import config, stage
+from recipes.lib.arch import Arch
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "ce_trained",
@@ -37,6 +38,10 @@ DESCRIBED = {  # the demo's models (make demo, make demo-compare)
 }
 ARCH_ROWS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "num_query_groups", "head_dim", "vocab_size")
+MOE_ROWS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size")  # instead of the FFN
+SHAPE_NAMES = {"hidden_size": "hidden", "ffn_hidden_size": "FFN", "num_attention_heads": "heads",
+               "num_moe_experts": "experts", "moe_ffn_hidden_size": "expert FFN",
+               "num_layers": "layers"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -64,6 +69,8 @@ SEARCH_COLUMNS = {"tournament_kd_loss": "tournament KD loss",
 def search_lines(res: dict) -> list[str]:
     t = res.get("tournament")
     cols = [k for k in SEARCH_COLUMNS if any(k in c for c in res["candidates"])]
+    shape = list(res["candidates"][0]["arch"])  # the axes searched: a dense model's or an MoE's
+    active = int(all(c.get("active_params") for c in res["candidates"]))
     lines = [f"Constraint {res['constraint']} (teacher {res['teacher_params'] / 1e6:.1f}M "
              f"parameters); ModelOpt's search, top {len(res['candidates'])} candidates, "
              f"decided by {res['decided_by']}. Search {res['search_s']:.0f} s"
@@ -71,14 +78,15 @@ def search_lines(res: dict) -> list[str]:
                 f"{t['seq_length']} tokens ({t['tokens_per_candidate']:,} tokens) per candidate, "
                 f"{t['total_s']:.0f} s in all; ranked by {t['score']}; {_teacher(t)}"
                 if t else "") + ".", "",
-             "| candidate | hidden | FFN | heads | layers | parameters | zero-shot LM loss | "
+             "| candidate | " + "".join(f"{SHAPE_NAMES.get(k, k)} | " for k in shape)
+             + "parameters | " + ("active | " if active else "") + "zero-shot LM loss | "
              + "".join(f"{SEARCH_COLUMNS[k]} | " for k in cols) + "|",
-             "|---|---|---|---|---|---|---|" + "---|" * len(cols) + "---|"]
+             "|---|" + "---|" * (len(shape) + 2 + active + len(cols)) + "---|"]
     for c in res["candidates"]:
-        a = c["arch"]
-        lines.append(f"| c{c['candidate']} | {a['hidden_size']} | {a['ffn_hidden_size']} | "
-                     f"{a['num_attention_heads']} | {a['num_layers']} | {c['params'] / 1e6:.2f}M "
-                     f"| {c['zero_shot_lm_loss']:.4f} | "
+        lines.append(f"| c{c['candidate']} | " + "".join(f"{c['arch'][k]} | " for k in shape)
+                     + f"{c['params'] / 1e6:.2f}M | "
+                     + (f"{c['active_params'] / 1e6:.2f}M | " if active else "")
+                     + f"{c['zero_shot_lm_loss']:.4f} | "
                      + "".join(f"{c[k]:.4f} | " for k in cols)
                      + f"{'**winner**' if c['winner'] else ''} |")
     return lines + [""]
@@ -201,10 +209,16 @@ def architecture_lines(m: dict) -> list[str]:
     if "prune" not in m:
         return []
     t, s = m["prune"]["teacher"], m["prune"]
+    moe = bool(t["arch"].get("num_moe_experts"))
+    rows = ARCH_ROWS if not moe else (*ARCH_ROWS[:2], *MOE_ROWS, *ARCH_ROWS[3:])
     lines = ["## Architecture", "", "| | teacher | student |", "|---|---|---|"]
-    lines += [f"| {k} | {t['arch'][k]} | {s['arch'][k]} |" for k in ARCH_ROWS]
+    lines += [f"| {k} | {t['arch'][k]} | {s['arch'][k]} |" for k in rows]
     lines += [f"| parameters | {t['num_params'] / 1e6:.1f}M | {s['num_params'] / 1e6:.1f}M "
-              f"({s['num_params'] / t['num_params']:.1%}) |", ""]
+              f"({s['num_params'] / t['num_params']:.1%}) |"]
+    if moe:  # what one token runs through
+        ta, sa = (Arch(**x["arch"]).num_active_params() for x in (t, s))
+        lines += [f"| active parameters | {ta / 1e6:.1f}M | {sa / 1e6:.1f}M ({sa / ta:.1%}) |"]
+    lines += [""]
     depth = s.get("depth", {})
     if depth.get("drop_layers_1indexed"):
         lines += [f"Dropped layers ({depth['method']}): {depth['drop_layers_1indexed']} "

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipes import convert, data, distill, export, prune
+from recipes import convert, data, distill, evaluate, export, prune, report
 from recipes.lib.arch import Arch
 from recipes.lib.errors import Refusal
 from recipes.lib.preempt import FAULT_ENV
@@ -129,6 +129,11 @@ def test_prune_distill_export(runs, family):
     assert export.main([*a, f"export.input={run / 'distill'}"]) == 0
     m = check_export(run / "export")
     assert m["num_params"] == manifest(run / "prune")["num_params"]
+    assert evaluate.main(a) == 0 and report.main(a) == 0  # the report names the MoE axes
+    text = (run / "report" / "report.md").read_text()
+    teacher = manifest(run / "convert")["arch"]["num_moe_experts"]
+    assert f"| num_moe_experts | {teacher} | {KEEP[family]} |" in text
+    assert "| moe_ffn_hidden_size |" in text and "| active parameters |" in text
 
 
 def test_load_balancing_weight_changes_the_router_only_when_set(runs, tmp_path):
@@ -204,6 +209,9 @@ def test_active_parameter_target_through_the_search_and_tournament(runs, tmp_pat
         assert set(cand["arch"]) == {"hidden_size", "num_attention_heads", "num_moe_experts",
                                      "moe_ffn_hidden_size", "num_layers"}
         assert "tournament_kd_loss" in cand
+    table = "\n".join(report.search_lines(res))
+    assert "| candidate | hidden | heads | experts | expert FFN | layers | parameters | active |" \
+        in table
     m = manifest(out)
     winner = next(c for c in res["candidates"] if c["winner"])
     assert {k: m["arch"][k] for k in winner["arch"]} == winner["arch"]
