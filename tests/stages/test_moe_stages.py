@@ -154,6 +154,26 @@ def test_load_balancing_weight_changes_the_router_only_when_set(runs, tmp_path):
     assert not torch.allclose(routers[0.0], routers[0.5])
 
 
+def test_a_moe_student_learns_from_a_dense_teacher(runs, tmp_path):
+    """The pruned Qwen3-MoE student distilled from a dense Qwen3 of the same tokenizer (the
+    data speak it): the KD loss falls, the router's load-balancing loss is the student's."""
+    run, hf = runs["qwen3_moe"]
+    dense = write_tiny_llama(tmp_path / "dense_hf", "qwen3")
+    t = ["--config", TINY, f"run.dir={tmp_path}", f"convert.hf_path={dense}"]
+    assert convert.main(t) == 0
+    a = common(run, hf, f"prune.num_moe_experts={KEEP['qwen3_moe']}", *FULL)
+    assert prune.main(a) == 0  # test_prune_distill_export's prune, or the same again
+    out = tmp_path / "d"
+    assert distill.main([*a, f"distill.teacher={tmp_path / 'convert'}", f"distill.output={out}",
+                         "distill.train_iters=4", "distill.eval_interval=4"]) == 0
+    rows = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["valid_kd_loss"] < rows[0]["valid_kd_loss"]
+    assert all("load_balancing_loss" in r for r in rows[1:])
+    m = manifest(out)
+    assert m["arch"]["num_moe_experts"] == KEEP["qwen3_moe"]
+    assert m["input"]["teacher"] == str((tmp_path / "convert").resolve())
+
+
 def losses(out, key="kd_loss"):
     return {r["step"]: r[key] for r in (json.loads(x) for x in (out / "logs" / "metrics.jsonl")
                                         .read_text().splitlines()) if key in r}
