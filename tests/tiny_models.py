@@ -39,6 +39,14 @@ VARIANTS = {
                       num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                       tie_word_embeddings=False, rope_theta=1000000.0, use_sliding_window=False,
                       mlp_only_layers=[], decoder_sparse_step=1),
+    # Qwen2-MoE-like: 5 experts, top-2 without renormalisation, a gated shared expert, Q/K/V
+    # biases, tied embeddings
+    "qwen2_moe": dict(model_type="qwen2_moe", vocab_size=1001, hidden_size=64,
+                      intermediate_size=96, moe_intermediate_size=40,
+                      shared_expert_intermediate_size=56, num_experts=5, num_experts_per_tok=2,
+                      norm_topk_prob=False, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
+                      use_sliding_window=False, mlp_only_layers=[], decoder_sparse_step=1),
     # Mixtral-like: 3 experts, top-1, experts as wide as intermediate_size, tied embeddings
     "mixtral": dict(model_type="mixtral", vocab_size=1001, hidden_size=64, intermediate_size=48,
                     num_local_experts=3, num_experts_per_tok=1, num_hidden_layers=4,
@@ -46,7 +54,7 @@ VARIANTS = {
                     rope_theta=1000000.0, sliding_window=None),
 }
 FAMILY_VARIANTS = ("mistral", "qwen2", "qwen3")
-MOE_VARIANTS = ("qwen3_moe", "mixtral")
+MOE_VARIANTS = ("qwen3_moe", "mixtral", "qwen2_moe")
 
 
 def write_tiny_llama(path: Path, variant: str = "gqa", seed: int = 0, shards: int = 2,

@@ -1,5 +1,5 @@
 """The architecture of a checkpoint of a supported family (Llama, Mistral / Mistral-NeMo, Qwen2 /
-Qwen2.5, Qwen3, and the mixtures of experts Qwen3-MoE and Mixtral): read from an HF
+Qwen2.5, Qwen3, and the mixtures of experts Qwen3-MoE, Mixtral and Qwen2-MoE): read from an HF
 `config.json`, written into every manifest, and turned back into that family's HF config on
 export. No stage restates it by hand. What a family adds is data (`FAMILIES`), not code paths.
 What pruning may make of one is recipes/lib/targets.py."""
@@ -18,12 +18,17 @@ MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 # add_qkv_bias) and whether Q and K are RMS-normed per head (megatron qk_layernorm), and the
 # HF config fields that say so. All are decoders with RMSNorm, SwiGLU and RoPE. A mixture of
 # experts (`moe`) names the HF config fields of its MoE block: the expert count, the expert
-# FFN width, and whether the top-k router weights are renormalised (a field, or a constant).
+# FFN width, whether the top-k router weights are renormalised (a field, or a constant), and
+# the width of a shared expert every token also runs through, gated by a sigmoid (Qwen2-MoE).
 FAMILIES = {
     "llama": {"architectures": "LlamaForCausalLM", "qkv_bias": False, "qk_norm": False},
     "mistral": {"architectures": "MistralForCausalLM", "qkv_bias": False, "qk_norm": False},
     "qwen2": {"architectures": "Qwen2ForCausalLM", "qkv_bias": True, "qk_norm": False},
     "qwen3": {"architectures": "Qwen3ForCausalLM", "qkv_bias": False, "qk_norm": True},
+    "qwen2_moe": {"architectures": "Qwen2MoeForCausalLM", "qkv_bias": True, "qk_norm": False,
+                  "moe": {"experts": ("num_experts",), "ffn": "moe_intermediate_size",
+                          "norm_topk_prob": "norm_topk_prob",
+                          "shared": "shared_expert_intermediate_size"}},
     "qwen3_moe": {"architectures": "Qwen3MoeForCausalLM", "qkv_bias": False, "qk_norm": True,
                   "moe": {"experts": ("num_experts", "num_local_experts"),
                           "ffn": "moe_intermediate_size", "norm_topk_prob": "norm_topk_prob"}},
@@ -70,6 +75,8 @@ class Arch:
     moe_norm_topk_prob: bool = True
     """The top-k routing weights are renormalised to sum to 1 (HF norm_topk_prob; Mixtral
     always): megatron's softmax over the top-k logits, else the softmax over all experts."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """The shared expert's SwiGLU width (Qwen2-MoE; None: none), with its sigmoid gate."""
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -93,12 +100,15 @@ class Arch:
 
     def _mlp_params(self, active: bool) -> int:
         """One layer's MLP weights: gate, up, down; with experts, the router and every expert's
-        (`active`: the router and the top-k experts a token runs through)."""
+        (`active`: the router and the top-k experts a token runs through), and a shared expert
+        with its gate (always active)."""
         h = self.hidden_size
         if not self.is_moe:
             return 3 * h * self.ffn_hidden_size
         experts = self.moe_router_topk if active else self.num_moe_experts
-        return self.num_moe_experts * h + experts * 3 * h * self.moe_ffn_hidden_size
+        shared = self.moe_shared_expert_intermediate_size or 0
+        return (self.num_moe_experts * h + experts * 3 * h * self.moe_ffn_hidden_size
+                + 3 * h * shared + h * bool(shared))  # the shared expert and its gate
 
     @property
     def _layer_matmul_params(self) -> int:
@@ -242,6 +252,8 @@ class Arch:
                 cfg.pop(k, None)  # one name for the count: the family's own
             if isinstance(moe["norm_topk_prob"], str):
                 cfg[moe["norm_topk_prob"]] = self.moe_norm_topk_prob
+            if "shared" in moe:
+                cfg[moe["shared"]] = self.moe_shared_expert_intermediate_size
         if self.family in ("llama", "qwen3", "qwen3_moe"):  # Qwen2's bias is implied by its class
             cfg.update(attention_bias=False)
         if self.family == "llama":
@@ -274,13 +286,16 @@ def _moe_fields(cfg: dict, moe: dict | None, source: str) -> dict:
                       f"decoder_sparse_step={cfg.get('decoder_sparse_step')}: dense layers "
                       "between the MoE layers are not supported; every layer must be MoE "
                       "(mlp_only_layers=[] and decoder_sparse_step=1)")
-    if cfg.get("shared_expert_intermediate_size"):
+    shared = cfg.get(moe["shared"]) if "shared" in moe else None
+    if "shared" not in moe and cfg.get("shared_expert_intermediate_size"):
         raise Refusal(f"{source}: shared_expert_intermediate_size="
-                      f"{cfg['shared_expert_intermediate_size']}: shared experts are not supported")
+                      f"{cfg['shared_expert_intermediate_size']}: a {cfg['model_type']} has no "
+                      "shared expert; the config belongs to another family")
     norm = moe["norm_topk_prob"]
     return {"num_moe_experts": int(experts), "moe_ffn_hidden_size": int(ffn),
             "moe_router_topk": int(topk),
-            "moe_norm_topk_prob": bool(cfg.get(norm, False)) if isinstance(norm, str) else norm}
+            "moe_norm_topk_prob": bool(cfg.get(norm, False)) if isinstance(norm, str) else norm,
+            "moe_shared_expert_intermediate_size": int(shared) if shared else None}
 
 
 def distill_flops_per_token(teacher: Arch | None, student: Arch, seq: int) -> float:

@@ -106,7 +106,9 @@ def run_config(arch: Arch, *, tp: int, pp: int, dtype: str, spec: str) -> dict:
                      moe_router_topk=arch.moe_router_topk, moe_router_score_function="softmax",
                      moe_router_pre_softmax=(arch.moe_router_topk == 1
                                              or not arch.moe_norm_topk_prob),
-                     moe_grouped_gemm=False)
+                     moe_grouped_gemm=False,
+                     moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
+                     moe_shared_expert_gate=arch.moe_shared_expert_intermediate_size is not None)
     return {"model": model,
             "checkpoint": {"ckpt_format": "torch_dist", "save_optim": False, "save_rng": False,
                            "fully_parallel_save": True},
@@ -191,10 +193,11 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
 
     bad = []
     experts = m.get("num_moe_experts")
-    if experts and (m.get("moe_shared_expert_intermediate_size")
-                    or m.get("moe_layer_freq", 1) != 1):
-        bad.append("moe_shared_expert_intermediate_size / moe_layer_freq (shared experts or "
-                   "dense layers between MoE layers)")
+    shared = m.get("moe_shared_expert_intermediate_size")
+    if experts and m.get("moe_layer_freq", 1) != 1:
+        bad.append("moe_layer_freq (dense layers between MoE layers)")
+    if shared and not m.get("moe_shared_expert_gate"):
+        bad.append("moe_shared_expert_gate=false (an ungated shared expert)")
     if m.get("normalization", "RMSNorm") != "RMSNorm":
         bad.append(f"normalization={m['normalization']}")
     if m.get("gated_linear_unit") is False:
@@ -214,7 +217,8 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
     heads = need("num_attention_heads")
     window = m.get("window_size")
     family = ours.get("hf_model_type") or (
-        ("qwen3_moe" if m.get("qk_layernorm") else "mixtral") if experts else
+        ("qwen2_moe" if shared else "qwen3_moe" if m.get("qk_layernorm") else "mixtral")
+        if experts else
         "qwen3" if m.get("qk_layernorm") else "qwen2" if m.get("add_qkv_bias") else
         "mistral" if "mistral" in str(m.get("_target_", "")).lower() else "llama")
     if family not in FAMILIES:
@@ -240,7 +244,8 @@ def arch_from_run_config(path: Path, cfg: dict | None = None) -> Arch:
             num_moe_experts=int(experts), moe_ffn_hidden_size=int(need("moe_ffn_hidden_size")),
             moe_router_topk=int(m.get("moe_router_topk", 2)),
             moe_norm_topk_prob=bool(ours.get("moe_norm_topk_prob",
-                                             not m.get("moe_router_pre_softmax", False))))))
+                                             not m.get("moe_router_pre_softmax", False))),
+            moe_shared_expert_intermediate_size=int(shared) if shared else None)))
 
 
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

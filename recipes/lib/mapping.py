@@ -9,7 +9,8 @@ A family is the shared Llama table plus the rules of what it adds (Qwen2: Q/K/V 
 like their weights; Qwen3: per-head Q/K norms), chosen by the architecture's flags: a new table,
 not new code paths. A mixture of experts swaps the dense MLP's rules for its family's MoE rules
 (`MOE_RULES`: the router, and each expert's GLU fc1 and fc2 under an `{e}` placeholder, the
-expert's global index). megatron's checkpoints hold the experts as one tensor with a leading
+expert's global index; Qwen2-MoE's shared expert, a GLU MLP sharded over TP like a dense one,
+and its sigmoid gate). megatron's checkpoints hold the experts as one tensor with a leading
 expert axis after the layer axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight`),
 whatever the expert-parallel size; a rank's parameters name its local experts
 (`local_experts.{j}`), which `local_params` turns into global indices.
@@ -99,6 +100,14 @@ MOE_RULES = {
                           "block_sparse_moe.experts.{e}.w3.weight",
                           "block_sparse_moe.experts.{e}.w2.weight"),
 }
+MOE_RULES["qwen2_moe"] = MOE_RULES["qwen3_moe"] + (  # and a shared expert with a sigmoid gate
+    Rule(L_MC + "mlp.shared_experts.linear_fc1.weight",
+         (L_HF + "mlp.shared_expert.gate_proj.weight", L_HF + "mlp.shared_expert.up_proj.weight"),
+         TP.GLU, Fuse.GLU),
+    Rule(L_MC + "mlp.shared_experts.linear_fc2.weight",
+         (L_HF + "mlp.shared_expert.down_proj.weight",), TP.ROW),
+    Rule(L_MC + "mlp.shared_experts.gate_weight", (L_HF + "mlp.shared_expert_gate.weight",),
+         TP.REPLICATED))
 DENSE_MLP = (L_MC + "mlp.linear_fc1.weight", L_MC + "mlp.linear_fc2.weight")
 
 
@@ -146,10 +155,14 @@ def hf_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
              "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
     if arch.is_moe:
         fe, (router, gate, up, down) = arch.moe_ffn_hidden_size, (
-            h for r in MOE_RULES[arch.family] for h in r.hf)
+            h for r in MOE_RULES[arch.family][:3] for h in r.hf)
+        s = arch.moe_shared_expert_intermediate_size
         layer.update({router.removeprefix(L_HF): (arch.num_moe_experts, h),
                       gate.removeprefix(L_HF): (fe, h), up.removeprefix(L_HF): (fe, h),
-                      down.removeprefix(L_HF): (h, fe)})
+                      down.removeprefix(L_HF): (h, fe), "mlp.shared_expert.gate_proj.weight":
+                      (s, h), "mlp.shared_expert.up_proj.weight": (s, h),
+                      "mlp.shared_expert.down_proj.weight": (h, s),
+                      "mlp.shared_expert_gate.weight": (1, h)})
 
     def shape(name: str) -> tuple[int, ...]:
         m = re.match(r"model\.layers\.\d+\.(.*)", name)
@@ -223,7 +236,11 @@ def global_shape(rule: Rule, arch: Arch) -> tuple[int, ...]:
         return (d,)
     if name.endswith("router.weight"):
         return (arch.num_moe_experts, h)
-    ffn = arch.moe_ffn_hidden_size if is_expert(rule) else arch.ffn_hidden_size
+    if name.endswith("shared_experts.gate_weight"):
+        return (1, h)
+    ffn = (arch.moe_ffn_hidden_size if is_expert(rule) else
+           arch.moe_shared_expert_intermediate_size if ".shared_experts." in name else
+           arch.ffn_hidden_size)
     if rule.fuse is Fuse.GLU:
         return (2 * ffn, h)
     if name.endswith("linear_proj.weight"):

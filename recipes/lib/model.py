@@ -68,6 +68,8 @@ def moe_config(arch: Arch, aux_loss_coeff: float = 0.0) -> dict:
         moe_router_pre_softmax=not arch.moe_norm_topk_prob, moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
         moe_grouped_gemm=False, moe_permute_fusion=False,
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=arch.moe_shared_expert_intermediate_size is not None,
         moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
         moe_aux_loss_coeff=aux_loss_coeff,
         expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),

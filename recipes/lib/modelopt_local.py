@@ -14,7 +14,10 @@ importance math:
   - hidden-size importance from the outputs of the separate norms (the paper's definition; TE
     fuses the norm into the next linear, so ModelOpt reads it from there);
   - on a CPU: depth pruning's `.cuda()` and its 0-dim all_gather_into_tensor that gloo rejects,
-    and the `.cuda()` in modelopt/torch/utils/distributed.py's broadcast / allgather.
+    and the `.cuda()` in modelopt/torch/utils/distributed.py's broadcast / allgather;
+  - on every spec: a shared expert's sigmoid gate (megatron's `gate_weight`, [1, hidden];
+    Qwen2-MoE), which ModelOpt 0.47 leaves whole when it prunes the hidden size, sliced with the
+    hidden channels kept.
 Each adapter defers to ModelOpt's own code when it meets a TE module, so the TE spec prunes as
 ModelOpt wrote it. This is not CPU compatibility (recipes/lib/compat.py): `spec=local` on a GPU
 uses it too. Drop it when the pinned ModelOpt prunes the local spec itself.
@@ -66,6 +69,7 @@ def enable() -> None:
     _register_rmsnorm(P)
     _teach_attention(P)
     _teach_hidden_size_importance(MM)
+    _teach_shared_expert_gate(P)
     if not compat.cuda_available():  # a GPU without TE: the CUDA collectives work as they are
         _cpu_depth_pruning(MM)
     _ENABLED = True
@@ -186,6 +190,19 @@ def _teach_attention(P) -> None:
         proj_cls.convert(self.linear_proj, num_attention_heads=heads, hidden_size=hidden_size)
 
     P._DynamicSelfAttention._setup = attention_setup
+
+
+def _teach_shared_expert_gate(P) -> None:
+    """The shared expert's gate follows the hidden channels ModelOpt keeps (and their order)."""
+    setup = P._DynamicMLP._setup
+
+    def mlp_setup(self, *, hidden_size, hp_name):
+        setup(self, hidden_size=hidden_size, hp_name=hp_name)
+        if getattr(self, "gate_weight", None) is not None:  # SharedExpertMLP with a gate
+            self._register_dynamic_attribute(
+                "gate_weight", lambda mod, w: w[:, hidden_size.active_slice])
+
+    P._DynamicMLP._setup = mlp_setup
 
 
 def _teach_hidden_size_importance(MM) -> None:

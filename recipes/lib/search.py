@@ -209,7 +209,9 @@ def modelopt_view(arch: Arch):
         kv_channels=arch.head_dim, gated_linear_unit=True, add_bias_linear=False,
         normalization="RMSNorm", qk_layernorm=arch.qk_norm,
         num_moe_experts=arch.num_moe_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
-        moe_router_topk=arch.moe_router_topk, moe_shared_expert_intermediate_size=None)
+        moe_router_topk=arch.moe_router_topk,
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=arch.moe_shared_expert_intermediate_size is not None)
 
 
 def measure(teacher: Arch, target: dict, ss_config: dict) -> float:

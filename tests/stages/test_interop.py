@@ -50,7 +50,7 @@ def test_run_config_refuses_what_it_cannot_express(tmp_path):
                                            "vocab_size": 10, "num_moe_experts": 8,
                                            "moe_shared_expert_intermediate_size": 16,
                                            "normalization": "LayerNorm"}}))
-    with pytest.raises(ValueError, match="shared experts.*normalization=LayerNorm"):
+    with pytest.raises(ValueError, match="ungated shared expert.*normalization=LayerNorm"):
         interop.arch_from_run_config(f)
     f.write_text(yaml.safe_dump({"model": {"num_layers": 2}}))
     with pytest.raises(ValueError, match="model.num_attention_heads is missing"):

@@ -47,18 +47,19 @@ def check_round_trip(src, run, family):
     with torch.no_grad():
         assert (model(tokens).logits - ref(tokens).logits).abs().max().item() < 1e-5
     for k in ("num_experts_per_tok", "norm_topk_prob", "num_local_experts",
-              "moe_intermediate_size", "intermediate_size"):
+              "moe_intermediate_size", "intermediate_size", "shared_expert_intermediate_size"):
         assert getattr(model.config, k, None) == getattr(ref.config, k, None), k
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral", "qwen3_moe_top1"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral", "qwen2_moe", "qwen3_moe_top1"])
 def test_round_trip_single_process(models, tmp_path, variant):
     src = models[variant]
     args = ["--config", TINY, f"run.dir={tmp_path}"]
     assert convert.main(args + [f"convert.hf_path={src}"]) == 0
     arch = json.loads((tmp_path / "convert" / "manifest.json").read_text())["arch"]
-    assert arch["num_moe_experts"] == (3 if variant == "mixtral" else 6)
-    assert arch["moe_norm_topk_prob"] is (variant != "qwen3_moe_top1")
+    assert arch["num_moe_experts"] == {"mixtral": 3, "qwen2_moe": 5}.get(variant, 6)
+    assert arch["moe_norm_topk_prob"] is (variant not in ("qwen3_moe_top1", "qwen2_moe"))
+    assert arch["moe_shared_expert_intermediate_size"] == (56 if variant == "qwen2_moe" else None)
     assert export.main(args) == 0
     check_round_trip(src, tmp_path, variant.removesuffix("_top1"))
 
@@ -70,6 +71,7 @@ def test_round_trip_single_process(models, tmp_path, variant):
     ("qwen3_moe", "parallel.ep=2", "parallel.tp=2"),
     ("qwen3_moe", "parallel.tp=2", "parallel.ep=2"),
     ("mixtral", "parallel.pp=2", "parallel.pp=2"),  # the tied output layer on the last stage
+    ("qwen2_moe", "parallel.tp=2", "parallel.pp=2"),  # the shared expert split like a dense MLP
 ])
 def test_parallel_round_trips(models, tmp_path, variant, written, read):
     src = models[variant]
@@ -97,6 +99,8 @@ def test_refusals(models, tmp_path):
     cfg = json.loads((models["qwen3_moe"] / "config.json").read_text())
     for change, words in (({"mlp_only_layers": [1]}, "mlp_only_layers=[1]"),
                           ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+                          ({"shared_expert_intermediate_size": 8},
+                           "a qwen3_moe has no shared expert"),
                           ({"num_experts_per_tok": 7}, "moe_router_topk=7"),
                           ({"num_experts_per_tok": None}, "lacks ['num_experts_per_tok']")):
         with pytest.raises(Refusal, match=words.replace("[", r"\[").replace("]", r"\]")):

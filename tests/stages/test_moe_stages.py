@@ -21,7 +21,7 @@ from tests.corpus import write_corpus
 from tests.tiny_models import MOE_VARIANTS, state, write_tiny_llama
 
 # experts kept by the expert-only prune (of 6 and of 3); the full prune's targets
-KEEP = {"qwen3_moe": 4, "mixtral": 2}
+KEEP = {"qwen3_moe": 4, "mixtral": 2, "qwen2_moe": 3}
 FULL = ("prune.hidden_size=48", "prune.num_attention_heads=2", "prune.moe_ffn_hidden_size=32",
         "prune.num_layers=3")
 
@@ -104,6 +104,27 @@ def test_expert_pruning_keeps_the_most_important_experts_whole(runs, family, tmp
             kept += same
         ranked = sorted(range(len(t)), key=lambda j: -scores[str(layer)][j])
         assert sorted(kept) == sorted(ranked[:KEEP[family]]), (layer, kept, scores[str(layer)])
+
+
+def test_hidden_pruning_carries_the_shared_expert_gate_with_its_channels(runs, tmp_path):
+    """Qwen2-MoE: the kept hidden channels (read off the embedding's columns) index the shared
+    expert's sigmoid gate too, in the same order (ModelOpt leaves that gate whole; ours slices
+    it, recipes/lib/modelopt_local.py)."""
+    run, hf = runs["qwen2_moe"]
+    out = tmp_path / "prune"
+    assert prune.main(common(run, hf, "prune.num_attention_heads=null",
+                             f"prune.output={out}")) == 0  # tiny.yaml's hidden 64 -> 48
+    assert export.main(common(run, hf, f"export.input={out}",
+                              f"export.output={tmp_path / 'hf'}")) == 0
+    check_export(tmp_path / "hf")
+    t, s = state(hf), state(tmp_path / "hf")
+    emb_t, emb_s = t["model.embed_tokens.weight"], s["model.embed_tokens.weight"]
+    kept = [next(j for j in range(emb_t.shape[1]) if torch.equal(emb_s[:, i], emb_t[:, j]))
+            for i in range(emb_s.shape[1])]
+    assert len(kept) == 48 and len(set(kept)) == 48
+    for layer in range(4):
+        gate = f"model.layers.{layer}.mlp.shared_expert_gate.weight"
+        assert torch.equal(s[gate], t[gate][:, kept]), layer
 
 
 @pytest.mark.parametrize("family", MOE_VARIANTS)

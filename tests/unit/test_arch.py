@@ -69,7 +69,7 @@ def test_unsupported_families_are_named():
 
     with pytest.raises(ValueError, match="model_type='deepseek_v3' is not supported; this "
                                          "recipe converts the families llama, mistral, qwen2, "
-                                         "qwen3, qwen3_moe, mixtral .*MixtralForCausalLM"):
+                                         "qwen3, qwen2_moe, qwen3_moe, mixtral .*MixtralForCausalLM"):
         Arch.from_hf_config({"model_type": "deepseek_v3", "num_hidden_layers": 2})
     with pytest.raises(ValueError, match="attention_bias=true is not supported"):
         Arch.from_hf_config({"model_type": "qwen3", "attention_bias": True})
