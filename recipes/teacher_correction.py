@@ -48,7 +48,8 @@ def run(cfg: config.Config) -> dict:
     def build(c: TeacherCorrectionConfig):
         from recipes.lib import model as M  # lazy: megatron; config checks import this module
 
-        model = M.build(src.arch, **{**train_stage.build_kwargs(c), "init": c.random_init})
+        model = M.build(src.arch, **{**train_stage.build_kwargs(c, arch=src.arch),
+                                     "init": c.random_init})
         if not c.random_init:
             checkpoint.load(model, src.weights, src.arch.vocab_size)
         return model, make_step_fn(src.arch.vocab_size), None

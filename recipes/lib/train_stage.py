@@ -61,10 +61,11 @@ def check_precision(c: TrainConfig) -> None:
                           f"{need[0]}.{need[1]}); this one is {have[0]}.{have[1]}: use {fix}")
 
 
-def build_kwargs(c: TrainConfig, precision: str | None = None) -> dict:
+def build_kwargs(c: TrainConfig, precision: str | None = None, arch: Arch | None = None) -> dict:
     """M.build() arguments for a frozen model in `precision` (a teacher), or for the model
-    trained (None: the stage's precision, with its activation recompute): fp8 = bf16 parameters
-    + TE fp8 compute with the configured recipe."""
+    trained (None: the stage's precision, with its activation recompute, and for a mixture of
+    experts `arch` the routers' load-balancing loss): fp8 = bf16 parameters + TE fp8 compute
+    with the configured recipe."""
     computes = precision or c.precision
     kw = {"dtype": "fp32" if computes == "fp32" else "bf16", "spec": c.spec, "init": False}
     if computes == "fp8":
@@ -72,6 +73,9 @@ def build_kwargs(c: TrainConfig, precision: str | None = None) -> dict:
     if precision is None and c.recompute_layers:
         kw.update(recompute_granularity="full", recompute_method="block",
                   recompute_num_layers=c.recompute_layers)
+    if precision is None and arch is not None and arch.is_moe and c.moe_aux_loss_coeff:
+        kw.update(moe_router_load_balancing_type="aux_loss",
+                  moe_aux_loss_coeff=c.moe_aux_loss_coeff)
     return kw
 
 
@@ -92,11 +96,7 @@ def build_loaded(c: TrainConfig, model: tuple[Arch, Path], precision: str | None
     from recipes.lib import model as M  # lazy: megatron (see train.py's module doc)
 
     arch, weights = model
-    kw = build_kwargs(c, precision)
-    if precision is None and arch.is_moe and c.moe_aux_loss_coeff:  # the model trained
-        kw.update(moe_router_load_balancing_type="aux_loss",
-                  moe_aux_loss_coeff=c.moe_aux_loss_coeff)
-    m = M.build(arch, **kw)
+    m = M.build(arch, **build_kwargs(c, precision, arch))
     checkpoint.load(m, weights, arch.vocab_size)
     return m
 

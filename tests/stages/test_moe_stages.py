@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipes import convert, data, distill, evaluate, export, prune, report
+from recipes import (convert, data, distill, evaluate, export, prune, report,
+                     teacher_correction)
 from recipes.lib.arch import Arch
 from recipes.lib.errors import Refusal
 from recipes.lib.preempt import FAULT_ENV
@@ -193,6 +194,20 @@ def test_a_moe_student_learns_from_a_dense_teacher(runs, tmp_path):
     m = manifest(out)
     assert m["arch"]["num_moe_experts"] == KEEP["qwen3_moe"]
     assert m["input"]["teacher"] == str((tmp_path / "convert").resolve())
+
+
+def test_teacher_correction_of_a_moe_teacher(runs, tmp_path):
+    """The teacher's own LM training on the data, its routers balanced and logged; the result
+    exports."""
+    run, hf = runs["mixtral"]
+    out = tmp_path / "tc"
+    a = common(run, hf, "teacher_correction.train_iters=2", f"teacher_correction.output={out}")
+    assert teacher_correction.main(a) == 0
+    rows = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["load_balancing_loss"] > 0 for r in rows if "lm_loss" in r)
+    assert manifest(out)["arch"]["num_moe_experts"] == 3
+    assert export.main([*a, f"export.input={out}", f"export.output={tmp_path / 'hf'}"]) == 0
+    check_export(tmp_path / "hf")
 
 
 def losses(out, key="kd_loss"):
