@@ -197,6 +197,7 @@ def resolve(cfg: config.Config) -> Plan:
     layout = {"tp": tp, "pp": pp, "spec": runtime.resolve_spec(c.spec)}  # spec=te without TE
     student = drop = tour = None
     if c.searching:  # the architecture is what the search finds
+        c.search.hparams = c.search.chosen(teacher)  # the default: the teacher's own axes
         check_target(c, teacher, pp)  # a budget the grid cannot meet fails here, not in ModelOpt
         check_data(c, data_manifest, need_valid=True)  # zero-shot scores on the valid split
         if c.tournament:
