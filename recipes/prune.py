@@ -62,8 +62,7 @@ class PruneConfig(config.ModelInput):
     num_layers: int | None = None
     """Target layers (None: keep, or teacher layers minus len(drop_layers))."""
     num_moe_experts: int | None = None
-    """A mixture of experts: target experts per layer, the least important dropped by ModelOpt's
-    expert importance (the L2 norm of each expert's routed output) (None: keep)."""
+    """A mixture of experts: target experts per layer, the least important by ModelOpt dropped."""
     moe_ffn_hidden_size: int | None = None
     """A mixture of experts: target neurons of each expert's FFN (None: keep)."""
     target_params: float | None = None

@@ -275,3 +275,22 @@ def to_yaml(cfg: Config) -> str:
     """The resolved config of the running stage (typed sections only)."""
     return OmegaConf.to_yaml({k: dataclasses.asdict(v) for k, v in cfg.items()
                               if dataclasses.is_dataclass(v)})
+
+
+# Config fields added after stage folders were first written, each with the value that gives
+# the results of before (a dense model's): at that value a field is left out of fingerprints and
+# resume checks, so a finished folder or an unfinished run from before it existed is still
+# recognised as the same run after an upgrade, not refused as another one.
+ADDED_FIELDS = {"num_moe_experts": None, "moe_ffn_hidden_size": None,
+                "target_active_params": None, "num_moe_experts_divisor": 8,
+                "moe_aux_loss_coeff": 1e-3}
+
+
+def without_added(v):
+    """`v` (a config as dicts and lists) without the ADDED_FIELDS at their earlier-results value."""
+    if isinstance(v, dict):
+        return {k: without_added(x) for k, x in v.items()
+                if not (k in ADDED_FIELDS and x == ADDED_FIELDS[k])}
+    if isinstance(v, list):
+        return [without_added(x) for x in v]
+    return v

@@ -117,31 +117,13 @@ def git_rev() -> str | None:
         return None
 
 
-# Config fields added after stage folders were first written, each with the value that gives
-# the results of before (a dense model's): at that value a field is left out of fingerprints and
-# resume checks, so a finished folder or an unfinished run from before it existed is still
-# recognised as the same run after an upgrade, not refused as another one.
-ADDED_FIELDS = {"num_moe_experts": None, "moe_ffn_hidden_size": None,
-                "target_active_params": None, "num_moe_experts_divisor": 8,
-                "moe_aux_loss_coeff": 1e-3}
-
-
-def without_added(v):
-    """`v` (a config as dicts and lists) without the ADDED_FIELDS at their earlier-results value."""
-    if isinstance(v, dict):
-        return {k: without_added(x) for k, x in v.items()
-                if not (k in ADDED_FIELDS and x == ADDED_FIELDS[k])}
-    if isinstance(v, list):
-        return [without_added(x) for x in v]
-    return v
-
-
 def fingerprint(section, extra: dict | None = None, ignore=()) -> str:
     """Hash of a stage's config section (less the `ignore`d fields: those that cannot change
-    its result, and ADDED_FIELDS at their earlier-results value) and `extra` (layout, seed).
-    Inputs are compared separately (`signature`)."""
+    its result, and config.ADDED_FIELDS at their earlier-results value) and `extra` (layout,
+    seed). Inputs are compared separately (`signature`)."""
     cfg = {k: v for k, v in dataclasses.asdict(section).items() if k not in ignore}
-    blob = json.dumps(without_added({"cfg": cfg, **(extra or {})}), sort_keys=True, default=str)
+    blob = json.dumps(config.without_added({"cfg": cfg, **(extra or {})}), sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -386,9 +368,10 @@ def _refuse_overlap(out: Path, inputs: dict) -> None:
 def differences(mark: Path, resumable: dict) -> str:
     """What differs between an unfinished run's `run.json` and `resumable` ('' if nothing; a
     field added since, at its earlier-results value, is no difference)."""
-    prev = without_added(json.loads(mark.read_text()))
+    prev = config.without_added(json.loads(mark.read_text()))
     return ", ".join(f"{k}: {short(prev.get(k))} -> {short(v)}"
-                     for k, v in without_added(resumable).items() if prev.get(k) != v)
+                     for k, v in config.without_added(resumable).items()
+                     if prev.get(k) != v)
 
 
 def short(v, width: int = 120) -> str:
