@@ -20,7 +20,8 @@ from pathlib import Path
 
 from recipes.lib import (checkpoint, config, disk, hf_weights, interop, mapping, runtime, stage,
                          tokens)
-from recipes.lib.arch import Arch, human, read_hf_config, validate_layout
+from recipes.lib.arch import Arch, human, read_hf_config
+from recipes.lib.layout import validate_layout
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 from recipes.lib.errors import Refusal
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from recipes.lib import checkpoint, config, disk, integrity, interop, runtime, stage
-from recipes.lib.arch import validate_layout
+from recipes.lib.layout import validate_layout
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
 from recipes.lib.errors import BadState, Refusal
 

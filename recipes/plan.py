@@ -28,7 +28,8 @@ import sys
 import types
 
 from recipes.lib import config, layout, search, stage
-from recipes.lib.arch import Arch, distill_flops_per_token, prune_memory, validate_layout
+from recipes.lib.arch import Arch, distill_flops_per_token, prune_memory, shape_rows
+from recipes.lib.layout import validate_layouts
 from recipes.lib.train_config import TrainConfig
 from recipes.lib.errors import Refusal
 
@@ -84,8 +85,8 @@ def estimate(cfg: config.Config) -> dict:
     arch = teacher, student, drop = layout.models(cfg)
     prune = cfg.get("prune")
     searched = search_preview(teacher, prune, cfg, p) if prune and prune.searching else None
-    for a in (teacher, student):
-        validate_layout(a, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep if a.is_moe else 1)
+    validate_layouts((teacher, student), cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep,
+                     "the recipe")
     nt, ns = teacher.num_params(), student.num_params()
     b, gpus = layout.budget(cfg), layout.training_gpus(cfg)
     lay, problem = {}, []
@@ -153,11 +154,7 @@ def search_preview(teacher: Arch, c: search.Budget, cfg: config.Config, p: PlanC
 
 def render(e: dict, p: PlanConfig) -> str:
     t, s = e["teacher"], e["student"]
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-            "num_query_groups", "head_dim", "vocab_size")
-    if t.get("num_moe_experts"):  # a mixture of experts has no dense FFN
-        keys = (*keys[:2], "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
-                *keys[3:])
+    keys = shape_rows(bool(t.get("num_moe_experts")))
     lines = []
     if e.get("search"):
         sr = e["search"]

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from recipes.lib import (checkpoint, config, disk, importance, interop, megatron_data, runtime,
                          stage, tokens, train_config)
-from recipes.lib.arch import Arch, human, validate_layout
+from recipes.lib.arch import Arch, human
+from recipes.lib.layout import validate_layout
 from recipes.lib.targets import DEPTH_METHODS, budget, pruned_arch, width_keys
 from recipes.lib.search import SearchConfig, arch_of, check_target, constraint
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
@@ -69,8 +70,7 @@ class PruneConfig(config.ModelInput):
     """Instead of the sizes above: a parameter budget, absolute (4.5e9) or a fraction of the
     teacher's (0.55); ModelOpt's search finds the shapes (recipes/lib/search.py)."""
     target_active_params: float | None = None
-    """A mixture of experts, instead of the sizes: a budget of active parameters (those one
-    token runs through), absolute (2e9) or a fraction of the teacher's."""
+    """Instead of sizes, for a mixture of experts: active parameters, absolute or a fraction."""
     target_memory_mb: float | None = None
     """Instead of the sizes above: a memory budget in MB (ModelOpt's estimate: bf16 weights + the
     KV cache of one 4096-token sequence)."""

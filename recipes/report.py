@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from recipes.lib import config, stage
-from recipes.lib.arch import Arch
+from recipes.lib.arch import Arch, shape_rows
 from recipes.lib.stage import StageDir, fingerprint, read_manifest
 
 STAGES = ("data", "convert", "teacher_correction", "prune", "distill", "ce_trained",
@@ -36,9 +36,6 @@ DESCRIBED = {  # the demo's models (make demo, make demo-compare)
     "searched": "the shape prune's search + tournament chose at the same parameter budget, "
                 "after the same KD as distilled",
 }
-ARCH_ROWS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-             "num_query_groups", "head_dim", "vocab_size")
-MOE_ROWS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size")  # instead of the FFN
 SHAPE_NAMES = {"hidden_size": "hidden", "ffn_hidden_size": "FFN", "num_attention_heads": "heads",
                "num_moe_experts": "experts", "moe_ffn_hidden_size": "expert FFN",
                "num_layers": "layers"}
@@ -210,9 +207,8 @@ def architecture_lines(m: dict) -> list[str]:
         return []
     t, s = m["prune"]["teacher"], m["prune"]
     moe = bool(t["arch"].get("num_moe_experts"))
-    rows = ARCH_ROWS if not moe else (*ARCH_ROWS[:2], *MOE_ROWS, *ARCH_ROWS[3:])
     lines = ["## Architecture", "", "| | teacher | student |", "|---|---|---|"]
-    lines += [f"| {k} | {t['arch'][k]} | {s['arch'][k]} |" for k in rows]
+    lines += [f"| {k} | {t['arch'][k]} | {s['arch'][k]} |" for k in shape_rows(moe)]
     lines += [f"| parameters | {t['num_params'] / 1e6:.1f}M | {s['num_params'] / 1e6:.1f}M "
               f"({s['num_params'] / t['num_params']:.1%}) |"]
     if moe:  # what one token runs through

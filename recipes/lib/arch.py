@@ -98,6 +98,16 @@ class Arch:
     def _qkv_width(self) -> int:
         return self.head_dim * (self.num_attention_heads + 2 * self.num_query_groups)
 
+    @property
+    def _attention_params(self) -> int:
+        """Weights of one layer's attention matmuls: q, k, v; o."""
+        return self.hidden_size * (self._qkv_width + self.num_attention_heads * self.head_dim)
+
+    @property
+    def _expert_params(self) -> int:
+        """One expert's weights: gate, up, down."""
+        return 3 * self.hidden_size * self.moe_ffn_hidden_size
+
     def _mlp_params(self, active: bool) -> int:
         """One layer's MLP weights: gate, up, down; with experts, the router and every expert's
         (`active`: the router and the top-k experts a token runs through), and a shared expert
@@ -107,24 +117,22 @@ class Arch:
             return 3 * h * self.ffn_hidden_size
         experts = self.moe_router_topk if active else self.num_moe_experts
         shared = self.moe_shared_expert_intermediate_size or 0
-        return (self.num_moe_experts * h + experts * 3 * h * self.moe_ffn_hidden_size
+        return (self.num_moe_experts * h + experts * self._expert_params
                 + 3 * h * shared + h * bool(shared))  # the shared expert and its gate
 
     @property
     def _layer_matmul_params(self) -> int:
         """Weights of one layer's matmuls a token runs through: q, k, v; o; gate, up, down (of
         the top-k experts, and the router, in a mixture of experts)."""
-        h = self.hidden_size
-        return (h * self._qkv_width + self.num_attention_heads * self.head_dim * h
-                + self._mlp_params(active=True))
+        return self._attention_params + self._mlp_params(active=True)
 
     def num_params(self, active: bool = False) -> int:
         """Closed-form parameter count of the HF model (unpadded vocab); `active`: those one
         token runs through (a mixture of experts' top-k experts; a dense model's all)."""
         h = self.hidden_size
         extra = self._qkv_width * self.qkv_bias + 2 * self.head_dim * self.qk_norm  # qkv bias,
-        layer = (h * self._qkv_width + self.num_attention_heads * self.head_dim * h  # q/k norms
-                 + self._mlp_params(active) + extra + 2 * h)  # the layer's two norms
+        layer = self._attention_params + self._mlp_params(active) + extra + 2 * h  # q/k norms,
+        # and the layer's two norms
         emb = self.vocab_size * h
         return self.num_layers * layer + emb * (1 if self.tie_embeddings else 2) + h
 
@@ -134,10 +142,7 @@ class Arch:
     def expert_params(self) -> int:
         """Weights of every layer's experts (0 for a dense model): what expert parallelism
         shares out."""
-        if not self.is_moe:
-            return 0
-        return self.num_layers * self.num_moe_experts * 3 * self.hidden_size \
-            * self.moe_ffn_hidden_size
+        return self.num_layers * self.num_moe_experts * self._expert_params if self.is_moe else 0
 
     def params_per_rank(self, mp: int, ep: int = 1) -> float:
         """Weights one rank holds at model-parallel size `mp` (TP x PP) and expert parallelism
@@ -405,19 +410,26 @@ def read_hf_config(path: Path) -> dict:
         raise Refusal(f"{f} is not valid JSON ({e}); re-download the checkpoint") from e
 
 
-# ---- layouts and prune targets (used by every stage that builds a model, and by plan) --------
-def validate_layout(arch: Arch, tp: int, pp: int, ep: int = 1) -> None:
-    """Parallel layout errors, before any weights are read."""
-    if ep > 1 and not arch.is_moe:
-        raise Refusal(f"parallel.ep={ep}: the model has no experts; use parallel.ep=1")
-    if arch.is_moe and arch.num_moe_experts % ep:
-        raise Refusal(f"parallel.ep={ep} does not divide num_moe_experts={arch.num_moe_experts}; "
-                      "choose an EP that divides the expert count")
-    for what, n in (("num_attention_heads", arch.num_attention_heads),
-                    ("num_query_groups (KV heads)", arch.num_query_groups)):
-        if n % tp:
-            raise Refusal(f"parallel.tp={tp} does not divide {what}={n}; choose a TP that "
-                          f"divides both heads ({arch.num_attention_heads}) and KV groups "
-                          f"({arch.num_query_groups})")
-    if arch.num_layers % pp:
-        raise Refusal(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
+def megatron_moe(arch: Arch) -> dict:
+    """megatron TransformerConfig fields that `arch`'s mixture of experts is ({} for a dense
+    model): the HF routers' softmax, top-k, with `moe_norm_topk_prob` the softmax over the top-k
+    logits (renormalising the top-k probabilities; without it, over all experts), SequentialMLP
+    experts, and a shared expert with its sigmoid gate. model.py adds the run's settings;
+    interop.py writes them for Megatron-Bridge; ModelOpt's counters read them (search.py)."""
+    if not arch.is_moe:
+        return {}
+    shared = arch.moe_shared_expert_intermediate_size
+    return dict(num_moe_experts=arch.num_moe_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+                moe_router_topk=arch.moe_router_topk, moe_router_score_function="softmax",
+                moe_router_pre_softmax=not arch.moe_norm_topk_prob, moe_grouped_gemm=False,
+                moe_shared_expert_intermediate_size=shared,
+                moe_shared_expert_gate=shared is not None)
+
+
+def shape_rows(moe: bool) -> tuple[str, ...]:
+    """The rows of a teacher / student table (plan, the report): a mixture of experts shows its
+    experts, top-k and expert FFN where a dense model shows its FFN."""
+    ffn = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size") if moe else (
+        "ffn_hidden_size",)
+    return ("num_layers", "hidden_size", *ffn, "num_attention_heads", "num_query_groups",
+            "head_dim", "vocab_size")

@@ -39,6 +39,7 @@ from recipes.lib import model as M
 from recipes.lib.arch import Arch
 from recipes.lib.errors import Refusal
 
+
 def pattern(arch: Arch) -> str:
     """The hybrid layer pattern of a GPT model of `arch`."""
     return ("*E" if arch.is_moe else "*-") * arch.num_layers

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from recipes.lib import integrity
-from recipes.lib.arch import FAMILIES, Arch, read_hf_config
+from recipes.lib.arch import FAMILIES, Arch, megatron_moe, read_hf_config
 from recipes.lib.stage import read_manifest
 from recipes.lib.errors import MissingInput, MissingKey, Refusal
 
@@ -100,15 +100,9 @@ def run_config(arch: Arch, *, tp: int, pp: int, dtype: str, spec: str) -> dict:
     }
     if spec == "local":
         model.update({k: False for k in LOCAL_SPEC_OFF})
-    if arch.is_moe:  # megatron's top-1 router must softmax over all experts (see model.py)
-        model.update(num_moe_experts=arch.num_moe_experts,
-                     moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
-                     moe_router_topk=arch.moe_router_topk, moe_router_score_function="softmax",
-                     moe_router_pre_softmax=(arch.moe_router_topk == 1
-                                             or not arch.moe_norm_topk_prob),
-                     moe_grouped_gemm=False,
-                     moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
-                     moe_shared_expert_gate=arch.moe_shared_expert_intermediate_size is not None)
+    model.update(megatron_moe(arch))
+    if arch.moe_router_topk == 1:  # megatron's top-1 router must softmax over all experts
+        model.update(moe_router_pre_softmax=True)  # (see model.py); ours keeps the truth
     return {"model": model,
             "checkpoint": {"ckpt_format": "torch_dist", "save_optim": False, "save_rng": False,
                            "fully_parallel_save": True},

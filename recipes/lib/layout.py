@@ -1,4 +1,5 @@
-"""The parallel layout of a training stage, chosen from the models' shapes and the GPUs' memory:
+"""The parallel layout of a training stage, chosen from the models' shapes and the GPUs' memory
+(and the checks every stage's layout must pass, `validate_layout`):
 what `plan` prints and what `make all` / the Slurm launcher run unless the recipe sets
 `cluster.layout.<stage>` by hand; and what both read of a recipe for it (the teacher's
 architecture, the student's, distill's budget and memory settings, the cluster's GPUs).
@@ -28,7 +29,7 @@ import math
 from pathlib import Path
 
 from recipes.lib import config, search
-from recipes.lib.arch import Arch, prune_memory, training_memory, validate_layout
+from recipes.lib.arch import Arch, prune_memory, training_memory
 from recipes.lib.targets import pruned_arch
 from recipes.lib.errors import MissingInput, Refusal
 from recipes.lib.train_config import TrainConfig
@@ -37,6 +38,34 @@ GB = 1024**3
 TP_COST = 0.05
 EP_COST = 0.03
 HEADROOM = 0.9
+
+
+# ---- the checks of a layout (every stage that builds a model, and plan) ---------------------
+def validate_layout(arch: Arch, tp: int, pp: int, ep: int = 1) -> None:
+    """Parallel layout errors, before any weights are read."""
+    if ep > 1 and not arch.is_moe:
+        raise Refusal(f"parallel.ep={ep}: the model has no experts; use parallel.ep=1")
+    if arch.is_moe and arch.num_moe_experts % ep:
+        raise Refusal(f"parallel.ep={ep} does not divide num_moe_experts={arch.num_moe_experts}; "
+                      "choose an EP that divides the expert count")
+    for what, n in (("num_attention_heads", arch.num_attention_heads),
+                    ("num_query_groups (KV heads)", arch.num_query_groups)):
+        if n % tp:
+            raise Refusal(f"parallel.tp={tp} does not divide {what}={n}; choose a TP that "
+                          f"divides both heads ({arch.num_attention_heads}) and KV groups "
+                          f"({arch.num_query_groups})")
+    if arch.num_layers % pp:
+        raise Refusal(f"parallel.pp={pp} does not divide num_layers={arch.num_layers}")
+
+
+def validate_layouts(archs, tp: int, pp: int, ep: int, who: str) -> None:
+    """The models one stage builds (a teacher and its student) at one layout: `ep` applies to
+    the mixtures of experts among them (a dense teacher of an MoE student ignores it), and at
+    least one must have experts for `ep` > 1."""
+    for a in archs:
+        validate_layout(a, tp, pp, ep if a.is_moe else 1)
+    if ep > 1 and not any(a.is_moe for a in archs):
+        raise Refusal(f"parallel.ep={ep}: no model of {who} has experts; use parallel.ep=1")
 
 
 def fits(gb: float, memory_gb: float) -> bool:
@@ -72,14 +101,15 @@ def candidates(t: Arch | None, s: Arch, *, gpus: int, seq: int, global_batch: in
     out = []
     for tp in (1, 2, 4, 8):
         for pp in (1, 2, 4, 8, 16):
-            if tp > gpus_per_node or gpus % (tp * pp) or not valid(t, s, tp, pp):
+            if tp > gpus_per_node or gpus % (tp * pp) or not valid(t, s, tp, pp, 1):
                 continue
             dp = gpus // (tp * pp)
             if global_batch % (micro_batch * dp):
                 continue
             micro = global_batch // (micro_batch * dp)
             for ep, recompute in itertools.product(
-                    expert_parallel(t, s, dp), (fixed,) if fixed else (0, s.num_layers // pp)):
+                    expert_parallel(t, s, tp, pp, dp),
+                    (fixed,) if fixed else (0, s.num_layers // pp)):
                 gb = training_memory(t, s, seq, tp, pp, dp, ep=ep, **{
                     **settings, "recompute_layers": recompute}) / GB
                 out.append(Layout(tp, pp, dp, recompute, gb,
@@ -88,19 +118,15 @@ def candidates(t: Arch | None, s: Arch, *, gpus: int, seq: int, global_batch: in
     return sorted(out, key=lambda x: (round(x.slowdown, 6), x.tp * x.pp, x.pp, x.ep))
 
 
-def expert_parallel(t: Arch | None, s: Arch, dp: int) -> list[int]:
-    """The expert-parallel sizes a layout with `dp` data-parallel ranks can take: 1, and for
-    mixtures of experts the powers of two dividing DP and every model's expert count."""
-    experts = [a.num_moe_experts for a in (t, s) if a is not None and a.is_moe]
-    return [ep for ep in (1, 2, 4, 8, 16, 32, 64) if ep == 1 or (
-        experts and dp % ep == 0 and all(n % ep == 0 for n in experts))]
+def expert_parallel(t: Arch | None, s: Arch, tp: int, pp: int, dp: int) -> list[int]:
+    """The expert-parallel sizes a TP x PP layout with `dp` data-parallel ranks can take: 1, and
+    for mixtures of experts the powers of two dividing DP that the models allow."""
+    return [ep for ep in (1, 2, 4, 8, 16, 32, 64) if dp % ep == 0 and valid(t, s, tp, pp, ep)]
 
 
-def valid(t: Arch | None, s: Arch, tp: int, pp: int) -> bool:
+def valid(t: Arch | None, s: Arch, tp: int, pp: int, ep: int) -> bool:
     try:
-        for a in (t, s):
-            if a is not None:
-                validate_layout(a, tp, pp)
+        validate_layouts([a for a in (t, s) if a is not None], tp, pp, ep, "the layout")
     except ValueError:
         return False
     return True
@@ -221,7 +247,8 @@ def stage_layout(cfg: config.Config, stage: str, gpus: int | None = None,
                          gpus_per_node=c.gpus_per_node)
     if not hand:
         return choose(options, p.gpu_memory_gb, f"{stage} on {gpus} GPUs")
-    same = [x for x in options if (x.tp, x.pp, x.ep) == (hand["tp"], hand["pp"], hand.get("ep", 1))]
+    same = [x for x in options
+            if (x.tp, x.pp, x.ep) == (hand["tp"], hand["pp"], hand.get("ep", 1))]
     if not same:
         raise Refusal(f"cluster.layout.{stage}={hand} does not divide the models, the {gpus} "
                       "GPUs and the global batch: remove it to let plan choose, or pick another")

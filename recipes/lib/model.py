@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from recipes.lib import compat, mapping, runtime
-from recipes.lib.arch import Arch
+from recipes.lib.arch import Arch, megatron_moe
 from recipes.lib.errors import MissingKey, Refusal
 
 compat.importable()  # megatron's import needs triton or its stand-in; apply() at use
@@ -55,21 +55,16 @@ def layer_spec(kind: str = "auto", qk_norm: bool = False, num_experts: int | Non
 
 
 def moe_config(arch: Arch, aux_loss_coeff: float = 0.0) -> dict:
-    """megatron's MoE settings for `arch` (none for a dense model): the HF routers' softmax in
-    fp32, top-k, and with `moe_norm_topk_prob` the softmax over the top-k logits (equal to
-    renormalising the top-k probabilities; without it, the softmax over all experts); the
-    load-balancing loss at `aux_loss_coeff` (0: none). Tokens travel by all-gather on a CPU
-    (the all-to-all dispatcher creates CUDA streams) and by all-to-all on a GPU."""
+    """megatron's MoE settings for `arch` (none for a dense model): what the architecture is
+    (arch.megatron_moe), the router in fp32, the load-balancing loss at `aux_loss_coeff` (0:
+    none), and the expert-parallel layout. Tokens travel by all-gather on a CPU (the all-to-all
+    dispatcher creates CUDA streams) and by all-to-all on a GPU."""
     if not arch.is_moe:
         return {}
     return dict(
-        num_moe_experts=arch.num_moe_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
-        moe_router_topk=arch.moe_router_topk, moe_router_score_function="softmax",
-        moe_router_pre_softmax=not arch.moe_norm_topk_prob, moe_router_dtype="fp32",
+        **megatron_moe(arch), moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
-        moe_grouped_gemm=False, moe_permute_fusion=False,
-        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
-        moe_shared_expert_gate=arch.moe_shared_expert_intermediate_size is not None,
+        moe_permute_fusion=False,
         moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
         moe_aux_loss_coeff=aux_loss_coeff,
         expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
@@ -225,7 +220,7 @@ def gather_hf(model: GPTModel, arch: Arch, dtype: torch.dtype | None = None) -> 
     Tensors travel one at a time (no rank ever holds more than its shard plus one tensor, rank 0
     excepted)."""
     out: dict[str, torch.Tensor] | None = {} if dist.get_rank() == 0 else None
-    by_rule = by_rule_of(arch)
+    by_rule = {m: (rule, hs) for rule, m, hs in mapping.expand(arch)}
     sends = {}
     for gname, rule, p in local_params(model, arch):
         if gname in sends:  # the tied output copy on the last stage: already have the embedding
@@ -259,11 +254,6 @@ def gather_hf(model: GPTModel, arch: Arch, dtype: torch.dtype | None = None) -> 
                 for h, v in zip(hs, mapping.split(rule, t, arch)):
                     out[h] = v.to(dtype or v.dtype).cpu().clone()
     return out
-
-
-def by_rule_of(arch: Arch) -> dict[str, tuple[mapping.Rule, tuple[str, ...]]]:
-    """{global megatron name: (its rule, its HF names)}."""
-    return {m: (rule, hs) for rule, m, hs in mapping.expand(arch)}
 
 
 def _param_dtype(model) -> torch.dtype:

@@ -1,9 +1,8 @@
 """Prune to a budget (`prune.target_params` / `target_active_params` / `target_memory_mb`), the
-part that needs no
-weights: the settings (`SearchConfig`, `prune.search`), the constraint ModelOpt searches under,
-which shapes can be exported, and the search space and the tournament's cost as `plan` and the
-Slurm launcher see them before anything runs. The search itself and the tournament run in
-recipes/lib/tournament.py.
+part that needs no weights: the settings (`SearchConfig`, `prune.search`), the constraint
+ModelOpt searches under, which shapes can be exported, and the search space and the
+tournament's cost as `plan` and the Slurm launcher see them before anything runs. The search
+itself and the tournament run in recipes/lib/tournament.py.
 
 The method. ModelOpt's `mcore_minitron` searcher, on the importance the prune stage's one
 calibration pass measured, enumerates the pruned shapes under the constraint (each width hparam
@@ -24,7 +23,7 @@ import types
 import typing
 from typing import Protocol
 
-from recipes.lib.arch import Arch
+from recipes.lib.arch import Arch, megatron_moe
 from recipes.lib.targets import BUDGETS, MOE_KEYS, WIDTH_KEYS, pruned_arch, width_keys
 from recipes.lib.errors import Refusal
 
@@ -32,12 +31,12 @@ if typing.TYPE_CHECKING:  # torch at import: this module stays light (see the mo
     from recipes.lib.train_config import KDConfig
 
 HPARAMS = (*WIDTH_KEYS, *MOE_KEYS, "num_layers")  # a dense teacher's, or a mixture of experts'
+SCORE_NAMES = {"kd_loss": "KD loss", "lm_loss": "LM loss", "lm_eval": "lm-eval score"}
 
 
 def hparams_of(teacher: Arch) -> tuple[str, ...]:
     """The axes the search may cut on `teacher` (ModelOpt's names)."""
     return (*width_keys(teacher), "num_layers")
-SCORE_NAMES = {"kd_loss": "KD loss", "lm_loss": "LM loss", "lm_eval": "lm-eval score"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -207,18 +206,14 @@ def modelopt_view(arch: Arch):
         ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim, gated_linear_unit=True, add_bias_linear=False,
-        normalization="RMSNorm", qk_layernorm=arch.qk_norm,
-        num_moe_experts=arch.num_moe_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
-        moe_router_topk=arch.moe_router_topk,
-        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
-        moe_shared_expert_gate=arch.moe_shared_expert_intermediate_size is not None)
+        normalization="RMSNorm", qk_layernorm=arch.qk_norm, **megatron_moe(arch))
 
 
 def measure(teacher: Arch, target: dict, ss_config: dict) -> float:
     """A shape (ModelOpt's ss_config over the teacher; {} is the teacher) as ModelOpt measures it
     for the constraint: its parameter count, total or active (the padded vocabulary), or its
-    memory estimate (bf16
-    weights + the KV cache of one 4096-token sequence, the searcher's defaults)."""
+    memory estimate (bf16 weights + the KV cache of one 4096-token sequence, the searcher's
+    defaults)."""
     from recipes.lib import modelopt_local  # lazy: megatron and ModelOpt (see the module doc)
 
     modelopt_local.enable()  # ModelOpt's megatron plugins import megatron: after compat

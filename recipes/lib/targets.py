@@ -18,6 +18,8 @@ def width_keys(arch: Arch) -> tuple[str, ...]:
     if arch.is_moe:
         return ("hidden_size", "num_attention_heads", *MOE_KEYS)
     return WIDTH_KEYS
+
+
 DEPTH_METHODS = ("drop_layers", "contiguous", "block_influence")
 BUDGETS = ("target_params", "target_active_params", "target_memory_mb")  # instead of sizes
 

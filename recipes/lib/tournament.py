@@ -61,9 +61,9 @@ class Candidate:
     params: int
     """Parameters, by our count (the real vocabulary)."""
     zero_shot_lm_loss: float
+    """The pruned shape's LM loss before any training (ModelOpt's score, negated)."""
     active_params: int | None = None
     """A mixture of experts: the parameters one token runs through (our count)."""
-    """The pruned shape's LM loss before any training (ModelOpt's score, negated)."""
     modelopt: dict = dataclasses.field(default_factory=dict)
     """ModelOpt's own measure of the constraint ({"params": ...}), as `modelopt_<name>`."""
     tournament: dict = dataclasses.field(default_factory=dict)

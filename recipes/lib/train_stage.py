@@ -26,7 +26,8 @@ import torch
 
 from recipes.lib import (checkpoint, config, disk, interop, megatron_data, runtime, tokens,
                          train)
-from recipes.lib.arch import Arch, distill_flops_per_token, training_memory, validate_layout
+from recipes.lib.arch import Arch, distill_flops_per_token, training_memory
+from recipes.lib.layout import validate_layouts
 from recipes.lib.interop import Source
 from recipes.lib.preempt import Fault, StopOnSignal
 from recipes.lib.stage import CHECKPOINT_STAGES, StageDir, fingerprint, read_manifest
@@ -151,12 +152,10 @@ def read_models(name: str, roles: tuple[str, ...], cfg: config.Config) -> dict[s
     c = cfg[name]
     sources = {r: interop.open_source(getattr(c, r), f"{name}.{r}", CHECKPOINT_STAGES,
                                       getattr(c, f"{r}_hf_config")) for r in roles}
-    ep = cfg.parallel.ep  # a dense teacher of a mixture of experts ignores it
+    validate_layouts([s.arch for s in sources.values()], cfg.parallel.tp, cfg.parallel.pp,
+                     cfg.parallel.ep, name)
     for s in sources.values():
-        validate_layout(s.arch, cfg.parallel.tp, cfg.parallel.pp, ep if s.arch.is_moe else 1)
         s.arch.check_seq_length(c.seq_length, f"{name}.seq_length")
-    if ep > 1 and not any(s.arch.is_moe for s in sources.values()):
-        raise Refusal(f"parallel.ep={ep}: no model of {name} has experts; use parallel.ep=1")
     return sources
 
 

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import convert, export
-from recipes.lib.arch import FAMILIES, Arch, validate_layout
+from recipes.lib.arch import FAMILIES, Arch
+from recipes.lib.layout import validate_layout
 from recipes.lib.errors import Refusal
 from tests.conftest import TINY, torchrun
 from tests.tiny_models import MOE_VARIANTS, state, write_tiny_llama
