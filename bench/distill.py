@@ -126,6 +126,7 @@ def main() -> None:
               f"distill.train_iters={a.steps}", f"distill.seq_length={a.seq}",
               f"distill.global_batch_size={a.batch}", f"distill.micro_batch_size={micro}",
               f"distill.precision={precision}", f"distill.eval_interval={a.steps}",
+              "distill.warmup_iters=0",  # the demo's 8 would refuse --steps 8
               "distill.eval_iters=1", f"distill.save_interval={a.steps}",
               "distill.log_interval=1", "distill.keep_checkpoints=false")
         rows = [json.loads(x) for x in (tmp / "distill/logs/metrics.jsonl").read_text()

@@ -38,6 +38,7 @@ def main() -> None:
                 f"distill.output={tmp}/distill", f"distill.train_iters={a.steps}",
                 f"distill.teacher={a.run_dir}/convert",
                 f"distill.eval_interval={a.steps}", f"distill.save_interval={a.steps}",
+                "distill.warmup_iters=0",  # the demo's 8 would refuse short runs
                 "run.log_level=WARNING", *overrides]
         prof = cProfile.Profile()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recipes.lib import checkpoint, compat, integrity, runtime
+from recipes.lib import checkpoint, compat, integrity, runtime, train
 from recipes.lib.preempt import Fault
 from recipes.lib.errors import Refusal
 
@@ -180,6 +180,7 @@ def load_checkpoint(path: Path, ddp, opt, sched) -> dict:
     with torch.no_grad():  # fp32: the distributed optimizer's shards are views of the params
         opt.load_state_dict(state["optimizer"])
     _restore_adam_steps(opt)
+    train.fused_cpu_adam(opt)  # the loaded param groups carry the saving run's kernel choice
     train_state = json.loads((path / "train_state.json").read_text())
     sched.load_state_dict(train_state["scheduler"])
     _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank()}.pt", weights_only=True))

@@ -218,3 +218,41 @@ def test_a_release_other_than_the_patches_were_written_for_warns_once(caplog):
               r.getMessage()]
     assert len(warned) == 1 and "megatron-core 0.20.0 (written for 0.19.2)" in warned[0]
     assert upstream.check_versions() == []  # the pinned stack, as installed here
+
+
+def test_cpu_adam_is_torchs_fused_kernel_with_the_loops_update():
+    """On a CPU megatron builds torch's AdamW without `fused`, and torch then loops over the
+    parameters op by op (5x slower at the demo's shapes); train.build_optimizer switches it to
+    the fused CPU kernel. Three steps of megatron's optimizer on the same gradients: the same
+    parameters as the loop's, to fp32 rounding, and the moments too."""
+    from recipes.lib import model as M  # compat.apply(): megatron imports here
+    from recipes.lib import runtime, train, train_config
+
+    arch, tokens = small_arch(), torch.randint(0, 100, (2, 32))
+    runs = {}
+    with runtime.distributed(1, 1):
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = M.build(arch, dtype="fp32", spec="local", init=True).train()
+            init = [p.detach().clone() for p in model.parameters()]
+            cfg = train_config.TrainConfig(input="-", data=["-"], train_iters=3, warmup_iters=0,
+                                           lr=1e-2)
+            ddp, opt, sched = train.build_optimizer(model, cfg)
+            groups = opt.optimizer.param_groups
+            assert all(g["fused"] for g in groups) and not any(g["foreach"] for g in groups)
+            if not fused:
+                for g in groups:
+                    g.update(fused=None, foreach=False)
+            for _ in range(3):
+                ddp.zero_grad_buffer()
+                opt.zero_grad()
+                ddp(tokens, torch.arange(32).expand(2, 32), None, labels=tokens).mean().backward()
+                ddp.finish_grad_sync()
+                assert opt.step()[0]
+                sched.step(increment=1)
+            state = opt.optimizer.state
+            runs[fused] = [p.detach().clone() for p in model.parameters()] + \
+                [state[p]["exp_avg_sq"].clone() for p in model.parameters()]
+    assert all((p - q).abs().max() > 1e-4 for p, q in zip(runs[True], init))
+    for loop, fast in zip(runs[False], runs[True]):
+        torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-7)

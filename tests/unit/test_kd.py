@@ -102,3 +102,37 @@ def test_gpu_sized_chunks_give_the_same_losses(groups, monkeypatch):
     assert loss_b.item() == pytest.approx(loss_s.item(), rel=1e-6)
     assert nll_b.item() == pytest.approx(nll_s.item(), rel=1e-6)
     assert close(grad_b, grad_s)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("teacher", [True, False], ids=["kd", "lm"])
+def test_fused_losses_match_fp64(teacher, temperature, padded):
+    """token_losses against the textbook definitions in fp64: KL(teacher || student) at
+    temperature T from log-softmaxes, the NLL at T = 1, and the gradient of the trained one
+    (KL: (softmax(s / T) - softmax(t / T)) / T; NLL: softmax - onehot), over a padded and an
+    unpadded vocabulary."""
+    from recipes.lib import kd
+
+    if not teacher and temperature != 1.0:
+        pytest.skip("the LM loss has no temperature")
+    width = PADDED if padded else VOCAB
+    s = logits((37,), torch.float32, 0)[:, :width].contiguous().requires_grad_()
+    t = logits((37,), torch.float32, 1)[:, :width].contiguous() if teacher else None
+    y = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(2))
+    w = torch.rand(37, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kl, nll = kd.token_losses(s, t, y, VOCAB, temperature)
+    ((kl if teacher else nll) * w.float()).sum().backward()
+    s64 = s.detach().double()[:, :VOCAB].requires_grad_()
+    nll64 = -s64.log_softmax(1).gather(1, y[:, None]).squeeze(1)
+    if teacher:
+        ls, lt = (s64 / temperature).log_softmax(1), (t.double()[:, :VOCAB] / temperature
+                                                      ).log_softmax(1)
+        kl64 = (lt.exp() * (lt - ls)).sum(1)
+        (kl64 * w).sum().backward()
+        torch.testing.assert_close(kl.double(), kl64, rtol=2e-6, atol=1e-6)
+    else:
+        (nll64 * w).sum().backward()
+    torch.testing.assert_close(nll.double(), nll64.detach(), rtol=2e-6, atol=1e-6)
+    assert (s.grad[:, VOCAB:] == 0).all()
+    torch.testing.assert_close(s.grad[:, :VOCAB].double(), s64.grad, rtol=1e-6, atol=2e-7)
