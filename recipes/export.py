@@ -40,6 +40,11 @@ class ExportConfig(config.ModelInput):
     """Max |logit difference| (fp32) between megatron and the exported HF model. fp32 noise of a
     deep model alone reaches 1e-3 (a 30-layer SmolLM2 student: transformers fp32 vs fp64 differ by
     1.6e-3); a mapping error moves logits by O(1). Tests use 1e-4 on tiny models."""
+    parity_rtol: float = 1e-3
+    """Added to parity_atol: this fraction of the largest |logit|. A pruned model before any
+    training has logits up to ~30, and GEMM kernels that sum in another order for megatron's
+    [s, b, h] and transformers' [b, s, h] layouts (MKL's AVX2 path) move them by ~4e-4 of that
+    through 30 layers (0.012 on the demo's pruned student); a mapping error is O(1)."""
     parity_sequences: int = 2
     """Number of fixed random token sequences for the parity check (0 disables it)."""
     parity_seq_length: int = 32
@@ -102,12 +107,16 @@ def run(cfg: config.Config) -> dict:
                 diff = (hf_logits(tmp, tokens) - mc_logits).abs().max().item()
                 metrics["parity_max_abs_diff"] = diff
                 metrics["parity_max_abs_logit"] = mc_logits.abs().max().item()
-                log.info("logit parity megatron vs exported HF: max |diff| = %.3g (atol %.g)",
-                         diff, c.parity_atol)
-                if not diff <= c.parity_atol:
+                bound = c.parity_atol + c.parity_rtol * metrics["parity_max_abs_logit"]
+                log.info("logit parity megatron vs exported HF: max |diff| = %.3g (bound %.3g)",
+                         diff, bound)
+                if not diff <= bound:
                     raise BadState(
-                        f"export parity failed: max |logit diff| {diff:.4g} > export.parity_atol="
-                        f"{c.parity_atol}; the folder was not published (left in {tmp})")
+                        f"export parity failed: max |logit diff| {diff:.4g} > {bound:.4g} "
+                        f"(export.parity_atol={c.parity_atol} + export.parity_rtol="
+                        f"{c.parity_rtol} x max |logit| "
+                        f"{metrics['parity_max_abs_logit']:.4g}); the folder was not published "
+                        f"(left in {tmp})")
             # every file's size and CRC32 (evaluate checks them); the manifest comes last
             metrics["integrity"] = integrity.record(tmp, collective=False)
             return metrics

@@ -283,7 +283,7 @@ def to_yaml(cfg: Config) -> str:
 # recognised as the same run after an upgrade, not refused as another one.
 ADDED_FIELDS = {"num_moe_experts": None, "moe_ffn_hidden_size": None,
                 "target_active_params": None, "num_moe_experts_divisor": 8,
-                "moe_aux_loss_coeff": 1e-3}
+                "moe_aux_loss_coeff": 1e-3, "parity_rtol": 1e-3}
 
 
 def without_added(v):
