@@ -139,14 +139,12 @@ def build_optimizer(model, c: TrainConfig):
     return ddp, opt, sched
 
 
-def fused_cpu_adam(opt) -> int:
+def fused_cpu_adam(opt) -> None:
     """Switch the torch AdamW inside megatron's optimizer `opt` to torch's fused kernel where
-    its parameters are on the CPU (megatron builds it without `fused`, and on a CPU torch then
-    loops over the parameters one op at a time: 5x slower for the demo's 71M student,
-    docs/measured.md); the same update up to fp32 rounding (tests/unit/test_train.py). Returns
-    the number of parameter groups switched (0 on a GPU, where megatron uses TE's FusedAdam or
-    torch's own choice)."""
-    n = 0
+    its parameters are fp32 on the CPU (megatron builds it without `fused`, and on a CPU torch
+    then loops over the parameters one op at a time: 5x slower for the demo's 71M student,
+    docs/measured.md); the same update up to fp32 rounding (tests/unit/test_compat.py). On a GPU
+    nothing changes: megatron's TE FusedAdam, or torch's own choice."""
     for inner in getattr(opt, "chained_optimizers", [opt]):
         torch_opt = getattr(inner, "optimizer", None)
         if not isinstance(torch_opt, torch.optim.Adam | torch.optim.AdamW):
@@ -154,8 +152,6 @@ def fused_cpu_adam(opt) -> int:
         for group in torch_opt.param_groups:
             if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in group["params"]):
                 group.update(fused=True, foreach=False)
-                n += 1
-    return n
 
 
 # ---- loss reports -------------------------------------------------------------------------
