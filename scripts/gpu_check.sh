@@ -9,6 +9,9 @@
 #      one process per run, alone on the GPU; $BENCH_ARGS, default TE bf16 and TE fp8 at seq
 #      4096, or local bf16 without TE; `BENCH_ARGS="--seqs 4096" BENCH_S=400` is the whole
 #      matrix at seq 4096);
+#   loss: the KD + LM loss of one micro-batch at seq 8192 x Llama-3's 128,256 columns, bf16
+#      (bench/kd_loss.py: the Triton vocabulary tiles, the chunks, the whole-logits reference),
+#      into kd_loss.json;
 #   kit: only the Transformer Engine kit below (a first, short call that carries it).
 # A device call runs at most 10 minutes: PARTS=bench and PARTS=tests as two calls fit.
 # Writes $OUT (default gpu_check_out/): gpu_check.json (one entry per check), gpu_bench.json
@@ -25,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-PARTS=${PARTS:-tests,bench}
+PARTS=${PARTS:-tests,loss,bench}
 TESTS_S=${TESTS_S:-420}     # all gpu tests together
 TEST_S=${TEST_S:-180}       # any one test
 TEST_JOBS=${TEST_JOBS:-4}   # tests at once
@@ -122,6 +125,15 @@ timeout "$TESTS_S" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider --tim
   "${jobs[@]}" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || status=1
 "$PY" scripts/junit_summary.py "$OUT/gpu_tests.xml" |
   while IFS=$'\t' read -r name st detail; do summary "$name" "$st" "$detail"; done
+fi
+if [[ ",$PARTS," == *",loss,"* ]]; then
+  if timeout "${LOSS_S:-120}" "$PY" bench/kd_loss.py --json "$OUT/kd_loss.json" \
+       > "$OUT/kd_loss.log" 2>&1; then
+    summary kd-loss pass "$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["tiles_impl"], {k: v["ms"] for k, v in d["runs"].items()})' "$OUT/kd_loss.json")"
+  else
+    status=1
+    summary kd-loss fail "see $OUT/kd_loss.log"
+  fi
 fi
 if [[ ",$PARTS," != *",bench,"* ]]; then
   echo '{"skipped": "PARTS has no bench"}' > "$OUT/gpu_bench.json"

@@ -5,8 +5,10 @@ vocab-parallel cross-entropy, which works in place on fp32 logits, away from the
 captured for the KD loss (without the copy, computing the LM loss in the same step silently
 changed the KL: 5.35 instead of 0.49 in tests/stages/test_distill.py's KD = KL check).
 
-At TP=1 (`fused()`), both losses are computed by one chunked function instead
-(`token_losses`): the same KL(teacher || student) as ModelOpt's LogitsKLLoss and the same
+On a GPU with Triton, both losses are computed by the two-pass vocabulary-tile kernel of
+recipes/lib/kd_tiles.py at any TP (`loss_path` "tiles"): no [tokens x vocab] fp32 temporary, the
+KL and the NLL in one pass, the maxima and sums all-reduced over the TP ranks. Elsewhere, at
+TP=1 ("chunks"), by one chunked function (`token_losses`): the same KL(teacher || student) as ModelOpt's LogitsKLLoss and the same
 cross-entropy, over the first `vocab_size` columns, `chunk_rows` tokens at a time, with the
 gradient formed during the forward (softmax(student) - softmax(teacher), or softmax - onehot) and
 kept in the logits' dtype. The unfused path materialises about ten fp32 copies of the
@@ -15,15 +17,17 @@ and their saved outputs, the KL's exp/sub/mul, the LM loss's own copies): on a C
 than the student's forward, on a GPU ~40 GB at seq 8192 and Llama-3's 128k vocabulary, more than
 the student's activations. In distillation the fused KL also yields the student's per-token NLL
 for the log at no cost. tests/unit/test_kd.py checks equal losses and gradients against the
-unfused path (FUSED = False).
+unfused path (FUSED = False), for the chunks and the tiles (TILES = True: the tiles' pure-torch
+mirror on a CPU).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
-from recipes.lib import compat, train
+from recipes.lib import compat, kd_tiles, train
 from recipes.lib.train_config import KDConfig
 
 compat.importable()  # megatron's import needs triton or its stand-in; apply() at use
@@ -35,6 +39,10 @@ from modelopt.torch.distill.plugins.megatron import LogitsKLLoss  # noqa: E402
 
 NEG = -1.0e9  # finite: exp() underflows to 0 and kl_div stays NaN-free
 FUSED = True  # False: ModelOpt's LogitsKLLoss and megatron's cross-entropy (tests compare)
+# the tile losses: None, on a GPU with Triton; MINITRON_KD_TILES=0 turns them off there (the
+# chunks, or ModelOpt's loss at TP>1), =1 turns them on anywhere (on a CPU the slow torch mirror:
+# tests)
+TILES: bool | None = {"0": False, "1": True}.get(os.environ.get("MINITRON_KD_TILES", ""))
 CHUNK_TOKENS = 16  # rows per chunk of the fused losses on a CPU: ~3 MB of fp32 at a 49k
 # vocabulary, so the ~8 passes over a chunk hit the cache (docs/measured.md)
 GPU_CHUNK_BYTES = 256 << 20  # fp32 bytes per temporary per chunk on a GPU: 523 rows at a 128k
@@ -52,8 +60,23 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, copy: bool = False)
     return logits.clone() if copy else logits
 
 
-def fused() -> bool:
-    return FUSED and ps.get_tensor_model_parallel_world_size() == 1
+def loss_path(device: torch.device) -> str | None:
+    """How the losses on `device` are computed: "tiles" (kd_tiles, any TP), "chunks"
+    (`token_losses`, TP=1), or None (ModelOpt's LogitsKLLoss and megatron's cross-entropy)."""
+    if not FUSED:
+        return None
+    tiles = TILES if TILES is not None else device.type == "cuda" and kd_tiles.triton_ready()
+    if tiles:
+        return "tiles"
+    return "chunks" if ps.get_tensor_model_parallel_world_size() == 1 else None
+
+
+def tiles(logits, teacher, labels, vocab_size: int, temperature: float = 1.0):
+    """kd_tiles.tiled_losses on this rank's vocab-parallel columns and the TP group."""
+    return kd_tiles.tiled_losses(
+        logits, teacher, labels, vocab_size, temperature,
+        start=ps.get_tensor_model_parallel_rank() * logits.shape[-1],
+        group=ps.get_tensor_model_parallel_group())
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
@@ -126,7 +149,10 @@ def token_losses(logits, teacher, labels, vocab_size: int, temperature: float = 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Per-token next-token cross-entropy [...] from vocab-parallel logits [..., v_local] and
     labels [...] in the same layout ([s, b] in training, train.forward_steps)."""
-    if fused():
+    path = loss_path(logits.device)
+    if path == "tiles":
+        return tiles(logits, None, labels, vocab_size)[1]
+    if path == "chunks":
         return token_losses(logits, None, labels, vocab_size)[1]
     # megatron's cross-entropy works in place on fp32 logits: never on the ones KD reads (a
     # bf16 tensor's .float() is a copy already)
@@ -161,16 +187,21 @@ class VocabLogitsKLLoss(LogitsKLLoss):
                 mask_padded_vocab(targets[..., :width], self._vocab_size))
 
     def forward(self, predictions, targets):
-        if not fused():
-            return super().forward(predictions, targets)
+        labels, self.labels, self.nll = self.labels, None, None
         # ModelOpt's own pre_forward (tuple unpacking, teacher detached), without our masking
-        predictions, targets = LogitsKLLoss.pre_forward(self, predictions, targets)
-        labels, self.labels = self.labels, None  # logits are [s, b, v]
-        kl, nll = token_losses(predictions, targets,
-                               None if labels is None else labels.transpose(0, 1),
-                               self._vocab_size, self._temperature)
-        self.nll = nll.transpose(0, 1) if labels is not None else None
-        return self.post_forward(kl, tp_reduce=True)
+        student, teacher = LogitsKLLoss.pre_forward(self, predictions, targets)
+        path = loss_path(student.device)
+        if path == "tiles" and ps.get_tensor_model_parallel_world_size() > 1 and \
+                student.shape[-1] != teacher.shape[-1]:
+            path = None  # vocab-parallel shards of differently padded vocabularies misalign
+        if path is None:
+            return super().forward(predictions, targets)
+        labels = None if labels is None else labels.transpose(0, 1)  # logits are [s, b, v]
+        losses = tiles if path == "tiles" else token_losses
+        kl, nll = losses(student, teacher, labels, self._vocab_size, self._temperature)
+        self.nll = nll.detach().transpose(0, 1) if labels is not None else None
+        # the tiles' KL is the whole vocabulary's on every TP rank; the chunks' is TP=1's
+        return self.post_forward(kl, tp_reduce=path == "chunks")
 
 
 def reduce_sum(loss_mask: torch.Tensor):
@@ -220,10 +251,11 @@ def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: b
     masked copy of the logits (see recipes/lib/kd.py), without a graph when it is only logged,
     or, when only logged and the losses are fused over the same columns, by the KL criterion
     `kl` in the same pass."""
-    lm_from_kl = skip_lm_loss and fused() and kd_vocab in (None, vocab_size)
 
     def loss_func(labels, mask, output):
         n = mask.sum()
+        lm_from_kl = skip_lm_loss and loss_path(output.device) is not None and \
+            kd_vocab in (None, vocab_size)
         if lm_from_kl:
             kl.labels = labels
             student_loss = torch.zeros((), device=output.device)  # ignored: skip_lm_loss
@@ -233,8 +265,9 @@ def make_step_fn(model, kl, vocab_size: int, skip_lm_loss: bool, intermediate: b
             student_loss = lm_sum
         losses = model.compute_kd_loss(student_loss=student_loss,
                                        loss_reduction_fn=reduce_sum(mask))
-        if lm_from_kl:
-            lm_sum = (kl.nll * mask).sum()
+        if lm_from_kl:  # (None where the criterion fell back to ModelOpt's own loss)
+            lm_sum = (kl.nll * mask).sum() if kl.nll is not None else \
+                masked_lm_loss(output.detach(), labels, mask, vocab_size)
         total = losses["kd_loss"]
         report = {"loss": torch.stack([total.detach(), n]),
                   "kd_loss": torch.stack([losses["logits_loss"].detach(), n]),

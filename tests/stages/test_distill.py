@@ -244,16 +244,18 @@ def test_changed_global_batch_is_refused_with_the_reason(pruned, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["tokens"] == 8 * 64
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "modelopt"])
+@pytest.mark.parametrize("path", ["chunks", "tiles", "modelopt"])
 @pytest.mark.parametrize("skip_lm_loss", [True, False])
-def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
+def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, path, monkeypatch):
     """The KD loss our loss function reports equals KL(teacher || student) computed by hand from
     separately computed logits, with the LM loss computed in the same step (the in-place
-    cross-entropy trap would break this), on the CPU's fused losses and on ModelOpt's."""
+    cross-entropy trap would break this), on the CPU's chunked losses, the GPU's vocabulary
+    tiles (their torch mirror here) and ModelOpt's."""
     from recipes.lib import checkpoint, interop, kd, runtime
     from recipes.lib.config import load
 
-    monkeypatch.setattr(kd, "FUSED", fused)
+    monkeypatch.setattr(kd, "FUSED", path != "modelopt")
+    monkeypatch.setattr(kd, "TILES", path == "tiles")
 
     run = pruned["run"]
     c = load(TINY, [f"run.dir={run}", f"distill.skip_lm_loss={skip_lm_loss}"],
@@ -293,12 +295,16 @@ def test_kd_loss_is_the_forward_kl(pruned, skip_lm_loss, fused, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=2 tiles", "parallel.pp=2"])
 def test_parallel_layouts_match_tp1(pruned, tmp_path, layout):
+    """TP=2 (ModelOpt's vocab-parallel KL, or the vocabulary tiles' all-reduced one as on a GPU)
+    and PP=2 train the TP=1 run."""
     base = args(pruned, tmp_path / "one", "distill.train_iters=4", "distill.save_interval=4")
     distill.main(base)
+    layout, _, tiles = layout.partition(" ")
     torchrun("recipes.distill", *args(pruned, tmp_path / "two", "distill.train_iters=4",
-                                      "distill.save_interval=4", layout))
+                                      "distill.save_interval=4", layout),
+             env={"MINITRON_KD_TILES": "1" if tiles else "0"})
     a, b = losses(metrics(tmp_path / "one")), losses(metrics(tmp_path / "two"))
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for s in a:

@@ -1,7 +1,8 @@
-"""The fused KD / LM losses (recipes/lib/kd.py, kd.FUSED) against the paths they
-replace: ModelOpt's LogitsKLLoss and megatron's vocab_parallel_cross_entropy on masked logits.
-Equal losses and equal gradients, over a padded vocabulary, at two temperatures, in fp32 and
-bf16, with a loss mask."""
+"""The fused KD / LM losses (recipes/lib/kd.py, kd.FUSED), the CPU's chunks and the GPU's
+vocabulary tiles (kd.TILES; here the tiles' pure-torch mirror), against the paths they replace:
+ModelOpt's LogitsKLLoss and megatron's vocab_parallel_cross_entropy on masked logits. Equal
+losses and equal gradients, over a padded vocabulary, at two temperatures, in fp32 and bf16,
+with a loss mask."""
 from __future__ import annotations
 
 import types
@@ -27,10 +28,11 @@ def groups():
         yield
 
 
-def run(kind, fused, dtype, temperature, monkeypatch):
+def run(kind, fused, dtype, temperature, monkeypatch, tiles=False):
     from recipes.lib import kd
 
     monkeypatch.setattr(kd, "FUSED", fused)
+    monkeypatch.setattr(kd, "TILES", tiles)
     s, b = 300, 2  # 600 tokens: more than two chunks
     student = logits((s, b), dtype, 0).requires_grad_()
     teacher = logits((s, b), dtype, 1)
@@ -64,10 +66,11 @@ def close(a, b) -> bool:
     return err < tol
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["chunks", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_fused_kl_equals_modelopt(groups, monkeypatch, dtype, temperature):
-    loss_f, grad_f, nll = run("kl", True, dtype, temperature, monkeypatch)
+def test_fused_kl_equals_modelopt(groups, monkeypatch, dtype, temperature, tiles):
+    loss_f, grad_f, nll = run("kl", True, dtype, temperature, monkeypatch, tiles)
     loss_m, grad_m, _ = run("kl", False, dtype, temperature, monkeypatch)
     assert loss_f.item() > 1.0
     assert loss_f.item() == pytest.approx(loss_m.item(), rel=1e-5)
@@ -79,9 +82,10 @@ def test_fused_kl_equals_modelopt(groups, monkeypatch, dtype, temperature):
     assert nll.item() == pytest.approx(lm.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["chunks", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_lm_loss_equals_megatron(groups, monkeypatch, dtype):
-    loss_f, grad_f, _ = run("lm", True, dtype, 1.0, monkeypatch)
+def test_fused_lm_loss_equals_megatron(groups, monkeypatch, dtype, tiles):
+    loss_f, grad_f, _ = run("lm", True, dtype, 1.0, monkeypatch, tiles)
     loss_m, grad_m, _ = run("lm", False, dtype, 1.0, monkeypatch)
     assert loss_f.item() == pytest.approx(loss_m.item(), rel=1e-5)
     assert (grad_f[..., VOCAB:] == 0).all()
