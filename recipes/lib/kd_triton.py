@@ -9,6 +9,37 @@ import triton
 import triton.language as tl
 
 
+def compile_for(capability: int = 90, num_warps: int = 16) -> list[str]:
+    """Compile every variant of both kernels for a CUDA GPU of `capability` (90: Hopper) down to
+    its cubin, here, without a GPU (Triton's own ptxas): the compiler's checks, which Triton's
+    interpreter does not run (tests/unit/test_kd_tiles.py). Returns the variants compiled."""
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415 - only this check needs it
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    stats, grad = build()
+    common = {"s_ptr": "*bf16", "t_ptr": "*bf16", "y_ptr": "*i64"}
+    ints = {k: "i32" for k in ("v", "start", "vocab_size")}
+    sig = {"stats": {**common, "out_ptr": "*fp32", "stride_s": "i32", "stride_t": "i32", **ints,
+                     "inv_t": "fp32"},
+           "grad": {**common, "lse_ptr": "*fp32", "gk_ptr": "*fp32", "gl_ptr": "*fp32",
+                    "g_ptr": "*bf16", "stride_s": "i32", "stride_t": "i32", "stride_g": "i32",
+                    **ints, "inv_t": "fp32"}}
+    variants = [(stats, "stats", dict(HAS_T=t, HAS_Y=y, LM_APART=t and y))
+                for t in (True, False) for y in (True, False)]
+    variants += [(grad, "grad", dict(TRAIN_KL=k, TRAIN_LM=m)) for k, m in
+                 ((True, True), (True, False), (False, True))]
+    done = []
+    for fn, name, flags in variants:
+        constexprs = {**flags, "BLOCK": 2048}
+        src = ASTSource(fn=fn, signature={**sig[name], **{k: "constexpr" for k in constexprs}},
+                        constexprs=constexprs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                options={"num_warps": num_warps})
+        assert kernel.asm.get("cubin"), f"{name} {flags}: no cubin"
+        done.append(f"{name} {flags}")
+    return done
+
+
 def build():
     """(stats_kernel, grad_kernel), jitted now (each call: new kernels)."""
     return _stats(), _grad()

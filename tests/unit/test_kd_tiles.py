@@ -6,6 +6,8 @@ test-triton). The loss mask is a per-token weight: masked tokens get no gradient
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +160,18 @@ def test_triton_kernel_matches_mirror_and_fp64(small_tiles, trained, temperature
         torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
     # the bf16 gradient: a rounding apart at most (one bf16 step is 2^-7 relative)
     torch.testing.assert_close(got[2].cpu().float(), want[2].float(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.skipif(not kd_tiles.triton_ready(), reason="needs Triton (make test-triton)")
+def test_triton_kernels_compile_for_hopper_without_a_gpu():
+    """Every variant of both kernels through Triton's compiler down to an sm_90 cubin, on this
+    host: the checks the interpreter leaves out (types, loop-carried values, constexpr
+    branches). A subprocess: the interpreter, once chosen, holds for the process."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    code = ("from recipes.lib import kd_triton\n"
+            "print('\\n'.join(kd_triton.compile_for(90, 16)))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                           os.path.abspath(__file__)))))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(p.stdout.split("\n")) >= 7, p.stdout
