@@ -78,7 +78,7 @@ docker-build:  ## build docker/Dockerfile as IMAGE (minitron-recipes:latest)
 gpu-check: setup  ## scripts/gpu_check.sh: GPU tests + 8B/4.5B distillation throughput (skips without CUDA)
 	bash scripts/gpu_check.sh
 
-gpu-bench: setup  ## bench/gpu_distill.py: the runs matrix (local/TE bf16, TE fp8 variants) at 8B/4.5B, seq 4096 + 8192, one GPU (~8 min)
+gpu-bench: setup  ## bench/gpu_distill.py: the runs matrix (local/TE bf16, TE fp8 variants) at 8B/4.5B, seq 4096 + 8192, 16 micro-batches, one GPU
 	$(PY) bench/gpu_distill.py --json gpu_check_out/matrix.json $(ARGS)
 
 bridge-env: setup  ## Megatron-Bridge 0.6.2 (with its own transformers) into .bridge/ for tests/stages/test_bridge.py

@@ -5,13 +5,17 @@ build, ModelOpt KD loss, megatron optimizer and training step (train.optimizer_s
     python bench/gpu_distill.py --json out.json                    # every run, seq 4096 and 8192
     python bench/gpu_distill.py --json out.json --runs te-bf16,te-fp8 --seqs 4096
     python bench/gpu_distill.py --tiny --json out.json             # CPU: tiny shapes, local spec
+    python bench/gpu_distill.py --json out.json --seqs 8192 --runs te-bf16,te-fp8,\
+        te-fp8-teacher-fp8 --warmup 2 --steps 3 [--profile]          # the fp8 goals, an H200
+    ... --layers 12                                                # the same on an 80 GB GPU
 
 Runs (RUNS): local bf16, TE bf16, TE fp8 (tensorwise), TE fp8 with the first and last layer
 in bf16, TE fp8 with the teacher in fp8 too, and TE fp8 with the blockwise and the delayed
 recipes. Every run starts from the same weights (each
 parameter drawn from a generator seeded by its name, so the local and the TE spec get the same
 numbers) and trains on the same batches: `--microbatches` sequences per step, `--warmup` steps
-untimed, then the median of `--steps`. Each (run, seq) is its own process, so no run's memory
+untimed, then the median of `--steps` (16 micro-batches by default, as Megatron-Bridge
+measures; the caching allocator's retries during the timed steps are logged). Each (run, seq) is its own process, so no run's memory
 or peak leaks into the next; a run the machine cannot do (no TE, no fp8) is skipped with why.
 
 Per run: tokens/s; model TFLOP/s counted with attention (arch.distill_flops_per_token: 3x
@@ -60,12 +64,17 @@ RUNS = {
     "te-fp8-delayed": {"spec": "te", "precision": "fp8", "fp8_recipe": "delayed"},
 }
 TINY_RUNS = {"local-fp32": {"spec": "local", "precision": "fp32"}, **RUNS}
-# the issue's goals: (run, over, at least) for tokens/s ratios; MFU and loss below
-GOALS = {"te_bf16_mfu": 0.38, "fp8_speedup": 1.2, "fp8_teacher_speedup": 1.35,
-         "fp8_kd_loss_rel": 0.02, "plan_rel": 0.15}
+# the goals on one H200 at seq 8192, full depth, 16 micro-batches (TE bf16 reached 11,101
+# tokens/s and 54.2% MFU there at 4 micro-batches, before the fused KD loss)
+GOALS = {"te_bf16_mfu": 0.58, "fp8_tokens_per_s": 13600, "fp8_teacher_tokens_per_s": 15500,
+         "fp8_kd_loss_rel": 0.005, "plan_rel": 0.05}
+GOAL_SEQ, GOAL_DEVICE = 8192, "H200"
 
 
-def archs(tiny: bool):
+def archs(tiny: bool, layers: int | None = None):
+    """Llama-3.1-8B and its 4.5B width-pruned student (tiny shapes with `tiny`); `layers`
+    cuts both to that many layers, every per-token shape kept (a GPU too small for the
+    whole depth)."""
     from recipes.lib.arch import Arch
 
     f = ROOT / "conf" / "arch" / "llama-3.1-8b.json"
@@ -74,6 +83,8 @@ def archs(tiny: bool):
         t = Arch(**{**t.to_dict(), "num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 224,
                     "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 16,
                     "vocab_size": 512})
+    if layers:
+        t = Arch(**{**t.to_dict(), "num_layers": layers})
     s = Arch(**{**t.to_dict(), "hidden_size": t.hidden_size * 3 // 4,
                 "ffn_hidden_size": t.ffn_hidden_size * 9 // 14})
     return t, s
@@ -151,7 +162,7 @@ def measure(run: str, seq: int, a) -> dict:
     from recipes.lib.arch import distill_flops_per_token, fp8_flops_per_token, training_memory
     from recipes.lib.metrics import peak_tflops
 
-    t, s = archs(a.tiny)
+    t, s = archs(a.tiny, a.layers)
     fields = (TINY_RUNS if a.tiny else RUNS)[run]
     cuda = torch.cuda.is_available()
     with runtime.distributed(1, 1):
@@ -172,19 +183,22 @@ def measure(run: str, seq: int, a) -> dict:
                                                            c.skip_lm_loss, False), None)
         step_batches = the_batches(s.vocab_size, seq, a.microbatches,
                                    next(model.parameters()).device)
-        times, losses = [], []
+        times, losses, retries = [], [], None
         with gc_pauses() as pauses:
             for i in range(a.warmup + a.steps):
                 if cuda:
                     torch.cuda.synchronize()
                 if i == a.warmup:
                     pauses.clear()  # the timed steps' only
+                    retries = alloc_retries()
                 t0 = time.perf_counter()
                 reports, *_ = train.optimizer_step(ddp, opt, sched, run_step, step_batches)
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
                 losses.append(train.reduce_report(reports)["kd_loss"])
+        retries = None if retries is None else alloc_retries() - retries
+        loss_path = kd.loss_path(torch.device("cuda" if cuda else "cpu"))
         prof = profile_step(lambda: train.optimizer_step(ddp, opt, sched, run_step,
                                                          step_batches)) if a.profile else None
     step_s = statistics.median(times[a.warmup:])
@@ -203,7 +217,9 @@ def measure(run: str, seq: int, a) -> dict:
             "peak_memory_gb": mem,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
             "plan_estimate_gb": est, "plan_over_peak": est / mem,
-            "kd_loss": losses, "spec": spec, "gc_in_timed_steps": gc_summary(pauses),
+            "kd_loss": losses, "kd_loss_path": loss_path, "num_layers": [t.num_layers, s.num_layers],
+            "alloc_retries_in_timed_steps": retries,
+            "spec": spec, "gc_in_timed_steps": gc_summary(pauses),
             "fp8_flop_share": fp8_flops / distill_flops_per_token(t, s, seq),
             # of the GEMMs' FLOPs alone (at seq 0 attention has none)
             "fp8_gemm_share": fp8_flops / distill_flops_per_token(t, s, 0),
@@ -211,6 +227,14 @@ def measure(run: str, seq: int, a) -> dict:
             "fp8": train_stage.fp8_recipe_kwargs(c) if c.precision == "fp8" else None,
             "optimizer": train.optimizer_kind(c), "fusions": M.fusions(c.spec),
             "attention": attention_backend(spec), **({"profile": prof} if prof else {})}
+
+
+def alloc_retries() -> int | None:
+    """The caching allocator's retries so far (each one a synchronising cudaFree and retry: a
+    peak at the edge of the GPU's memory); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0)
 
 
 @contextlib.contextmanager
@@ -275,25 +299,40 @@ def summarize(results: dict) -> dict:
                 if "profile" in base and "profile" in v and v.get("fp8_gemm_share"):
                     rows[r]["by_kernel_time"] = fp8_kernel_ceilings(
                         base["profile"], v["profile"], v["fp8_gemm_share"])
-        got = lambda r, k: rows.get(r, {}).get(k)  # noqa: E731
-        goals = {
-            "te_bf16_mfu >= 0.38": None if got("te-bf16", "mfu") is None
-            else got("te-bf16", "mfu") >= GOALS["te_bf16_mfu"],
-            "te-fp8 >= 1.2x te-bf16": None if got("te-fp8", "speed_vs_te_bf16") is None
-            else got("te-fp8", "speed_vs_te_bf16") >= GOALS["fp8_speedup"],
-            "te-fp8-teacher-fp8 >= 1.35x te-bf16":
-                None if got("te-fp8-teacher-fp8", "speed_vs_te_bf16") is None
-                else got("te-fp8-teacher-fp8", "speed_vs_te_bf16") >= GOALS["fp8_teacher_speedup"],
-            "te-fp8 last KD loss within 2% of te-bf16":
-                None if got("te-fp8", "kd_loss_rel_vs_te_bf16") is None
-                else got("te-fp8", "kd_loss_rel_vs_te_bf16") <= GOALS["fp8_kd_loss_rel"],
-            "plan within 15% of te-bf16's peak": None if got("te-bf16", "plan_over_peak") is None
-            else abs(got("te-bf16", "plan_over_peak") - 1) <= GOALS["plan_rel"],
-            "every run completed (none out of memory)":
-                bool(ok) and all("error" not in v for v in runs.values()),
-        }
-        out[seq] = {"runs": rows, "goals": goals}
+        out[seq] = {"runs": rows, "goals": goals_met(seq, runs, ok, rows)}
     return out
+
+
+def goals_met(seq, runs: dict, ok: dict, rows: dict) -> dict:
+    """The goals, each met (True), missed (False) or not measured here (None): the speeds only
+    at their shape (an H200, seq 8192, full depth, 16 micro-batches), the KD loss, `plan` and
+    completion at any."""
+    def shape(r):
+        v = ok.get(r, {})
+        return (int(seq) == GOAL_SEQ and GOAL_DEVICE in v.get("device", "")
+                and v.get("num_layers", [0])[0] == 32 and v.get("microbatches") == 16)
+
+    def goal(r, key, test, at_shape=True):
+        v = rows.get(r, {}).get(key)
+        return None if v is None or (at_shape and not shape(r)) else test(v)
+
+    fp8_runs = [r for r in ("te-fp8", "te-fp8-teacher-fp8") if r in rows]
+    losses = [rows[r].get("kd_loss_rel_vs_te_bf16") for r in fp8_runs]
+    return {
+        "te-bf16 MFU >= 58%": goal("te-bf16", "mfu", lambda v: v >= GOALS["te_bf16_mfu"]),
+        "te-fp8 >= 13,600 tokens/s": goal("te-fp8", "tokens_per_s",
+                                          lambda v: v >= GOALS["fp8_tokens_per_s"]),
+        "te-fp8-teacher-fp8 >= 15,500 tokens/s": goal(
+            "te-fp8-teacher-fp8", "tokens_per_s",
+            lambda v: v >= GOALS["fp8_teacher_tokens_per_s"]),
+        "fp8 runs' last KD loss within 0.5% of te-bf16":
+            None if not losses or None in losses
+            else all(x <= GOALS["fp8_kd_loss_rel"] for x in losses),
+        "plan within 5% of every run's peak": None if not rows else all(
+            abs(v["plan_over_peak"] - 1) <= GOALS["plan_rel"] for v in rows.values()),
+        "every run completed (none out of memory)":
+            bool(ok) and all("error" not in v for v in runs.values()),
+    }
 
 
 def child(a) -> None:
@@ -309,7 +348,12 @@ def main() -> None:
     ap.add_argument("--runs", help=f"comma-separated, of {', '.join(TINY_RUNS)} (default: all "
                                    "of RUNS; --tiny: local-fp32,local-bf16)")
     ap.add_argument("--seqs", default="4096,8192", type=lambda x: [int(v) for v in x.split(",")])
-    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--microbatches", type=int, default=16,
+                    help="per step (16, as Megatron-Bridge measures: per-step costs shared out "
+                         "as in a real run's 36 or more)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="cut both models to this many layers, every per-token shape kept (an "
+                         "80 GB GPU at seq 8192: 12)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     ap.add_argument("--precision-aware", action="store_true",
@@ -330,11 +374,11 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown runs {unknown}; choose from {', '.join(TINY_RUNS)}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    t, s = archs(a.tiny)
+    t, s = archs(a.tiny, a.layers)
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "cuda": torch.version.cuda,
            "teacher_params": t.num_params(), "student_params": s.num_params(),
-           "settings": {k: getattr(a, k) for k in ("microbatches", "warmup", "steps",
+           "settings": {k: getattr(a, k) for k in ("microbatches", "layers", "warmup", "steps",
                                                    "precision_aware", "recompute", "tiny",
                                                    "profile")},
            "results": {}}
@@ -350,7 +394,7 @@ def main() -> None:
                    "--seqs", str(seq), *(f"--{k}={getattr(a, k)}" for k in
                                          ("microbatches", "warmup", "steps", "timeout",
                                           "recompute"))]
-            cmd += (["--tiny"] * a.tiny + ["--precision-aware"] * a.precision_aware
+            cmd += ([f"--layers={a.layers}"] * bool(a.layers) + ["--tiny"] * a.tiny + ["--precision-aware"] * a.precision_aware
                     + ["--profile"] * a.profile)
             t0 = time.time()
             try:

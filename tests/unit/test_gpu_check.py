@@ -306,3 +306,31 @@ def test_the_benchmark_records_the_garbage_collectors_pauses():
     got = gc_summary(pauses)
     assert {k: v["collections"] for k, v in got.items()} == {"gen0": 1, "gen2": 2}
     assert got["gen2"]["seconds"] > 0
+
+
+def test_speed_goals_are_judged_at_their_shape_only():
+    """The fp8 goals' tokens/s hold for an H200 at seq 8192, full depth, 16 micro-batches:
+    there they are met or missed; on a 12-layer cut, or at 4 micro-batches, not judged (None).
+    The KD loss and `plan` goals hold at any shape."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_distill import summarize
+
+    def run(tps, loss, layers=32, mb=16, mfu=0.6):
+        return {"tokens_per_s": tps, "mfu": mfu, "peak_memory_gb": 100.0, "kd_loss": [loss],
+                "plan_over_peak": 1.02, "device": "NVIDIA H200", "num_layers": [layers, layers],
+                "microbatches": mb}
+
+    def goals(**kw):
+        return summarize({"8192": {"te-bf16": run(12000.0, 1.0, **kw),
+                                   "te-fp8": run(13700.0, 1.004, **kw),
+                                   "te-fp8-teacher-fp8": run(15000.0, 1.01, **kw)}})["8192"][
+            "goals"]
+
+    g = goals()
+    assert g["te-bf16 MFU >= 58%"] is True and g["te-fp8 >= 13,600 tokens/s"] is True
+    assert g["te-fp8-teacher-fp8 >= 15,500 tokens/s"] is False
+    assert g["fp8 runs' last KD loss within 0.5% of te-bf16"] is False  # the fp8 teacher's 1%
+    assert g["plan within 5% of every run's peak"] is True
+    for cut in (goals(layers=12), goals(mb=4)):
+        assert cut["te-fp8 >= 13,600 tokens/s"] is None and cut["te-bf16 MFU >= 58%"] is None
+        assert cut["fp8 runs' last KD loss within 0.5% of te-bf16"] is False
