@@ -361,7 +361,7 @@ def main() -> None:
     ap.add_argument("--recompute", type=int, default=0,
                     help="distill.recompute_layers in every run (student layers recomputed)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke test)")
-    ap.add_argument("--timeout", type=int, default=240, help="seconds per (run, seq)")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per (run, seq)")
     ap.add_argument("--profile", action="store_true",
                     help="two steps traced by torch.profiler: wall, host, device time by kind")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # child: this run, in this process
