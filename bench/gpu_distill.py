@@ -15,8 +15,9 @@ recipes. Every run starts from the same weights (each
 parameter drawn from a generator seeded by its name, so the local and the TE spec get the same
 numbers) and trains on the same batches: `--microbatches` sequences per step, `--warmup` steps
 untimed, then the median of `--steps` (16 micro-batches by default, as Megatron-Bridge
-measures; the caching allocator's retries during the timed steps are logged). Each (run, seq) is its own process, so no run's memory
-or peak leaks into the next; a run the machine cannot do (no TE, no fp8) is skipped with why.
+measures; the caching allocator's retries during the timed steps are logged). Each (run, seq)
+is its own process, so no run's memory or peak leaks into the next; a run the machine cannot do
+(no TE, no fp8) is skipped with why.
 
 Per run: tokens/s; model TFLOP/s counted with attention (arch.distill_flops_per_token: 3x
 the student's forward + the teacher's, causal attention at s/2 keys per token); MFU against
@@ -217,8 +218,8 @@ def measure(run: str, seq: int, a) -> dict:
             "peak_memory_gb": mem,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
             "plan_estimate_gb": est, "plan_over_peak": est / mem,
-            "kd_loss": losses, "kd_loss_path": loss_path, "num_layers": [t.num_layers, s.num_layers],
-            "alloc_retries_in_timed_steps": retries,
+            "kd_loss": losses, "kd_loss_path": loss_path,
+            "num_layers": [t.num_layers, s.num_layers], "alloc_retries_in_timed_steps": retries,
             "spec": spec, "gc_in_timed_steps": gc_summary(pauses),
             "fp8_flop_share": fp8_flops / distill_flops_per_token(t, s, seq),
             # of the GEMMs' FLOPs alone (at seq 0 attention has none)
@@ -394,8 +395,8 @@ def main() -> None:
                    "--seqs", str(seq), *(f"--{k}={getattr(a, k)}" for k in
                                          ("microbatches", "warmup", "steps", "timeout",
                                           "recompute"))]
-            cmd += ([f"--layers={a.layers}"] * bool(a.layers) + ["--tiny"] * a.tiny + ["--precision-aware"] * a.precision_aware
-                    + ["--profile"] * a.profile)
+            cmd += ([f"--layers={a.layers}"] * bool(a.layers) + ["--tiny"] * a.tiny
+                    + ["--precision-aware"] * a.precision_aware + ["--profile"] * a.profile)
             t0 = time.time()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)

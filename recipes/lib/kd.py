@@ -8,17 +8,17 @@ changed the KL: 5.35 instead of 0.49 in tests/stages/test_distill.py's KD = KL c
 On a GPU with Triton, both losses are computed by the two-pass vocabulary-tile kernel of
 recipes/lib/kd_tiles.py at any TP (`loss_path` "tiles"): no [tokens x vocab] fp32 temporary, the
 KL and the NLL in one pass, the maxima and sums all-reduced over the TP ranks. Elsewhere, at
-TP=1 ("chunks"), by one chunked function (`token_losses`): the same KL(teacher || student) as ModelOpt's LogitsKLLoss and the same
-cross-entropy, over the first `vocab_size` columns, `chunk_rows` tokens at a time, with the
-gradient formed during the forward (softmax(student) - softmax(teacher), or softmax - onehot) and
-kept in the logits' dtype. The unfused path materialises about ten fp32 copies of the
-[tokens x vocab] logits per micro-batch (casts, the temperature division, masking, two log-softmaxes
-and their saved outputs, the KL's exp/sub/mul, the LM loss's own copies): on a CPU they cost more
-than the student's forward, on a GPU ~40 GB at seq 8192 and Llama-3's 128k vocabulary, more than
-the student's activations. In distillation the fused KL also yields the student's per-token NLL
-for the log at no cost. tests/unit/test_kd.py checks equal losses and gradients against the
-unfused path (FUSED = False), for the chunks and the tiles (TILES = True: the tiles' pure-torch
-mirror on a CPU).
+TP=1 ("chunks"), by one chunked function (`token_losses`): the same KL(teacher || student) as
+ModelOpt's LogitsKLLoss and the same cross-entropy, over the first `vocab_size` columns,
+`chunk_rows` tokens at a time, with the gradient formed during the forward (softmax(student) -
+softmax(teacher), or softmax - onehot) and kept in the logits' dtype. The unfused path
+materialises about ten fp32 copies of the [tokens x vocab] logits per micro-batch (casts, the
+temperature division, masking, two log-softmaxes and their saved outputs, the KL's exp/sub/mul,
+the LM loss's own copies): on a CPU they cost more than the student's forward, on a GPU ~40 GB at
+seq 8192 and Llama-3's 128k vocabulary, more than the student's activations. In distillation
+the fused KL also yields the student's per-token NLL for the log at no cost.
+tests/unit/test_kd.py checks equal losses and gradients against the unfused path (FUSED =
+False), for the chunks and the tiles (TILES = True: the tiles' pure-torch mirror on a CPU).
 """
 from __future__ import annotations
 
