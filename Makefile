@@ -94,7 +94,7 @@ te-kit: setup  ## an offline Transformer Engine kit into .te-kit/ for the GPU ho
 DEMO_CE = teacher_correction.input=$(DEMO_DIR)/prune teacher_correction.output=$(DEMO_DIR)/ce_trained \
 	'teacher_correction.train_iters=$${distill.train_iters}'
 
-demo: setup assets  ## the paper's recipe on SmolLM2-135M + Jane Austen on this CPU (16-29 min), with a cross-entropy baseline, then the report
+demo: setup assets  ## the paper's recipe on SmolLM2-135M + Jane Austen on this CPU (11-30 min by CPU class), with a cross-entropy baseline, then the report
 	$(call DEMO,data)
 	$(call DEMO,convert)
 	$(call DEMO,teacher_correction)
@@ -109,7 +109,7 @@ demo: setup assets  ## the paper's recipe on SmolLM2-135M + Jane Austen on this 
 	$(call DEMO,report)
 	@echo "report: $(DEMO_DIR)/report/report.md"
 
-demo-compare: setup  ## after make demo: from scratch and KD from the uncorrected teacher, same budget (~14 min)
+demo-compare: setup  ## after make demo: from scratch and KD from the uncorrected teacher, same budget (about distill + ce_trained again)
 	$(call DEMO,teacher_correction) $(DEMO_CE) teacher_correction.output=$(DEMO_DIR)/from_scratch teacher_correction.random_init=true
 	$(call DEMO,distill) distill.teacher=$(DEMO_DIR)/convert distill.output=$(DEMO_DIR)/distill_original
 	$(call DEMO,export) export.input=$(DEMO_DIR)/from_scratch export.output=$(DEMO_DIR)/export_from_scratch
