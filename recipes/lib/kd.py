@@ -23,6 +23,7 @@ False), for the chunks and the tiles (TILES = True: the tiles' pure-torch mirror
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -65,10 +66,23 @@ def loss_path(device: torch.device) -> str | None:
     (`token_losses`, TP=1), or None (ModelOpt's LogitsKLLoss and megatron's cross-entropy)."""
     if not FUSED:
         return None
-    tiles = TILES if TILES is not None else device.type == "cuda" and kd_tiles.triton_ready()
+    tiles = TILES if TILES is not None else device.type == "cuda" and _kernel_works(str(device))
     if tiles:
         return "tiles"
     return "chunks" if ps.get_tensor_model_parallel_world_size() == 1 else None
+
+
+@functools.cache
+def _kernel_works(device: str) -> bool:
+    """kd_tiles.kernel_works, agreed by every TP rank (MIN over the group): the ranks of a
+    vocabulary must take the same path, whose collectives differ."""
+    ok = kd_tiles.kernel_works(device)
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        flag = torch.tensor([int(ok)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN,
+                                     group=ps.get_tensor_model_parallel_group())
+        ok = bool(flag.item())
+    return ok
 
 
 def tiles(logits, teacher, labels, vocab_size: int, temperature: float = 1.0):

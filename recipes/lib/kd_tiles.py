@@ -28,9 +28,12 @@ is installed, the kernel against the mirror in Triton's interpreter); tests/gpu 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("recipes.kd")
 
 BLOCK = 2048  # vocabulary columns per tile, the lanes of a row: 63 tiles at Llama-3's 128k
 WARPS = 16  # per row: ptxas for sm_90a gives pass 1 (seven fp32 accumulators per lane) 56
@@ -135,6 +138,38 @@ def triton_ready() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def kernel_works(device: str) -> bool:
+    """Whether the Triton kernel compiles and runs on `device` and agrees with the torch mirror
+    on a small problem (both losses trained, T = 2, bf16 logits, a padded vocabulary over two
+    tiles): checked once per process before training trusts it. On any failure: False, and a
+    warning with the reason; the caller then takes the chunked losses (the same values)."""
+    if not triton_ready():
+        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    s = (torch.randn(8, 2176, device=device, generator=g) * 3).bfloat16()
+    t = (torch.randn(8, 2176, device=device, generator=g) * 3).bfloat16()
+    y = torch.randint(0, 2100, (8,), device=device, generator=g)
+
+    def losses_and_grad(impl):
+        x = s.clone().requires_grad_()
+        kl, nll = tiled_losses(x, t, y, 2100, 2.0, impl=impl)
+        (kl.sum() + 0.5 * nll.sum()).backward()
+        return kl, nll, x.grad
+
+    try:
+        got, want = losses_and_grad("triton"), losses_and_grad("torch")
+        ok = all(torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=1e-4)
+                 for a, b in zip(got, want))
+        why = "its losses or gradient differ from the torch mirror's"
+    except Exception as e:  # noqa: BLE001 - any failure of the kernel here means: not used
+        ok, why = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        log.warning("the Triton KD-loss kernel is not used on %s (%s); the chunked losses are "
+                    "(the same values, more memory traffic)", device, why)
+    return ok
 
 
 @functools.cache

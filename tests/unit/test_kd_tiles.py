@@ -175,3 +175,43 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
                            os.path.abspath(__file__)))))
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(p.stdout.split("\n")) >= 7, p.stdout
+
+
+@pytest.mark.parametrize("kernel", ["agrees", "raises", "differs"])
+def test_an_untried_kernel_is_checked_before_training_trusts_it(monkeypatch, caplog, kernel):
+    """kernel_works runs the kernel once on a small problem against the mirror: a kernel that
+    fails to compile or run, or gives other numbers, is not used, with a warning that says why
+    (the chunked losses give the same values). Here "triton" is the mirror, a failing one, or
+    one off by 1%."""
+    mirror_stats, mirror_grad = kd_tiles._stats, kd_tiles._grad
+
+    def stats(impl, *a):
+        if impl == "triton" and kernel == "raises":
+            raise RuntimeError("PassManager::run failed")
+        out = mirror_stats("torch", *a)
+        if impl == "triton" and kernel == "differs":
+            out[:, 4] *= 1.01
+        return out
+
+    monkeypatch.setattr(kd_tiles, "_stats", stats)
+    monkeypatch.setattr(kd_tiles, "_grad", lambda impl, *a: mirror_grad("torch", *a))
+    monkeypatch.setattr(kd_tiles, "triton_ready", lambda: True)
+    kd_tiles.kernel_works.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="recipes.kd"):
+            ok = kd_tiles.kernel_works("cpu")
+    finally:
+        kd_tiles.kernel_works.cache_clear()
+    assert ok == (kernel == "agrees")
+    if kernel == "agrees":
+        assert not caplog.records
+    else:
+        reason = "PassManager::run failed" if kernel == "raises" else "differ from the torch"
+        assert "KD-loss kernel is not used on cpu" in caplog.text and reason in caplog.text
+
+
+@pytest.mark.skipif(not triton_runs(), reason="needs Triton on a GPU or TRITON_INTERPRET=1 "
+                    "(make test-triton)")
+def test_the_kernel_passes_the_check_training_runs_first():
+    kd_tiles.kernel_works.cache_clear()
+    assert kd_tiles.kernel_works("cuda" if torch.cuda.is_available() else "cpu")
