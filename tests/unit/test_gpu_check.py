@@ -334,3 +334,18 @@ def test_speed_goals_are_judged_at_their_shape_only():
     for cut in (goals(layers=12), goals(mb=4)):
         assert cut["te-fp8 >= 13,600 tokens/s"] is None and cut["te-bf16 MFU >= 58%"] is None
         assert cut["fp8 runs' last KD loss within 0.5% of te-bf16"] is False
+
+
+def test_kd_loss_benchmark_runs_its_three_paths(tmp_path):
+    """bench/kd_loss.py (gpu_check's loss part) on tiny shapes here: the tiles (their torch
+    mirror on a CPU), the chunks and the whole-logits reference, each timed, with the ratios."""
+    out = tmp_path / "kd_loss.json"
+    p = subprocess.run([sys.executable, "bench/kd_loss.py", "--tokens", "64", "--vocab", "3000",
+                        "--dtype", "fp32", "--iters", "1", "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["tiles_impl"] == "torch mirror" and res["shape"] == [64, 3000]
+    assert set(res["runs"]) == {"reference", "tiles", "chunks"}
+    assert all(r["ms"] > 0 for r in res["runs"].values())
+    assert res["speedup_vs_reference"]["reference"] == 1.0
