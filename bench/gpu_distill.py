@@ -308,14 +308,16 @@ def goals_met(seq, runs: dict, ok: dict, rows: dict) -> dict:
     """The goals, each met (True), missed (False) or not measured here (None): the speeds only
     at their shape (an H200, seq 8192, full depth, 16 micro-batches), the KD loss, `plan` and
     completion at any."""
+    full_depth = archs(False)[0].num_layers
+
     def shape(r):
         v = ok.get(r, {})
         return (int(seq) == GOAL_SEQ and GOAL_DEVICE in v.get("device", "")
-                and v.get("num_layers", [0])[0] == 32 and v.get("microbatches") == 16)
+                and v.get("num_layers", [0])[0] == full_depth and v.get("microbatches") == 16)
 
-    def goal(r, key, test, at_shape=True):
+    def goal(r, key, test):
         v = rows.get(r, {}).get(key)
-        return None if v is None or (at_shape and not shape(r)) else test(v)
+        return None if v is None or not shape(r) else test(v)
 
     fp8_runs = [r for r in ("te-fp8", "te-fp8-teacher-fp8") if r in rows]
     losses = [rows[r].get("kd_loss_rel_vs_te_bf16") for r in fp8_runs]

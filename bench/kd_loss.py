@@ -35,7 +35,7 @@ def reference(s, t, y, temperature):
 def ways(vocab: int):
     from recipes.lib import kd, kd_tiles
 
-    return {"reference": lambda s, t, y, T: reference(s, t, y, T),
+    return {"reference": reference,
             "tiles": lambda s, t, y, T: kd_tiles.tiled_losses(s, t, y, vocab, T),
             "chunks": lambda s, t, y, T: kd.token_losses(s, t, y, vocab, T)}
 

@@ -140,11 +140,11 @@ def triton_ready() -> bool:
     return True
 
 
-@functools.cache
 def kernel_works(device: str) -> bool:
     """Whether the Triton kernel compiles and runs on `device` and agrees with the torch mirror
     on a small problem (both losses trained, T = 2, bf16 logits, a padded vocabulary over two
-    tiles): checked once per process before training trusts it. On any failure: False, and a
+    tiles): what training asks once per process (kd.py caches it) before it trusts the kernel.
+    On any failure: False, and a
     warning with the reason; the caller then takes the chunked losses (the same values)."""
     if not triton_ready():
         return False

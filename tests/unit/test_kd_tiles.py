@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from recipes.lib import kd_tiles
-from tests.conftest import torchrun
+from tests.conftest import ROOT, torchrun
 
 VOCAB, N = 1000, 37
 
@@ -152,9 +152,8 @@ def test_triton_kernel_matches_mirror_and_fp64(small_tiles, trained, temperature
     s, t, y, mask = inputs(width, torch.bfloat16)
     args = (t, y, temperature, mask if "kl" in trained else None,
             mask if "lm" in trained else None)
-    got = tiled(s.to(dev), *[a.to(dev) if a is not None else None for a in args[:2]],
-                temperature, *[a.to(dev) if a is not None else None for a in args[3:]],
-                impl="triton")
+    on = lambda a: None if a is None else a.to(dev)  # noqa: E731
+    got = tiled(on(s), on(t), on(y), temperature, *map(on, args[3:]), impl="triton")
     want = tiled(s, *args, impl="torch")
     for g, w in zip(got[:2], want[:2]):  # the losses, fp32
         torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
@@ -171,8 +170,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
     code = ("from recipes.lib import kd_triton\n"
             "print('\\n'.join(kd_triton.compile_for(90, 16)))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                           os.path.abspath(__file__)))))
+                       timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(p.stdout.split("\n")) >= 7, p.stdout
 
@@ -196,13 +194,9 @@ def test_an_untried_kernel_is_checked_before_training_trusts_it(monkeypatch, cap
     monkeypatch.setattr(kd_tiles, "_stats", stats)
     monkeypatch.setattr(kd_tiles, "_grad", lambda impl, *a: mirror_grad("torch", *a))
     monkeypatch.setattr(kd_tiles, "triton_ready", lambda: True)
-    kd_tiles.kernel_works.cache_clear()
-    try:
-        # first asked inside a validation step's no_grad, as it may be
-        with caplog.at_level("WARNING", logger="recipes.kd"), torch.no_grad():
-            ok = kd_tiles.kernel_works("cpu")
-    finally:
-        kd_tiles.kernel_works.cache_clear()
+    # first asked inside a validation step's no_grad, as it may be
+    with caplog.at_level("WARNING", logger="recipes.kd"), torch.no_grad():
+        ok = kd_tiles.kernel_works("cpu")
     assert ok == (kernel == "agrees")
     if kernel == "agrees":
         assert not caplog.records
@@ -214,5 +208,4 @@ def test_an_untried_kernel_is_checked_before_training_trusts_it(monkeypatch, cap
 @pytest.mark.skipif(not triton_runs(), reason="needs Triton on a GPU or TRITON_INTERPRET=1 "
                     "(make test-triton)")
 def test_the_kernel_passes_the_check_training_runs_first():
-    kd_tiles.kernel_works.cache_clear()
     assert kd_tiles.kernel_works("cuda" if torch.cuda.is_available() else "cpu")
