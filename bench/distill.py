@@ -13,8 +13,11 @@ Each side runs in its own child process (peak RSS = VmHWM of that process):
     `torch.autocast("cpu", bfloat16)` for --demo), forward KL on the logits, grad clipping 1.0,
     torch.optim.AdamW.
 Throughput is the median step time over the steps after the first two (validation and checkpoint
-saves are outside the step on both sides: the reference does neither). Prints JSON with both and
-the ratios ours / reference. --demo builds (and caches) its inputs in --run-dir with the demo's
+saves are outside the step on both sides: the reference does neither). Each side then runs one
+more step under bench/op_clock.py's clock: its GEMMs, its attention and the rest. Prints JSON
+with both, the ratios ours / reference, and the ceiling: the reference's step over our GEMMs +
+attention, the most any rework of the rest of our step could reach, since both run those
+kernels on the same FLOPs. --demo builds (and caches) its inputs in --run-dir with the demo's
 own stages: data, convert, prune (of the uncorrected teacher: same shapes), export.
 """
 from __future__ import annotations
@@ -31,9 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import op_clock  # noqa: E402 (after the path)
+
 REFERENCE = """
 import contextlib, json, sys, time, torch
 from transformers import AutoModelForCausalLM
+from bench.op_clock import OpClock
 from recipes.lib import tokens
 from recipes.lib.runtime import peak_rss_mb
 teacher_dir, student_dir, data_dir, steps, seq, batch, precision = sys.argv[1:8]
@@ -48,10 +54,8 @@ for p in teacher.parameters():
 opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 w = tokens.windows(data_dir, "train", seq, steps * batch, seed=0)
 autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if low else contextlib.nullcontext
-times = []
-for s in range(steps):
-    x = w[s * batch:(s + 1) * batch, :-1]
-    t0 = time.time()
+
+def step(x):
     with autocast():
         with torch.no_grad():
             lt = teacher(x, use_cache=False).logits.float().log_softmax(-1)
@@ -61,8 +65,16 @@ for s in range(steps):
     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
     opt.step()
     opt.zero_grad()
+
+
+times, clock = [], OpClock()
+for s in range(steps):
+    t0 = time.time()
+    step(w[s * batch:(s + 1) * batch, :-1])
     times.append(time.time() - t0)
-print(json.dumps({"step_s": times, "peak_rss_mb": peak_rss_mb()}))
+with clock:  # one more step, under the clock
+    step(w[:batch, :-1])
+print(json.dumps({"step_s": times, "clock": clock.seconds, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -122,33 +134,49 @@ def main() -> None:
         hf, run, common = prepare_demo(Path(a.run_dir)) if a.demo else prepare_tiny(tmp)
         stage("export", common, f"export.input={run / 'prune'}",
               f"export.output={tmp / 'student'}")
-        stage("distill", common, f"distill.output={tmp / 'distill'}",
-              f"distill.train_iters={a.steps}", f"distill.seq_length={a.seq}",
-              f"distill.global_batch_size={a.batch}", f"distill.micro_batch_size={micro}",
-              f"distill.precision={precision}", f"distill.eval_interval={a.steps}",
-              "distill.warmup_iters=0",  # the demo's 8 would refuse --steps 8
-              "distill.eval_iters=1", f"distill.save_interval={a.steps}",
-              "distill.log_interval=1", "distill.keep_checkpoints=false")
+        n = a.steps + 1  # the timed steps, then one under bench/op_clock.py's clock
+        subprocess.run([sys.executable, "bench/op_clock.py", str(tmp / "clock.json"), *common,
+                        f"distill.output={tmp / 'distill'}", f"distill.train_iters={n}",
+                        f"distill.seq_length={a.seq}", f"distill.global_batch_size={a.batch}",
+                        f"distill.micro_batch_size={micro}", f"distill.precision={precision}",
+                        f"distill.eval_interval={n}",
+                        "distill.warmup_iters=0",  # the demo's 8 would refuse --steps 8
+                        "distill.eval_iters=1", f"distill.save_interval={n}",
+                        "distill.log_interval=1", "distill.keep_checkpoints=false"],
+                       cwd=ROOT, check=True, capture_output=True)
         rows = [json.loads(x) for x in (tmp / "distill/logs/metrics.jsonl").read_text()
                 .splitlines()]
-        ours_s = [r["step_s"] for r in rows if "step_s" in r]
-        ours_mb = max(r["memory_mb"] for r in rows if "memory_mb" in r)
+        ours = {"step_s": [r["step_s"] for r in rows if "step_s" in r][:-1],
+                "clock": json.loads((tmp / "clock.json").read_text()),
+                "peak_rss_mb": max(r["memory_mb"] for r in rows if "memory_mb" in r)}
         ref = json.loads(subprocess.run(
             [sys.executable, "-c", REFERENCE, str(hf), str(tmp / "student"),
              str(run / "data"), str(a.steps), str(a.seq), str(a.batch), precision],
             cwd=ROOT, check=True, capture_output=True, text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.splitlines()[-1])
+    print(json.dumps(report(a, precision, ours, ref), indent=2))
+
+
+def report(a, precision: str, ours: dict, ref: dict) -> dict:
+    """Both sides' tokens/s (median of the steps after the first two), peak RSS, where a step's
+    time goes (bench/op_clock.py) and the ratios ours / reference, with the ceiling: the ratio
+    if all of our step but its GEMMs and attention took no time."""
     tok = a.seq * a.batch
-    ours_tps = tok / statistics.median(ours_s[2:])
-    ref_tps = tok / statistics.median(ref["step_s"][2:])
-    print(json.dumps({
+    step = {k: statistics.median(side["step_s"][2:]) for k, side in (("ours", ours),
+                                                                       ("ref", ref))}
+    ours_split = op_clock.split(step["ours"], ours["clock"])
+    shared_s = ours_split["gemm_s"] + ours_split["attention_s"]
+    return {
         "shapes": "demo" if a.demo else "tiny", "precision": precision, "steps": a.steps,
-        "tokens_per_step": tok, "ours": {"tokens_per_s": round(ours_tps),
-                                         "peak_rss_mb": round(ours_mb)},
-        "transformers_kd": {"tokens_per_s": round(ref_tps),
-                            "peak_rss_mb": round(ref["peak_rss_mb"])},
-        "ratio_tokens_per_s": round(ours_tps / ref_tps, 2),
-        "ratio_peak_rss": round(ours_mb / ref["peak_rss_mb"], 2)}, indent=2))
+        "tokens_per_step": tok,
+        "ours": {"tokens_per_s": round(tok / step["ours"]), "peak_rss_mb": round(
+            ours["peak_rss_mb"]), "step_s": round(step["ours"], 3), **ours_split},
+        "transformers_kd": {"tokens_per_s": round(tok / step["ref"]), "peak_rss_mb": round(
+            ref["peak_rss_mb"]), "step_s": round(step["ref"], 3),
+            **op_clock.split(step["ref"], ref["clock"])},
+        "ratio_tokens_per_s": round(step["ref"] / step["ours"], 2),
+        "ratio_peak_rss": round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 2),
+        "ceiling_ratio_tokens_per_s": round(step["ref"] / shared_s, 2)}
 
 
 if __name__ == "__main__":
