@@ -78,9 +78,11 @@ print(json.dumps({"step_s": times, "clock": clock.seconds, "peak_rss_mb": peak_r
 """
 
 
-def stage(name: str, common: list[str], *extra: str) -> None:
-    subprocess.run([sys.executable, "-m", f"recipes.{name}", *common, *extra], cwd=ROOT,
-                   check=True, capture_output=True)
+def stage(name: str, common: list[str], *extra: str, entry: list[str] | None = None) -> None:
+    """recipes.<name> in a child process, or `entry` (a script and its first arguments) given
+    the stage's arguments."""
+    subprocess.run([sys.executable, *(entry or ["-m", f"recipes.{name}"]), *common, *extra],
+                   cwd=ROOT, check=True, capture_output=True)
 
 
 def prepare_tiny(tmp: Path) -> tuple[Path, Path, list[str]]:
@@ -135,15 +137,14 @@ def main() -> None:
         stage("export", common, f"export.input={run / 'prune'}",
               f"export.output={tmp / 'student'}")
         n = a.steps + 1  # the timed steps, then one under bench/op_clock.py's clock
-        subprocess.run([sys.executable, "bench/op_clock.py", str(tmp / "clock.json"), *common,
-                        f"distill.output={tmp / 'distill'}", f"distill.train_iters={n}",
-                        f"distill.seq_length={a.seq}", f"distill.global_batch_size={a.batch}",
-                        f"distill.micro_batch_size={micro}", f"distill.precision={precision}",
-                        f"distill.eval_interval={n}",
-                        "distill.warmup_iters=0",  # the demo's 8 would refuse --steps 8
-                        "distill.eval_iters=1", f"distill.save_interval={n}",
-                        "distill.log_interval=1", "distill.keep_checkpoints=false"],
-                       cwd=ROOT, check=True, capture_output=True)
+        stage("distill", common, f"distill.output={tmp / 'distill'}",
+              f"distill.train_iters={n}", f"distill.seq_length={a.seq}",
+              f"distill.global_batch_size={a.batch}", f"distill.micro_batch_size={micro}",
+              f"distill.precision={precision}", f"distill.eval_interval={n}",
+              "distill.warmup_iters=0",  # the demo's 8 would refuse --steps 8
+              "distill.eval_iters=1", f"distill.save_interval={n}",
+              "distill.log_interval=1", "distill.keep_checkpoints=false",
+              entry=["bench/op_clock.py", str(tmp / "clock.json")])
         rows = [json.loads(x) for x in (tmp / "distill/logs/metrics.jsonl").read_text()
                 .splitlines()]
         ours = {"step_s": [r["step_s"] for r in rows if "step_s" in r][:-1],
